@@ -1,0 +1,43 @@
+# make bench -- the main job: benchmarks (GPU) or CPU timings + correctness table + kernel report (no GPU)
+# make test  -- all tests that run on this machine (CPU: Triton interpreter, CUDA host emulation, static checks)
+# Both bootstrap .venv (pinned versions from requirements.txt) and build the extensions first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+export CUDA_HOME ?= /usr/local/cuda
+export MAX_JOBS ?= 2
+export PYTHONUNBUFFERED := 1
+
+CSRC := $(shell find csrc -type f \( -name '*.cu' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.h' \) 2>/dev/null)
+
+.PHONY: test test-slow bench build venv clean
+
+venv: $(VENV)/.deps
+
+$(VENV)/.deps: requirements.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Editable install; rebuilds transformer._C (nvcc) and transformer._C_emu (g++) when csrc/ or setup.py change.
+$(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(VPY) -c "import transformer" 
+	touch $@
+
+build: $(VENV)/.built
+
+# On a CPU machine the kernel backends must actually run (no silent skips): TILEFORMER_REQUIRE_BACKENDS.
+test: build
+	TILEFORMER_REQUIRE_BACKENDS=$${TILEFORMER_REQUIRE_BACKENDS-triton,cuda} $(VPY) -m pytest -q
+
+test-slow: build
+	$(VPY) -m pytest -q -m slow
+
+bench: build
+	$(VPY) -m benchmarks.run
+
+clean:
+	rm -rf build *.egg-info transformer/*.so $(VENV)/.built

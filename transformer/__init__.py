@@ -1,0 +1,21 @@
+"""tileformer: a Transformer whose hot paths are hand-written Triton and CUDA C++ kernels.
+
+Public API (all ops take ``backend="auto" | "cuda" | "triton" | "torch" | "reference"``):
+
+    transformer.flash_attention(q, k, v, causal=..., ...)        # flash-attn layout [B, N, H, D]
+    transformer.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    transformer.decode_attention(q, k_cache, v_cache, cache_seqlens, ...)   # KV-cache decode, paged or not
+    transformer.layer_norm(x, weight, bias, eps, residual=..., prenorm=...)
+    transformer.rms_norm(x, weight, eps, residual=..., prenorm=...)
+
+Importing this package never touches a GPU, Triton or the compiled extension.
+"""
+from . import backends, reference
+from .attention import flash_attention, flash_attention_varlen
+from .decode import decode_attention
+from .norms import layer_norm, rms_norm
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "reference", "flash_attention", "flash_attention_varlen", "decode_attention",
+           "layer_norm", "rms_norm"]

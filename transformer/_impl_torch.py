@@ -1,0 +1,154 @@
+"""The "torch" backend: PyTorch built-ins (SDPA, F.layer_norm, F.rms_norm). The fast fallback on any device.
+
+Masks come from transformer.reference.attention_mask, so the visibility rules live in one place.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import alibi_bias, attention_mask
+
+
+def _sdpa(q, k, v, mask, bias, scale):
+    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]; mask bool broadcastable to [B, Hq, Nq, Nk] or None.
+
+    Rows with no visible key return 0 (SDPA would give NaN there): such rows are unmasked for the
+    call and zeroed after, which keeps their gradients at exactly 0.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None and bias is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    row_visible = None
+    attn_mask = None
+    if mask is not None:
+        row_visible = mask.any(dim=-1, keepdim=True)
+        attn_mask = mask | ~row_visible
+    if bias is not None:
+        bias = bias.to(q.dtype)
+        attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
+    if row_visible is not None:
+        out = torch.where(row_visible, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
+
+
+def _dense(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, causal_align):
+    """q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D] -> [B, Nq, Hq, D]."""
+    b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    unbounded = window_size == (-1, -1)
+    if unbounded and alibi_slopes is None and (not causal or (causal_align == "top_left" or nq == nk)):
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal,
+                                             scale=softmax_scale, enable_gqa=qt.shape[1] != kt.shape[1])
+        return out.transpose(1, 2)
+    mask = None
+    if causal or not unbounded:
+        mask = attention_mask(nq, nk, causal=causal, window_size=window_size, causal_align=causal_align,
+                              device=q.device)
+    bias = None
+    if alibi_slopes is not None:
+        bias = alibi_bias(alibi_slopes, b, nq, nk, causal_align=causal_align)
+    return _sdpa(qt, kt, vt, mask, bias, softmax_scale).transpose(1, 2)
+
+
+def flash_attention(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, deterministic,
+                    return_lse, causal_align):
+    return _dense(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                  alibi_slopes=alibi_slopes, causal_align=causal_align)
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
+                           softmax_scale, window_size, alibi_slopes, softcap, deterministic, return_lse,
+                           causal_align):
+    # One SDPA call per sequence; reading cu_seqlens costs a device-to-host copy (fallback path).
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    pieces = []
+    for i in range(len(cq) - 1):
+        qi = q[cq[i]:cq[i + 1]]
+        if ck[i + 1] == ck[i] or qi.shape[0] == 0:
+            pieces.append(torch.zeros_like(qi))
+            continue
+        slopes = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        pieces.append(_dense(qi[None], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]], causal=causal,
+                             softmax_scale=softmax_scale, window_size=window_size, alibi_slopes=slopes,
+                             causal_align=causal_align)[0])
+    pieces.append(torch.zeros_like(q[cq[-1]:]))
+    return torch.cat(pieces, dim=0)
+
+
+def _residual_add(x, residual, residual_in_fp32):
+    if residual is None:
+        h = x
+    else:
+        h = x.float() + residual.float()
+    if residual_in_fp32:
+        h = h.float()
+    return h
+
+
+def _norm(fn, x, params, eps, residual, prenorm, residual_in_fp32):
+    h = _residual_add(x, residual, residual_in_fp32)
+    same = all(p is None or p.dtype == h.dtype for p in params)
+    if same:
+        out = fn(h, params, eps).to(x.dtype)
+    else:  # mixed precision (e.g. fp32 weight, bf16 x): compute in fp32
+        out = fn(h.float(), [None if p is None else p.float() for p in params], eps).to(x.dtype)
+    if prenorm:
+        return out, h.to(torch.float32 if residual_in_fp32 else x.dtype)
+    return out
+
+
+def layer_norm(x, weight, bias, eps, *, residual, prenorm, residual_in_fp32):
+    return _norm(lambda h, p, e: F.layer_norm(h, (h.shape[-1],), p[0], p[1], e), x, [weight, bias], eps,
+                 residual, prenorm, residual_in_fp32)
+
+
+def rms_norm(x, weight, eps, *, residual, prenorm, residual_in_fp32):
+    return _norm(lambda h, p, e: F.rms_norm(h, (h.shape[-1],), p[0], e), x, [weight], eps,
+                 residual, prenorm, residual_in_fp32)
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, softmax_scale, causal,
+                     window_size, alibi_slopes, softcap, num_splits, return_lse):
+    """Vectorised over the batch (no host sync): gather the cache, mask by length, one SDPA call."""
+    b, sq = q.shape[0], q.shape[1]
+    dev = q.device
+    lens = cache_seqlens.long()
+    if block_table is not None:
+        page_size = k_cache.shape[1]
+        pages = block_table.long().clamp(0, k_cache.shape[0] - 1)
+    if k is not None:
+        pos = lens[:, None] + torch.arange(sq, device=dev)                       # (B, Sq)
+        with torch.no_grad():
+            if block_table is None:
+                bidx = torch.arange(b, device=dev)[:, None].expand(b, sq)
+                k_cache[bidx, pos] = k
+                v_cache[bidx, pos] = v
+            else:
+                page = pages.gather(1, pos // page_size)
+                k_cache[page, pos % page_size] = k
+                v_cache[page, pos % page_size] = v
+        lens = lens + sq
+    if block_table is None:
+        keys, vals = k_cache, v_cache                                             # (B, S, Hkv, D)
+    else:
+        keys = k_cache[pages].flatten(1, 2)                                       # (B, P*page, Hkv, D)
+        vals = v_cache[pages].flatten(1, 2)
+    nk = keys.shape[1]
+    j = torch.arange(nk, device=dev)
+    qpos = lens[:, None] - sq + torch.arange(sq, device=dev)                      # (B, Sq) position of each query
+    mask = j[None, None, :] < lens[:, None, None]                                 # (B, Sq, Nk)
+    left, right = window_size
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if right >= 0:
+        mask &= j[None, None, :] <= qpos[..., None] + right
+    if left >= 0:
+        mask &= j[None, None, :] >= qpos[..., None] - left
+    bias = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None].expand(b, -1)
+        bias = -slopes[:, :, None, None] * (qpos[:, None, :, None] - j).abs().float()   # (B, Hq, Sq, Nk)
+    out = _sdpa(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), mask[:, None], bias, softmax_scale)
+    return out.transpose(1, 2)

@@ -1,0 +1,242 @@
+"""Backend dispatch: the one place that knows there is more than one implementation of an op.
+
+Backends, fastest first by default:
+
+* ``"cuda"``      -- hand-written CUDA C++ kernels (``transformer._C``, ops ``torch.ops.tileformer.*``).
+                     With ``TILEFORMER_EMULATE_CUDA=1`` the same kernels compiled for the CPU
+                     (``transformer._C_emu``) serve CPU tensors -- slowly; for testing.
+* ``"triton"``    -- Triton kernels (``triton_kernels``). With ``TRITON_INTERPRET=1`` they run on CPU
+                     tensors through Triton's interpreter -- slowly; for testing.
+* ``"torch"``     -- PyTorch built-ins (``F.scaled_dot_product_attention``, ``F.layer_norm``...): the fast
+                     fallback on any device.
+* ``"reference"`` -- ``transformer.reference``: plain fp32 PyTorch, the ground truth.
+
+Each public op registers (1) a ``describe`` function that validates a call and summarises it as a
+dict of the facts backends care about (device, dtype, head dim, features) and (2) for each backend,
+an implementation (``"module:function"``, imported lazily on first use) with a ``supports(call)``
+predicate that returns ``None`` or the reason it cannot serve the call.
+
+``backend="auto"`` (or the ``TILEFORMER_BACKEND`` environment variable) picks the first backend of the
+op's order that is usable on this machine and supports the call. Auto never picks the interpreted or
+emulated CPU paths: ask for them by name. An explicit backend that cannot serve a call raises
+``ValueError`` saying why. Nothing here touches a GPU, Triton or the compiled extension at import time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch", "reference")
+DEFAULT_ORDER = ("cuda", "triton", "torch", "reference")
+
+__all__ = ["BACKENDS", "available", "explain", "select", "dispatch", "register_op", "register_impl",
+           "interpreting", "emulating_cuda"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What this machine can run
+# ---------------------------------------------------------------------------------------------
+
+def _env_flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the interpreter on CPU tensors (TRITON_INTERPRET=1)."""
+    return _env_flag("TRITON_INTERPRET")
+
+
+def emulating_cuda() -> bool:
+    """True when the CUDA backend serves CPU tensors through the host-emulated build (TILEFORMER_EMULATE_CUDA=1)."""
+    return _env_flag("TILEFORMER_EMULATE_CUDA")
+
+
+_module_cache: dict = {}
+
+
+def _try_import(name):
+    """Import a module once; returns (module or None, reason)."""
+    if name not in _module_cache:
+        try:
+            _module_cache[name] = (importlib.import_module(name), None)
+        except Exception as e:  # ImportError, or an extension built against another torch
+            _module_cache[name] = (None, f"{name} could not be imported ({type(e).__name__}: {e})")
+    return _module_cache[name]
+
+
+def _cuda_gpu_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch" + ("" if torch.version.cuda else " (torch is a CPU-only build)")
+    return None
+
+
+def _backend_reason(backend: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """Why `backend` cannot run on `device` on this machine (None if it can). device=None: any device."""
+    if backend in ("torch", "reference"):
+        return None
+    on_cpu = device is not None and device.type == "cpu"
+    if device is not None and device.type not in ("cpu", "cuda"):
+        return f"{backend} runs on CUDA tensors only, got device {device}"
+    if backend == "triton":
+        _, err = _try_import("triton")
+        if err:
+            return err
+        if device is None:
+            return None if (interpreting() or not _cuda_gpu_reason()) else (
+                _cuda_gpu_reason() + "; set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors")
+        if on_cpu and not interpreting():
+            return "triton needs CUDA tensors (set TRITON_INTERPRET=1 to run on CPU tensors through the interpreter)"
+        if not on_cpu and interpreting():
+            return "TRITON_INTERPRET=1 is set: the triton backend only runs CPU tensors"
+        return None
+    if backend == "cuda":
+        if device is None:
+            if emulating_cuda():
+                return _try_import("transformer._C_emu")[1]
+            return _cuda_gpu_reason() or _try_import("transformer._C")[1]
+        if on_cpu:
+            if not emulating_cuda():
+                return ("cuda needs CUDA tensors (set TILEFORMER_EMULATE_CUDA=1 to run the kernels on CPU "
+                        "tensors through the host emulation)")
+            return _try_import("transformer._C_emu")[1]
+        return _try_import("transformer._C")[1]
+    raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+
+
+def available() -> dict:
+    """{backend: "available" or the reason it is not} for this machine."""
+    return {b: (_backend_reason(b) or "available") for b in BACKENDS}
+
+
+def cuda_ops(device: torch.device):
+    """The op namespace serving `device` for the cuda backend: torch.ops.tileformer or tileformer_emu."""
+    if device.type == "cpu":
+        _try_import("transformer._C_emu")
+        return torch.ops.tileformer_emu
+    _try_import("transformer._C")
+    return torch.ops.tileformer
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Impl:
+    target: str                                       # "package.module:function", imported lazily
+    supports: Callable[[dict], Optional[str]]         # call -> None or reason
+    fn: Optional[Callable] = None
+
+    def load(self):
+        if self.fn is None:
+            mod, name = self.target.split(":")
+            self.fn = getattr(importlib.import_module(mod), name)
+        return self.fn
+
+
+@dataclasses.dataclass
+class _Op:
+    describe: Callable[..., dict]
+    order: tuple
+    impls: dict = dataclasses.field(default_factory=dict)
+
+
+_OPS: dict = {}
+
+
+def register_op(op: str, describe: Callable[..., dict], order=DEFAULT_ORDER):
+    """Declare a public op. describe(*args, **kwargs) validates a call and returns its summary dict,
+    which must contain at least "device" (torch.device)."""
+    _OPS[op] = _Op(describe=describe, order=tuple(order))
+
+
+def register_impl(op: str, backend: str, target: str, supports: Optional[Callable[[dict], Optional[str]]] = None):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _OPS[op].impls[backend] = _Impl(target=target, supports=supports or (lambda call: None))
+
+
+def _reject_reason(op: _Op, backend: str, call: dict, auto: bool) -> Optional[str]:
+    impl = op.impls.get(backend)
+    if impl is None:
+        return f"{backend} has no implementation of this op"
+    device = call["device"]
+    reason = _backend_reason(backend, device)
+    if reason:
+        return reason
+    if auto and device.type == "cpu" and backend in ("triton", "cuda"):
+        return f"{backend} on CPU tensors is a testing path (interpreter/emulator); auto does not pick it"
+    return impl.supports(call)
+
+
+def _requested(backend: str) -> tuple:
+    if backend is None:
+        backend = "auto"
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        env = os.environ.get("TILEFORMER_BACKEND", "auto")
+        if env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"TILEFORMER_BACKEND must be one of {BACKENDS} or 'auto', got {env!r}")
+            return env, False
+        return None, True
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+    return backend, False
+
+
+def select(op_name: str, call: dict, backend: str = "auto") -> tuple:
+    """(backend name, implementation) for a described call; raises ValueError if none can serve it."""
+    op = _OPS[op_name]
+    name, auto = _requested(backend)
+    if not auto:
+        reason = _reject_reason(op, name, call, auto=False)
+        if reason:
+            raise ValueError(f"backend={name!r} cannot run {op_name} for this call: {reason}")
+        return name, op.impls[name].load()
+    reasons = []
+    for b in op.order:
+        reason = _reject_reason(op, b, call, auto=True)
+        if reason is None:
+            return b, op.impls[b].load()
+        reasons.append(f"{b}: {reason}")
+    raise ValueError(f"no backend can run {op_name} for this call: " + "; ".join(reasons))
+
+
+def dispatch(op_name: str, call: dict, backend: str, *args, **kwargs):
+    """Select a backend for `call` and run it on args/kwargs (the op's canonical signature)."""
+    _, fn = select(op_name, call, backend)
+    return fn(*args, **kwargs)
+
+
+def explain(op_name: str, *args, backend: str = "auto", **kwargs) -> str:
+    """Which backend would run `op_name(*args, **kwargs)` and why each other one was rejected."""
+    if op_name not in _OPS:
+        _load_public_ops()
+    if op_name not in _OPS:
+        raise ValueError(f"op_name must be one of {sorted(_OPS)}, got {op_name!r}")
+    op = _OPS[op_name]
+    call = op.describe(*args, **kwargs)
+    name, auto = _requested(backend)
+    lines, chosen = [], None
+    for b in (op.order if auto else (name,)):
+        reason = _reject_reason(op, b, call, auto=auto)
+        if reason is None and chosen is None:
+            chosen = b
+            lines.append(f"  {b}: selected")
+        elif reason is None:
+            lines.append(f"  {b}: would also work (lower priority)")
+        else:
+            lines.append(f"  {b}: rejected -- {reason}")
+    head = f"{op_name} -> {chosen}" if chosen else f"{op_name} -> no backend can serve this call"
+    facts = ", ".join(f"{k}={v}" for k, v in call.items())
+    return "\n".join([head, f"  call: {facts}"] + lines)
+
+
+def _load_public_ops():
+    importlib.import_module("transformer")

@@ -1,0 +1,67 @@
+"""Public decode-attention API (attention of a few new queries over a KV cache): defaults, docs, dispatch.
+
+Canonical backend signature (validated arguments, softmax_scale a float):
+
+    decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, softmax_scale, causal,
+                     window_size, alibi_slopes, softcap, num_splits, return_lse) -> out | (out, lse)
+"""
+from __future__ import annotations
+
+from . import _checks, backends
+
+__all__ = ["decode_attention"]
+
+
+def _describe(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None, softmax_scale=None,
+              causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, num_splits=0, return_lse=False):
+    info = _checks.check_decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, window_size=window_size,
+                                softcap=softcap, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes)
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = choose automatically), got {num_splits!r}")
+    return dict(device=q.device, dtype=q.dtype, head_dim=info["head_dim"], hq=info["hq"], hkv=info["hkv"],
+                group=info["hq"] // info["hkv"], sq=info["sq"], paged=info["paged"], page_size=info["page_size"],
+                capacity=info["capacity"], append=k is not None, causal=bool(causal), window=info["window"], alibi=alibi_slopes is not None,
+                softcap=info["softcap"], num_splits=num_splits, return_lse=bool(return_lse), scale=info["scale"])
+
+
+def _torch_supports(call):
+    if call["softcap"] > 0:
+        return "F.scaled_dot_product_attention has no softcap"
+    if call["return_lse"]:
+        return "F.scaled_dot_product_attention does not return the log-sum-exp"
+    return None
+
+
+backends.register_op("decode_attention", _describe, order=("cuda", "triton", "torch", "reference"))
+backends.register_impl("decode_attention", "reference", "transformer._impl_reference:decode_attention")
+backends.register_impl("decode_attention", "torch", "transformer._impl_torch:decode_attention", _torch_supports)
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None, softmax_scale=None,
+                     causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, num_splits=0,
+                     return_lse=False, validate=False, backend="auto"):
+    """Attention of Sq new queries per sequence over a KV cache (flash-attn's flash_attn_with_kvcache).
+
+    Args:
+        q: [B, Sq, Hq, D], 1 <= Sq <= 16 (1 for plain decoding, more for speculative decoding).
+        k_cache, v_cache: contiguous [B, S_max, Hkv, D], or paged [num_pages, page_size, Hkv, D] with
+            ``block_table`` [B, max_pages] int32 (token t of sequence b lives in page block_table[b, t // page_size]).
+        cache_seqlens: [B] int32, tokens already in the cache per sequence.
+        k, v: optional [B, Sq, Hkv, D] new tokens, written into the cache in place at
+            cache_seqlens .. cache_seqlens + Sq - 1 before attending (cache_seqlens itself is not changed).
+        causal: the Sq queries sit at the end of their sequence (bottom-right alignment).
+        window_size, alibi_slopes, softcap, softmax_scale: as `flash_attention`.
+        num_splits: split-KV chunks per sequence; 0 picks a count on the host (no device sync).
+        return_lse: also return lse [B, Hq, Sq] (fp32, natural log).
+        validate: also check cache_seqlens / block_table values (costs a device-to-host copy).
+    Returns out [B, Sq, Hq, D] (dtype of q), or (out, lse). Sequences with no visible token give 0.
+    """
+    kw = dict(k=k, v=v, block_table=block_table, softmax_scale=softmax_scale, causal=causal,
+              window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap, num_splits=num_splits,
+              return_lse=return_lse)
+    call = _describe(q, k_cache, v_cache, cache_seqlens, **kw)
+    if validate:
+        _checks.check_decode_values(cache_seqlens, block_table, k_cache.shape[0], call["page_size"],
+                                    call["capacity"], call["sq"] if k is not None else 0)
+    kw.update(softmax_scale=call["scale"], window_size=call["window"], softcap=call["softcap"], causal=bool(causal))
+    return backends.dispatch("decode_attention", call, backend, q, k_cache, v_cache, cache_seqlens, **kw)
