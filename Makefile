@@ -21,10 +21,15 @@ $(VENV)/.deps: requirements.txt
 	$(VPY) -m pip install -q -r requirements.txt
 	touch $@
 
-# Editable install; rebuilds transformer._C (nvcc) and transformer._C_emu (g++) when csrc/ or setup.py change.
-$(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
-	$(VPY) -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
-	$(VPY) -c "import transformer" 
+# Editable install of the Python packages (no compile), once per venv.
+$(VENV)/.installed: $(VENV)/.deps setup.py
+	TILEFORMER_SKIP_CUDA_BUILD=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location\|BuildBackendWarning\|!!\|\*\*\*\|Please be careful\|name as your package\|with strategy\|^ *$$" || true
+	touch $@
+
+# transformer._C (nvcc) and transformer._C_emu (g++), built in place; ninja keeps build/ for incremental rebuilds.
+$(VENV)/.built: $(VENV)/.installed setup.py $(CSRC)
+	$(VPY) setup.py -q build_ext --inplace
+	$(VPY) -c "import transformer"
 	touch $@
 
 build: $(VENV)/.built
@@ -40,4 +45,4 @@ bench: build
 	$(VPY) -m benchmarks.run
 
 clean:
-	rm -rf build *.egg-info transformer/*.so $(VENV)/.built
+	rm -rf build *.egg-info transformer/*.so $(VENV)/.built $(VENV)/.installed

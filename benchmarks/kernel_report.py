@@ -1,0 +1,294 @@
+"""Static kernel report: compile every shipped kernel ahead of time for sm_80 and sm_90, no GPU needed.
+
+For Triton kernels: each module in ``TRITON_MODULES`` lists its shipped configs in ``aot_configs()``
+(``triton_kernels._utils.AotConfig``). Each is compiled with ``triton.compile`` for a GPUTarget; the PTX
+is then run through ptxas -v (the one shipped in the triton wheel) for registers, spills and local
+memory; shared memory comes from Triton's metadata; the instruction mix is counted in the PTX.
+
+For CUDA kernels: ``nvcc_report(sources)`` compiles each .cu (no torch headers) with
+``-Xptxas -v`` for sm_80/sm_90a and parses the per-kernel resource usage; ``sass_markers`` reads the
+SASS with the cuobjdump from the triton wheel.
+
+    python -m benchmarks.kernel_report            # the whole table
+Tests (``-m static``) call ``triton_report`` / ``nvcc_report`` and assert 0 spills and smem limits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import hashlib
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRITON_MODULES = ("triton_kernels.attention", "triton_kernels.norms", "triton_kernels.decode")
+ARCHS = (80, 90)
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}       # bytes of shared memory per block
+REGS_PER_SM = 65536
+MAX_THREADS_PER_SM = {80: 2048, 90: 2048}
+SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
+MARKERS = {  # name -> regex over PTX (Triton) text
+    "mma.sync": r"\bmma\.sync\.aligned",
+    "wgmma": r"\bwgmma\.mma_async",
+    "tma": r"\bcp\.async\.bulk\.tensor",
+    "cp.async": r"\bcp\.async\.(ca|cg)\.shared",
+    "ldmatrix": r"\bldmatrix\.sync",
+}
+SASS_MARKERS = {"HMMA": r"\bHMMA\.", "HGMMA": r"\bHGMMA\.", "UTMALDG": r"\bUTMALDG", "LDSM": r"\bLDSM\b"}
+
+
+@dataclasses.dataclass
+class KernelStats:
+    name: str
+    arch: int
+    registers: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    local_bytes: int = 0          # stack frame / lmem
+    smem: int = 0
+    num_warps: int = 0
+    instructions: dict = dataclasses.field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def spills(self):
+        return self.spill_stores + self.spill_loads
+
+    def occupancy(self):
+        """Upper bound on resident warps per SM from registers, shared memory and threads (fraction of 64)."""
+        if not self.num_warps or self.error:
+            return 0.0
+        threads = self.num_warps * 32
+        by_regs = REGS_PER_SM // max(1, self.registers * threads) if self.registers else 32
+        by_smem = SMEM_PER_SM[self.arch] // self.smem if self.smem else 32
+        by_threads = MAX_THREADS_PER_SM[self.arch] // threads
+        blocks = max(0, min(by_regs, by_smem, by_threads, 32))
+        return min(1.0, blocks * self.num_warps / 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# ptxas output parsing (shared by Triton and nvcc)
+# ---------------------------------------------------------------------------------------------
+
+_FN_RE = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'|Function properties for (\S+)")
+_USED_RE = re.compile(r"Used (\d+) registers")
+_SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_SMEM_RE = re.compile(r"(\d+) bytes smem")
+_LMEM_RE = re.compile(r"(\d+) bytes lmem")
+
+
+def parse_ptxas_log(text):
+    """{kernel name: dict(registers, spill_stores, spill_loads, stack, smem, lmem)} from ptxas -v output."""
+    out, cur = {}, None
+    for line in text.splitlines():
+        m = _FN_RE.search(line)
+        if m:
+            cur = m.group(1) or m.group(3)
+            out.setdefault(cur, dict(registers=0, spill_stores=0, spill_loads=0, stack=0, smem=0, lmem=0))
+            continue
+        if cur is None:
+            continue
+        s = _SPILL_RE.search(line)
+        if s:
+            out[cur].update(stack=int(s.group(1)), spill_stores=int(s.group(2)), spill_loads=int(s.group(3)))
+        u = _USED_RE.search(line)
+        if u:
+            out[cur]["registers"] = int(u.group(1))
+            sm = _SMEM_RE.search(line)
+            if sm:
+                out[cur]["smem"] = int(sm.group(1))
+            lm = _LMEM_RE.search(line)
+            if lm:
+                out[cur]["lmem"] = int(lm.group(1))
+    return out
+
+
+def _triton_bin(name):
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def sass_markers(binary_path):
+    """Counts of tensor-core / TMA instructions in the SASS of a cubin or .so (cuobjdump from the triton wheel)."""
+    res = subprocess.run([_triton_bin("cuobjdump"), "-sass", binary_path], capture_output=True, text=True)
+    text = res.stdout
+    return {k: len(re.findall(p, text)) for k, p in SASS_MARKERS.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+# ---------------------------------------------------------------------------------------------
+
+def triton_configs():
+    """All AotConfigs of the Triton kernel modules that exist so far."""
+    cfgs = []
+    for mod in TRITON_MODULES:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue
+            raise
+        cfgs.extend(m.aot_configs())
+    return cfgs
+
+
+def compile_triton(cfg, arch):
+    """KernelStats of one AotConfig for one arch (sm_80 or sm_90)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    st = KernelStats(name=cfg.name, arch=arch, num_warps=cfg.num_warps)
+    try:
+        src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    except Exception as e:  # report, the test turns it into a failure
+        st.error = f"{type(e).__name__}: {str(e)[:400]}"
+        return st
+    ptx = k.asm["ptx"]
+    st.smem = int(k.metadata.shared)
+    st.instructions = {name: len(re.findall(p, ptx)) for name, p in MARKERS.items()}
+    sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([_triton_bin("ptxas"), "-v", f"-arch={sm}", path, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+    if res.returncode != 0:
+        st.error = "ptxas: " + res.stderr[-400:]
+        return st
+    stats = parse_ptxas_log(res.stderr + res.stdout)
+    if stats:
+        s = next(iter(stats.values()))
+        st.registers, st.spill_stores, st.spill_loads = s["registers"], s["spill_stores"], s["spill_loads"]
+        st.local_bytes = s["stack"] + s["lmem"]
+    return st
+
+
+def triton_report(archs=ARCHS, configs=None):
+    return [compile_triton(c, a) for c in (configs if configs is not None else triton_configs())
+            for a in archs if a in c.archs]
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA C++ (nvcc)
+# ---------------------------------------------------------------------------------------------
+
+def cuda_sources():
+    return sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True))
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return os.path.join(home, "bin", "nvcc")
+
+
+@functools.lru_cache(maxsize=None)
+def _nvcc_compile(source, arch, digest):
+    """(ptxas log, cubin path) of one .cu for one arch; cached on disk by the hash of csrc/."""
+    cache = os.path.join(tempfile.gettempdir(), "tileformer-static", digest)
+    os.makedirs(cache, exist_ok=True)
+    stem = os.path.relpath(source, ROOT).replace("/", "_")
+    cubin, log = os.path.join(cache, f"{stem}.sm{arch}.cubin"), os.path.join(cache, f"{stem}.sm{arch}.log")
+    if not (os.path.exists(cubin) and os.path.exists(log)):
+        gencode = "arch=compute_90a,code=sm_90a" if arch == 90 else f"arch=compute_{arch},code=sm_{arch}"
+        cmd = [_nvcc(), "-cubin", "-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr",
+               f"-gencode={gencode}", "-Xptxas=-v,-warn-spills,-warn-lmem-usage",
+               "-I", os.path.join(ROOT, "csrc"), source, "-o", cubin]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"nvcc failed for {source} sm_{arch}:\n{res.stderr[-3000:]}")
+        with open(log, "w") as f:
+            f.write(res.stdout + res.stderr)
+    with open(log) as f:
+        return f.read(), cubin
+
+
+def _csrc_digest():
+    h = hashlib.sha1()
+    for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)):
+        if os.path.isfile(p):
+            h.update(p.encode())
+            with open(p, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def nvcc_report(sources=None, archs=ARCHS):
+    """KernelStats for every kernel of every .cu in csrc/, per arch, with SASS tensor-core markers."""
+    digest = _csrc_digest()
+    out = []
+    for src in sources if sources is not None else cuda_sources():
+        for arch in archs:
+            log, cubin = _nvcc_compile(src, arch, digest)
+            markers = sass_markers(cubin)
+            for name, s in parse_ptxas_log(log).items():
+                out.append(KernelStats(name=f"{os.path.basename(src)}:{_demangle_short(name)}", arch=arch,
+                                       registers=s["registers"], spill_stores=s["spill_stores"],
+                                       spill_loads=s["spill_loads"], local_bytes=s["stack"] + s["lmem"],
+                                       smem=s["smem"], instructions=markers))
+    return out
+
+
+def _demangle_short(name):
+    m = re.match(r"_Z\d+(\w+?)I?", name)
+    try:
+        res = subprocess.run(["c++filt", name], capture_output=True, text=True)
+        full = res.stdout.strip()
+        return full if len(full) < 140 else full[:137] + "..."
+    except OSError:
+        return m.group(1) if m else name
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+# ---------------------------------------------------------------------------------------------
+
+def format_table(stats):
+    head = f"{'kernel':<58} {'arch':>5} {'regs':>5} {'spill':>6} {'lmem':>5} {'smem KB':>8} {'occ':>5}  instructions"
+    lines = [head, "-" * len(head)]
+    for s in stats:
+        if s.error:
+            lines.append(f"{s.name[:58]:<58} sm_{s.arch:<2} ERROR {s.error[:120]}")
+            continue
+        instr = ", ".join(f"{k}={v}" for k, v in s.instructions.items() if v)
+        lines.append(f"{s.name[:58]:<58} sm_{s.arch:<2} {s.registers:>5} {s.spills:>6} {s.local_bytes:>5} "
+                     f"{s.smem / 1024:>8.1f} {s.occupancy():>5.0%}  {instr}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="also write the stats as JSON to this path")
+    ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc part")
+    args = ap.parse_args(argv)
+    stats = triton_report()
+    print("Triton kernels (triton.compile for sm_80/sm_90, ptxas -v):")
+    print(format_table(stats) if stats else "  (no Triton kernel module yet)")
+    if not args.no_cuda:
+        print("\nCUDA C++ kernels (nvcc -Xptxas -v, SASS via cuobjdump):")
+        if not os.path.exists(_nvcc()):
+            print(f"  nvcc not found at {_nvcc()}: skipped")
+        else:
+            cstats = nvcc_report()
+            stats += cstats
+            print(format_table(cstats) if cstats else "  (no .cu file yet)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(s) for s in stats], f, indent=1)
+    bad = [s for s in stats if s.error or s.spills]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
