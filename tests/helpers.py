@@ -57,7 +57,7 @@ def assert_close(out, ref, ref_lowp, *, factor=2.0, atol=1e-5, name="out", confi
     out: the kernel's result; ref: the fp32 (or fp64) reference; ref_lowp: PyTorch in out's precision.
     """
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)} [{config}]"
-    o, r, rl = out.double(), ref.double(), ref_lowp.double()
+    o, r, rl = out.detach().double(), ref.detach().double(), ref_lowp.detach().double()
     nan_out = torch.isnan(o) & ~torch.isnan(r)
     if nan_out.any():
         i = int(nan_out.flatten().nonzero()[0])

@@ -138,7 +138,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, s
     nk = keys.shape[1]
     j = torch.arange(nk, device=dev)
     qpos = lens[:, None] - sq + torch.arange(sq, device=dev)                      # (B, Sq) position of each query
-    mask = j[None, None, :] < lens[:, None, None]                                 # (B, Sq, Nk)
+    mask = (j[None, None, :] < lens[:, None, None]).expand(b, sq, nk).clone()         # (B, Sq, Nk)
     left, right = window_size
     if causal:
         right = 0 if right < 0 else min(right, 0)
