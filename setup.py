@@ -64,7 +64,9 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension
     except Exception as e:  # torch not importable in the build env
-        _say(f"torch is not importable ({e}); skipping the extensions (pure-Python install).")
+        _say(f"torch is not importable in the build environment ({e}); skipping the C++/CUDA extensions "
+             "(pure-Python install). To build them, install torch first and use "
+             "`pip install --no-build-isolation .`")
         return [], {}
 
     exts = []
