@@ -7,6 +7,8 @@ Canonical backend signature (validated arguments, softmax_scale a float):
 """
 from __future__ import annotations
 
+import torch
+
 from . import _checks, backends
 
 __all__ = ["decode_attention"]
@@ -21,7 +23,9 @@ def _describe(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table
     return dict(device=q.device, dtype=q.dtype, head_dim=info["head_dim"], hq=info["hq"], hkv=info["hkv"],
                 group=info["hq"] // info["hkv"], sq=info["sq"], paged=info["paged"], page_size=info["page_size"],
                 capacity=info["capacity"], append=k is not None, causal=bool(causal), window=info["window"], alibi=alibi_slopes is not None,
-                softcap=info["softcap"], num_splits=num_splits, return_lse=bool(return_lse), scale=info["scale"])
+                softcap=info["softcap"], num_splits=num_splits, return_lse=bool(return_lse), scale=info["scale"],
+                requires_grad=torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)))
 
 
 def _torch_supports(call):
@@ -35,6 +39,21 @@ def _torch_supports(call):
 backends.register_op("decode_attention", _describe, order=("cuda", "triton", "torch", "reference"))
 backends.register_impl("decode_attention", "reference", "transformer._impl_reference:decode_attention")
 backends.register_impl("decode_attention", "torch", "transformer._impl_torch:decode_attention", _torch_supports)
+
+
+def _triton_supports(call):
+    """Limits of triton_kernels/decode.py: fp16/bf16, no backward, num_splits <= 128. Any head dim <= 256,
+    group size, page size >= 1, Sq <= 16, strides with contiguous last dim (all checked by _describe)."""
+    if call["dtype"] not in (torch.float16, torch.bfloat16):
+        return f"the triton decode kernel needs float16/bfloat16 tensors, got {call['dtype']}"
+    if call["requires_grad"]:
+        return "the triton decode kernel is inference-only (no backward) and a tensor requires grad"
+    if call["num_splits"] > 128:
+        return f"the triton decode kernel takes num_splits <= 128, got {call['num_splits']}"
+    return None
+
+
+backends.register_impl("decode_attention", "triton", "triton_kernels.decode:decode_attention", _triton_supports)
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None, softmax_scale=None,

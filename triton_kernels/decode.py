@@ -1,0 +1,446 @@
+"""Triton decode attention over a KV cache (flash-decoding): split-KV, GQA packing, paged/contiguous caches.
+
+Semantics are those of ``transformer.reference.decode_attention``: q [B, Sq, Hq, D] (1 <= Sq <= 16) attends
+over the first ``cache_seqlens[b] (+ Sq when appending)`` tokens of a contiguous cache [B, S_max, Hkv, D]
+or a paged cache [num_pages, page_size, Hkv, D] addressed through block_table [B, max_pages] int32. The Sq
+queries sit at the end of their sequence (bottom-right causal alignment).
+
+Three kernels, launched on one stream, with no device-to-host copy anywhere (a decode step can be
+captured in a CUDA graph):
+
+* ``_decode_append``  -- when k/v are given, writes them into the cache (through the block table) at
+  positions cache_seqlens[b] .. cache_seqlens[b] + Sq - 1. Positions outside the cache capacity are
+  dropped (they cannot be checked on the host without a sync; ``validate=True`` of the public op does).
+* ``_decode_split_kv`` -- grid (KV head x M-block, split, batch). One program serves ALL Hq/Hkv query
+  heads and all Sq queries of its KV head: the (head, query) pairs are packed into the M dimension of a
+  ``tl.dot`` tile, so each K/V element is read once per call (once per M-block when group * Sq exceeds
+  the largest M tile). The visible KV range of a sequence (its length, minus what a left window hides) is
+  cut into ``num_splits`` chunks of whole BLOCK_N tiles; a program never touches tiles past its
+  sequence's length. A tile may span several pages: page ids are gathered per token.
+* ``_decode_combine`` -- merges the splits' partial outputs with their log-sum-exps.
+
+With ``num_splits == 1`` the split kernel writes the final output directly and no combine runs. The split
+count and the reduction order depend only on the arguments' shapes and ``num_splits``, never on timing,
+so results are bit-identical run to run. ``num_splits=0`` picks a count on the host from (batch, Hkv,
+M-blocks, cache capacity, SM count); the SM count is read lazily at the first call and cached.
+
+Inference only: no backward (the entry function raises if gradients are requested).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import AotConfig, empty, interpreting
+
+__all__ = ["decode_attention", "pick_num_splits", "aot_configs"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_SPLITS = 128
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _decode_append(
+    K, V, KCache, VCache, CacheSeqlens, BlockTable,
+    stride_kb, stride_ks, stride_kh,          # new k [B, Sq, Hkv, D]
+    stride_vb, stride_vs, stride_vh,          # new v [B, Sq, Hkv, D]
+    stride_kcb, stride_kcs, stride_kch,       # k cache: dim 0 is the batch (contiguous) or the page (paged)
+    stride_vcb, stride_vcs, stride_vch,
+    stride_btb,                               # block_table [B, max_pages]
+    Sq, Hkv, D,
+    capacity,                                 # tokens per sequence the cache can hold
+    page_size,
+    PAGED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (b * Sq + s, head block): copy token s of sequence b, BLOCK_H KV heads, into the cache."""
+    pid = tl.program_id(0)
+    b = pid // Sq
+    s = pid % Sq
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = tl.load(CacheSeqlens + b) + s
+    in_cache = (pos >= 0) & (pos < capacity)
+    mask = in_cache & (offs_h[:, None] < Hkv) & (offs_d[None, :] < D)
+    if PAGED:
+        page = tl.load(BlockTable + b.to(tl.int64) * stride_btb + pos // page_size, mask=in_cache, other=0)
+        row_kc = page.to(tl.int64) * stride_kcb + (pos % page_size).to(tl.int64) * stride_kcs
+        row_vc = page.to(tl.int64) * stride_vcb + (pos % page_size).to(tl.int64) * stride_vcs
+    else:
+        row_kc = b.to(tl.int64) * stride_kcb + pos.to(tl.int64) * stride_kcs
+        row_vc = b.to(tl.int64) * stride_vcb + pos.to(tl.int64) * stride_vcs
+    hd_k = offs_h[:, None] * stride_kh + offs_d[None, :]
+    hd_v = offs_h[:, None] * stride_vh + offs_d[None, :]
+    kn = tl.load(K + b.to(tl.int64) * stride_kb + s * stride_ks + hd_k, mask=mask, other=0.0)
+    vn = tl.load(V + b.to(tl.int64) * stride_vb + s * stride_vs + hd_v, mask=mask, other=0.0)
+    tl.store(KCache + row_kc + offs_h[:, None] * stride_kch + offs_d[None, :], kn, mask=mask)
+    tl.store(VCache + row_vc + offs_h[:, None] * stride_vch + offs_d[None, :], vn, mask=mask)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp2 (libdevice is unavailable under the interpreter); exact limits +-1 at +-inf.
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)   # 2 * log2(e)
+
+
+@triton.jit
+def _decode_split_kv(
+    Q, KCache, VCache, CacheSeqlens, BlockTable, Alibi,
+    Out, Lse,                                 # final out [B, Sq, Hq, D], lse [B, Hq, Sq] (NUM_SPLITS == 1)
+    OutPart, LsePart,                         # partials [B, Hq, Sq, splits, D], [B, Hq, Sq, splits] fp32
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,          # k cache: dim 0 is the batch (contiguous) or the page (paged)
+    stride_vb, stride_vs, stride_vh,
+    stride_btb,
+    stride_ab, stride_ah,                     # alibi slopes [Hq] (stride_ab = 0) or [B, Hq]
+    stride_ob, stride_os, stride_oh,
+    qk_scale,                                 # softmax_scale * log2(e), or softmax_scale with SOFTCAP
+    softcap,
+    window_left, window_right,                # >= 0 where HAS_LEFT / HAS_RIGHT (causal = right 0)
+    Sq, D,
+    group,                                    # Hq // Hkv
+    num_appended,                             # Sq when k/v were appended, else 0
+    capacity, page_size, num_splits,
+    PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    SPLIT: tl.constexpr,                      # write partials (num_splits > 1) or the final result
+    UPCAST: tl.constexpr,                     # interpreter only: bf16 -> fp32 right after loads
+    M_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_hm = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    h_kv = pid_hm // M_BLOCKS
+    hq_total = group * (tl.num_programs(0) // M_BLOCKS)
+
+    # Rows of the M tile: row m is query i = m % Sq of query head g = m // Sq of this KV head's group.
+    offs_m = (pid_hm % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < group * Sq
+    g = offs_m // Sq
+    qi = offs_m % Sq
+    h_q = h_kv * group + g
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    # Keys visible to some query of this sequence: [lo, n). Query i sits at position n - Sq + i.
+    n = tl.load(CacheSeqlens + b) + num_appended
+    n = tl.minimum(tl.maximum(n, 0), capacity)
+    q_pos = n - Sq + qi
+    lo = 0
+    if HAS_LEFT:
+        lo = tl.maximum(n - Sq - window_left, 0)
+    tiles = tl.cdiv(n - lo, BLOCK_N)
+    tiles_per_split = tl.cdiv(tiles, num_splits)
+    start = lo + split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, n)
+
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + qi[:, None] * stride_qs + h_q[:, None] * stride_qh
+                + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    if ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h_q * stride_ah, mask=row_ok, other=0.0) * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_head = h_kv * stride_kh
+    v_head = h_kv * stride_vh
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < end
+        if PAGED:
+            page = tl.load(BlockTable + b.to(tl.int64) * stride_btb + cols // page_size, mask=col_ok, other=0)
+            slot = (cols % page_size).to(tl.int64)
+            k_row = page.to(tl.int64) * stride_kb + slot * stride_ks
+            v_row = page.to(tl.int64) * stride_vb + slot * stride_vs
+        else:
+            k_row = b.to(tl.int64) * stride_kb + cols.to(tl.int64) * stride_ks
+            v_row = b.to(tl.int64) * stride_vb + cols.to(tl.int64) * stride_vs
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(KCache + k_row[:, None] + k_head + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                     # (BLOCK_M, BLOCK_N), log2 units
+        if SOFTCAP:
+            s = (softcap * 1.4426950408889634) * _tanh(s / softcap)
+        if ALIBI:
+            s -= slope[:, None] * tl.abs(q_pos[:, None] - cols[None, :]).to(tl.float32)
+        visible = col_ok[None, :] & row_ok[:, None]
+        if HAS_RIGHT:
+            visible &= cols[None, :] <= q_pos[:, None] + window_right
+        if HAS_LEFT:
+            visible &= cols[None, :] >= q_pos[:, None] - window_left
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)      # rows that see nothing yet: no NaN
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VCache + v_row[:, None] + v_head + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    empty_row = l_i == 0.0
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty_row, float("-inf"), m_i + tl.log2(tl.where(empty_row, 1.0, l_i)))
+    row = (b * hq_total + h_q) * Sq + qi                           # flat index into [B, Hq, Sq]
+    if SPLIT:
+        part = row.to(tl.int64) * num_splits + split
+        tl.store(OutPart + part[:, None] * D + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LsePart + part, lse2, mask=row_ok)
+    else:
+        tl.store(Out + b.to(tl.int64) * stride_ob + qi[:, None] * stride_os + h_q[:, None] * stride_oh
+                 + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(Lse + row, lse2 * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _decode_combine(
+    OutPart, LsePart, Out, Lse,
+    stride_ob, stride_os, stride_oh,
+    Hq, Sq, D, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program per (b, query head, query): out = sum_s w_s * out_s / sum_s w_s with w_s = 2^(lse_s - max)."""
+    row = tl.program_id(0)                                         # flat index into [B, Hq, Sq]
+    b = row // (Hq * Sq)
+    h = (row // Sq) % Hq
+    qi = row % Sq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = row.to(tl.int64) * num_splits
+    lse = tl.load(LsePart + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)                  # no split saw a key: weights 0, no NaN
+    den = tl.sum(tl.exp2(lse - m_safe), 0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_splits):                                 # fixed order: deterministic
+        w = tl.exp2(tl.load(LsePart + base + s) - m_safe)
+        acc += w * tl.load(OutPart + (base + s) * D + offs_d, mask=offs_d < D, other=0.0)
+    empty_row = den == 0.0
+    out = acc / tl.where(empty_row, 1.0, den)
+    lse_out = tl.where(empty_row, float("-inf"), m_safe + tl.log2(tl.where(empty_row, 1.0, den)))
+    tl.store(Out + b.to(tl.int64) * stride_ob + qi * stride_os + h * stride_oh + offs_d,
+             out.to(Out.dtype.element_ty), mask=offs_d < D)
+    tl.store(Lse + row, lse_out * 0.6931471805599453)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration (host side, no device access except the cached SM count)
+# ---------------------------------------------------------------------------------------------
+
+def _blocks(head_dim, group, sq):
+    """(BLOCK_M, M_BLOCKS, BLOCK_N, BLOCK_D, num_warps, num_stages) of the split kernel: one config per shape."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    m_max = 64 if block_d <= 128 else 32
+    rows = group * sq
+    block_m = min(m_max, max(16, triton.next_power_of_2(rows)))
+    block_n = 64 if block_d <= 128 else 32
+    return block_m, triton.cdiv(rows, block_m), block_n, block_d, 4, 2
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SM count of a CUDA device (queried on first use, cached); a nominal 132 for CPU tensors (interpreter)."""
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pick_num_splits(batch, hkv, m_blocks, capacity, block_n, num_sms):
+    """Split count from shapes only (flash-attn's wave-efficiency rule): enough programs to fill the SMs,
+    each split keeping >= 4 KV tiles, never more than MAX_SPLITS. Deterministic for given arguments."""
+    ctas = batch * hkv * m_blocks
+    max_splits = min(MAX_SPLITS, num_sms, triton.cdiv(capacity, 4 * block_n))
+    if ctas >= 0.8 * num_sms or max_splits <= 1:
+        return 1
+    eff = [(ctas * s / num_sms) / math.ceil(ctas * s / num_sms) for s in range(1, max_splits + 1)]
+    best = max(eff)
+    return next(s for s, e in enumerate(eff, start=1) if e >= 0.85 * best)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher (checks, allocation, launch) and the registered custom op
+# ---------------------------------------------------------------------------------------------
+
+def _launch(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, softmax_scale, causal,
+            window_left, window_right, softcap, num_splits):
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be float16 or bfloat16 for the triton decode kernel, got {q.dtype}")
+    batch, sq, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    group = hq // hkv
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else 1
+    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    dev = q.device
+    upcast = interpreting() and q.dtype == torch.bfloat16
+    block_m, m_blocks, block_n, block_d, num_warps, num_stages = _blocks(d, group, sq)
+    if not 0 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in 0..{MAX_SPLITS} (0 = choose automatically), got {num_splits}")
+    if num_splits == 0:
+        num_splits = pick_num_splits(batch, hkv, m_blocks, capacity, block_n, sm_count(dev))
+    bt = block_table if paged else cache_seqlens                   # placeholder pointer when not paged
+    bt_stride = block_table.stride(0) if paged else 0
+
+    if k is not None:
+        block_h = min(triton.next_power_of_2(hkv), max(1, 4096 // block_d))
+        _decode_append[(batch * sq, triton.cdiv(hkv, block_h))](
+            k, v, k_cache, v_cache, cache_seqlens, bt,
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt_stride,
+            sq, hkv, d, capacity, page_size,
+            PAGED=paged, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
+
+    out = empty((batch, sq, hq, d), q.dtype, dev)
+    lse = empty((batch, hq, sq), torch.float32, dev)
+    split = num_splits > 1
+    if split:
+        out_part = empty((batch, hq, sq, num_splits, d), torch.float32, dev)
+        lse_part = empty((batch, hq, sq, num_splits), torch.float32, dev)
+    else:
+        out_part, lse_part = out, lse                              # unused
+    alibi = alibi_slopes if alibi_slopes is not None else lse
+    stride_ab = (alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0) if alibi_slopes is not None else 0
+    stride_ah = alibi_slopes.stride(-1) if alibi_slopes is not None else 0
+    has_softcap = softcap > 0
+    qk_scale = softmax_scale if has_softcap else softmax_scale * LOG2E
+    right = 0 if causal else window_right
+    _decode_split_kv[(hkv * m_blocks, num_splits, batch)](
+        q, k_cache, v_cache, cache_seqlens, bt, alibi, out, lse, out_part, lse_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt_stride,
+        stride_ab, stride_ah, out.stride(0), out.stride(1), out.stride(2),
+        qk_scale, softcap if has_softcap else 1.0, max(window_left, 0), max(right, 0),
+        sq, d, group, sq if k is not None else 0, capacity, page_size, num_splits,
+        PAGED=paged, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0, SOFTCAP=has_softcap,
+        ALIBI=alibi_slopes is not None, SPLIT=split, UPCAST=upcast,
+        M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=num_stages)
+    if split:
+        _decode_combine[(batch * hq * sq,)](
+            out_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2),
+            hq, sq, d, num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1)
+    return out, lse
+
+
+@torch.library.custom_op("tileformer_triton::decode_attention", mutates_args=("k_cache", "v_cache"))
+def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+               k: Optional[torch.Tensor], v: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
+               alibi_slopes: Optional[torch.Tensor], softmax_scale: float, causal: bool, window_left: int,
+               window_right: int, softcap: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Sq, Hq, D], lse [B, Hq, Sq] fp32); appends k/v into k_cache/v_cache in place when given."""
+    return _launch(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, softmax_scale,
+                   causal, window_left, window_right, softcap, num_splits)
+
+
+@_decode_op.register_fake
+def _decode_fake(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, softmax_scale, causal,
+                 window_left, window_right, softcap, num_splits):
+    b, sq, hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, hq, sq), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry function (canonical signature of transformer/decode.py; arguments already validated)
+# ---------------------------------------------------------------------------------------------
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, softmax_scale, causal,
+                     window_size, alibi_slopes, softcap, num_splits, return_lse):
+    """Inference only: raises ValueError when a tensor requires grad while grad mode is on."""
+    if torch.is_grad_enabled():
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"the triton decode_attention is inference-only (no backward), but {name} "
+                                 f"requires grad; run it under torch.no_grad() or use backend='reference'")
+    out, lse = _decode_op(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes,
+                          float(softmax_scale), bool(causal), int(window_size[0]), int(window_size[1]),
+                          float(softcap), int(num_splits))
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipped configurations for the static report (benchmarks/kernel_report.py)
+# ---------------------------------------------------------------------------------------------
+
+def _split_signature(dtype, paged):
+    t = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    sig = {"Q": f"*{t}", "KCache": f"*{t}", "VCache": f"*{t}", "CacheSeqlens": "*i32", "BlockTable": "*i32",
+           "Alibi": "*fp32", "Out": f"*{t}", "Lse": "*fp32", "OutPart": "*fp32", "LsePart": "*fp32"}
+    for name in ("stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb",
+                 "stride_vs", "stride_vh", "stride_btb", "stride_ab", "stride_ah", "stride_ob", "stride_os",
+                 "stride_oh"):
+        sig[name] = "i32"
+    sig.update(qk_scale="fp32", softcap="fp32")
+    for name in ("window_left", "window_right", "Sq", "D", "group", "num_appended", "capacity", "page_size",
+                 "num_splits"):
+        sig[name] = "i32"
+    for name in ("PAGED", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "ALIBI", "SPLIT", "UPCAST", "M_BLOCKS",
+                 "BLOCK_M", "BLOCK_N", "BLOCK_D"):
+        sig[name] = "constexpr"
+    return sig
+
+
+def aot_configs():
+    """Split kernel for D in {64, 128, 256, 80} x group sizes x paged/contiguous, plus append and combine."""
+    cfgs = []
+    cases = [(128, 8, 1, torch.bfloat16, paged, True) for paged in (False, True)]
+    cases += [(128, 1, 1, torch.float16, False, False), (128, 16, 4, torch.bfloat16, True, True),
+              (64, 4, 1, torch.float16, True, True), (64, 7, 4, torch.bfloat16, False, False),
+              (80, 8, 1, torch.bfloat16, True, True), (256, 8, 1, torch.bfloat16, False, True),
+              (256, 64, 1, torch.float16, True, True)]
+    for d, group, sq, dtype, paged, split in cases:
+        block_m, m_blocks, block_n, block_d, warps, stages = _blocks(d, group, sq)
+        consts = dict(PAGED=paged, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, ALIBI=False, SPLIT=split,
+                      UPCAST=False, M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+        name = (f"decode_split_kv d{d} g{group} sq{sq} {str(dtype)[6:]} {'paged' if paged else 'contig'}"
+                f"{' split' if split else ''} M{block_m}xN{block_n}")
+        cfgs.append(AotConfig(name=name, kernel=_decode_split_kv, signature=_split_signature(dtype, paged),
+                              constexprs=consts, num_warps=warps, num_stages=stages))
+    # all features on (window, softcap, ALiBi) at the most register-hungry shape
+    block_m, m_blocks, block_n, block_d, warps, stages = _blocks(256, 8, 4)
+    consts = dict(PAGED=True, HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, ALIBI=True, SPLIT=True,
+                  UPCAST=False, M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    cfgs.append(AotConfig(name=f"decode_split_kv d256 g8 sq4 bf16 paged all-features M{block_m}xN{block_n}",
+                          kernel=_decode_split_kv, signature=_split_signature(torch.bfloat16, True),
+                          constexprs=consts, num_warps=warps, num_stages=stages))
+    for d, dtype in ((128, torch.bfloat16), (256, torch.float16)):
+        t = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+        sig = {"OutPart": "*fp32", "LsePart": "*fp32", "Out": f"*{t}", "Lse": "*fp32", "stride_ob": "i32",
+               "stride_os": "i32", "stride_oh": "i32", "Hq": "i32", "Sq": "i32", "D": "i32", "num_splits": "i32",
+               "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
+        cfgs.append(AotConfig(name=f"decode_combine d{d} {t} S<={MAX_SPLITS}", kernel=_decode_combine,
+                              signature=sig, constexprs=dict(BLOCK_S=MAX_SPLITS, BLOCK_D=d), num_warps=1,
+                              num_stages=1))
+    for paged in (False, True):
+        sig = {"K": "*bf16", "V": "*bf16", "KCache": "*bf16", "VCache": "*bf16", "CacheSeqlens": "*i32",
+               "BlockTable": "*i32"}
+        for name in ("stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_kcb",
+                     "stride_kcs", "stride_kch", "stride_vcb", "stride_vcs", "stride_vch", "stride_btb", "Sq",
+                     "Hkv", "D", "capacity", "page_size"):
+            sig[name] = "i32"
+        sig.update(PAGED="constexpr", BLOCK_H="constexpr", BLOCK_D="constexpr")
+        cfgs.append(AotConfig(name=f"decode_append d128 {'paged' if paged else 'contig'}", kernel=_decode_append,
+                              signature=sig, constexprs=dict(PAGED=paged, BLOCK_H=8, BLOCK_D=128), num_warps=4,
+                              num_stages=1))
+    return cfgs
