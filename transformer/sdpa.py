@@ -1,0 +1,300 @@
+"""Drop-in ``scaled_dot_product_attention`` and attention over padded batches.
+
+``scaled_dot_product_attention`` has the signature, layout ([..., H, L, E]) and semantics of
+``torch.nn.functional.scaled_dot_product_attention`` (top-left ``is_causal``, boolean masks True =
+"take part", float masks added to the scores). It is served by ``flash_attention`` (any backend the
+dispatcher picks) when it can be, with no copies for [B, H, L, E] inputs (the [B, L, H, E] views the
+kernels read are transposes). What is recognised:
+
+* no mask, with or without ``is_causal`` (top-left, like SDPA);
+* a boolean mask, or a float mask holding only 0 and -inf, that is a key-padding pattern: the same for
+  every head and query row, and per batch element a single run of visible keys (left padding, right
+  padding or both) -- served by ``padded_attention``;
+* a mask equal to SDPA's causal pattern (lower triangle), served as ``is_causal``.
+
+Everything else falls back to PyTorch's own function (documented, exact): ``dropout_p > 0``, other masks,
+broadcast batch dims, a value head dim different from the query's, head dims above 256, inputs with a
+non-unit last stride, and masks met while ``torch.compile`` traces (recognising one reads its values).
+
+``padded_attention`` is the building block the modules and models use: attention in the flash-attn
+layout [B, N, H, D] where batch element b only sees keys ``key_start[b] <= j < key_end[b]``. It runs as
+``flash_attention_varlen`` over 3 sequences per batch element (the keys before the run, the run with all
+B's queries, the keys after it; the outer two have no queries), which needs neither a copy of q/k/v
+in the common layouts nor a device-to-host copy. When the dispatcher would serve that varlen call with the
+"torch" backend (no kernel for this device/dtype), it runs the same computation as one masked
+``F.scaled_dot_product_attention`` call instead of the torch backend's loop over sequences.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks, attention, backends
+
+__all__ = ["scaled_dot_product_attention", "padded_attention", "key_run_bounds", "classify_sdpa_mask"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention with a run of visible keys per batch element
+# ---------------------------------------------------------------------------------------------
+
+def _check_bounds(name, t, batch, ref):
+    _checks.check_tensor(name, t, ndim=1)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype int32 or int64, got {t.dtype}")
+    if t.shape[0] != batch:
+        raise ValueError(f"{name} must have shape [B]=[{batch}], got {tuple(t.shape)}")
+    _checks.check_same_device(name, t, "q", ref)
+
+
+def _run_mask(nq, nk, start, end, causal, causal_align, window):
+    """Boolean [B, 1, Nq, Nk]: key j visible to query i under padded_attention's rules."""
+    dev = start.device
+    i = torch.arange(nq, device=dev).view(1, -1, 1)
+    j = torch.arange(nk, device=dev).view(1, 1, -1)
+    s, e = start.long().view(-1, 1, 1), end.long().view(-1, 1, 1)
+    mask = (j >= s) & (j < e)
+    # Query i sits at run position i + off; run position of key j is j - start.
+    off = (e - s - nq) if causal_align == "bottom_right" else torch.zeros_like(s)
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if right >= 0:
+        mask = mask & (j - s <= i + off + right)
+    if left >= 0:
+        mask = mask & (j - s >= i + off - left)
+    return mask.expand(-1, nq, nk)[:, None], (i + off + s)  # query position in key coordinates, for ALiBi
+
+
+def _padded_torch(q, k, v, start, end, *, causal, causal_align, softmax_scale, window_size, alibi_slopes):
+    """padded_attention as one masked SDPA call (what the torch backend would compute, vectorised)."""
+    b, nq, hq, _ = q.shape
+    nk = k.shape[1]
+    mask, qpos = _run_mask(nq, nk, start, end, causal, causal_align, window_size)   # (B, 1, Nq, Nk)
+    row_visible = mask.any(dim=-1, keepdim=True)
+    attn_mask = mask | ~row_visible        # rows with no visible key: unmask for the call, zero after
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.view(1, -1) if alibi_slopes.dim() == 1 else alibi_slopes
+        dist = (qpos - torch.arange(nk, device=q.device).view(1, 1, -1)).abs().float()  # (B, Nq, Nk)
+        bias = (-slopes.expand(b, -1)[:, :, None, None] * dist[:, None]).to(q.dtype)
+        attn_mask = bias.masked_fill(~attn_mask, float("-inf"))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask, scale=softmax_scale,
+                                         enable_gqa=hq != k.shape[2])
+    out = torch.where(row_visible, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out.transpose(1, 2)
+
+
+def _flat(t):
+    """[B, N, H, D] -> [B*N, H, D]; a view when the batch stride is N x the token stride."""
+    return t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])
+
+
+def padded_attention(q, k, v, key_start, key_end, *, causal=False, causal_align="bottom_right",
+                     softmax_scale=None, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, backend="auto"):
+    """Attention where batch element b sees only keys ``key_start[b] <= j < key_end[b]``.
+
+    Args:
+        q: [B, Nq, Hq, D]; k, v: [B, Nk, Hkv, D] (flash-attn layout, GQA allowed).
+        key_start, key_end: [B] int32/int64 on q's device, 0 <= start <= end <= Nk (not checked on the
+            device: values are only read by the kernels).
+        causal, window_size, alibi_slopes: aligned *within the run* of visible keys: with
+            ``causal_align="bottom_right"`` the last query sits at the last visible key (left padding,
+            KV caches); with ``"top_left"`` query i sits at run key i (right padding with Nq == Nk).
+        softmax_scale, softcap, backend: as `flash_attention`.
+    Returns [B, Nq, Hq, D]. Query rows that see no key give 0.
+    """
+    info = _checks.check_attention(q, k, v, window_size=window_size, softcap=softcap,
+                                   softmax_scale=softmax_scale, alibi_slopes=alibi_slopes)
+    b, nq, nk = info["batch"], info["nq"], info["nk"]
+    _check_bounds("key_start", key_start, b, q)
+    _check_bounds("key_end", key_end, b, q)
+    if causal_align not in ("bottom_right", "top_left"):
+        raise ValueError(f"causal_align must be 'bottom_right' or 'top_left', got {causal_align!r}")
+    dev = q.device
+    ar = torch.arange(b, device=dev, dtype=torch.int32)
+    s, e = key_start.to(torch.int32), key_end.to(torch.int32)
+    # Sequence 3b: keys [0, start) with no queries; 3b+1: keys [start, end) with all Nq queries;
+    # 3b+2: keys [end, Nk) with no queries.
+    cu_k = torch.stack([ar * nk, ar * nk + s, ar * nk + e], dim=1).flatten()
+    cu_q = torch.stack([ar * nq, ar * nq, ar * nq + nq], dim=1).flatten()
+    tail = torch.tensor([b * nq], dtype=torch.int32, device=dev)
+    cu_q = torch.cat([cu_q, tail])
+    cu_k = torch.cat([cu_k, tail * 0 + b * nk])
+    slopes = alibi_slopes
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        slopes = alibi_slopes.repeat_interleave(3, dim=0)
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    kw = dict(causal=bool(causal), softmax_scale=info["scale"], window_size=info["window"], alibi_slopes=slopes,
+              softcap=info["softcap"], deterministic=False, return_lse=False)
+    call = attention._describe_varlen(qf, kf, vf, cu_q, cu_k, nq, nk, causal_align=causal_align, **kw)
+    name, fn = backends.select("flash_attention_varlen", call, backend)
+    if name == "torch":
+        return _padded_torch(q, k, v, s, e, causal=bool(causal), causal_align=causal_align,
+                             softmax_scale=info["scale"], window_size=info["window"], alibi_slopes=alibi_slopes)
+    out = fn(qf, kf, vf, cu_q, cu_k, nq, nk, causal_align=causal_align, **kw)
+    return out.view(b, nq, q.shape[2], q.shape[3])
+
+
+def key_run_bounds(keep):
+    """(start, end, ok) for a boolean keep mask [B, S]: per row, the first visible key and one past the
+    last one (0, 0 for rows with none); ok is a host bool, True when every row's visible keys form one run.
+    Costs one device-to-host copy."""
+    s = keep.shape[-1]
+    idx = torch.arange(s, device=keep.device)
+    any_k = keep.any(dim=-1)
+    start = torch.where(keep, idx, s).amin(dim=-1)
+    end = torch.where(keep, idx + 1, 0).amax(dim=-1)
+    start = torch.where(any_k, start, torch.zeros_like(start))
+    count = keep.sum(dim=-1)
+    ok = bool((count == end - start).all())
+    return start.to(torch.int32), end.to(torch.int32), ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Drop-in F.scaled_dot_product_attention
+# ---------------------------------------------------------------------------------------------
+
+def _keep_mask(attn_mask):
+    """Boolean "take part" mask from an SDPA attn_mask, or None if it is a float mask with other values."""
+    if attn_mask.dtype == torch.bool:
+        return attn_mask
+    zero, ninf = attn_mask == 0, attn_mask == float("-inf")
+    if not bool((zero | ninf).all()):
+        return None
+    return zero
+
+
+def classify_sdpa_mask(attn_mask, batch, heads, nq, nk):
+    """Recognise an SDPA attn_mask (broadcastable to [B, H, Nq, Nk]).
+
+    Returns ("none",), ("causal",) (SDPA's top-left lower triangle), ("keys", start, end) (a run of
+    visible keys per batch element, same for every head and row) or ("other",). Reads the mask's values
+    (one or two device-to-host copies).
+    """
+    m = _keep_mask(attn_mask)
+    if m is None or m.dim() > 4:
+        return ("other",)
+    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+    if m.shape[1] != 1:  # per-head masks
+        if not bool((m == m[:, :1]).all()):
+            return ("other",)
+        m = m[:, :1]
+    if m.shape[-1] != nk:
+        return ("other",)
+    if m.shape[2] == nq and nq > 1 and not bool((m == m[:, :, :1]).all()):
+        tril = torch.ones(nq, nk, dtype=torch.bool, device=m.device).tril()
+        return ("causal",) if bool((m == tril).all()) else ("other",)
+    keep = m[:, 0, 0, :].expand(batch, nk)
+    if bool(keep.all()):
+        return ("none",)
+    start, end, ok = key_run_bounds(keep)
+    return ("keys", start, end) if ok else ("other",)
+
+
+def _check_sdpa_args(query, key, value, dropout_p, is_causal, scale, enable_gqa, attn_mask):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _checks.check_tensor(name, t, dtypes=_checks.FLOAT_DTYPES)
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions [..., L, E], got shape {tuple(t.shape)}")
+    for name, t in (("key", key), ("value", value)):
+        _checks.check_same_device(name, t, "query", query)
+        _checks.check_same_dtype(name, t, "query", query)
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"key must have the embedding dim of query ({query.shape[-1]}), got {key.shape[-1]}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"value must have key's sequence length ({key.shape[-2]}), got {value.shape[-2]}")
+    if query.dim() >= 3 and key.dim() >= 3:
+        hq, hkv = query.shape[-3], key.shape[-3]
+        if hq != hkv and not enable_gqa:
+            raise ValueError(f"query has {hq} heads and key {hkv}: pass enable_gqa=True for grouped-query attention")
+        if enable_gqa and hq % hkv != 0:
+            raise ValueError(f"query heads ({hq}) must be a multiple of key heads ({hkv}) with enable_gqa")
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if attn_mask is not None:
+        _checks.check_tensor("attn_mask", attn_mask)
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise TypeError(f"attn_mask must be bool or have query's dtype ({query.dtype}), got {attn_mask.dtype}")
+        _checks.check_same_device("attn_mask", attn_mask, "query", query)
+        if is_causal:
+            raise ValueError("attn_mask must be None when is_causal=True (as in F.scaled_dot_product_attention)")
+        target = tuple(query.shape[:-1]) + (key.shape[-2],)
+        try:
+            torch.broadcast_shapes(tuple(attn_mask.shape), target)
+        except RuntimeError:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"[..., L, S]={list(target)}") from None
+
+
+def _as_4d(t):
+    """[..., H, L, E] -> [B, H, L, E] view-or-copy with the leading dims flattened (None if not 3+ dims)."""
+    if t.dim() == 3:
+        return t.unsqueeze(0)
+    if t.dim() == 4:
+        return t
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def _kernel_path_reason(query, key, value, dropout_p):
+    if dropout_p > 0:
+        return "dropout_p > 0"
+    if query.dim() < 3 or query.dim() != key.dim() or key.dim() != value.dim():
+        return "inputs of different ranks (or without a head dim)"
+    if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
+        return "broadcast batch dims"
+    if value.shape[-1] != query.shape[-1]:
+        return "value head dim differs from query's"
+    if query.shape[-1] > _checks.MAX_HEAD_DIM:
+        return f"head dim above {_checks.MAX_HEAD_DIM}"
+    if any(t.shape[-1] > 1 and t.stride(-1) != 1 for t in (query, key, value)):
+        return "an input with a non-unit last stride"
+    return None
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, backend="auto"):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` served by our kernels where possible.
+
+    query [..., Hq, L, E], key [..., Hkv, S, E], value [..., Hkv, S, Ev]; ``is_causal`` is top-left aligned
+    (query i sees keys j <= i); ``attn_mask`` is boolean (True = take part) or additive, broadcastable to
+    [..., Hq, L, S]; ``enable_gqa`` allows Hq a multiple of Hkv. Returns [..., Hq, L, Ev].
+    See the module docstring for which calls run on ``flash_attention`` and which fall back to PyTorch
+    (dropout_p > 0 always does). ``backend`` picks the backend of the kernel path (see transformer.backends).
+    """
+    _check_sdpa_args(query, key, value, dropout_p, is_causal, scale, enable_gqa, attn_mask)
+
+    def fallback():
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+    if _kernel_path_reason(query, key, value, dropout_p) is not None:
+        return fallback()
+    lead = query.shape[:-3]
+    q4, k4, v4 = _as_4d(query), _as_4d(key), _as_4d(value)
+    b, hq, nq, d = q4.shape
+    nk = k4.shape[2]
+    kind = ("causal",) if is_causal else ("none",)
+    if attn_mask is not None:
+        if torch.compiler.is_compiling() or query.dim() > 4:
+            return fallback()
+        kind = classify_sdpa_mask(attn_mask, b, hq, nq, nk)
+        if kind[0] == "other":
+            return fallback()
+    q, k, v = (t.transpose(1, 2) for t in (q4, k4, v4))        # [B, N, H, E] views, no copies
+    softmax_scale = scale
+    if kind[0] == "keys":
+        out = padded_attention(q, k, v, kind[1], kind[2], softmax_scale=softmax_scale, backend=backend)
+    else:
+        causal = kind[0] == "causal"
+        kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=(-1, -1), alibi_slopes=None,
+                  softcap=0.0, deterministic=False, return_lse=False)
+        call = attention._describe(q, k, v, causal_align="top_left", **kw)
+        kw.update(softmax_scale=call["scale"])
+        out = backends.dispatch("flash_attention", call, backend, q, k, v, causal_align="top_left", **kw)
+    out = out.transpose(1, 2)                                    # [B, Hq, L, E]
+    return out.reshape(*lead, hq, nq, d) if query.dim() != 4 else out
