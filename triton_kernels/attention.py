@@ -1,0 +1,334 @@
+"""Flash attention in Triton: launchers, configs, torch custom ops, autograd and the backend entry points.
+
+Kernels live in attention_fwd.py (forward + shared helpers) and attention_bwd.py (backward). This file:
+
+* picks a config: autotuned per GPU arch and head-dim bucket on a GPU (``_configs``), one fixed config
+  under ``TRITON_INTERPRET=1``, where bf16 also gets the in-kernel upcast (``UPCAST``);
+* launches (``_forward``, ``_backward``), allocating outputs with ``_utils.empty`` (NaN-poisoned in tests);
+* registers ``torch.ops.tileformer_triton.flash_attn_fwd`` / ``flash_attn_bwd`` (custom ops with fake
+  implementations, so torch.compile traces them) and the autograd formula of the forward op;
+* implements the canonical backend signatures of transformer/attention.py (``flash_attention``,
+  ``flash_attention_varlen``) and lists the shipped configs for the static report (``aot_configs``).
+
+Limits (mirrored by ``transformer.attention._triton_supports``): fp16/bf16 q/k/v, head dim 1..256 (padded
+to a power of two >= 16 and masked), Hq a multiple of Hkv, last dim contiguous, any Nq/Nk >= 0.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from . import _utils
+from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess, _zero_tail
+from .attention_fwd import LOG2E, _attn_fwd
+
+__all__ = ["flash_attention", "flash_attention_varlen", "aot_configs"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+# ---------------------------------------------------------------------------------------------
+# Configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, GPU arch and padded head dim.
+# BLOCK_M is the query tile, BLOCK_N the key tile in every kernel. Every entry is compiled by the
+# static report (tests/test_attention_static.py): 0 spills, smem within the arch limit, wgmma on sm_90.
+# ---------------------------------------------------------------------------------------------
+
+_GPU_CONFIGS = {
+    # sm_90 (H100/H200): 227 KB smem per block; 8-warp 128-row tiles keep two warpgroups on wgmma.
+    90: {
+        "fwd": {64: [(128, 128, 8, 3), (128, 64, 4, 3)],
+                128: [(128, 128, 8, 3), (128, 64, 8, 3)],
+                256: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+        "dkdv": {64: [(64, 128, 8, 3), (64, 64, 4, 3)],
+                 128: [(64, 128, 8, 2), (64, 64, 4, 2)],
+                 256: [(64, 64, 8, 2), (32, 64, 4, 2)]},
+        "dq": {64: [(128, 64, 8, 3), (64, 64, 4, 3)],
+               128: [(128, 64, 8, 2), (64, 64, 4, 2)],
+               256: [(64, 64, 8, 2), (64, 32, 4, 2)]},
+    },
+    # sm_80 (A100) and anything else: 163 KB smem (the autotuner drops configs a smaller GPU cannot hold).
+    80: {
+        "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 2)],
+                128: [(128, 64, 8, 2), (64, 64, 4, 3)],
+                256: [(64, 64, 4, 2), (64, 32, 4, 2)]},
+        "dkdv": {64: [(64, 128, 8, 2), (64, 64, 4, 2)],
+                 128: [(64, 128, 8, 2), (32, 64, 4, 2)],
+                 256: [(32, 64, 8, 2), (32, 32, 4, 1)]},
+        "dq": {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
+               128: [(128, 64, 8, 2), (64, 64, 4, 2)],
+               256: [(64, 32, 4, 2), (32, 32, 4, 1)]},
+    },
+}
+# Under the interpreter: one config; BLOCK_M != BLOCK_N so tests exercise both tile sizes.
+_INTERPRET_CONFIG = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_TUNE_KEYS = ["tune_key", "GROUP", "HEAD_DIM", "IS_VARLEN", "BOTTOM_RIGHT", "MASK_LEFT", "MASK_RIGHT",
+              "HAS_SOFTCAP", "HAS_ALIBI"]
+
+
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _d_bucket(block_d):
+    return 64 if block_d <= 64 else block_d
+
+
+def _arch(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    return 90 if major == 9 else 80
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(which, arch, d_bucket):
+    """The autotuned kernel for one (kernel, arch, head-dim bucket); a single config when interpreting."""
+    if arch is None:
+        entries = [_INTERPRET_CONFIG[which]]
+    else:
+        entries = _GPU_CONFIGS[arch][which][d_bucket]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in entries]
+    return triton.autotune(configs=configs, key=_TUNE_KEYS)(_KERNELS[which])
+
+
+def _kernel(which, device, block_d):
+    arch = None if _utils.interpreting() else _arch(device)
+    return _tuned(which, arch, _d_bucket(block_d))
+
+
+def _tune_key(max_q, max_k):
+    """Length bucket for the autotune cache: log2 of each max length (retune per power of two, not per length)."""
+    return max(max_q, 1).bit_length() * 64 + max(max_k, 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _seq_strides(t, varlen):
+    """(batch, token, head) element strides; batch stride 0 for packed varlen tensors."""
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _lse_strides(lse, varlen):
+    """(batch, head, token) strides of an lse-shaped tensor: [B, H, N] or varlen [H, T]."""
+    return (0, lse.stride(0), lse.stride(1)) if varlen else (lse.stride(0), lse.stride(1), lse.stride(2))
+
+
+def _alibi_strides(alibi):
+    if alibi is None:
+        return 0, 0
+    return (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1))
+
+
+def _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right):
+    """(Alibi, CuQ, CuK), keyword arguments and constexprs shared by the forward, dK/dV and dQ kernels."""
+    varlen = cu_q is not None
+    head_dim = q.shape[-1]
+    dummy = q  # stands in for absent optional pointers (never dereferenced)
+    ptrs = (alibi if alibi is not None else dummy, cu_q if varlen else dummy, cu_k if varlen else dummy)
+    sa = _alibi_strides(alibi)
+    args = dict(stride_ab=sa[0], stride_ah=sa[1], Nq=max_q, Nk=max_k)
+    if softcap > 0:
+        args.update(qk_scale=scale / softcap, softcap2=softcap * LOG2E)
+    else:
+        args.update(qk_scale=scale * LOG2E, softcap2=0.0)
+    args.update(win_left=max(left, 0), win_right=max(right, 0), tune_key=_tune_key(max_q, max_k))
+    consts = dict(GROUP=q.shape[-2] // k.shape[-2], HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+                  IS_VARLEN=varlen, BOTTOM_RIGHT=bool(bottom_right), MASK_LEFT=left >= 0, MASK_RIGHT=right >= 0,
+                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
+                  UPCAST=_utils.interpreting() and q.dtype == torch.bfloat16)
+    return ptrs, args, consts
+
+
+def _grid_dims(q, k, cu_q, max_q, max_k):
+    varlen = cu_q is not None
+    batch = cu_q.shape[0] - 1 if varlen else q.shape[0]
+    return batch, q.shape[-2], k.shape[-2]
+
+
+def _zero_varlen_tail(x, y, lse, cu, total):
+    """Outputs of packed tokens past cu[-1] (no sequence): 0 (lse -inf). A no-op when cu[-1] == total."""
+    if total == 0:
+        return
+    block_t = 64
+    yy = y if y is not None else x
+    sl = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    _zero_tail[(triton.cdiv(total, block_t),)](
+        x, yy, lse if lse is not None else x, cu, cu.shape[0] - 1, total, x.shape[1],
+        x.stride(0), x.stride(1), yy.stride(0), yy.stride(1), sl[0], sl[1],
+        HEAD_DIM=x.shape[-1], BLOCK_T=block_t, BLOCK_D=_block_d(x.shape[-1]),
+        HAS_Y=y is not None, HAS_LSE=lse is not None)
+
+
+def _forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right):
+    """(out like q, contiguous; lse fp32 [B, Hq, Nq] or [Hq, total_q], natural log)."""
+    varlen = cu_q is not None
+    batch, hq, _ = _grid_dims(q, k, cu_q, max_q, max_k)
+    out = _utils.empty(q.shape, q.dtype, q.device)
+    lse_shape = (hq, q.shape[0]) if varlen else (batch, hq, q.shape[1])
+    lse = _utils.empty(lse_shape, torch.float32, q.device)
+    if varlen:
+        _zero_varlen_tail(out, None, lse, cu_q, q.shape[0])
+    if out.numel() == 0 or max_q == 0 or batch == 0:
+        return out, lse
+    ptrs, args, consts = _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right)
+    sq, sk, sv, so = (_seq_strides(t, varlen) for t in (q, k, v, out))
+    kernel = _kernel("fwd", q.device, consts["BLOCK_D"])
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
+    kernel[grid](q, k, v, out, lse, *ptrs, *sq, *sk, *sv, *so, *_lse_strides(lse, varlen), **args, **consts)
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
+              bottom_right):
+    """(dq, dk, dv), contiguous, shaped like q, k, v."""
+    varlen = cu_q is not None
+    batch, hq, hkv = _grid_dims(q, k, cu_q, max_q, max_k)
+    dq = _utils.empty(q.shape, q.dtype, q.device)
+    dk = _utils.empty(k.shape, k.dtype, k.device)
+    dv = _utils.empty(v.shape, v.dtype, v.device)
+    if varlen:
+        _zero_varlen_tail(dq, None, None, cu_q, q.shape[0])
+        _zero_varlen_tail(dk, dv, None, cu_k, k.shape[0])
+    if batch == 0 or q.numel() == 0 or k.numel() == 0:
+        if not varlen:  # nothing to attend: every gradient is 0
+            for t in (dq, dk, dv):
+                t.zero_()
+        return dq, dk, dv
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    if dlse is not None and dlse.dtype != torch.float32:
+        dlse = dlse.float()
+    head_dim = q.shape[-1]
+    block_d = _block_d(head_dim)
+    delta = _utils.empty(lse.shape, torch.float32, q.device)
+    sl, sdo = _lse_strides(lse, varlen), _seq_strides(dout, varlen)
+    if max_q > 0:
+        block_pre = 64
+        _attn_bwd_preprocess[(triton.cdiv(max_q, block_pre), hq, batch)](
+            out, dout, dlse if dlse is not None else lse, delta, cu_q if varlen else lse,
+            *_seq_strides(out, varlen), *sdo, *sl,
+            *(_lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0)), max_q,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_pre, IS_VARLEN=varlen, HAS_DLSE=dlse is not None)
+    ptrs, args, consts = _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right)
+    args["sm_scale"] = scale
+    sq, sk, sv = (_seq_strides(t, varlen) for t in (q, k, v))
+    if max_k > 0:
+        kernel = _kernel("dkdv", q.device, block_d)
+        grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), hkv, batch)  # noqa: E731
+        kernel[grid](q, k, v, dout, lse, delta, dk, dv, *ptrs, *sq, *sk, *sv, *sdo, *_seq_strides(dk, varlen),
+                     *_seq_strides(dv, varlen), *sl, **args, **consts)
+    if max_q > 0:
+        kernel = _kernel("dq", q.device, block_d)
+        grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
+        kernel[grid](q, k, v, dout, lse, delta, dq, *ptrs, *sq, *sk, *sv, *sdo, *_seq_strides(dq, varlen), *sl,
+                     **args, **consts)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops (torch.compile sees opaque ops with fake implementations) and autograd
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("tileformer_triton::flash_attn_fwd", mutates_args=())
+def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
+                   cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
+                   max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                   bottom_right: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse). Dense when cu_seqlens_* are None. window_* = -1: unbounded (causal = right 0)."""
+    return _forward(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    softmax_scale, window_left, window_right, softcap, bottom_right)
+
+
+@flash_attn_fwd.register_fake
+def _flash_attn_fwd_fake(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         softmax_scale, window_left, window_right, softcap, bottom_right):
+    if cu_seqlens_q is not None:
+        lse_shape = (q.shape[1], q.shape[0])
+    else:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("tileformer_triton::flash_attn_bwd", mutates_args=())
+def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, dlse: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
+                   cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
+                   max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                   bottom_right: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of flash_attn_fwd given dout (and dlse, the gradient of lse, if any)."""
+    return _backward(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                     max_seqlen_k, softmax_scale, window_left, window_right, softcap, bottom_right)
+
+
+@flash_attn_bwd.register_fake
+def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, softmax_scale, window_left, window_right, softcap, bottom_right):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, alibi, cu_q, cu_k, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, alibi, cu_q, cu_k)
+    ctx.params = params
+    ctx.set_materialize_grads(False)
+
+
+def _flash_attn_fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, alibi, cu_q, cu_k = ctx.saved_tensors
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
+    dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, *ctx.params)
+    return (dq, dk, dv) + (None,) * 10
+
+
+torch.library.register_autograd("tileformer_triton::flash_attn_fwd", _flash_attn_fwd_backward,
+                                setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend entry points (canonical signatures of transformer/attention.py)
+# ---------------------------------------------------------------------------------------------
+
+def _check(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in _HALF:
+            raise TypeError(f"{name} must be float16 or bfloat16 for the Triton kernel, got {t.dtype}")
+        if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def _window(causal, window_size, max_q, max_k):
+    """(left, right) for the kernel: causal folded into right = 0; windows wider than any sequence -> -1."""
+    left, right = window_size
+    if causal:
+        right = 0
+    wide = max_q + max_k
+    return (-1 if left >= wide else left), (-1 if right >= wide else right)
+
+
+def flash_attention(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, deterministic,
+                    return_lse, causal_align):
+    """Dense flash attention (backend "triton"). deterministic: always true here (no atomics)."""
+    _check(q, k, v)
+    nq, nk = q.shape[1], k.shape[1]
+    left, right = _window(causal, window_size, nq, nk)
+    out, lse = flash_attn_fwd(q, k, v, alibi_slopes, None, None, nq, nk, float(softmax_scale), left, right,
+                              float(softcap), causal_align == "bottom_right")
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
+                           softmax_scale, window_size, alibi_slopes, softcap, deterministic, return_lse,
+                           causal_align):
+    """Packed variable-length flash attention (backend "triton"); lse is [Hq, total_q]."""
+    _check(q, k, v)
+    left, right = _window(causal, window_size, max_seqlen_q, max_seqlen_k)
+    out, lse = flash_attn_fwd(q, k, v, alibi_slopes, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                              int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale), left, right,
+                              float(softcap), causal_align == "bottom_right")
+    return (out, lse) if return_lse else out
