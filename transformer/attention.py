@@ -55,8 +55,12 @@ def _torch_supports(call):
 
 
 def _triton_supports(call):
+    """Limits of triton_kernels/attention.py beyond what _describe checks (head dim 1..256, Hq % Hkv == 0,
+    contiguous last dim): fp16/bf16 only; on a GPU, compute capability >= 8.0 (bf16, tuned configs)."""
     if call["dtype"] not in _checks.HALF_DTYPES:
         return f"the Triton kernel takes fp16/bf16 inputs, got {call['dtype']}"
+    if call["device"].type == "cuda" and torch.cuda.get_device_capability(call["device"]) < (8, 0):
+        return "the Triton kernel needs a GPU of compute capability >= 8.0"
     return None
 
 
@@ -65,6 +69,7 @@ backends.register_op("flash_attention_varlen", _describe_varlen, order=("triton"
 for _op in ("flash_attention", "flash_attention_varlen"):
     backends.register_impl(_op, "reference", f"transformer._impl_reference:{_op}")
     backends.register_impl(_op, "torch", f"transformer._impl_torch:{_op}", _torch_supports)
+    backends.register_impl(_op, "triton", f"triton_kernels.attention:{_op}", _triton_supports)
 
 
 # --- public functions -----------------------------------------------------------------------------
