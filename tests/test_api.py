@@ -278,3 +278,24 @@ def test_torch_backend_decode(page_size, dtype):
                                       window_size=(20, -1), compute_dtype=None)
     assert_close(out, ref, lowp, atol=1e-5 if dtype == torch.float32 else 1e-3)
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+
+
+def test_first_call_inside_torch_compile_has_no_graph_break():
+    """The dispatcher's lazy imports run eagerly under tracing: fullgraph works on a cold process."""
+    code = """
+import torch, transformer
+q, k = torch.randn(2, 16, 4, 32), torch.randn(2, 16, 2, 32)
+x, w = torch.randn(4, 64), torch.randn(64)
+kc, lens = torch.randn(2, 32, 2, 32), torch.tensor([5, 9], dtype=torch.int32)
+def f(q, k, x, w, kc, lens):
+    a = transformer.flash_attention(q, k, k, causal=True)
+    b = transformer.rms_norm(x, w)
+    c = transformer.decode_attention(q[:, :1], kc, kc, lens)
+    return a, b, c
+got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, x, w, kc, lens)
+want = f(q, k, x, w, kc, lens)
+assert all(torch.allclose(g, w_) for g, w_ in zip(got, want))
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

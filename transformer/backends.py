@@ -41,6 +41,15 @@ __all__ = ["BACKENDS", "available", "explain", "select", "dispatch", "register_o
 # What this machine can run
 # ---------------------------------------------------------------------------------------------
 
+def _constant_under_compile(fn):
+    """torch.compiler.assume_constant_result without importing torch._dynamo (which imports triton).
+
+    Dynamo runs such a function eagerly while tracing and bakes in its (constant) result, so the lazy
+    imports below may happen inside a compiled region without a graph break."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _env_flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
@@ -55,17 +64,24 @@ def emulating_cuda() -> bool:
     return _env_flag("TILEFORMER_EMULATE_CUDA")
 
 
-_module_cache: dict = {}
+_import_errors: dict = {}
+
+
+@_constant_under_compile
+def _import_error(name: str) -> str:
+    """Import a module once; "" if it worked, else why not. Runs eagerly under torch.compile tracing."""
+    if name not in _import_errors:
+        try:
+            importlib.import_module(name)
+            _import_errors[name] = ""
+        except Exception as e:  # ImportError, or an extension built against another torch
+            _import_errors[name] = f"{name} could not be imported ({type(e).__name__}: {e})"
+    return _import_errors[name]
 
 
 def _try_import(name):
-    """Import a module once; returns (module or None, reason)."""
-    if name not in _module_cache:
-        try:
-            _module_cache[name] = (importlib.import_module(name), None)
-        except Exception as e:  # ImportError, or an extension built against another torch
-            _module_cache[name] = (None, f"{name} could not be imported ({type(e).__name__}: {e})")
-    return _module_cache[name]
+    """None if `name` imports, else the reason."""
+    return _import_error(name) or None
 
 
 def _cuda_gpu_reason():
@@ -82,7 +98,7 @@ def _backend_reason(backend: str, device: Optional[torch.device] = None) -> Opti
     if device is not None and device.type not in ("cpu", "cuda"):
         return f"{backend} runs on CUDA tensors only, got device {device}"
     if backend == "triton":
-        _, err = _try_import("triton")
+        err = _try_import("triton")
         if err:
             return err
         if device is None:
@@ -96,14 +112,14 @@ def _backend_reason(backend: str, device: Optional[torch.device] = None) -> Opti
     if backend == "cuda":
         if device is None:
             if emulating_cuda():
-                return _try_import("transformer._C_emu")[1]
-            return _cuda_gpu_reason() or _try_import("transformer._C")[1]
+                return _try_import("transformer._C_emu")
+            return _cuda_gpu_reason() or _try_import("transformer._C")
         if on_cpu:
             if not emulating_cuda():
                 return ("cuda needs CUDA tensors (set TILEFORMER_EMULATE_CUDA=1 to run the kernels on CPU "
                         "tensors through the host emulation)")
-            return _try_import("transformer._C_emu")[1]
-        return _try_import("transformer._C")[1]
+            return _try_import("transformer._C_emu")
+        return _try_import("transformer._C")
     raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
 
 
@@ -129,13 +145,25 @@ def cuda_ops(device: torch.device):
 class _Impl:
     target: str                                       # "package.module:function", imported lazily
     supports: Callable[[dict], Optional[str]]         # call -> None or reason
-    fn: Optional[Callable] = None
 
     def load(self):
-        if self.fn is None:
-            mod, name = self.target.split(":")
-            self.fn = getattr(importlib.import_module(mod), name)
-        return self.fn
+        _load_target(self.target)          # first: dynamo must not read _LOADED before the import ran
+        return _LOADED[self.target]
+
+
+_LOADED: dict = {}
+
+
+@_constant_under_compile
+def _load_target(target: str) -> bool:
+    """Import the function named "module:function" into _LOADED (once).
+
+    assume_constant_result makes torch.compile run this eagerly while tracing a caller, so an op's
+    first call may happen inside a compiled region (fullgraph=True) without a graph break."""
+    if target not in _LOADED:
+        mod, name = target.split(":")
+        _LOADED[target] = getattr(importlib.import_module(mod), name)
+    return True
 
 
 @dataclasses.dataclass
