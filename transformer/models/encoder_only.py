@@ -1,0 +1,142 @@
+"""BERT-style encoder: learned positions, bidirectional self-attention with a key-padding mask, post-norm
+(pre-norm optional) GELU blocks and a masked-language-model head tied to the token embeddings.
+
+Padded batches run through ``padded_attention`` (varlen kernels where available): each row's tokens must form
+one run (right, left or both-sided padding); the keys outside the run are never read.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.attention import Attention
+from ..sdpa import key_run_bounds
+from .layers import MLP, make_norm, norm
+
+__all__ = ["EncoderOnlyConfig", "EncoderOnly"]
+
+
+@dataclasses.dataclass
+class EncoderOnlyConfig:
+    vocab_size: int = 30522
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    hidden_dim: int = 3072
+    max_seq_len: int = 512
+    dropout: float = 0.1
+    norm_eps: float = 1e-12
+    pre_norm: bool = False
+    pad_token_id: int = 0
+
+    PRESETS = {
+        "bert-base": dict(),
+        "bert-large": dict(dim=1024, n_layers=24, n_heads=16, hidden_dim=4096),
+        "tiny": dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=128, dropout=0.0),
+    }
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "EncoderOnlyConfig":
+        """"bert-base", "bert-large" (shapes of the BERT paper) and "tiny" (tests)."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"name must be one of {sorted(cls.PRESETS)}, got {name!r}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    def __post_init__(self):
+        for f in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{f} must be an int >= 1, got {v!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def num_params(self) -> int:
+        """Parameter count of EncoderOnly(self) (MLM decoder tied to the embeddings; its bias counted)."""
+        d, f = self.dim, self.hidden_dim
+        layer = (4 * d * d + 4 * d) + (2 * d * f + f + d) + 2 * 2 * d
+        emb = self.vocab_size * d + self.max_seq_len * d + 2 * d
+        head = d * d + d + 2 * d + self.vocab_size
+        return emb + self.n_layers * layer + head + (2 * d if self.pre_norm else 0)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg, backend):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.attn = Attention(cfg.dim, cfg.n_heads, causal=False, rope_theta=None, bias=True, backend=backend)
+        self.mlp = MLP(cfg.dim, cfg.hidden_dim, "gelu", bias=True)
+        self.norm1 = make_norm("layer", cfg.dim, cfg.norm_eps)
+        self.norm2 = make_norm("layer", cfg.dim, cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, attn_kw):
+        if self.pre_norm:
+            x = x + self.drop(self.attn(norm(self.norm1, x), **attn_kw))
+            return x + self.drop(self.mlp(norm(self.norm2, x)))
+        x = norm(self.norm1, self.drop(self.attn(x, **attn_kw)), residual=x)
+        return norm(self.norm2, self.drop(self.mlp(x)), residual=x)
+
+
+class EncoderOnly(nn.Module):
+    """forward(input_ids [B, N], attention_mask=None) -> MLM logits [B, N, vocab].
+
+    attention_mask: [B, N] (1/True = token, 0/False = padding); each row's tokens must be one run.
+    """
+
+    def __init__(self, config: EncoderOnlyConfig, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(config, EncoderOnlyConfig):
+            raise TypeError(f"config must be an EncoderOnlyConfig, got {type(config).__name__}")
+        self.config = config
+        d = config.dim
+        self.embed = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_token_id)
+        self.pos_embed = nn.Embedding(config.max_seq_len, d)
+        self.embed_norm = make_norm("layer", d, config.norm_eps)
+        self.drop = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(EncoderBlock(config, backend) for _ in range(config.n_layers))
+        self.final_norm = make_norm("layer", d, config.norm_eps) if config.pre_norm else None
+        self.mlm_dense = nn.Linear(d, d)
+        self.mlm_norm = make_norm("layer", d, config.norm_eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def encode(self, input_ids, attention_mask=None):
+        """Hidden states [B, N, dim]."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64) \
+                or input_ids.dim() != 2:
+            raise ValueError("input_ids must be an integer tensor [B, N]")
+        b, n = input_ids.shape
+        if n > self.config.max_seq_len:
+            raise ValueError(f"input_ids has {n} tokens, more than max_seq_len ({self.config.max_seq_len})")
+        attn_kw = {}
+        if attention_mask is not None:
+            if attention_mask.shape != (b, n):
+                raise ValueError(f"attention_mask must have shape [B, N]=[{b}, {n}], got {tuple(attention_mask.shape)}")
+            start, end, ok = key_run_bounds(attention_mask.bool())
+            if not ok:
+                raise ValueError("attention_mask must mark one contiguous run of tokens per row (padding at the ends)")
+            if bool((start != 0).any()):
+                raise ValueError("attention_mask: left padding is not supported by EncoderOnly; pad on the right")
+            attn_kw["key_lengths"] = end
+        x = self.embed(input_ids) + self.pos_embed(torch.arange(n, device=input_ids.device))
+        x = self.drop(norm(self.embed_norm, x))
+        for layer in self.layers:
+            x = layer(x, attn_kw)
+        return norm(self.final_norm, x) if self.final_norm is not None else x
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.encode(input_ids, attention_mask)
+        h = norm(self.mlm_norm, F.gelu(self.mlm_dense(h)))
+        return h @ self.embed.weight.t() + self.mlm_bias
