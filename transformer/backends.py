@@ -146,23 +146,28 @@ class _Impl:
     target: str                                       # "package.module:function", imported lazily
     supports: Callable[[dict], Optional[str]]         # call -> None or reason
 
+    slot: list = dataclasses.field(default_factory=lambda: [None])   # [the imported function]
+
     def load(self):
-        _load_target(self.target)          # first: dynamo must not read _LOADED before the import ran
-        return _LOADED[self.target]
+        # Import first, then read the slot: under torch.compile, dynamo must not look into the slot
+        # before the (eagerly run) import has filled it.
+        _load_target(self.target)
+        return self.slot[0]
 
 
-_LOADED: dict = {}
+_SLOTS: dict = {}
 
 
 @_constant_under_compile
 def _load_target(target: str) -> bool:
-    """Import the function named "module:function" into _LOADED (once).
+    """Import the function named "module:function" into its slot (once).
 
-    assume_constant_result makes torch.compile run this eagerly while tracing a caller, so an op's
+    Marked constant for torch.compile, so dynamo runs it eagerly while tracing a caller and an op's
     first call may happen inside a compiled region (fullgraph=True) without a graph break."""
-    if target not in _LOADED:
+    slot = _SLOTS[target]
+    if slot[0] is None:
         mod, name = target.split(":")
-        _LOADED[target] = getattr(importlib.import_module(mod), name)
+        slot[0] = getattr(importlib.import_module(mod), name)
     return True
 
 
@@ -185,7 +190,9 @@ def register_op(op: str, describe: Callable[..., dict], order=DEFAULT_ORDER):
 def register_impl(op: str, backend: str, target: str, supports: Optional[Callable[[dict], Optional[str]]] = None):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _OPS[op].impls[backend] = _Impl(target=target, supports=supports or (lambda call: None))
+    impl = _Impl(target=target, supports=supports or (lambda call: None))
+    impl.slot = _SLOTS.setdefault(target, impl.slot)   # one slot per target, shared by ops that reuse it
+    _OPS[op].impls[backend] = impl
 
 
 def _reject_reason(op: _Op, backend: str, call: dict, auto: bool) -> Optional[str]:
