@@ -1,16 +1,27 @@
-// Torch side of the GPU extension transformer._C: input checks, allocation, dtype dispatch and op
-// registration under the torch library namespace `tileformer` (torch.ops.tileformer.*).
-// Kernels and their launchers live in .cu/.cuh files that include no torch header.
-#include <torch/extension.h>
+// The only torch-facing C++ of the project: op schemas and implementations, one binding header per op.
+// Compiled twice (see common/bindings.h): for the GPU extension transformer._C (torch.ops.tileformer,
+// CUDA key) and, through emu_bindings.cpp, for the CPU-emulated transformer._C_emu
+// (torch.ops.tileformer_emu, CPU key). Python fakes and autograd: transformer/_cuda/.
+#include "common/bindings.h"
 
-// Op schemas are declared here, implementations for the CUDA dispatch key below. Each op's Python
-// fake (meta) implementation is registered in transformer/_cuda_ops.py so torch.compile can trace it.
-TORCH_LIBRARY(tileformer, m) {
+#include "selftest/selftest_bindings.h"
+
+TF_LIBRARY(m) {
+  tf::selftest_bindings::define(m);
 }
 
-TORCH_LIBRARY_IMPL(tileformer, CUDA, m) {
+TF_LIBRARY_IMPL(m) {
+  tf::selftest_bindings::impl(m);
 }
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "tileformer CUDA kernels (ops registered under torch.ops.tileformer)";
+// A plain Python module: importing it runs the registrations above.
+#define TF_STR_(x) #x
+#define TF_STR(x) TF_STR_(x)
+#define TF_CAT_(a, b) a##b
+#define TF_CAT(a, b) TF_CAT_(a, b)
+
+PyMODINIT_FUNC TF_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, TF_STR(TORCH_EXTENSION_NAME),
+                            "tileformer CUDA kernels (ops registered in torch.ops." TF_STR(TF_NS) ")", -1, nullptr};
+  return PyModule_Create(&def);
 }

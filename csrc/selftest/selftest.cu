@@ -1,0 +1,36 @@
+// Launchers of the self-test kernels (compiled by nvcc for the GPU, by g++ for the emulator).
+#include "selftest/selftest.h"
+
+#include "common/launch.h"
+#include "selftest/selftest.cuh"
+
+namespace tf::selftest {
+
+void mma_tile(DType dtype, const void* A, const void* B, const float* C, float* D, bool a_trans, bool b_trans,
+              int variant, bool skip_wait, cudaStream_t stream) {
+  const size_t smem = (256 + 128) * 2;
+  if (dtype == DType::f16)
+    launch(mma_tile_kernel<__half>, dim3(1), dim3(32), smem, stream, static_cast<const __half*>(A),
+           static_cast<const __half*>(B), C, D, int(a_trans), int(b_trans), variant, int(skip_wait));
+  else
+    launch(mma_tile_kernel<__nv_bfloat16>, dim3(1), dim3(32), smem, stream, static_cast<const __nv_bfloat16*>(A),
+           static_cast<const __nv_bfloat16*>(B), C, D, int(a_trans), int(b_trans), variant, int(skip_wait));
+}
+
+void warp_ops(const int* x, int* out, int n, int width, cudaStream_t stream) {
+  launch(warp_ops_kernel, dim3(1), dim3(n), 0, stream, x, out, width);
+}
+
+#ifdef TILEFORMER_EMULATE
+void neighbour(float* out, int blocks, int threads, bool with_barrier, float base) {
+  launch(neighbour_kernel, dim3(blocks), dim3(threads), 0, nullptr, out, int(with_barrier), base);
+}
+
+void divergent(int* out, int threads, int mode) {
+  launch(divergent_kernel, dim3(1), dim3(threads), 0, nullptr, out, mode);
+}
+
+void emu_set_schedule(bool random, uint64_t seed) { emu::set_schedule(random, seed); }
+#endif
+
+}  // namespace tf::selftest

@@ -1,0 +1,21 @@
+// Launchers of the self-test kernels (selftest/selftest.cu); see selftest/selftest.cuh.
+#pragma once
+
+#include "common/types.h"
+
+namespace tf::selftest {
+
+// D[16][8] = A @ B + C in fp32; A, B fp16 or bf16 (layouts: see mma_tile_kernel).
+void mma_tile(DType dtype, const void* A, const void* B, const float* C, float* D, bool a_trans, bool b_trans,
+              int variant, bool skip_wait, cudaStream_t stream);
+// out[n * 10] from x[n] (n threads, one block); see warp_ops_kernel.
+void warp_ops(const int* x, int* out, int n, int width, cudaStream_t stream);
+
+#ifdef TILEFORMER_EMULATE
+void neighbour(float* out, int blocks, int threads, bool with_barrier, float base);
+void divergent(int* out, int threads, int mode);
+// Scheduling of the emulated threads for the next launches (common/emu.h): random order or in order.
+void emu_set_schedule(bool random, uint64_t seed);
+#endif
+
+}  // namespace tf::selftest
