@@ -121,6 +121,18 @@ def sass_markers(binary_path):
     return {k: len(re.findall(p, text)) for k, p in SASS_MARKERS.items()}
 
 
+def sass_markers_by_kernel(binary_path):
+    """{mangled kernel name: {marker: count}} from the SASS of a cubin (cuobjdump from the triton wheel)."""
+    res = subprocess.run([_triton_bin("cuobjdump"), "-sass", binary_path], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"cuobjdump -sass {binary_path} failed: {res.stderr[-1000:]}")
+    out = {}
+    for chunk in re.split(r"^\s*Function : ", res.stdout, flags=re.M)[1:]:
+        name, _, body = chunk.partition("\n")
+        out[name.strip()] = {k: len(re.findall(p, body)) for k, p in SASS_MARKERS.items()}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton
 # ---------------------------------------------------------------------------------------------
@@ -230,12 +242,12 @@ def nvcc_report(sources=None, archs=ARCHS):
     for src in sources if sources is not None else cuda_sources():
         for arch in archs:
             log, cubin = _nvcc_compile(src, arch, digest)
-            markers = sass_markers(cubin)
+            markers = sass_markers_by_kernel(cubin)
             for name, s in parse_ptxas_log(log).items():
                 out.append(KernelStats(name=f"{os.path.basename(src)}:{_demangle_short(name)}", arch=arch,
                                        registers=s["registers"], spill_stores=s["spill_stores"],
                                        spill_loads=s["spill_loads"], local_bytes=s["stack"] + s["lmem"],
-                                       smem=s["smem"], instructions=markers))
+                                       smem=s["smem"], instructions=markers.get(name, {})))
     return out
 
 

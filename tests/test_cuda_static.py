@@ -1,0 +1,51 @@
+"""Static checks of the GPU build of the CUDA C++ kernels (no GPU needed).
+
+Every csrc/**/*.cu is compiled with nvcc for sm_80 and sm_90a with ptxas -v (benchmarks.kernel_report
+.nvcc_report; results cached by a hash of csrc/). Every kernel must have 0 spills and 0 local memory;
+the tensor-core kernels listed in TENSOR_CORE_KERNELS must contain HMMA in their sm_80 SASS.
+"""
+import os
+
+import pytest
+
+from benchmarks import kernel_report
+
+pytestmark = pytest.mark.static
+
+# (source file, substring of the demangled kernel name) of kernels that must use tensor cores.
+TENSOR_CORE_KERNELS = [
+    ("selftest.cu", "mma_tile_kernel<__half>"),
+    ("selftest.cu", "mma_tile_kernel<__nv_bfloat16>"),
+]
+
+
+@pytest.fixture(scope="module")
+def report():
+    if not os.path.exists(kernel_report._nvcc()):
+        pytest.skip(f"nvcc not found at {kernel_report._nvcc()} (set CUDA_HOME)")
+    stats = kernel_report.nvcc_report()
+    print("\n" + kernel_report.format_table(stats))
+    return stats
+
+
+def test_every_cu_file_compiles_with_kernels(report):
+    sources = {os.path.basename(s) for s in kernel_report.cuda_sources()}
+    seen = {s.name.split(":", 1)[0] for s in report}
+    assert sources <= seen, f"no kernel reported for {sorted(sources - seen)}"
+    for arch in kernel_report.ARCHS:
+        assert any(s.arch == arch for s in report), f"nothing compiled for sm_{arch}"
+
+
+def test_no_spills_no_local_memory(report):
+    bad = [f"{s.name} sm_{s.arch}: {s.registers} regs, spills {s.spill_stores}/{s.spill_loads} B, "
+           f"local {s.local_bytes} B" for s in report if s.spills or s.local_bytes]
+    assert not bad, "kernels with spills or local memory:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("source,kernel", TENSOR_CORE_KERNELS, ids=[k for _, k in TENSOR_CORE_KERNELS])
+def test_tensor_core_kernels_use_hmma(report, source, kernel):
+    hits = [s for s in report if s.arch == 80 and s.name.startswith(source + ":") and kernel in s.name]
+    assert hits, f"{kernel} not found in {source} (kernels: {[s.name for s in report if s.arch == 80]})"
+    for s in hits:
+        assert s.instructions.get("HMMA", 0) > 0, f"{s.name}: no HMMA in the sm_80 SASS ({s.instructions})"
+        assert s.instructions.get("LDSM", 0) > 0, f"{s.name}: no LDSM (ldmatrix) in the sm_80 SASS"
