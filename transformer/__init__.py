@@ -7,6 +7,9 @@ Public API (all ops take ``backend="auto" | "cuda" | "triton" | "torch" | "refer
     transformer.decode_attention(q, k_cache, v_cache, cache_seqlens, ...)   # KV-cache decode, paged or not
     transformer.layer_norm(x, weight, bias, eps, residual=..., prenorm=...)
     transformer.rms_norm(x, weight, eps, residual=..., prenorm=...)
+    transformer.scaled_dot_product_attention(query, key, value, ...)   # drop-in for F.scaled_dot_product_attention
+    transformer.MultiheadAttention / transformer.Attention                # modules; transformer.models: the models
+    transformer.generate(model, input_ids, max_new_tokens, ...)          # KV-cache generation
 
 Importing this package never touches a GPU, Triton or the compiled extension.
 """
@@ -14,8 +17,13 @@ from . import backends, reference
 from .attention import flash_attention, flash_attention_varlen
 from .decode import decode_attention
 from .norms import layer_norm, rms_norm
+from .sdpa import scaled_dot_product_attention
+from .kv_cache import KVCache
+from .nn.attention import Attention, MultiheadAttention
+from .generate import generate
 
 __version__ = "0.1.0"
 
 __all__ = ["backends", "reference", "flash_attention", "flash_attention_varlen", "decode_attention",
-           "layer_norm", "rms_norm"]
+           "layer_norm", "rms_norm", "scaled_dot_product_attention", "Attention", "MultiheadAttention", "KVCache",
+           "generate"]
