@@ -106,12 +106,14 @@ def _decode_split_kv(
     qk_scale,                                 # softmax_scale * log2(e), or softmax_scale with SOFTCAP
     softcap,
     window_left, window_right,                # >= 0 where HAS_LEFT / HAS_RIGHT (causal = right 0)
-    Sq, D,
+    Sq,
     group,                                    # Hq // Hkv
     num_appended,                             # Sq when k/v were appended, else 0
     capacity, page_size, num_splits,
+    HEAD_DIM: tl.constexpr,
     PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
+    ALIGNED: tl.constexpr,                    # cache rows start on 16 bytes: vector loads (host-checked)
     SPLIT: tl.constexpr,                      # write partials (num_splits > 1) or the final result
     UPCAST: tl.constexpr,                     # interpreter only: bf16 -> fp32 right after loads
     M_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -130,7 +132,7 @@ def _decode_split_kv(
     h_q = h_kv * group + g
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    d_ok = offs_d < HEAD_DIM
 
     # Keys visible to some query of this sequence: [lo, n). Query i sits at position n - Sq + i.
     n = tl.load(CacheSeqlens + b) + num_appended
@@ -168,7 +170,12 @@ def _decode_split_kv(
             k_row = b.to(tl.int64) * stride_kb + cols.to(tl.int64) * stride_ks
             v_row = b.to(tl.int64) * stride_vb + cols.to(tl.int64) * stride_vs
         kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(KCache + k_row[:, None] + k_head + offs_d[None, :], mask=kv_mask, other=0.0)
+        k_ptrs = KCache + k_row[:, None] + k_head + offs_d[None, :]
+        v_ptrs = VCache + v_row[:, None] + v_head + offs_d[None, :]
+        if ALIGNED:
+            k_ptrs = tl.max_contiguous(tl.multiple_of(k_ptrs, [1, 16]), [1, 8])
+            v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 16]), [1, 8])
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale                     # (BLOCK_M, BLOCK_N), log2 units
@@ -187,7 +194,7 @@ def _decode_split_kv(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VCache + v_row[:, None] + v_head + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -199,7 +206,7 @@ def _decode_split_kv(
     row = (b * hq_total + h_q) * Sq + qi                           # flat index into [B, Hq, Sq]
     if SPLIT:
         part = row.to(tl.int64) * num_splits + split
-        tl.store(OutPart + part[:, None] * D + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(OutPart + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
         tl.store(LsePart + part, lse2, mask=row_ok)
     else:
         tl.store(Out + b.to(tl.int64) * stride_ob + qi[:, None] * stride_os + h_q[:, None] * stride_oh
@@ -249,7 +256,9 @@ def _blocks(head_dim, group, sq):
     rows = group * sq
     block_m = min(m_max, max(16, triton.next_power_of_2(rows)))
     block_n = 64 if block_d <= 128 else 32
-    return block_m, triton.cdiv(rows, block_m), block_n, block_d, 4, 2
+    num_warps = 8 if max(block_m, block_n) * block_d >= 64 * 128 else 4
+    num_stages = 3 if block_d <= 128 else 2
+    return block_m, triton.cdiv(rows, block_m), block_n, block_d, num_warps, num_stages
 
 
 @functools.lru_cache(maxsize=None)
@@ -279,6 +288,12 @@ def pick_num_splits(batch, hkv, m_blocks, capacity, block_n, num_sms):
 # ---------------------------------------------------------------------------------------------
 # Launcher (checks, allocation, launch) and the registered custom op
 # ---------------------------------------------------------------------------------------------
+
+def _aligned(head_dim, *caches):
+    """True when every cache row (head_dim contiguous halves) starts on 16 bytes: 128-bit loads are safe."""
+    return head_dim % 8 == 0 and all(c.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in c.stride()[:-1])
+                                     for c in caches)
+
 
 def _launch(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, softmax_scale, causal,
             window_left, window_right, softcap, num_splits):
@@ -331,9 +346,9 @@ def _launch(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt_stride,
         stride_ab, stride_ah, out.stride(0), out.stride(1), out.stride(2),
         qk_scale, softcap if has_softcap else 1.0, max(window_left, 0), max(right, 0),
-        sq, d, group, sq if k is not None else 0, capacity, page_size, num_splits,
-        PAGED=paged, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0, SOFTCAP=has_softcap,
-        ALIBI=alibi_slopes is not None, SPLIT=split, UPCAST=upcast,
+        sq, group, sq if k is not None else 0, capacity, page_size, num_splits,
+        HEAD_DIM=d, PAGED=paged, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0, SOFTCAP=has_softcap,
+        ALIBI=alibi_slopes is not None, ALIGNED=_aligned(d, k_cache, v_cache), SPLIT=split, UPCAST=upcast,
         M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages)
     if split:
@@ -392,10 +407,11 @@ def _split_signature(dtype, paged):
                  "stride_oh"):
         sig[name] = "i32"
     sig.update(qk_scale="fp32", softcap="fp32")
-    for name in ("window_left", "window_right", "Sq", "D", "group", "num_appended", "capacity", "page_size",
+    for name in ("window_left", "window_right", "Sq", "group", "num_appended", "capacity", "page_size",
                  "num_splits"):
         sig[name] = "i32"
-    for name in ("PAGED", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "ALIBI", "SPLIT", "UPCAST", "M_BLOCKS",
+    for name in ("HEAD_DIM", "PAGED", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "ALIBI", "ALIGNED", "SPLIT", "UPCAST",
+                 "M_BLOCKS",
                  "BLOCK_M", "BLOCK_N", "BLOCK_D"):
         sig[name] = "constexpr"
     return sig
@@ -411,7 +427,8 @@ def aot_configs():
               (256, 64, 1, torch.float16, True, True)]
     for d, group, sq, dtype, paged, split in cases:
         block_m, m_blocks, block_n, block_d, warps, stages = _blocks(d, group, sq)
-        consts = dict(PAGED=paged, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, ALIBI=False, SPLIT=split,
+        consts = dict(HEAD_DIM=d, PAGED=paged, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, ALIBI=False,
+                      ALIGNED=d % 8 == 0, SPLIT=split,
                       UPCAST=False, M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
         name = (f"decode_split_kv d{d} g{group} sq{sq} {str(dtype)[6:]} {'paged' if paged else 'contig'}"
                 f"{' split' if split else ''} M{block_m}xN{block_n}")
@@ -419,7 +436,8 @@ def aot_configs():
                               constexprs=consts, num_warps=warps, num_stages=stages))
     # all features on (window, softcap, ALiBi) at the most register-hungry shape
     block_m, m_blocks, block_n, block_d, warps, stages = _blocks(256, 8, 4)
-    consts = dict(PAGED=True, HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, ALIBI=True, SPLIT=True,
+    consts = dict(HEAD_DIM=256, PAGED=True, HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, ALIBI=True,
+                  ALIGNED=True, SPLIT=True,
                   UPCAST=False, M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     cfgs.append(AotConfig(name=f"decode_split_kv d256 g8 sq4 bf16 paged all-features M{block_m}xN{block_n}",
                           kernel=_decode_split_kv, signature=_split_signature(torch.bfloat16, True),
