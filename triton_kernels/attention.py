@@ -332,3 +332,61 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                               int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale), left, right,
                               float(softcap), causal_align == "bottom_right")
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipped configs for the static report (AOT compile for sm_80 / sm_90, no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+_PTR_ARGS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
+_FP32_PTR_ARGS = {"Lse", "Delta", "Alibi"}
+_FLOAT_ARGS = {"qk_scale", "softcap2", "sm_scale"}
+
+
+def _signature(kernel, dtype):
+    t = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    sig = {}
+    for name in kernel.arg_names:
+        if name in _PTR_ARGS:
+            sig[name] = f"*{t}"
+        elif name in _FP32_PTR_ARGS:
+            sig[name] = "*fp32"
+        elif name in ("CuQ", "CuK"):
+            sig[name] = "*i32"
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name.isupper() or name == "UPCAST":
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def aot_configs():
+    """Every (BLOCK_M, BLOCK_N, warps, stages) of _GPU_CONFIGS, for its arch, compiled causal with ALiBi (the
+    masked and unmasked loops, the most registers), plus non-causal / odd head dim / softcap / varlen / bf16
+    variants of the D=128 configs. sm_90 must use wgmma."""
+    cases = []   # (arch, kernel, config, head_dim, dtype, features)
+    causal = dict(MASK_RIGHT=True, HAS_ALIBI=True)
+    for arch, per_kernel in _GPU_CONFIGS.items():
+        for which, per_d in per_kernel.items():
+            for d_bucket, entries in per_d.items():
+                for entry in entries:
+                    cases.append((arch, which, entry, d_bucket, torch.float16, causal))
+            first = per_d[128][0]
+            cases.append((arch, which, first, 128, torch.bfloat16, dict(MASK_LEFT=True, MASK_RIGHT=True,
+                                                                         HAS_SOFTCAP=True, IS_VARLEN=True)))
+            cases.append((arch, which, first, 111, torch.float16, {}))
+    cfgs = []
+    for arch, which, (bm, bn, warps, stages), head_dim, dtype, feats in cases:
+        consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
+                      IS_VARLEN=False, BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False,
+                      HAS_ALIBI=False, UPCAST=False)
+        consts.update(feats)
+        tag = "+".join(k.lower() for k, val in sorted(feats.items()) if val) or "plain"
+        name = f"attn_{which} d{head_dim} {str(dtype)[6:]} {tag} M{bm}xN{bn} w{warps}s{stages}"
+        kernel = _KERNELS[which]
+        cfgs.append(_utils.AotConfig(name=name, kernel=kernel, signature=_signature(kernel, dtype),
+                                     constexprs=consts, num_warps=warps, num_stages=stages, archs=(arch,),
+                                     expect={90: ("wgmma",)} if arch == 90 else {80: ("mma.sync",)}))
+    return cfgs

@@ -86,14 +86,15 @@ def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, cols, offs_m, off
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles lo, lo+BLOCK_M, ... < hi of one query head."""
-    lo64 = lo.to(tl.int64)
-    qt_ptrs = Q_head + lo64 * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]      # Q^T tile
-    do_ptrs = DO_head + lo64 * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]   # dO tile
+    qt_offs = offs_m[None, :] * stride_qm + offs_d[:, None]      # Q^T tile [BLOCK_D, BLOCK_M]
+    do_offs = offs_m[:, None] * stride_dom + offs_d[None, :]     # dO tile [BLOCK_M, BLOCK_D]
+    Q_tile = Q_head + lo.to(tl.int64) * stride_qm               # scalar 64-bit tile pointers
+    DO_tile = DO_head + lo.to(tl.int64) * stride_dom
     d_ok = offs_d < HEAD_DIM
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
         row_ok = rows < seqlen_q
-        qt = _load(qt_ptrs, row_ok[None, :] & d_ok[:, None], True, UPCAST)
+        qt = _load(Q_tile + qt_offs, row_ok[None, :] & d_ok[:, None], True, UPCAST)
         lse = tl.load(L_head + rows * stride_lm, mask=row_ok, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         qkt = tl.dot(k, qt)                                                  # [BLOCK_N, BLOCK_M]
@@ -104,7 +105,7 @@ def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, cols, offs_m, off
                            MASK_LEFT, MASK_RIGHT)
             st = tl.where(vis, st, float("-inf"))
         pt = tl.math.exp2(st - lse2[None, :])
-        do = _load(do_ptrs, row_ok[:, None] & d_ok[None, :], True, UPCAST)
+        do = _load(DO_tile + do_offs, row_ok[:, None] & d_ok[None, :], True, UPCAST)
         dv = tl.dot(_round_to(pt, DO_head.dtype.element_ty, UPCAST), do, dv)
         delta = tl.load(D_head + rows * stride_lm, mask=row_ok, other=0.0)
         dpt = tl.dot(v, tl.trans(do))
@@ -112,8 +113,8 @@ def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, cols, offs_m, off
         if HAS_SOFTCAP:
             dst = dst * (1.0 - tt * tt)
         dk = tl.dot(_round_to(dst, Q_head.dtype.element_ty, UPCAST), tl.trans(qt), dk)
-        qt_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
+        Q_tile += BLOCK_M * stride_qm
+        DO_tile += BLOCK_M * stride_dom
     return dk, dv
 
 
@@ -194,27 +195,28 @@ def _dq_inner(dq, q, do, lse2, delta, K_head, V_head, rows, offs_n, offs_d, lo, 
               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles lo, lo+BLOCK_N, ... < hi."""
-    lo64 = lo.to(tl.int64)
-    kt_ptrs = K_head + lo64 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]      # K^T tile
-    vt_ptrs = V_head + lo64 * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]      # V^T tile
+    kt_offs = offs_n[None, :] * stride_kn + offs_d[:, None]      # K^T tile [BLOCK_D, BLOCK_N]
+    vt_offs = offs_n[None, :] * stride_vn + offs_d[:, None]      # V^T tile [BLOCK_D, BLOCK_N]
+    K_tile = K_head + lo.to(tl.int64) * stride_kn                # scalar 64-bit tile pointers
+    V_tile = V_head + lo.to(tl.int64) * stride_vn
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         tmask = (cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM)
-        kt = _load(kt_ptrs, tmask, MASKED or not EVEN_D, UPCAST)
+        kt = _load(K_tile + kt_offs, tmask, MASKED or not EVEN_D, UPCAST)
         qk = tl.dot(q, kt)
         s, t = _scores(qk, rows[:, None], cols[None, :], off, qk_scale, softcap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
         if MASKED:
             vis = _visible(rows[:, None], cols[None, :], seqlen_k, off, win_left, win_right, MASK_LEFT, MASK_RIGHT)
             s = tl.where(vis, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
-        vt = _load(vt_ptrs, tmask, MASKED or not EVEN_D, UPCAST)
+        vt = _load(V_tile + vt_offs, tmask, MASKED or not EVEN_D, UPCAST)
         dp = tl.dot(do, vt)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(_round_to(ds, K_head.dtype.element_ty, UPCAST), tl.trans(kt), dq)
-        kt_ptrs += BLOCK_N * stride_kn
-        vt_ptrs += BLOCK_N * stride_vn
+        K_tile += BLOCK_N * stride_kn
+        V_tile += BLOCK_N * stride_vn
     return dq
 
 
@@ -235,8 +237,9 @@ def _attn_bwd_dq(
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One program = BLOCK_M queries of one (batch, query head). Grid (cdiv(max Nq, BLOCK_M), Hq, B)."""
-    pid_m = tl.program_id(0)
+    """One program = BLOCK_M queries of one (batch, query head). Grid (cdiv(max Nq, BLOCK_M), Hq, B).
+    The last query tiles (the longest key loops under causal masking) are scheduled first."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k, off = _seq_info(CuQ, CuK, b, Nq, Nk, IS_VARLEN, BOTTOM_RIGHT)

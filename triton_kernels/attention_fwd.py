@@ -147,13 +147,16 @@ def _fwd_inner(acc, l_i, m_i, q, K_head, V_head, rows, offs_n, offs_d, lo, hi,
                MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax over key tiles lo, lo+BLOCK_N, ... < hi (MASKED: tiles crossing a band edge)."""
-    # 64-bit pointers advance tile by tile (a long sequence can exceed 2^31 elements).
-    kt_ptrs = K_head + lo.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]  # K^T tile
-    v_ptrs = V_head + lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]   # V tile
+    # Scalar 64-bit tile pointers advance tile by tile (a long sequence can exceed 2^31 elements);
+    # in-tile offsets are loop-invariant int32 (fewer registers than tensors of pointers).
+    kt_offs = offs_n[None, :] * stride_kn + offs_d[:, None]      # K^T tile [BLOCK_D, BLOCK_N]
+    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :]       # V tile [BLOCK_N, BLOCK_D]
+    K_tile = K_head + lo.to(tl.int64) * stride_kn
+    V_tile = V_head + lo.to(tl.int64) * stride_vn
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         kmask = (cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM)
-        kt = _load(kt_ptrs, kmask, MASKED or not EVEN_D, UPCAST)
+        kt = _load(K_tile + kt_offs, kmask, MASKED or not EVEN_D, UPCAST)
         qk = tl.dot(q, kt)
         s, _ = _scores(qk, rows[:, None], cols[None, :], off, qk_scale, softcap2, slope2, HAS_SOFTCAP, HAS_ALIBI)
         if MASKED:
@@ -168,12 +171,12 @@ def _fwd_inner(acc, l_i, m_i, q, K_head, V_head, rows, offs_n, offs_d, lo, hi,
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         vmask = (cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-        v = _load(v_ptrs, vmask, MASKED or not EVEN_D, UPCAST)
+        v = _load(V_tile + v_offs, vmask, MASKED or not EVEN_D, UPCAST)
         acc = acc * alpha[:, None]
         acc = tl.dot(_round_to(p, V_head.dtype.element_ty, UPCAST), v, acc)
         m_i = m_new
-        kt_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        K_tile += BLOCK_N * stride_kn
+        V_tile += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -196,8 +199,9 @@ def _attn_fwd(
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One program = BLOCK_M query rows of one (batch, query head). Grid (cdiv(max Nq, BLOCK_M), Hq, B)."""
-    pid_m = tl.program_id(0)
+    """One program = BLOCK_M query rows of one (batch, query head). Grid (cdiv(max Nq, BLOCK_M), Hq, B).
+    The last query tiles (the longest key loops under causal masking) are scheduled first."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k, off = _seq_info(CuQ, CuK, b, Nq, Nk, IS_VARLEN, BOTTOM_RIGHT)
