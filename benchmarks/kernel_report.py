@@ -273,8 +273,9 @@ def format_table(stats):
             lines.append(f"{s.name[:58]:<58} sm_{s.arch:<2} ERROR {s.error[:120]}")
             continue
         instr = ", ".join(f"{k}={v}" for k, v in s.instructions.items() if v)
+        occ = f"{s.occupancy():>5.0%}" if s.num_warps else "    -"     # nvcc kernels: block size unknown here
         lines.append(f"{s.name[:58]:<58} sm_{s.arch:<2} {s.registers:>5} {s.spills:>6} {s.local_bytes:>5} "
-                     f"{s.smem / 1024:>8.1f} {s.occupancy():>5.0%}  {instr}")
+                     f"{s.smem / 1024:>8.1f} {occ}  {instr}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,253 @@
+"""Run a sweep: every case x every provider, timed, with derived metrics, a live table and CSV rows.
+
+For each case the inputs are drawn once and shared by all providers. Modes:
+    fwd      the inference forward (inputs do not require grad)
+    bwd      torch.autograd.grad of a saved forward output with a random dout (retain_graph)
+    fwd+bwd  forward then backward, both inside the timed region
+A provider that cannot run a case is reported with its reason; one that raises (or runs out of memory)
+is reported as an error and the sweep goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from . import formulas
+from .cases import Case, make_inputs
+from .harness import Timing, csv_row, time_cpu, time_gpu
+
+REFERENCE_MEMORY_FRACTION = 0.25     # skip the fp32 reference when its intermediates exceed this of free memory
+
+
+@dataclasses.dataclass
+class Measurement:
+    case: Case
+    provider: str
+    kind: str                        # "backend" or "peer"
+    timing: Optional[Timing] = None
+    note: str = ""                   # why there is no timing ("not available: ...", "error: ...", "skipped: ...")
+    speedup_vs_torch: Optional[float] = None
+    speedup_vs_peer: Optional[float] = None
+    best_peer: str = ""
+
+    @property
+    def ok(self):
+        return self.timing is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing one provider on one case
+# ---------------------------------------------------------------------------------------------
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def timed_callable(case: Case, fn, inp):
+    """The callable whose time is the case's: fwd, bwd or fwd+bwd of `fn` (see the module docstring)."""
+    if case.mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return fn()
+        return fwd
+    leaves = inp["grad_inputs"]
+    out = _first(fn())
+    dout = torch.randn_like(out)
+    if case.mode == "bwd":
+        return lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    return lambda: torch.autograd.grad(_first(fn()), leaves, dout)
+
+
+def reference_bytes(case: Case) -> float:
+    """Rough fp32 memory the reference backend needs for its intermediates (bytes)."""
+    p = case.p
+    if case.op == "flash_attention":
+        return p["B"] * p["Hq"] * p["Nq"] * p["Nk"] * 4.0 * (4 if case.mode == "fwd" else 10)
+    if case.op == "decode_attention":
+        return 2 * p["L"] * p["Hq"] * p["D"] * 4.0 * 3
+    return p["M"] * p["N"] * 4.0 * 8
+
+
+def _guard(provider, case, device) -> Optional[str]:
+    if provider.name != "reference" or torch.device(device).type != "cuda":
+        return None
+    need = reference_bytes(case)
+    free, _ = torch.cuda.mem_get_info()
+    if need > REFERENCE_MEMORY_FRACTION * free:
+        return f"skipped: the fp32 reference would hold ~{need / 1e9:.0f} GB of intermediates"
+    return None
+
+
+def measure(case: Case, provider, inp, device, *, cpu_budget_s=0.4) -> Measurement:
+    m = Measurement(case, provider.name, provider.kind)
+    try:
+        reason = provider.unavailable(case, inp, device)
+        if reason:
+            m.note = f"not available: {reason}"
+            return m
+        skip = _guard(provider, case, device)
+        if skip:
+            m.note = skip
+            return m
+        fn = timed_callable(case, provider.build(case, inp), inp)
+        if torch.device(device).type == "cuda":
+            m.timing = time_gpu(fn, flush_l2=case.memory_bound)
+        else:
+            m.timing = time_cpu(fn, budget_s=cpu_budget_s, min_reps=3)
+    except torch.cuda.OutOfMemoryError:
+        m.note = "skipped: out of GPU memory"
+    except Exception as e:  # a kernel failing must not stop the sweep
+        m.note = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if torch.device(device).type == "cuda" and m.timing is None:
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except Exception as e:  # a sticky CUDA error (illegal address...): later cases will say so too
+            m.note += f" (CUDA context: {type(e).__name__})"
+    return m
+
+
+def add_speedups(ms):
+    """Fill speed-up vs torch and vs the fastest peer among the measurements of one case."""
+    by = {m.provider: m for m in ms if m.ok}
+    torch_m = by.get("torch")
+    peers = [m for m in ms if m.ok and m.kind == "peer"]
+    best = min(peers, key=lambda m: m.timing.median) if peers else None
+    for m in ms:
+        if not m.ok:
+            continue
+        if torch_m is not None:
+            m.speedup_vs_torch = torch_m.timing.median / m.timing.median
+        if best is not None and m.kind == "backend":
+            m.speedup_vs_peer = best.timing.median / m.timing.median
+            m.best_peer = best.provider
+
+
+def run_case(case: Case, provs, device, *, seed=0, cpu_budget_s=0.4):
+    """All providers on one case (inputs drawn once); returns the measurements with speed-ups."""
+    try:
+        inp = make_inputs(case, device, requires_grad=case.mode != "fwd", seed=seed)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return [Measurement(case, p.name, p.kind, note="skipped: inputs do not fit in GPU memory") for p in provs]
+    ms = [measure(case, p, inp, device, cpu_budget_s=cpu_budget_s) for p in provs]
+    del inp
+    add_speedups(ms)
+    return ms
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and CSV rows
+# ---------------------------------------------------------------------------------------------
+
+def metrics(m: Measurement, peak):
+    """[(metric, unit, median, p20, p80, note)] of one measurement; p20/p80 of a throughput come from
+    the p80/p20 times (a slower time is a lower throughput)."""
+    c, t = m.case, m.timing
+    if t is None:
+        return [("time", "ms", None, None, None, m.note)]
+    rows = [("time", "ms", t.median, t.p20, t.p80, "")]
+    flops, nbytes = c.flops(), c.bytes()
+    if flops:
+        rows.append(("throughput", "TFLOP/s", formulas.tflops(flops, t.median), formulas.tflops(flops, t.p80),
+                     formulas.tflops(flops, t.p20), ""))
+    rows.append(("bandwidth", "GB/s", formulas.gbps(nbytes, t.median), formulas.gbps(nbytes, t.p80),
+                 formulas.gbps(nbytes, t.p20), ""))
+    floor = formulas.roofline_floor_s(flops, nbytes, peak, c.dtype)
+    if floor:
+        rows.append(("time_over_roofline", "x", formulas.time_over_floor(t.median, floor),
+                     formulas.time_over_floor(t.p20, floor), formulas.time_over_floor(t.p80, floor),
+                     f"floor {floor * 1e3:.4g} ms, {formulas.bound_by(flops, nbytes, peak, c.dtype)}-bound on {peak.name}"))
+    if m.speedup_vs_torch is not None and m.provider != "torch":
+        rows.append(("speedup_vs_torch", "x", m.speedup_vs_torch, None, None, ""))
+    if m.speedup_vs_peer is not None:
+        rows.append(("speedup_vs_best_peer", "x", m.speedup_vs_peer, None, None, m.best_peer))
+    return rows
+
+
+def csv_rows(measurements, info, peak):
+    out = []
+    for m in measurements:
+        for metric, unit, med, p20, p80, note in metrics(m, peak):
+            out.append(csv_row(info, op=m.case.op, backend=m.provider, mode=m.case.mode, shape=m.case.shape,
+                               dtype=m.case.dtype, metric=metric, unit=unit, median=med, p20=p20, p80=p80,
+                               note=note))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminal table
+# ---------------------------------------------------------------------------------------------
+
+HEADER = (f"    {'provider':<12} {'median ms':>10} {'p20-p80 ms':>19} {'TFLOP/s':>8} {'GB/s':>8} "
+          f"{'x floor':>8} {'vs torch':>9} {'vs peer':>8}")
+
+
+def _fmt(x, spec, width):
+    return f"{x:{width}{spec}}" if x is not None else " " * (width - 1) + "-"
+
+
+def format_measurement(m: Measurement, peak) -> str:
+    if not m.ok:
+        return f"    {m.provider:<12} {m.note[:150]}"
+    c, t = m.case, m.timing
+    flops, nbytes = c.flops(), c.bytes()
+    tf = formulas.tflops(flops, t.median) if flops else None
+    floor = formulas.roofline_floor_s(flops, nbytes, peak, c.dtype)
+    over = formulas.time_over_floor(t.median, floor) if floor else None
+    vs_t = f"{m.speedup_vs_torch:8.2f}x" if m.speedup_vs_torch is not None else "        -"
+    vs_p = f"{m.speedup_vs_peer:7.2f}x" if m.speedup_vs_peer is not None else "       -"
+    spread = f"{t.p20:.4g}-{t.p80:.4g}"
+    return (f"    {m.provider:<12} {t.median:>10.4g} {spread:>19} {_fmt(tf, '.1f', 8)} "
+            f"{formulas.gbps(nbytes, t.median):>8.1f} {_fmt(over, '.2f', 8)} {vs_t} {vs_p}")
+
+
+def progress_bar(i, n, started, width=24):
+    done = int(width * i / max(n, 1))
+    el = time.time() - started
+    return f"[{'#' * done}{'.' * (width - done)}] {i}/{n} {el:5.0f}s"
+
+
+def run_sweep(cases, provs, device, peak, *, out=sys.stdout, deadline=None, cpu_budget_s=0.4):
+    """Measure every case, printing a progress bar, the case and one row per provider as it goes.
+
+    Stops early (cases left are reported as not run) when `deadline` (time.time()) passes.
+    """
+    started = time.time()
+    results = []
+    print(HEADER, file=out)
+    for i, case in enumerate(cases):
+        if deadline is not None and time.time() > deadline:
+            print(f"time budget reached: {len(cases) - i} case(s) not run", file=out)
+            break
+        print(f"{progress_bar(i, len(cases), started)}  {case.op} {case.mode} {case.shape} {case.dtype}",
+              file=out, flush=True)
+        ms = run_case(case, provs, device, seed=i, cpu_budget_s=cpu_budget_s)
+        for m in ms:
+            print(format_measurement(m, peak), file=out, flush=True)
+        results.extend(ms)
+    print(f"{progress_bar(len(cases), len(cases), started)}  done", file=out, flush=True)
+    return results
+
+
+def summary(results) -> str:
+    """Per (op, mode, provider): cases measured and the geometric mean speed-up vs torch."""
+    groups = {}
+    for m in results:
+        key = (m.case.op, m.case.mode, m.provider)
+        g = groups.setdefault(key, [0, 0, []])
+        g[0] += 1
+        if m.ok:
+            g[1] += 1
+            if m.speedup_vs_torch is not None:
+                g[2].append(m.speedup_vs_torch)
+    lines = [f"  {'op':<17} {'mode':<8} {'provider':<12} {'measured':>9}  {'geomean vs torch':>16}"]
+    for (op, mode, prov), (n, ok, sp) in groups.items():
+        gm = f"{math.exp(sum(map(math.log, sp)) / len(sp)):.2f}x" if sp else "-"
+        lines.append(f"  {op:<17} {mode:<8} {prov:<12} {ok:>4}/{n:<4}  {gm:>16}")
+    return "\n".join(lines)

@@ -1,0 +1,253 @@
+"""Who can run a case: our backends (through the public API) and optional peer libraries.
+
+A provider answers `unavailable(case, inp, device)` (None, or the reason it cannot run the case) and
+`build(case, inp)` (a zero-argument callable returning the op's differentiable output). Our backends are
+found through transformer.backends: explain() says whether a backend serves a call, so a kernel module that
+is missing or rejects a shape shows up as "not available: <reason>" and never as a crash.
+
+Peers (each optional, imported lazily; never a dependency):
+    flash-attn    flash_attn_func, flash_attn_with_kvcache, flash_attn.ops.triton.layer_norm
+    flash-attn3   flash_attn_interface.flash_attn_func (Hopper)
+    flashinfer    BatchPrefillWithRaggedKVCacheWrapper (fwd), BatchDecodeWithPagedKVCacheWrapper
+    liger         LigerLayerNormFunction, LigerRMSNormFunction
+    apex          fused_layer_norm_affine, fused_rms_norm_affine
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional
+
+import torch
+
+import transformer
+from transformer import backends
+
+from .cases import NORM_EPS, Case
+
+OUR_BACKENDS = tuple(backends.BACKENDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our backends
+# ---------------------------------------------------------------------------------------------
+
+def call_args(case: Case, inp: dict):
+    """(public function, positional args, keyword args) of the op for these inputs."""
+    p = case.p
+    if case.op == "flash_attention":
+        return transformer.flash_attention, (inp["q"], inp["k"], inp["v"]), dict(causal=bool(p["causal"]))
+    if case.op == "decode_attention":
+        return (transformer.decode_attention, (inp["q"], inp["k_cache"], inp["v_cache"], inp["cache_seqlens"]),
+                dict(block_table=inp["block_table"], causal=True))
+    if case.op == "layer_norm":
+        return transformer.layer_norm, (inp["x"], inp["weight"], inp["bias"], NORM_EPS), {}
+    return transformer.rms_norm, (inp["x"], inp["weight"], NORM_EPS), {}
+
+
+def backend_reason(op: str, backend: str, args, kwargs) -> Optional[str]:
+    """None if `backend` can serve op(*args, **kwargs) here, else the dispatcher's reason."""
+    try:
+        text = backends.explain(op, *args, backend=backend, **kwargs)
+    except Exception as e:  # the call itself is invalid: report, do not crash the sweep
+        return f"{type(e).__name__}: {e}"
+    for line in text.splitlines()[2:]:
+        name, _, status = line.strip().partition(":")
+        if name == backend:
+            status = status.strip()
+            if status == "selected":
+                return None
+            return status.split("rejected -- ", 1)[-1]
+    return f"explain() did not mention {backend}"
+
+
+class Backend:
+    kind = "backend"
+
+    def __init__(self, name):
+        self.name = name
+
+    def unavailable(self, case: Case, inp: dict, device) -> Optional[str]:
+        fn, args, kwargs = call_args(case, inp)
+        with torch.set_grad_enabled(bool(inp["grad_inputs"]) and case.mode != "fwd"):
+            return backend_reason(case.op, self.name, args, kwargs)
+
+    def build(self, case: Case, inp: dict) -> Callable:
+        fn, args, kwargs = call_args(case, inp)
+        kwargs = dict(kwargs, backend=self.name)
+        return lambda: fn(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers
+# ---------------------------------------------------------------------------------------------
+
+def _import(name):
+    try:
+        return importlib.import_module(name), None
+    except Exception as e:  # ImportError, or a wheel built for another torch
+        return None, f"{name} not importable ({type(e).__name__}: {str(e)[:120]})"
+
+
+class Peer:
+    """Base class: a peer library that serves some ops on CUDA fp16/bf16 tensors."""
+    kind = "peer"
+    name = "?"
+    module = "?"
+    ops: tuple = ()
+    modes: tuple = ("fwd", "bwd", "fwd+bwd")
+
+    def unavailable(self, case: Case, inp: dict, device) -> Optional[str]:
+        if case.op not in self.ops:
+            return f"{self.name} has no {case.op}"
+        if case.mode not in self.modes:
+            return f"{self.name} has no {case.mode} for {case.op}"
+        if torch.device(device).type != "cuda":
+            return f"{self.name} needs a CUDA GPU"
+        if case.dtype not in ("fp16", "bf16"):
+            return f"{self.name} takes fp16/bf16"
+        return _import(self.module)[1] or self.extra_reason(case)
+
+    def extra_reason(self, case: Case) -> Optional[str]:
+        return None
+
+
+class FlashAttn(Peer):
+    name, module = "flash-attn", "flash_attn"
+    ops = ("flash_attention", "decode_attention", "layer_norm", "rms_norm")
+
+    def extra_reason(self, case):
+        if case.op in ("layer_norm", "rms_norm"):
+            return _import("flash_attn.ops.triton.layer_norm")[1]
+        if case.op == "decode_attention" and case.p["page"] % 256:
+            return "flash_attn_with_kvcache needs pages of a multiple of 256 tokens"
+        return None
+
+    def build(self, case, inp):
+        if case.op == "flash_attention":
+            from flash_attn import flash_attn_func
+            causal = bool(case.p["causal"])
+            return lambda: flash_attn_func(inp["q"], inp["k"], inp["v"], causal=causal)
+        if case.op == "decode_attention":
+            from flash_attn import flash_attn_with_kvcache
+            return lambda: flash_attn_with_kvcache(inp["q"], inp["k_cache"], inp["v_cache"],
+                                                   cache_seqlens=inp["cache_seqlens"],
+                                                   block_table=inp["block_table"], causal=True)
+        from flash_attn.ops.triton.layer_norm import layer_norm_fn, rms_norm_fn
+        if case.op == "layer_norm":
+            return lambda: layer_norm_fn(inp["x"], inp["weight"], inp["bias"], eps=NORM_EPS)
+        return lambda: rms_norm_fn(inp["x"], inp["weight"], None, eps=NORM_EPS)
+
+
+class FlashAttn3(Peer):
+    name, module = "flash-attn3", "flash_attn_interface"
+    ops = ("flash_attention",)
+
+    def build(self, case, inp):
+        from flash_attn_interface import flash_attn_func
+        causal = bool(case.p["causal"])
+
+        def run():
+            out = flash_attn_func(inp["q"], inp["k"], inp["v"], causal=causal)
+            return out[0] if isinstance(out, tuple) else out   # some versions return (out, lse)
+        return run
+
+
+class FlashInfer(Peer):
+    name, module = "flashinfer", "flashinfer"
+    ops = ("flash_attention", "decode_attention")
+    modes = ("fwd",)
+    _workspace = None
+
+    def _ws(self, device):
+        if self._workspace is None or self._workspace.device != device:
+            FlashInfer._workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
+        return self._workspace
+
+    @staticmethod
+    def _plan(wrapper, *args, **kwargs):
+        """wrapper.plan (>= 0.2) or begin_forward (older); q/kv dtype keywords dropped if unknown."""
+        plan = getattr(wrapper, "plan", None) or wrapper.begin_forward
+        try:
+            plan(*args, **kwargs)
+        except TypeError:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("q_data_type", "kv_data_type")}
+            plan(*args, **kwargs)
+        return getattr(wrapper, "run", None) or wrapper.forward
+
+    def build(self, case, inp):
+        import flashinfer
+        p = case.p
+        q = inp["q"]
+        dev = q.device
+        i32 = dict(dtype=torch.int32, device=dev)
+        if case.op == "flash_attention":   # ragged prefill: the batch packed as [B * N, H, D] views
+            b, nq, nk = p["B"], p["Nq"], p["Nk"]
+            w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self._ws(dev), "NHD")
+            run = self._plan(w, torch.arange(b + 1, **i32) * nq, torch.arange(b + 1, **i32) * nk, p["Hq"],
+                             p["Hkv"], p["D"], causal=bool(p["causal"]), q_data_type=q.dtype, kv_data_type=q.dtype)
+            qf, kf, vf = (inp[n].reshape(-1, *inp[n].shape[2:]) for n in ("q", "k", "v"))
+            return lambda: run(qf, kf, vf)
+        # decode: a contiguous [B, L, Hkv, D] cache is a paged cache with one L-token page per sequence
+        b, L = p["B"], p["L"]
+        page = p["page"] or L
+        table = inp["block_table"] if inp["block_table"] is not None else torch.arange(b, **i32)[:, None]
+        per_seq = table.shape[1]
+        last = (L - 1) % page + 1
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._ws(dev), "NHD")
+        run = self._plan(w, torch.arange(b + 1, **i32) * per_seq, table.reshape(-1).contiguous(),
+                         torch.full((b,), last, **i32), p["Hq"], p["Hkv"], p["D"], page,
+                         q_data_type=q.dtype, kv_data_type=q.dtype)
+        q1 = q[:, 0]
+        kv = (inp["k_cache"], inp["v_cache"])
+        return lambda: run(q1, kv)
+
+
+class Liger(Peer):
+    name, module = "liger", "liger_kernel"
+    ops = ("layer_norm", "rms_norm")
+
+    def build(self, case, inp):
+        if case.op == "layer_norm":
+            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+            return lambda: LigerLayerNormFunction.apply(inp["x"], inp["weight"], inp["bias"], NORM_EPS)
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        def run():
+            try:   # (X, W, eps, offset, casting_mode, in_place): keep dout intact between repetitions
+                return LigerRMSNormFunction.apply(inp["x"], inp["weight"], NORM_EPS, 0.0, "llama", False)
+            except TypeError:
+                return LigerRMSNormFunction.apply(inp["x"], inp["weight"], NORM_EPS)
+        return run
+
+
+class Apex(Peer):
+    name, module = "apex", "apex.normalization.fused_layer_norm"
+    ops = ("layer_norm", "rms_norm")
+
+    def build(self, case, inp):
+        from apex.normalization.fused_layer_norm import fused_layer_norm_affine, fused_rms_norm_affine
+        n = (case.p["N"],)
+        if case.op == "layer_norm":
+            return lambda: fused_layer_norm_affine(inp["x"], inp["weight"], inp["bias"], n, NORM_EPS)
+        return lambda: fused_rms_norm_affine(inp["x"], inp["weight"], n, NORM_EPS)
+
+
+PEERS = (FlashAttn(), FlashAttn3(), FlashInfer(), Liger(), Apex())
+
+
+def providers(names=None, *, peers=True):
+    """Our backends (reference, torch, triton, cuda), then the peers; `names` filters by name."""
+    out = [Backend(b) for b in ("reference", "torch", "triton", "cuda")]
+    if peers:
+        out += list(PEERS)
+    if names:
+        unknown = set(names) - {p.name for p in out}
+        if unknown:
+            raise ValueError(f"unknown provider(s) {sorted(unknown)}; known: {[p.name for p in out]}")
+        out = [p for p in out if p.name in names]
+    return out
+
+
+def peer_status():
+    """{peer name: "importable" or why not} (import only; no GPU touched)."""
+    return {p.name: _import(p.module)[1] or "importable" for p in PEERS}
