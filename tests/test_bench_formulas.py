@@ -1,0 +1,294 @@
+"""The benchmark suite's arithmetic: FLOP/byte formulas against hand-computed values, the peak table and
+roofline (including the unknown-GPU path), statistics, the CSV schema, sweeps and the plot writer."""
+import os
+import random
+
+import pytest
+import torch
+
+from benchmarks import bench, cases, correctness, formulas, harness, plots, providers
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs (flash-attn convention) and minimum bytes, by hand
+# ---------------------------------------------------------------------------------------------
+
+def test_attention_flops_by_hand():
+    # 4 * B * H * Nq * Nk * D = 4 * 2 * 3 * 5 * 7 * 11 = 9240
+    assert formulas.attention_flops(2, 3, 5, 7, 11, causal=False) == 9240
+    assert formulas.attention_flops(2, 3, 5, 7, 11, causal=True) == 4620
+    assert formulas.attention_flops(2, 3, 5, 7, 11, causal=False, mode="bwd") == 23100      # x 2.5
+    assert formulas.attention_flops(2, 3, 5, 7, 11, causal=True, mode="fwd+bwd") == 16170   # 4620 x 3.5
+    with pytest.raises(ValueError, match="mode"):
+        formulas.attention_flops(1, 1, 1, 1, 1, False, mode="backward")
+
+
+def test_attention_flops_issue_sweep_point():
+    # B*N = 16k tokens, N = 16384, H = 16, D = 128: 4 * 1 * 16 * 16384^2 * 128 = 2.199e12
+    assert formulas.attention_flops(1, 16, 16384, 16384, 128, False) == pytest.approx(2.1990232555520e12)
+
+
+def test_decode_flops_by_hand():
+    assert formulas.decode_flops(2, 4, 1, 10, 8) == 2560      # 4 * 2 * 4 * 1 * 10 * 8
+
+
+def test_attention_bytes_by_hand():
+    # B=1 Nq=3 Nk=5 Hq=2 Hkv=1 D=4 bf16: q = out = 3*2*4*2 = 48 B, k + v = 2*5*1*4*2 = 80 B, lse = 2*3*4 = 24 B
+    assert formulas.attention_bytes(1, 3, 5, 2, 1, 4, "bf16", "fwd") == 48 + 48 + 80
+    assert formulas.attention_bytes(1, 3, 5, 2, 1, 4, "bf16", "bwd") == 4 * 48 + 2 * 80 + 24
+    assert formulas.attention_bytes(1, 3, 5, 2, 1, 4, "bf16", "fwd+bwd") == 176 + 24 + 376
+    assert formulas.attention_bytes(1, 3, 5, 2, 1, 4, torch.float32, "fwd") == 2 * 176
+
+
+def test_decode_bytes_by_hand():
+    # B=2 Sq=1 Hq=4 Hkv=2 D=8 L=10 fp16: q + out = 2*2*1*4*8*2 = 256, K + V = 2*2*10*2*8*2 = 1280, seqlens 8
+    assert formulas.decode_bytes(2, 1, 4, 2, 8, 10, "fp16") == 1544
+    # paged, 4-token pages: + block_table 2 sequences x ceil(10/4) = 3 pages x 4 B
+    assert formulas.decode_bytes(2, 1, 4, 2, 8, 10, "fp16", page_size=4) == 1544 + 24
+
+
+def test_norm_bytes_by_hand():
+    # M=3 N=5 bf16: x and out 3*5*2 = 30 B each; weight 10 B, bias 10 B
+    assert formulas.norm_bytes(3, 5, "bf16", bias=True, mode="fwd") == 80
+    assert formulas.norm_bytes(3, 5, "bf16", bias=False, mode="fwd") == 70
+    assert formulas.norm_bytes(3, 5, "bf16", bias=True, mode="bwd") == 90 + 40     # x, dout, dx; w, dw, db (+w)
+    assert formulas.norm_bytes(3, 5, "bf16", bias=False, mode="bwd") == 90 + 20
+    assert formulas.norm_bytes(3, 5, "bf16", bias=True, mode="fwd", weight_dtype="fp32") == 60 + 40
+    with pytest.raises(ValueError, match="mode"):
+        formulas.norm_bytes(3, 5, "bf16", bias=True, mode="fwd+bwd")
+    with pytest.raises(ValueError, match="dtype"):
+        formulas.dtype_bytes("fp8")
+
+
+def test_case_uses_the_formulas():
+    c = cases.attention_case("bwd", 2, 64, 96, 8, 2, 128, True, "fp16")
+    assert c.flops() == formulas.attention_flops(2, 8, 64, 96, 128, True, "bwd")
+    assert c.bytes() == formulas.attention_bytes(2, 64, 96, 8, 2, 128, "fp16", "bwd")
+    d = cases.decode_case(4, 1000, 32, 8, 128, page=256)
+    assert d.flops() == formulas.decode_flops(4, 32, 1, 1000, 128)
+    assert d.bytes() == formulas.decode_bytes(4, 1, 32, 8, 128, 1000, "bf16", 256)
+    n = cases.norm_case("rms_norm", "fwd", 16, 512)
+    assert n.flops() is None and n.bytes() == formulas.norm_bytes(16, 512, "bf16", bias=False)
+    assert c.shape == "B=2 Nq=64 Nk=96 Hq=8 Hkv=2 D=128 causal=1"
+    with pytest.raises(ValueError, match="mode"):
+        cases.Case("decode_attention", "bwd", ())
+    with pytest.raises(ValueError, match="op"):
+        cases.Case("softmax", "fwd", ())
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak table, roofline, unknown GPU
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,expected,gbps", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 3350), ("NVIDIA H100 PCIe", "H100 PCIe", 2000),
+    ("NVIDIA H100 NVL", "H100 NVL", 3900), ("NVIDIA H200", "H200 SXM", 4800),
+    ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB", 2039), ("NVIDIA A100-SXM4-40GB", "A100 40GB", 1555),
+    ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe", 1935), ("NVIDIA L40S", "L40S", 864),
+    ("NVIDIA GeForce RTX 4090", "RTX 4090", 1008)])
+def test_peak_lookup(name, expected, gbps):
+    peak = formulas.lookup_peak(name, env={})
+    assert peak.name == expected and peak.gbps == gbps
+
+
+@pytest.mark.parametrize("name", ["NVIDIA GeForce GTX 1080", "Tesla V100-SXM2-16GB", "cpu", "", None])
+def test_unknown_gpu_has_no_roofline(name):
+    assert formulas.lookup_peak(name, env={}) is None
+    assert formulas.roofline_floor_s(1e12, 1e9, None, "bf16") is None
+    assert formulas.bound_by(1e12, 1e9, None, "bf16") is None
+    msg = formulas.unknown_gpu_message("NVIDIA GeForce GTX 1080")
+    assert "TILEFORMER_PEAK_TFLOPS" in msg and "GTX 1080" in msg
+
+
+def test_peak_override_from_environment():
+    peak = formulas.lookup_peak("Some Future GPU", env={"TILEFORMER_PEAK_TFLOPS": "100", "TILEFORMER_PEAK_GBPS": "500"})
+    assert peak.flops_per_s("bf16") == 100e12 and peak.bytes_per_s() == 500e9
+
+
+def test_roofline_math():
+    h100 = formulas.lookup_peak("NVIDIA H100 80GB HBM3", env={})
+    # 989e12 FLOPs take 1 s at the peak; 3.35e9 bytes take 1 ms: compute-bound, floor 1 s
+    assert formulas.roofline_floor_s(989e12, 3.35e9, h100, "bf16") == pytest.approx(1.0)
+    assert formulas.bound_by(989e12, 3.35e9, h100, "bf16") == "compute"
+    # memory-bound: 3.35e12 bytes = 1 s, 1e12 FLOPs ~ 1 ms
+    assert formulas.roofline_floor_s(1e12, 3.35e12, h100, "bf16") == pytest.approx(1.0)
+    assert formulas.bound_by(None, 3.35e12, h100, "bf16") == "memory"
+    # fp32 uses the non-tensor peak (67 TFLOP/s)
+    assert formulas.roofline_floor_s(67e12, 0, h100, "fp32") == pytest.approx(1.0)
+    assert formulas.time_over_floor(2000.0, 1.0) == pytest.approx(2.0)
+    assert formulas.tflops(1e12, 1000.0) == pytest.approx(1.0)
+    assert formulas.gbps(1e9, 1.0) == pytest.approx(1000.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and timing
+# ---------------------------------------------------------------------------------------------
+
+def test_quantiles_match_numpy():
+    np = pytest.importorskip("numpy")
+    rng = random.Random(0)
+    for n in (1, 2, 7, 100):
+        xs = sorted(rng.random() for _ in range(n))
+        for q in (0.2, 0.5, 0.8):
+            assert harness.quantile(xs, q) == pytest.approx(float(np.quantile(xs, q)))
+    t = harness.Timing.from_samples([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (t.median, t.p20, t.p80, t.reps) == (3.0, 1.8, 4.2, 5)
+    with pytest.raises(ValueError):
+        harness.quantile([], 0.5)
+
+
+def test_time_cpu_reps_and_order():
+    t = harness.time_cpu(lambda: sum(range(100)), budget_s=0.01, min_reps=4, max_reps=50)
+    assert 4 <= t.reps <= 50 and 0 < t.p20 <= t.median <= t.p80
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV schema and metrics
+# ---------------------------------------------------------------------------------------------
+
+def _info():
+    return harness.RunInfo(gpu="NVIDIA H100 80GB HBM3", versions="torch=x", git_commit="abc", timestamp="t")
+
+
+def _measured(case, provider, kind, median, p20, p80):
+    return bench.Measurement(case, provider, kind, harness.Timing(median, p20, p80, 10))
+
+
+def test_csv_schema_and_metrics(tmp_path):
+    assert harness.CSV_COLUMNS[:10] == ("op", "backend", "mode", "shape", "dtype", "metric", "unit", "median",
+                                        "p20", "p80")
+    assert {"gpu", "versions", "git_commit", "timestamp"} <= set(harness.CSV_COLUMNS)
+    case = cases.attention_case("fwd", 1, 16384, 16384, 16, 16, 128, False)
+    ms = [_measured(case, "torch", "backend", 4.0, 3.9, 4.2), _measured(case, "triton", "backend", 2.0, 1.9, 2.1),
+          _measured(case, "flash-attn", "peer", 2.5, 2.4, 2.6),
+          bench.Measurement(case, "cuda", "backend", note="not available: no kernel")]
+    bench.add_speedups(ms)
+    peak = formulas.lookup_peak(_info().gpu, env={})
+    rows = bench.csv_rows(ms, _info(), peak)
+    path = tmp_path / "bench.csv"
+    harness.write_csv(str(path), rows)
+    back = harness.read_csv(str(path))
+    assert [tuple(r.keys()) for r in back] == [harness.CSV_COLUMNS] * len(rows)
+    tri = {r["metric"]: r for r in back if r["backend"] == "triton"}
+    assert set(tri) == {"time", "throughput", "bandwidth", "time_over_roofline", "speedup_vs_torch",
+                        "speedup_vs_best_peer"}
+    assert tri["time"]["unit"] == "ms" and tri["time"]["median"] == 2.0
+    flops = formulas.attention_flops(1, 16, 16384, 16384, 128, False)
+    assert tri["throughput"]["median"] == pytest.approx(flops / 2e-3 / 1e12, rel=1e-5)
+    assert tri["throughput"]["p20"] <= tri["throughput"]["median"] <= tri["throughput"]["p80"]
+    assert tri["time_over_roofline"]["median"] == pytest.approx(2e-3 / (flops / 989e12), rel=1e-5)
+    assert tri["speedup_vs_torch"]["median"] == pytest.approx(2.0)
+    assert tri["speedup_vs_best_peer"]["median"] == pytest.approx(1.25)
+    assert tri["speedup_vs_best_peer"]["note"] == "flash-attn"
+    cuda = [r for r in back if r["backend"] == "cuda"]
+    assert len(cuda) == 1 and cuda[0]["median"] is None and cuda[0]["note"] == "not available: no kernel"
+    assert all(r["gpu"] == _info().gpu and r["git_commit"] == "abc" for r in back)
+    # without a peak (CPU / unknown GPU): no roofline row
+    assert "time_over_roofline" not in {m[0] for m in bench.metrics(ms[1], None)}
+
+
+def test_read_csv_rejects_another_schema(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("op,backend,median\nflash_attention,torch,1.0\n")
+    with pytest.raises(ValueError, match="schema"):
+        harness.read_csv(str(path))
+
+
+def test_shape_strings_round_trip():
+    p = {"B": 2, "L": 8192, "causal": True, "layout": "paged"}
+    s = harness.format_shape(p)
+    assert s == "B=2 L=8192 causal=1 layout=paged"
+    assert harness.parse_shape(s) == {"B": 2, "L": 8192, "causal": 1, "layout": "paged"}
+    assert harness.results_dirname("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert harness.results_dirname(None) == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps, inputs, providers
+# ---------------------------------------------------------------------------------------------
+
+def test_gpu_sweep_is_the_issue_sweep():
+    sw = cases.sweep("gpu")
+    att = [c.p for c in sw if c.op == "flash_attention" and c.mode == "fwd"]
+    assert {p["Nq"] for p in att} == {512, 1024, 2048, 4096, 8192, 16384}
+    assert all(p["B"] * p["Nq"] == 16384 and p["Hq"] * p["D"] == 2048 for p in att)
+    assert {p["D"] for p in att} == {64, 128} and {p["causal"] for p in att} == {0, 1}
+    assert any(p["Hq"] == 8 * p["Hkv"] for p in att)
+    assert {c.mode for c in sw if c.op == "flash_attention"} == {"fwd", "bwd", "fwd+bwd"}
+    dec = [c.p for c in sw if c.op == "decode_attention"]
+    assert len(dec) == 54
+    assert {p["B"] for p in dec} == {1, 8, 64} and {p["L"] for p in dec} == {1024, 8192, 32768}
+    assert {p["Hq"] // p["Hkv"] for p in dec} == {1, 4, 8} and {p["page"] for p in dec} == {0, 256}
+    norms = [c for c in sw if c.op in ("layer_norm", "rms_norm")]
+    assert {c.p["N"] for c in norms} == {512, 1024, 2048, 4096, 8192, 16384, 32768, 65536}
+    assert {c.p["M"] for c in norms} == {16384} and len(norms) == 8 * 2 * 2
+    assert cases.sweep("cpu", ops=("rms_norm",)) and all(c.op == "rms_norm" for c in cases.sweep("cpu", ops=("rms_norm",)))
+    with pytest.raises(ValueError, match="kind"):
+        cases.sweep("huge")
+
+
+def test_inputs_are_random_and_shaped():
+    c = cases.decode_case(2, 40, 4, 2, 8, page=16, dtype="fp16")
+    inp = cases.make_inputs(c, "cpu")
+    assert inp["k_cache"].shape == (2 * 3, 16, 2, 8) and inp["k_cache"].dtype == torch.float16
+    assert sorted(inp["block_table"].flatten().tolist()) == list(range(6))
+    assert inp["cache_seqlens"].tolist() == [40, 40]
+    a = cases.make_inputs(cases.attention_case("bwd", 1, 5, 7, 2, 1, 8, True), "cpu", requires_grad=True)
+    assert a["q"].requires_grad and a["k"].shape == (1, 7, 1, 8)
+    assert (a["q"] != 0).float().mean() > 0.9 and a["q"].float().std() > 0.5
+    n = cases.make_inputs(cases.norm_case("layer_norm", "bwd", 3, 5), "cpu", requires_grad=True)
+    assert len(n["grad_inputs"]) == 3
+
+
+def test_backend_reasons_and_errors_do_not_crash():
+    case = cases.norm_case("rms_norm", "fwd", 4, 32, dtype="fp32")
+    inp = cases.make_inputs(case, "cpu")
+    assert providers.Backend("torch").unavailable(case, inp, "cpu") is None
+    bad_args = (torch.zeros(4, 32, dtype=torch.int32), None, 1e-6)
+    assert providers.backend_reason("rms_norm", "torch", bad_args, {}).startswith("TypeError")
+    assert providers.Peer.unavailable(providers.PEERS[0], case, inp, "cpu")   # peers need a GPU
+
+    class Broken:
+        name, kind = "broken", "backend"
+
+        def unavailable(self, case, inp, device):
+            return None
+
+        def build(self, case, inp):
+            def run():
+                raise RuntimeError("kernel exploded")
+            return run
+    ms = bench.run_case(case, [providers.Backend("torch"), Broken()], "cpu", cpu_budget_s=0.01)
+    assert ms[0].ok and not ms[1].ok and "kernel exploded" in ms[1].note
+    assert bench.format_measurement(ms[1], None).strip().startswith("broken")
+
+
+def test_correctness_uses_the_one_tolerance_rule():
+    rule = correctness.tolerance_rule()
+    assert os.path.samefile(rule.__code__.co_filename, os.path.join(harness.ROOT, "tests", "helpers.py"))
+
+
+def test_plots_written(tmp_path):
+    case_rows = []
+    info = _info()
+    for n in (1024, 4096):
+        for prov, ms_ in (("torch", 2.0), ("triton", 1.0)):
+            c = cases.attention_case("fwd", 16384 // n, n, n, 16, 16, 128, True)
+            m = _measured(c, prov, "backend", ms_ * n / 1024, ms_, ms_ * 1.1 * n / 1024)
+            case_rows += bench.csv_rows([m], info, None)
+        c = cases.norm_case("rms_norm", "bwd", 64, n)
+        case_rows += bench.csv_rows([_measured(c, "torch", "backend", 0.5, 0.4, 0.6)], info, None)
+    path = tmp_path / "bench.csv"
+    harness.write_csv(str(path), case_rows)
+    rows = harness.read_csv(str(path))
+    peak = formulas.lookup_peak(info.gpu, env={})
+    out = plots.plot_csv_rows(rows, str(tmp_path), peak, info.gpu)
+    assert sorted(os.path.basename(p) for p in out) == ["flash_attention_bf16.png", "rms_norm_bf16.png"]
+    assert all(os.path.getsize(p) > 10_000 for p in out)
+    # roofline in TFLOP/s: at N=4096 compute-bound (= the peak); at N=1024 causal the 268 MB of q, k, v, out
+    # take longer at 3.35 TB/s than the 68.7 GFLOPs at 989 TFLOP/s: memory-bound, below the peak
+    roof = plots._roofline("flash_attention", "fwd", "bf16", "Hq=16 Hkv=16 D=128 causal=1", [1024, 4096], rows, peak)
+    c = cases.attention_case("fwd", 16, 1024, 1024, 16, 16, 128, True)
+    assert c.bytes() == 4 * 16 * 1024 * 16 * 128 * 2
+    assert roof[0] == pytest.approx(c.flops() / (c.bytes() / 3.35e12) / 1e12) and roof[0] < 989
+    assert roof[1] == pytest.approx(989.0)
