@@ -7,6 +7,8 @@ import transformer
 from transformer.generate import sample_next
 from transformer.models import DecoderOnly, DecoderOnlyConfig
 
+from helpers import assert_close, kernel_backends, require_backend
+
 VARIANTS = {
     "rope_gqa": dict(),
     "learned_gelu": dict(mlp="gelu", norm="layer", positions="learned", tie_embeddings=True),
@@ -109,3 +111,49 @@ def test_bad_input():
     cache = model.make_cache(1, 4)
     with pytest.raises(ValueError, match="input_ids"):       # prompt longer than the cache
         model.hidden_states(torch.randint(0, 256, (1, 6)), cache=cache)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("triton", "cuda"))
+@pytest.mark.parametrize("cache", ["contiguous", "paged"])
+def test_prefill_and_decode_on_kernel_backends(backend, cache):
+    """The generation path (packed prefill into the cache, then decode_attention steps) on the kernel backends,
+    bf16, by the tolerance rule: reference = the same bf16 weights in fp32 running full sequences on the
+    reference backend; baseline = the bf16 model with the reference backend on the same cached path."""
+    require_backend(backend)
+    torch.manual_seed(0)
+    cfg = DecoderOnlyConfig.preset("tiny", n_layers=1, dim=128, n_heads=2, n_kv_heads=1)   # head_dim 64
+    kernel = DecoderOnly(cfg, backend=backend).to(torch.bfloat16).eval()
+    for op in ("flash_attention_varlen", "decode_attention"):
+        q = torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16)
+        kv = torch.zeros(2, 8, 1, 64, dtype=torch.bfloat16)
+        lens = torch.zeros(2, dtype=torch.int32)
+        if op == "decode_attention":
+            text = transformer.backends.explain(op, q, kv, kv, lens, backend=backend)
+        else:
+            cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+            text = transformer.backends.explain(op, q[:, 0], kv[0], kv[0], cu, cu, 1, 8, backend=backend,
+                                                causal=True)
+        if "selected" not in text:
+            pytest.skip(f"{backend} cannot serve {op} yet: {text.splitlines()[-1].strip()}")
+    base = DecoderOnly(cfg, backend="reference").to(torch.bfloat16).eval()
+    base.load_state_dict(kernel.state_dict())
+    ref = DecoderOnly(cfg, backend="reference").eval()
+    ref.load_state_dict({k: v.float() for k, v in kernel.state_dict().items()})
+    lens = [37, 5, 20]
+    seqs = [torch.randint(0, 256, (n + 4,)) for n in lens]
+
+    def cached(model):
+        kv = model.make_cache(3, 64, page_size=8 if cache == "paged" else None)
+        cu = torch.tensor([0, 37, 42, 62], dtype=torch.int32)
+        h = model.hidden_states(torch.cat([s[:n] for s, n in zip(seqs, lens)]), cu_seqlens=cu, max_seqlen=37,
+                                cache=kv)
+        outs = [model.lm_head(h[cu[1:].long() - 1])]
+        for t in range(3):
+            step = torch.stack([s[n + t] for s, n in zip(seqs, lens)])[:, None]
+            outs.append(model.lm_head(model.hidden_states(step, cache=kv)[:, -1]))
+        return torch.stack(outs, 1)                                     # (B, 4, vocab)
+
+    with torch.no_grad():
+        got, low = cached(kernel), cached(base)
+        want = torch.stack([ref(s[None])[0, n - 1:n + 3] for s, n in zip(seqs, lens)])
+    assert_close(got, want, low, atol=1e-3, config=f"{backend} {cache}")
