@@ -92,6 +92,8 @@ CASES = [
     (1, 130, 141, "mha", 128, FP16, False, (-1, -1), 3.0, "h"),
     (2, 70, 90, "mqa", 64, BF16, True, (17, -1), 0.0, "bh"),
     (1, 150, 111, "gqa", 32, FP16, False, (0, 30), 5.0, "h"),       # window with right < left, softcap + ALiBi
+    (1, 65, 47, "mha", 192, FP16, True, (-1, -1), 0.0, None),       # non-power-of-two head dim, padded to 256
+    (1, 33, 80, "gqa", 16, BF16, False, (5, 5), 0.0, None),
 ]
 
 
