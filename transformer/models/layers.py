@@ -15,8 +15,8 @@ __all__ = ["make_norm", "norm", "MLP", "SinusoidalPositions", "swiglu_hidden", "
 def make_norm(kind: str, dim: int, eps: float, device=None, dtype=None) -> nn.Module:
     """A LayerNorm ("layer") or RMSNorm ("rms") module: transformer.nn's when available, else torch.nn's.
 
-    The module only holds ``weight`` (+ ``bias``) and ``eps``; ``norm()`` runs it through the public
-    ``layer_norm`` / ``rms_norm`` ops (dispatcher, fused residual add), whichever class holds them.
+    ``norm()`` applies it with the fused residual add (``layer_norm`` / ``rms_norm`` through the dispatcher)
+    whichever class it is.
     """
     if kind not in ("layer", "rms"):
         raise ValueError(f"norm must be 'layer' or 'rms', got {kind!r}")
@@ -32,8 +32,10 @@ def make_norm(kind: str, dim: int, eps: float, device=None, dtype=None) -> nn.Mo
 
 def norm(module: nn.Module, x, residual=None, prenorm=False):
     """Apply a norm made by make_norm to h = x (+ residual). prenorm=True returns (out, h) for pre-norm blocks."""
-    w = getattr(module, "weight", None)
-    eps = module.eps if getattr(module, "eps", None) is not None else 1e-6
+    if hasattr(module, "residual_in_fp32"):       # transformer.nn.LayerNorm / RMSNorm: fused residual in forward
+        return module(x, residual=residual, prenorm=prenorm)
+    w = getattr(module, "weight", None)           # torch.nn fallback: same math through the public ops
+    eps = module.eps if getattr(module, "eps", None) is not None else torch.finfo(x.dtype).eps
     if module.norm_kind == "layer":
         return layer_norm(x, w, getattr(module, "bias", None), eps, residual=residual, prenorm=prenorm)
     return rms_norm(x, w, eps, residual=residual, prenorm=prenorm)
