@@ -64,6 +64,11 @@ def test_config_errors():
         EncoderOnlyConfig.preset("tiny", n_heads=0)
     with pytest.raises(TypeError, match="config"):
         DecoderOnly(EncoderOnlyConfig.preset("tiny"))
+    learned = DecoderOnly(DecoderOnlyConfig.preset("tiny", positions="learned", max_seq_len=8))
+    with pytest.raises(ValueError, match="input_ids"):
+        learned(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(TypeError, match="input_ids"):
+        learned(torch.zeros(1, 4))
 
 
 # --- decoder-only ----------------------------------------------------------------------------------

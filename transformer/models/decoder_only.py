@@ -185,6 +185,9 @@ class DecoderOnly(nn.Module):
             if len(new_lengths) != cache.batch_size:
                 raise ValueError(f"input_ids holds {len(new_lengths)} sequences but the cache {cache.batch_size}")
             cache.check_room(new_lengths, "input_ids")
+        if self.pos_embed is not None and not packed and input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens per sequence, more than max_seq_len "
+                             f"({self.config.max_seq_len}) learned positions")
         h = self.embed(input_ids)
         if self.pos_embed is not None:
             if packed:
