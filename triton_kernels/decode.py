@@ -11,7 +11,7 @@ captured in a CUDA graph):
 * ``_decode_append``  -- when k/v are given, writes them into the cache (through the block table) at
   positions cache_seqlens[b] .. cache_seqlens[b] + Sq - 1. Positions outside the cache capacity are
   dropped (they cannot be checked on the host without a sync; ``validate=True`` of the public op does).
-* ``_decode_split_kv`` -- grid (KV head x M-block, split, batch). One program serves ALL Hq/Hkv query
+* ``_decode_split_kv`` -- grid (batch x KV head x M-block, split). One program serves ALL Hq/Hkv query
   heads and all Sq queries of its KV head: the (head, query) pairs are packed into the M dimension of a
   ``tl.dot`` tile, so each K/V element is read once per call (once per M-block when group * Sq exceeds
   the largest M tile). The visible KV range of a sequence (its length, minus what a left window hides) is
@@ -106,7 +106,7 @@ def _decode_split_kv(
     qk_scale,                                 # softmax_scale * log2(e), or softmax_scale with SOFTCAP
     softcap,
     window_left, window_right,                # >= 0 where HAS_LEFT / HAS_RIGHT (causal = right 0)
-    Sq,
+    Sq, Hkv,
     group,                                    # Hq // Hkv
     num_appended,                             # Sq when k/v were appended, else 0
     capacity, page_size, num_splits,
@@ -118,14 +118,14 @@ def _decode_split_kv(
     UPCAST: tl.constexpr,                     # interpreter only: bf16 -> fp32 right after loads
     M_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_hm = tl.program_id(0)
+    pid = tl.program_id(0)                    # (b, h_kv, M-block), M-block fastest
     split = tl.program_id(1)
-    b = tl.program_id(2)
-    h_kv = pid_hm // M_BLOCKS
-    hq_total = group * (tl.num_programs(0) // M_BLOCKS)
+    b = pid // (Hkv * M_BLOCKS)
+    h_kv = (pid // M_BLOCKS) % Hkv
+    hq_total = group * Hkv
 
     # Rows of the M tile: row m is query i = m % Sq of query head g = m // Sq of this KV head's group.
-    offs_m = (pid_hm % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < group * Sq
     g = offs_m // Sq
     qi = offs_m % Sq
@@ -339,14 +339,14 @@ def _launch(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes,
     has_softcap = softcap > 0
     qk_scale = softmax_scale if has_softcap else softmax_scale * LOG2E
     right = 0 if causal else window_right
-    _decode_split_kv[(hkv * m_blocks, num_splits, batch)](
+    _decode_split_kv[(batch * hkv * m_blocks, num_splits)](
         q, k_cache, v_cache, cache_seqlens, bt, alibi, out, lse, out_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt_stride,
         stride_ab, stride_ah, out.stride(0), out.stride(1), out.stride(2),
         qk_scale, softcap if has_softcap else 1.0, max(window_left, 0), max(right, 0),
-        sq, group, sq if k is not None else 0, capacity, page_size, num_splits,
+        sq, hkv, group, sq if k is not None else 0, capacity, page_size, num_splits,
         HEAD_DIM=d, PAGED=paged, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0, SOFTCAP=has_softcap,
         ALIBI=alibi_slopes is not None, ALIGNED=_aligned(d, k_cache, v_cache), SPLIT=split, UPCAST=upcast,
         M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -407,7 +407,7 @@ def _split_signature(dtype, paged):
                  "stride_oh"):
         sig[name] = "i32"
     sig.update(qk_scale="fp32", softcap="fp32")
-    for name in ("window_left", "window_right", "Sq", "group", "num_appended", "capacity", "page_size",
+    for name in ("window_left", "window_right", "Sq", "Hkv", "group", "num_appended", "capacity", "page_size",
                  "num_splits"):
         sig[name] = "i32"
     for name in ("HEAD_DIM", "PAGED", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "ALIBI", "ALIGNED", "SPLIT", "UPCAST",
