@@ -59,7 +59,7 @@ def test_mha_matches_torch_fp32(batch_first, case, monkeypatch):
     kw = _mask_cases(b, l, l)[case]
     want = ref(x, x, x, need_weights=False, **kw)[0]
     got, w = ours(x, x, x, need_weights=False, **kw)
-    assert w is None
+    assert w is None and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -360,5 +360,6 @@ class MultiheadAttention(nn.Module):
             call = _describe(q, k, v, causal_align="top_left", **kw)
             kw.update(softmax_scale=call["scale"])
             out = backends.dispatch("flash_attention", call, self.backend, q, k, v, causal_align="top_left", **kw)
-        out = self.out_proj(out.flatten(-2))
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        if not self.batch_first:
+            out = out.transpose(0, 1)             # [L, B, H, D]: out_proj then writes torch's contiguous [L, B, E]
+        return self.out_proj(out.flatten(-2)), None
