@@ -216,18 +216,31 @@ def test_decode_features(backend, feature, dtype):
     check(backend, case, config=feature, num_splits=3, **kw)
 
 
+def _widen(t, step, off=0):
+    """A non-contiguous view equal to t: every `step`-th head of a tensor twice as wide in the last dim,
+    starting `off` elements in (off=1: rows not 16-byte aligned)."""
+    wide = torch.zeros(*t.shape[:2], t.shape[2] * step, 2 * t.shape[3], dtype=t.dtype, device=t.device)
+    wide[:, :, ::step, off: off + t.shape[3]] = t
+    return wide[:, :, ::step, off: off + t.shape[3]]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_decode_strided_inputs(backend):
-    """Non-contiguous q and caches (views with a contiguous last dim) give the same as contiguous copies."""
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_decode_strided_inputs(backend, page_size):
+    """Non-contiguous q, k/v and caches (views with a contiguous last dim, unaligned rows) give bit for bit
+    the results and the appended cache of contiguous copies."""
     require_backend(backend)
-    case = make_case([5, 70], 2, 2, 3, 64, torch.float16, append=True, seed=9)
-    wide_q = torch.zeros(2, 2, 12, 2 * 64, dtype=torch.float16, device=DEVICE)
-    wide_q[..., ::2, :64] = case.q                                   # q heads every other slot, half rows
-    strided = dataclasses.replace(case, q=wide_q[..., ::2, :64])
-    assert not strided.q.is_contiguous()
-    out_s, lse_s, kc_s, _ = run(backend, strided, num_splits=3)
-    out_c, lse_c, kc_c, _ = run(backend, case, num_splits=3)
-    assert torch.equal(out_s, out_c) and torch.equal(lse_s, lse_c) and torch.equal(_bits(kc_s), _bits(kc_c))
+    case = make_case([5, 70], 2, 2, 3, 64, torch.float16, page_size=page_size, append=True, seed=9)
+    strided = dataclasses.replace(case, q=_widen(case.q, 2), k=_widen(case.k, 3), v=_widen(case.v, 2),
+                                  k_cache=_widen(case.k_cache, 2), v_cache=_widen(case.v_cache, 3, off=1))
+    assert not any(t.is_contiguous() for t in (strided.q, strided.k, strided.k_cache, strided.v_cache))
+    kc_s, vc_s = strided.k_cache, strided.v_cache                     # run() appends into clones: do it here
+    out_s, lse_s = transformer.decode_attention(strided.q, kc_s, vc_s, case.cache_seqlens, k=strided.k,
+                                                v=strided.v, block_table=case.block_table, num_splits=3,
+                                                return_lse=True, backend=backend)
+    out_c, lse_c, kc_c, vc_c = run(backend, case, num_splits=3)
+    assert torch.equal(out_s, out_c) and torch.equal(lse_s, lse_c)
+    assert torch.equal(_bits(kc_s), _bits(kc_c)) and torch.equal(_bits(vc_s), _bits(vc_c))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +342,8 @@ def test_decode_rejects_grad(backend):
         transformer.decode_attention(q, case.k_cache, case.v_cache, case.cache_seqlens, backend=backend)
     with torch.no_grad():                                              # fine without grad mode
         transformer.decode_attention(q, case.k_cache, case.v_cache, case.cache_seqlens, backend=backend)
+    if backend != "triton":
+        return
     from triton_kernels.decode import decode_attention as entry        # the entry function checks too
     with pytest.raises(ValueError, match="requires grad"):
         entry(q, case.k_cache, case.v_cache, case.cache_seqlens, k=None, v=None, block_table=None,
@@ -369,6 +384,16 @@ def test_triton_torch_compile(backend):
     comp = compiled(case.q, kc2, vc2, case.cache_seqlens, case.k, case.v, case.block_table)
     assert torch.equal(eager[0], comp[0]) and torch.equal(eager[1], comp[1])
     assert torch.equal(_bits(kc1), _bits(kc2)) and torch.equal(_bits(vc1), _bits(vc2))   # append kept in the graph
+
+    def public_step(q, kc, vc, lens, k, v, bt):                        # the public op, dispatch included
+        return transformer.decode_attention(q, kc, vc, lens, k=k, v=v, block_table=bt, num_splits=2,
+                                            return_lse=True, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(public_step, fullgraph=True, backend="aot_eager")
+    kc3, vc3 = case.k_cache.clone(), case.v_cache.clone()
+    comp = compiled(case.q, kc3, vc3, case.cache_seqlens, case.k, case.v, case.block_table)
+    assert torch.equal(eager[0], comp[0]) and torch.equal(eager[1], comp[1]) and torch.equal(_bits(kc1), _bits(kc3))
 
 
 @pytest.mark.gpu
