@@ -95,7 +95,7 @@ def _tanh(x):
 @triton.jit
 def _decode_split_kv(
     Q, KCache, VCache, CacheSeqlens, BlockTable, Alibi,
-    Out, Lse,                                 # final out [B, Sq, Hq, D], lse [B, Hq, Sq] (NUM_SPLITS == 1)
+    Out, Lse,                                 # final out [B, Sq, Hq, D], lse [B, Hq, Sq] (when not SPLIT)
     OutPart, LsePart,                         # partials [B, Hq, Sq, splits, D], [B, Hq, Sq, splits] fp32
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,          # k cache: dim 0 is the batch (contiguous) or the page (paged)
