@@ -181,14 +181,14 @@ def _compute(run, check, inp, dout):
 
 def run_check(check: Check, dtype_name: str, backend: str, device, seed=0):
     """dict(status "PASS" | "FAIL" | "N/A" | "ERROR", max_err, bound, detail, seconds) for one backend."""
-    from benchmarks.providers import backend_reason
+    from benchmarks.providers import EXPLAIN_RAISED, backend_reason
     dtype = DTYPES[dtype_name]
     base = _inputs(check, dtype, device, seed)
     mine = _with_leaves(check, base)
     args, kwargs = _public_args(check, mine)
     reason = backend_reason(check.op, backend, args, kwargs)
-    if reason:
-        return dict(status="N/A", detail=reason)
+    if reason:   # N/A: the dispatcher declines the call; ERROR: asking it raised
+        return dict(status="ERROR" if reason.startswith(EXPLAIN_RAISED) else "N/A", detail=reason)
     t0 = time.time()
     try:
         out, grads = _compute(lambda i: _run_public(check, i, backend), check, mine,

@@ -265,6 +265,13 @@ def _demangle_short(name):
 # Printing
 # ---------------------------------------------------------------------------------------------
 
+def _register_bound(s):
+    """Occupancy bound from registers alone (warps per SM / 64), for kernels whose block size is unknown here."""
+    if not s.registers:
+        return 1.0
+    return min(1.0, REGS_PER_SM // (s.registers * 32) / 64)
+
+
 def format_table(stats):
     head = f"{'kernel':<58} {'arch':>5} {'regs':>5} {'spill':>6} {'lmem':>5} {'smem KB':>8} {'occ':>5}  instructions"
     lines = [head, "-" * len(head)]
@@ -273,7 +280,7 @@ def format_table(stats):
             lines.append(f"{s.name[:58]:<58} sm_{s.arch:<2} ERROR {s.error[:120]}")
             continue
         instr = ", ".join(f"{k}={v}" for k, v in s.instructions.items() if v)
-        occ = f"{s.occupancy():>5.0%}" if s.num_warps else "    -"     # nvcc kernels: block size unknown here
+        occ = f"{s.occupancy():>5.0%}" if s.num_warps else f"{_register_bound(s):>5.0%}"
         lines.append(f"{s.name[:58]:<58} sm_{s.arch:<2} {s.registers:>5} {s.spills:>6} {s.local_bytes:>5} "
                      f"{s.smem / 1024:>8.1f} {occ}  {instr}")
     return "\n".join(lines)

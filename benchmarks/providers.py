@@ -25,6 +25,7 @@ from transformer import backends
 from .cases import NORM_EPS, Case
 
 OUR_BACKENDS = tuple(backends.BACKENDS)
+EXPLAIN_RAISED = "explain() raised"         # prefix of a reason that is a bug, not a limitation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,8 +49,8 @@ def backend_reason(op: str, backend: str, args, kwargs) -> Optional[str]:
     """None if `backend` can serve op(*args, **kwargs) here, else the dispatcher's reason."""
     try:
         text = backends.explain(op, *args, backend=backend, **kwargs)
-    except Exception as e:  # the call itself is invalid: report, do not crash the sweep
-        return f"{type(e).__name__}: {e}"
+    except Exception as e:  # an invalid call or a broken supports() predicate: report, do not crash the sweep
+        return f"{EXPLAIN_RAISED} {type(e).__name__}: {e}"
     for line in text.splitlines()[2:]:
         name, _, status = line.strip().partition(":")
         if name == backend:

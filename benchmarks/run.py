@@ -185,6 +185,8 @@ def section_report(out_dir, deadline):
     say("\n== Kernel report: Triton configs and CUDA kernels compiled for sm_80/sm_90 (no GPU needed)"
         + (f"; budget {timeout:.0f} s" if timeout is not None else ""))
     cmd = [sys.executable, "-m", "benchmarks.static_report", "--json", os.path.join(out_dir, "kernel_report.json")]
+    if timeout is not None:   # the report stops starting compiles itself; the kill is the backstop
+        cmd += ["--deadline", str(time.time() + max(0.0, timeout - 10))]
     rc, _, timed_out = run_streaming(cmd, env=dict(os.environ), timeout=timeout,
                                      log=os.path.join(out_dir, "kernel_report.txt"))
     if timed_out:

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib
 import json
 import os
 import sys
+import tempfile
+import time
 
 from . import kernel_report as kr
+
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "tileformer-static", "triton-stats")
 
 
 def _configs_of(mod):
@@ -31,64 +36,118 @@ def _configs_of(mod):
     return list(m.aot_configs())
 
 
+def _cache_path(cfg, arch):
+    """Stats cache file of one config x arch, keyed by the kernel module's source (+ _utils), the config and
+    the triton version: a second report over unchanged kernels needs no compile."""
+    import triton
+    h = hashlib.sha1()
+    mod = sys.modules.get(getattr(cfg.kernel, "__module__", "") or "")
+    fn = getattr(cfg.kernel, "fn", cfg.kernel)
+    mod = mod or sys.modules.get(getattr(fn, "__module__", ""))
+    for path in (getattr(mod, "__file__", None), os.path.join(kr.ROOT, "triton_kernels", "_utils.py")):
+        if path and os.path.exists(path):
+            with open(path, "rb") as f:
+                h.update(f.read())
+    h.update(repr((cfg.name, arch, sorted(cfg.signature.items()), sorted(map(repr, cfg.constexprs.items())),
+                   cfg.num_warps, cfg.num_stages, triton.__version__)).encode())
+    return os.path.join(CACHE_DIR, h.hexdigest() + ".json")
+
+
+def compile_cached(cfg, arch):
+    """kernel_report.compile_triton, with successful results cached on disk."""
+    path = _cache_path(cfg, arch)
+    if os.path.exists(path):
+        with open(path) as f:
+            return kr.KernelStats(**json.load(f)), True
+    st = kr.compile_triton(cfg, arch)
+    if not st.error:
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(dataclasses.asdict(st), f)
+    return st, False
+
+
 def _row(stat):
     return kr.format_table([stat]).splitlines()[-1]
+
+
+def _round_robin(lists):
+    """Interleave lists (one per kernel module), so a report cut short still covers every module."""
+    out = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        out.extend(x[i] for x in lists if i < len(x))
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="also write the stats as JSON to this path")
     ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc part")
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="time.time() after which nothing more is compiled (55%% of the time left for Triton)")
     args = ap.parse_args(argv)
     header = "\n".join(kr.format_table([]).splitlines()[:2])
-    stats = []
+    stats, not_done, n_cached = [], [], 0
 
     def dump():
         if args.json:
             with open(args.json, "w") as f:
                 json.dump([dict(dataclasses.asdict(s), occupancy=s.occupancy()) for s in stats], f, indent=1)
 
+    def out_of_time(until):
+        return bool(until) and time.time() > until
+
     print("Triton kernels (triton.compile for sm_80/sm_90, ptxas -v from the triton wheel):", flush=True)
-    cfgs = []
+    per_module = []
     for mod in kr.TRITON_MODULES:   # module by module, so one unfinished module does not hide the others
         try:
-            cfgs.extend(_configs_of(mod))
+            per_module.append([(c, a) for c in _configs_of(mod) for a in kr.ARCHS if a in c.archs])
         except Exception as e:
             print(f"  {mod}: no configs listed ({type(e).__name__}: {str(e)[:200]})", flush=True)
-    if cfgs:
-        print(header, flush=True)
-    else:
-        print("  (no Triton kernel module with aot_configs() yet)", flush=True)
-    for cfg in cfgs:
-        for arch in kr.ARCHS:
-            if arch in cfg.archs:
-                st = kr.compile_triton(cfg, arch)
-                stats.append(st)
-                print(_row(st), flush=True)
-                dump()
+    jobs = _round_robin(per_module)
+    sources = [] if args.no_cuda else kr.cuda_sources()
+    triton_until = args.deadline
+    if args.deadline and sources:
+        triton_until = time.time() + 0.55 * max(0.0, args.deadline - time.time())
+    print(header if jobs else "  (no Triton kernel module with aot_configs() yet)", flush=True)
+    for cfg, arch in jobs:
+        if out_of_time(triton_until):
+            not_done.append(f"{cfg.name} sm_{arch}")
+            continue
+        st, cached = compile_cached(cfg, arch)
+        n_cached += cached
+        stats.append(st)
+        print(_row(st), flush=True)
+        dump()
     if not args.no_cuda:
-        print("\nCUDA C++ kernels (nvcc -Xptxas -v for sm_80 / sm_90a, SASS markers via cuobjdump):", flush=True)
-        sources = kr.cuda_sources()
+        print("\nCUDA C++ kernels (nvcc -Xptxas -v for sm_80 / sm_90a, SASS markers via cuobjdump; "
+              "occ: register-limited bound, the block size is not known statically):", flush=True)
         if not os.path.exists(kr._nvcc()):
             print(f"  nvcc not found at {kr._nvcc()}: skipped", flush=True)
         elif not sources:
             print("  (no .cu file yet)", flush=True)
         else:
             print(header, flush=True)
-            for src in sources:
-                for arch in kr.ARCHS:
-                    try:
-                        got = kr.nvcc_report([src], archs=(arch,))
-                    except Exception as e:
-                        got = [kr.KernelStats(name=os.path.relpath(src, kr.ROOT), arch=arch,
-                                              error=f"{type(e).__name__}: {str(e)[-300:]}")]
-                    for st in got:
-                        stats.append(st)
-                        print(_row(st), flush=True)
-                    dump()
+            for src, arch in [(s_, a) for s_ in sources for a in kr.ARCHS]:
+                if out_of_time(args.deadline):
+                    not_done.append(f"{os.path.relpath(src, kr.ROOT)} sm_{arch}")
+                    continue
+                try:
+                    got = kr.nvcc_report([src], archs=(arch,))
+                except Exception as e:
+                    got = [kr.KernelStats(name=os.path.relpath(src, kr.ROOT), arch=arch,
+                                          error=f"{type(e).__name__}: {str(e)[-300:]}")]
+                for st in got:
+                    stats.append(st)
+                    print(_row(st), flush=True)
+                dump()
+    if not_done:
+        print(f"\n  not compiled within the time budget ({len(not_done)}): " + "; ".join(not_done), flush=True)
+        print("  (run `python -m benchmarks.static_report` without --deadline once: results are cached by "
+              "source hash, so the next report over unchanged kernels is quick)", flush=True)
     bad = [s for s in stats if s.error or s.spills]
-    print(f"\n  {len(stats)} kernel x arch entries; {sum(1 for s in stats if s.spills)} with spills, "
-          f"{sum(1 for s in stats if s.error)} errors", flush=True)
+    print(f"\n  {len(stats)} kernel x arch entries ({n_cached} Triton entries from the cache); "
+          f"{sum(1 for s in stats if s.spills)} with spills, {sum(1 for s in stats if s.error)} errors", flush=True)
     dump()
     return 1 if bad else 0
 

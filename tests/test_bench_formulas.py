@@ -245,7 +245,7 @@ def test_backend_reasons_and_errors_do_not_crash():
     inp = cases.make_inputs(case, "cpu")
     assert providers.Backend("torch").unavailable(case, inp, "cpu") is None
     bad_args = (torch.zeros(4, 32, dtype=torch.int32), None, 1e-6)
-    assert providers.backend_reason("rms_norm", "torch", bad_args, {}).startswith("TypeError")
+    assert providers.backend_reason("rms_norm", "torch", bad_args, {}).startswith("explain() raised TypeError")
     assert providers.Peer.unavailable(providers.PEERS[0], case, inp, "cpu")   # peers need a GPU
 
     class Broken:
