@@ -19,8 +19,9 @@ non-unit last stride, and masks met while ``torch.compile`` traces (recognising 
 ``padded_attention`` is the building block the modules and models use: attention in the flash-attn
 layout [B, N, H, D] where batch element b only sees keys ``key_start[b] <= j < key_end[b]``. It runs as
 ``flash_attention_varlen`` over 3 sequences per batch element (the keys before the run, the run with all
-B's queries, the keys after it; the outer two have no queries), which needs neither a copy of q/k/v
-in the common layouts nor a device-to-host copy. When the dispatcher would serve that varlen call with the
+B's queries, the keys after it; the outer two have no queries) with no device-to-host copy. Flattening
+[B, N] into the packed token dim is a view for [B, N, H, D] inputs with a batch stride of N x the token
+stride (contiguous, or sliced from a fused QKV projection); transposed [B, H, N, D] inputs are copied. When the dispatcher would serve that varlen call with the
 "torch" backend (no kernel for this device/dtype), it runs the same computation as one masked
 ``F.scaled_dot_product_attention`` call instead of the torch backend's loop over sequences.
 """
