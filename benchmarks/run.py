@@ -4,6 +4,8 @@
     python -m benchmarks.run --quick              # a short GPU sweep (3 points per curve)
     python -m benchmarks.run --sections timing --ops flash_attention --providers torch,triton
     python -m benchmarks.run --budget 540         # stop starting new work after 540 s
+    python -m benchmarks.run --sweep gpu --list --sections timing   # show the full GPU sweep, time nothing
+    python -m benchmarks.run --sweep cpu          # on a GPU: a smoke test at the small CPU sizes
 
 Sections (--sections, comma-separated; default all):
   timing       every op x mode x backend (+ peers on a GPU) over the sweep of benchmarks/cases.py:
@@ -36,6 +38,7 @@ ROOT = harness.ROOT
 SECTIONS = ("timing", "correctness", "report")
 KERNEL_BACKENDS = ("triton", "cuda")
 CPU_BUDGET_S = 540            # make bench on a CPU machine must finish within 10 minutes
+SECTION_CAP_S = {"correctness": 900, "report": 1800}   # without a budget: a hung kernel cannot hang make bench
 
 
 class Tee:
@@ -111,10 +114,18 @@ def describe_machine(gpu, peak):
 
 def section_timing(args, gpu, peak, out_dir, deadline):
     device = "cuda" if gpu else "cpu"
-    kind = ("quick" if args.quick else "gpu") if gpu else "cpu"
+    kind = args.sweep if args.sweep != "auto" else ("quick" if args.quick else "gpu") if gpu else "cpu"
     ops = args.ops.split(",") if args.ops else cases.OPS
     sweep = cases.sweep(kind, dtype=args.dtype, ops=ops)
     provs = providers.providers(args.providers.split(",") if args.providers else None, peers=bool(gpu))
+    if args.list:
+        say(f"\n== Timing ({kind} sweep, {len(sweep)} cases; providers {', '.join(p.name for p in provs)}):")
+        for c in sweep:
+            say(f"  {c.op:<17} {c.mode:<8} {c.shape:<52} {c.dtype}  flops={c.flops() or 0:.3g} bytes={c.bytes():.3g}")
+        return []
+    if kind != "cpu" and not gpu:
+        say(f"\n== Timing: the {kind} sweep needs a GPU (none found); use --sweep cpu or --list")
+        return []
     if not gpu:
         torch.set_num_threads(args.threads)
     say(f"\n== Timing: {kind} sweep, {len(sweep)} cases x {len(provs)} providers on {device}"
@@ -145,17 +156,16 @@ def section_correctness(args, gpu, out_dir, deadline, reserve_s):
     jsonl = os.path.join(out_dir, "correctness.jsonl")
     if os.path.exists(jsonl):
         os.remove(jsonl)
-    timeout = None if deadline is None else max(30.0, _remaining(deadline) - reserve_s)
+    timeout = SECTION_CAP_S["correctness"] if deadline is None else max(30.0, _remaining(deadline) - reserve_s)
     say(f"\n== Correctness: each backend once on small inputs vs transformer.reference (flash-attn rule: "
         f"out <= 2x, grads <= 3x the error of PyTorch in the same dtype + atol)"
         + ("" if gpu else "; kernel backends through the Triton interpreter / CUDA host emulation")
-        + (f"; budget {timeout:.0f} s" if timeout else ""))
+        + f"; budget {timeout:.0f} s")
     cmd = [sys.executable, "-m", "benchmarks.correctness", "--jsonl", jsonl,
            "--backends", ",".join(["torch", *KERNEL_BACKENDS])]
     if args.ops:
         cmd += ["--ops", args.ops]
-    if timeout:
-        cmd += ["--deadline", str(time.time() + timeout - 15)]
+    cmd += ["--deadline", str(time.time() + timeout - 15)]
     rc, _, timed_out = run_streaming(cmd, env=env, timeout=timeout)
     rows = []
     if os.path.exists(jsonl):
@@ -181,12 +191,11 @@ def section_correctness(args, gpu, out_dir, deadline, reserve_s):
 
 
 def section_report(out_dir, deadline):
-    timeout = _remaining(deadline)
+    timeout = SECTION_CAP_S["report"] if deadline is None else _remaining(deadline)
     say("\n== Kernel report: Triton configs and CUDA kernels compiled for sm_80/sm_90 (no GPU needed)"
-        + (f"; budget {timeout:.0f} s" if timeout is not None else ""))
+        + f"; budget {timeout:.0f} s")
     cmd = [sys.executable, "-m", "benchmarks.static_report", "--json", os.path.join(out_dir, "kernel_report.json")]
-    if timeout is not None:   # the report stops starting compiles itself; the kill is the backstop
-        cmd += ["--deadline", str(time.time() + max(0.0, timeout - 10))]
+    cmd += ["--deadline", str(time.time() + max(0.0, timeout - 10))]   # it stops itself; the kill is the backstop
     rc, _, timed_out = run_streaming(cmd, env=dict(os.environ), timeout=timeout,
                                      log=os.path.join(out_dir, "kernel_report.txt"))
     if timed_out:
@@ -204,6 +213,10 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--quick", action="store_true", help="GPU: a short sweep (3 sizes per curve)")
+    ap.add_argument("--sweep", default="auto", choices=("auto", "gpu", "quick", "cpu"),
+                    help="which sweep to time (auto: gpu, or quick with --quick, on a GPU; cpu without one). "
+                         "--sweep cpu on a GPU is a fast smoke test at small sizes")
+    ap.add_argument("--list", action="store_true", help="list the timing cases (with FLOPs and bytes) and time nothing")
     ap.add_argument("--ops", default="", help=f"comma-separated subset of {cases.OPS}")
     ap.add_argument("--providers", default="", help="comma-separated backends/peers to time (default all)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(cases.DTYPES))
@@ -247,7 +260,7 @@ def main(argv=None):
         ok = section_correctness(args, gpu, out_dir, deadline, reserve_s=120 if "report" in sections else 0)
     if "report" in sections:
         section_report(out_dir, deadline)
-    say(f"\nmake bench finished in {time.time() - started:.0f} s; results in {os.path.relpath(out_dir, ROOT)}/"
+    say(f"\nbenchmarks.run finished in {time.time() - started:.0f} s; results in {os.path.relpath(out_dir, ROOT)}/"
         + ("" if ok else "  -- a kernel backend FAILED the correctness table"))
     sys.stdout.flush()
     return 0 if ok else 1

@@ -105,6 +105,7 @@ def main(argv=None):
         except Exception as e:
             print(f"  {mod}: no configs listed ({type(e).__name__}: {str(e)[:200]})", flush=True)
     jobs = _round_robin(per_module)
+    jobs.sort(key=lambda job: not os.path.exists(_cache_path(*job)))     # cached first (stable: keeps the mix)
     sources = [] if args.no_cuda else kr.cuda_sources()
     triton_until = args.deadline
     if args.deadline and sources:
