@@ -118,6 +118,8 @@ def section_timing(args, gpu, peak, out_dir, deadline):
     ops = args.ops.split(",") if args.ops else cases.OPS
     sweep = cases.sweep(kind, dtype=args.dtype, ops=ops)
     provs = providers.providers(args.providers.split(",") if args.providers else None, peers=bool(gpu))
+    if not gpu:   # interpreted / emulated kernels are for correctness only: their timings would mean nothing
+        provs = [p for p in provs if p.name not in KERNEL_BACKENDS]
     if args.list:
         say(f"\n== Timing ({kind} sweep, {len(sweep)} cases; providers {', '.join(p.name for p in provs)}):")
         for c in sweep:
@@ -129,7 +131,8 @@ def section_timing(args, gpu, peak, out_dir, deadline):
     if not gpu:
         torch.set_num_threads(args.threads)
     say(f"\n== Timing: {kind} sweep, {len(sweep)} cases x {len(provs)} providers on {device}"
-        + ("" if gpu else f" ({args.threads} thread(s); kernel backends are not timed on the CPU)")
+        + ("" if gpu else f" ({args.threads} thread(s); triton and cuda are not timed on the CPU: their "
+                          "interpreter/emulator runs are checked in the correctness section)")
         + (" -- CUDA events, median and p20/p80; L2 flushed for memory-bound ops" if gpu else
            " -- perf_counter, median and p20/p80"))
     results = bench.run_sweep(sweep, provs, device, peak, deadline=deadline, cpu_budget_s=args.cpu_budget)
