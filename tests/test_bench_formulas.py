@@ -292,3 +292,40 @@ def test_plots_written(tmp_path):
     assert c.bytes() == 4 * 16 * 1024 * 16 * 128 * 2
     assert roof[0] == pytest.approx(c.flops() / (c.bytes() / 3.35e12) / 1e12) and roof[0] < 989
     assert roof[1] == pytest.approx(989.0)
+
+
+def test_time_gpu_control_flow_with_fake_events(monkeypatch):
+    """time_gpu's loop (estimate, warm-up, events per repetition, L2 flush outside the events) on CPU fakes."""
+    import time as _time
+    flushes, calls = [], []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            self.t = _time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    class FakeBuffer:
+        def zero_(self):
+            flushes.append(len(calls))
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(harness, "_flush_buffer", lambda idx: FakeBuffer())
+
+    def fn():
+        calls.append(1)
+        _time.sleep(0.002)
+    t = harness.time_gpu(fn, flush_l2=True, warmup_ms=5, rep_ms=30, min_reps=5, max_reps=50)
+    assert 5 <= t.reps <= 50 and 1.5 <= t.median <= 50 and t.p20 <= t.median <= t.p80
+    assert len(flushes) == 3 + t.reps           # every estimate call and every repetition is preceded by a flush
+    n = len(calls)
+    flushes.clear()
+    harness.time_gpu(fn, flush_l2=False, warmup_ms=5, rep_ms=30, min_reps=5)
+    assert not flushes and len(calls) > n
