@@ -44,8 +44,8 @@ SECTION_CAP_S = {"correctness": 900, "report": 1800}   # without a budget: a hun
 class Tee:
     """Write to the terminal and to run.log."""
 
-    def __init__(self, path):
-        self.f = open(path, "w")
+    def __init__(self, path, mode="w"):
+        self.f = open(path, mode)
 
     def write(self, s):
         sys.__stdout__.write(s)
@@ -141,8 +141,12 @@ def section_timing(args, gpu, peak, out_dir, deadline):
     info = harness.RunInfo.collect()
     rows = bench.csv_rows(results, info, peak)
     csv_path = os.path.join(out_dir, "bench.csv")
-    harness.write_csv(csv_path, rows)
-    say(f"\nwrote {csv_path} ({len(rows)} rows)")
+    kept = []
+    if args.append and os.path.exists(csv_path):   # keep the earlier rows of the (op, mode)s not re-measured
+        now = {(r["op"], r["mode"]) for r in rows}
+        kept = [r for r in harness.read_csv(csv_path) if (r["op"], r["mode"]) not in now]
+    harness.write_csv(csv_path, kept + rows)
+    say(f"\nwrote {csv_path} ({len(rows)} rows" + (f", {len(kept)} kept from before)" if kept else ")"))
     if not args.no_plots:
         try:
             for p in plots.plot_csv_rows(harness.read_csv(csv_path), out_dir, peak, info.gpu):
@@ -229,6 +233,8 @@ def parse_args(argv=None):
                          "unlimited with one)")
     ap.add_argument("--threads", type=int, default=1, help="CPU timing: torch threads (default 1)")
     ap.add_argument("--cpu-budget", type=float, default=0.15, help="CPU timing: seconds per measurement")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into an existing bench.csv (rows of the op/modes measured now are replaced)")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
     bad = set(args.sections.split(",")) - set(SECTIONS)
@@ -251,7 +257,7 @@ def main(argv=None):
     deadline = started + budget if budget else None
     out_dir = args.out or os.path.join(ROOT, "benchmarks", "results", harness.results_dirname(gpu))
     os.makedirs(out_dir, exist_ok=True)
-    sys.stdout = Tee(os.path.join(out_dir, "run.log"))
+    sys.stdout = Tee(os.path.join(out_dir, "run.log"), "a" if args.append else "w")
     sections = args.sections.split(",")
     describe_machine(gpu, peak)
     ok = True
