@@ -87,6 +87,13 @@ def _emu_wrappers(cu_sources):
     return wrappers
 
 
+def _headdims_macro():
+    """TILEFORMER_CUDA_HEADDIMS (e.g. "64,128" or "all") -> the TILEFORMER_HEADDIMS string macro read by
+    csrc/attention/headdims.h, for both builds (GPU and emulated)."""
+    headdims = os.environ.get("TILEFORMER_CUDA_HEADDIMS")
+    return [("TILEFORMER_HEADDIMS", '"' + headdims + '"')] if headdims else []
+
+
 def _extensions():
     """Return (ext_modules, cmdclass). Never raises: a missing toolchain means a pure-Python install."""
     if _flag("TILEFORMER_SKIP_CUDA_BUILD"):
@@ -122,7 +129,7 @@ def _extensions():
             name="transformer._C_emu",
             sources=[os.path.relpath(s, ROOT) for s in sources],
             include_dirs=[csrc, cuda_headers],
-            define_macros=[("TILEFORMER_EMULATE", "1")],
+            define_macros=[("TILEFORMER_EMULATE", "1")] + _headdims_macro(),
             extra_compile_args={"cxx": common_cxx + ["-pthread", "-Wno-unused-function"]},
             extra_link_args=["-pthread"],
         ))
@@ -148,10 +155,7 @@ def _extensions():
                       "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                       "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                       "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT162_OPERATORS__"]
-        headdims = os.environ.get("TILEFORMER_CUDA_HEADDIMS")
-        macros = [("TILEFORMER_CUDA", "1")]
-        if headdims:
-            macros.append(("TILEFORMER_HEADDIMS", '"' + headdims + '"'))
+        macros = [("TILEFORMER_CUDA", "1")] + _headdims_macro()
         exts.append(cpp_extension.CUDAExtension(
             name="transformer._C",
             sources=[os.path.relpath(s, ROOT) for s in sources],

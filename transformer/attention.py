@@ -64,12 +64,27 @@ def _triton_supports(call):
     return None
 
 
+def _cuda_supports(call):
+    """Limits of csrc/attention (transformer/_cuda/attention.py) beyond what _describe checks: fp16/bf16 only;
+    the head dim is zero-padded to a multiple of 8 and runs with the smallest compiled head dim that holds it
+    (TILEFORMER_CUDA_HEADDIMS at build time; default 64 and 128, so head dims up to 128); on a GPU, compute
+    capability >= 8.0 (mma.sync bf16, cp.async, ldmatrix). Every other feature (GQA/MQA, causal either
+    alignment, windows, ALiBi, softcap, lse, varlen, strided inputs, deterministic backward) is served."""
+    if call["dtype"] not in _checks.HALF_DTYPES:
+        return f"the CUDA kernel takes fp16/bf16 inputs, got {call['dtype']}"
+    if call["device"].type == "cuda" and torch.cuda.get_device_capability(call["device"]) < (8, 0):
+        return "the CUDA kernel needs a GPU of compute capability >= 8.0"
+    from ._cuda import attention as _cuda_attention
+    return _cuda_attention.head_dim_reason(call["device"], call["head_dim"])
+
+
 backends.register_op("flash_attention", _describe, order=("triton", "cuda", "torch", "reference"))
 backends.register_op("flash_attention_varlen", _describe_varlen, order=("triton", "cuda", "torch", "reference"))
 for _op in ("flash_attention", "flash_attention_varlen"):
     backends.register_impl(_op, "reference", f"transformer._impl_reference:{_op}")
     backends.register_impl(_op, "torch", f"transformer._impl_torch:{_op}", _torch_supports)
     backends.register_impl(_op, "triton", f"triton_kernels.attention:{_op}", _triton_supports)
+    backends.register_impl(_op, "cuda", f"transformer._cuda.attention:{_op}", _cuda_supports)
 
 
 # --- public functions -----------------------------------------------------------------------------

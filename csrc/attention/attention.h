@@ -1,0 +1,72 @@
+// Flash attention launchers (attention/attention.cu + attention/inst/*.cu): plain parameters, no torch.
+//
+// Semantics (transformer/attention.py, identical to triton_kernels/attention*.py):
+//   q [B, Nq, Hq, D] / varlen [Tq, Hq, D]; k, v [B, Nk, Hkv, D] / [Tk, Hkv, D]; Hq = group * Hkv, query head
+//   h reads KV head h / group (GQA/MQA, no copies). Any element strides with a contiguous last dim; every
+//   base pointer 16-byte aligned and every stride a multiple of 8 elements (cp.async), head_dim a multiple
+//   of 8 (the Python side pads odd head dims, the bindings copy misaligned views).
+//   Visibility: off = seqlen_k - seqlen_q (bottom_right) or 0; key j is visible to query i iff
+//   i + off - win_left <= j (mask_left) and j <= i + off + win_right (mask_right); causal = right 0.
+//   Score (natural log domain) s = scale * q.k, or softcap * tanh(scale * q.k / softcap), minus
+//   slope * |i + off - j| (ALiBi). Rows with no visible key: out 0, lse -inf, gradients 0.
+//   out like q (contiguous, dtype of q); lse fp32 [B, Hq, Nq] / [Hq, Tq], natural log.
+// The backward is deterministic (no atomics): dK/dV per key tile over the query tiles of every query head of
+// the GQA group, dQ per query tile over its key tiles.
+#pragma once
+
+#include "common/types.h"
+
+namespace tf::attention {
+
+struct Params {
+  // forward inputs / outputs
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;                 // [.., Hq, D] contiguous, dtype of q (forward output; backward input)
+  float* lse;                // fp32 [B, Hq, Nq] / [Hq, Tq] contiguous
+  const float* alibi;        // fp32 slopes [Hq] or [B, Hq], or null
+  const int* cu_q;           // int32 [B + 1] (varlen) or null
+  const int* cu_k;
+  // backward (null in the forward)
+  const void* dout;          // like out (own strides)
+  const float* dlse;         // fp32, lse's layout (contiguous), or null
+  float* delta;              // fp32 workspace, lse's layout: rowsum(dO * O) - dlse
+  void* dq;                  // contiguous like q, k, v
+  void* dk;
+  void* dv;
+
+  // element strides (batch, token, head); the batch stride is ignored for varlen
+  int64_t stride_qb, stride_qm, stride_qh;
+  int64_t stride_kb, stride_kn, stride_kh;
+  int64_t stride_vb, stride_vn, stride_vh;
+  int64_t stride_ob, stride_om, stride_oh;     // out (and dout: stride_do*)
+  int64_t stride_dob, stride_dom, stride_doh;
+  int64_t stride_ab, stride_ah;                // alibi (stride_ab = 0 for [Hq] slopes)
+
+  int batch, hq, hkv, group;
+  int max_q, max_k;          // dense Nq, Nk; varlen: bounds of the sequence lengths (grid size)
+  int64_t total_q, total_k;  // packed tokens (varlen: rows of q / k; dense: B * N)
+  int head_dim;              // multiple of 8, <= the instantiated padded head dim
+  float scale;               // softmax scale
+  float softcap;             // 0: none
+  int win_left, win_right;   // used when mask_left / mask_right
+  bool mask_left, mask_right, bottom_right, varlen;
+  DType dtype;               // f16 or bf16
+};
+
+// Head dims with compiled kernels (TILEFORMER_HEADDIMS at build time; default 64,128), ascending.
+// Writes at most `cap` of them to dims and returns how many exist.
+int attn_head_dims(int* dims, int cap);
+
+// The instantiated head dim a head_dim (1..256) runs with: the smallest one >= head_dim, or 0 if none.
+int attn_padded_head_dim(int head_dim);
+
+void attn_fwd(const Params& p, cudaStream_t stream);   // fills p.out, p.lse
+void attn_bwd(const Params& p, cudaStream_t stream);   // fills p.delta, p.dq, p.dk, p.dv
+
+// Per-(dtype, padded head dim) entry points, one translation unit each (attention/inst/*.cu).
+template <typename T, int D> void run_attn_fwd(const Params& p, cudaStream_t stream);
+template <typename T, int D> void run_attn_bwd(const Params& p, cudaStream_t stream);
+
+}  // namespace tf::attention

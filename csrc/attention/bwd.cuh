@@ -1,0 +1,364 @@
+// Flash attention backward (deterministic: no atomics, no program writes what another writes), notation
+// in attention/common.cuh. P is recomputed from the stored lse; a row that saw no key (lse = -inf) is read as
+// lse = +inf, so its P, and its gradients, are exactly 0.
+//
+// * attn_bwd_preprocess_kernel: delta = rowsum(dO * O) - dlse (one warp per query row).
+// * attn_bwd_dkdv_kernel: one block = BN = 16 * NWARPS keys of one (batch, KV head); warp w owns keys
+//   16w..16w+15 and accumulates dK, dV in registers over every query tile (BM queries, double-buffered
+//   Q / dO tiles by cp.async) of every query head of its GQA group:
+//     S^T = K Q^T, P^T = exp2(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+//     dK += dS^T Q  (P^T and dS^T go from accumulators to A fragments in registers).
+// * attn_bwd_dq_kernel: one block = BM = 16 * NWARPS queries of one (batch, query head), over its key tiles
+//   (double-buffered K / V): S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+// * attn_zero_tail_kernel: packed varlen tokens past cu_seqlens[-1] (no sequence): rows 0 (lse -inf).
+#pragma once
+
+#include "attention/common.cuh"
+
+namespace tf::attention {
+
+// delta[row] = sum_d dO * O - dlse. Grid (cdiv(max_q, 8), Hq, B), 256 threads: one warp per query row.
+template <typename T>
+__global__ void __launch_bounds__(256) attn_bwd_preprocess_kernel(const Params p) {
+  const int b = blockIdx.z, h = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const SeqInfo si = seq_info(p, b);
+  const int m = blockIdx.x * 8 + warp;
+  if (m >= si.seqlen_q) return;   // whole warps leave: no block barrier here
+  const int64_t b64 = p.varlen ? 0 : b, tok = si.q_start + m;
+  const T* O = static_cast<const T*>(p.out) + b64 * p.stride_ob + h * p.stride_oh + tok * p.stride_om;
+  const T* dO = static_cast<const T*>(p.dout) + b64 * p.stride_dob + h * p.stride_doh + tok * p.stride_dom;
+  float acc = 0.f;
+  for (int d = lane; d < p.head_dim; d += 32) acc += to_float(O[d]) * to_float(dO[d]);
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(kFullMask, acc, s);
+  if (lane == 0) {
+    const int64_t li = p.varlen ? h * p.total_q + tok : (int64_t(b) * p.hq + h) * p.max_q + m;
+    p.delta[li] = acc - (p.dlse ? p.dlse[li] : 0.f);
+  }
+}
+
+// lse (natural log, -inf for empty rows) -> log2 domain, +inf for empty rows and rows past the sequence.
+TF_DEVICE float lse2_of(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+template <int D, int BM, int BN>
+constexpr size_t dkdv_smem_bytes() {   // K, V [BN][SD]; 2 x (Q, dO) [BM][SD]; 2 x (lse2, delta) [BM] fp32
+  return size_t(2 * BN + 4 * BM) * (D + 8) * 2 + 2 * 2 * BM * 4;
+}
+
+// One query tile for one warp's 16 keys: accumulate dK, dV.
+template <bool MASKED, typename T, int D, int BM>
+TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, const T* sKw, const T* sVw,
+                         const T* sQb, const T* sdOb, const float* sL, const float* sDl, int m0, int col_lo,
+                         float (&dk)[D / 8][4], float (&dv)[D / 8][4], int lane) {
+  constexpr int SD = D + 8;
+  const int t = lane & 3;
+  float s[BM / 8][4], dp[BM / 8][4];
+#pragma unroll
+  for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.f;
+  // S^T = K Q^T and dP^T = V dO^T (rows: this warp's keys; columns: the tile's queries). Not unrolled over
+  // k-steps: it keeps the fragment prefetch (and so the registers) small next to the dK, dV accumulators.
+#pragma unroll 1
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t ak[4], av[4];
+    ldm_a<SD>(ak, sKw, 0, 16 * kk, lane);
+    ldm_a<SD>(av, sVw, 0, 16 * kk, lane);
+#pragma unroll
+    for (int jj = 0; jj < BM / 16; ++jj) {
+      uint32_t b[4];
+      ldm_bt<SD>(b, sQb, 16 * jj, 16 * kk, lane);
+      mma2<T>(s[2 * jj], s[2 * jj + 1], ak, b);
+      ldm_bt<SD>(b, sdOb, 16 * jj, 16 * kk, lane);
+      mma2<T>(dp[2 * jj], dp[2 * jj + 1], av, b);
+    }
+  }
+  // P^T and dS^T, element-wise (row = key, col = query)
+  Band band[2];
+  if (MASKED) band[0] = queries_of_key(p, si, col_lo), band[1] = queries_of_key(p, si, col_lo + 8);
+#pragma unroll
+  for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = col_lo + (i >= 2 ? 8 : 0), cq = 8 * j + 2 * t + (i & 1), query = m0 + cq;
+      float tc;
+      float x = score(s[j][i], sc, query, key, si.off, tc);
+      if (MASKED && !band[i >> 1].has(query)) x = -INFINITY;
+      const float pt = ptx::ex2_approx(x - sL[cq]);
+      float ds = pt * (dp[j][i] - sDl[cq]);
+      if (sc.cap2 != 0.f) ds *= 1.f - tc * tc;
+      s[j][i] = pt;
+      dp[j][i] = ds;
+    }
+  // dV += P^T dO and dK += dS^T Q (dO, Q are [query][d] = B[k][n]: ldmatrix .trans)
+#pragma unroll
+  for (int kk = 0; kk < BM / 16; ++kk) {
+    uint32_t ap[4], ads[4];
+    acc_to_a<T>(ap, s[2 * kk], s[2 * kk + 1]);
+    acc_to_a<T>(ads, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+    for (int dd = 0; dd < D / 16; ++dd) {
+      uint32_t b[4];
+      ldm_b_trans<SD>(b, sdOb, 16 * kk, 16 * dd, lane);
+      mma2<T>(dv[2 * dd], dv[2 * dd + 1], ap, b);
+      ldm_b_trans<SD>(b, sQb, 16 * kk, 16 * dd, lane);
+      mma2<T>(dk[2 * dd], dk[2 * dd + 1], ads, b);
+    }
+  }
+}
+
+template <typename T, int D, int BM, int BN, int NWARPS>
+__global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params p) {
+  static_assert(BN == 16 * NWARPS && BM % 16 == 0 && D % 16 == 0, "tile shapes");
+  constexpr int SD = D + 8, NT = NWARPS * 32;
+  TF_DYNAMIC_SMEM(T, smem);
+  T* sK = smem;                  // [BN][SD]
+  T* sV = sK + BN * SD;          // [BN][SD]
+  T* sQ = sV + BN * SD;          // [2][BM][SD]
+  T* sdO = sQ + 2 * BM * SD;     // [2][BM][SD]
+  float* sL = reinterpret_cast<float*>(sdO + 2 * BM * SD);   // [2][BM] lse2
+  float* sDl = sL + 2 * BM;                                  // [2][BM] delta
+
+  const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * BN;
+  const SeqInfo si = seq_info(p, b);
+  if (n0 >= si.seqlen_k) return;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t b64 = p.varlen ? 0 : b;
+  const T* K = static_cast<const T*>(p.k) + b64 * p.stride_kb + hk * p.stride_kh + (si.k_start + n0) * p.stride_kn;
+  const T* V = static_cast<const T*>(p.v) + b64 * p.stride_vb + hk * p.stride_vh + (si.k_start + n0) * p.stride_vn;
+  load_tile<BN, D, NT>(sK, K, p.stride_kn, si.seqlen_k - n0, p.head_dim, tid);
+  load_tile<BN, D, NT>(sV, V, p.stride_vn, si.seqlen_k - n0, p.head_dim, tid);
+  ptx::cp_async_commit();
+
+  const int n_last = imin(n0 + BN, si.seqlen_k) - 1;
+  const Range qr = query_range(p, si, n0, n_last, BM);
+  const int q_tiles = (qr.hi - qr.lo + BM - 1) / BM;
+  const int items = q_tiles * p.group;   // (query head of the group, query tile), tile-major per head
+
+  // Issue the loads of work item `it` into buffer `buf`: Q and dO by cp.async, lse2 / delta by plain stores.
+  auto issue = [&](int it, int buf) {
+    const int gi = it / q_tiles, m0 = qr.lo + (it % q_tiles) * BM;
+    const int64_t h = hk * p.group + gi, tok = si.q_start + m0;
+    const T* Q = static_cast<const T*>(p.q) + b64 * p.stride_qb + h * p.stride_qh + tok * p.stride_qm;
+    const T* dO = static_cast<const T*>(p.dout) + b64 * p.stride_dob + h * p.stride_doh + tok * p.stride_dom;
+    load_tile<BM, D, NT>(sQ + buf * BM * SD, Q, p.stride_qm, si.seqlen_q - m0, p.head_dim, tid);
+    load_tile<BM, D, NT>(sdO + buf * BM * SD, dO, p.stride_dom, si.seqlen_q - m0, p.head_dim, tid);
+    const int64_t lrow = p.varlen ? h * p.total_q + tok : (int64_t(b) * p.hq + h) * p.max_q + m0;
+    for (int r = tid; r < BM; r += NT) {
+      const bool ok = m0 + r < si.seqlen_q;
+      sL[buf * BM + r] = ok ? lse2_of(p.lse[lrow + r]) : INFINITY;
+      sDl[buf * BM + r] = ok ? p.delta[lrow + r] : 0.f;
+    }
+  };
+  if (items > 0) issue(0, 0);
+  ptx::cp_async_commit();
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dk[j][i] = dv[j][i] = 0.f;
+  const T* sKw = sK + 16 * warp * SD;
+  const T* sVw = sV + 16 * warp * SD;
+  const int col_lo = n0 + 16 * warp + (lane >> 2);   // this thread's first key (second: + 8)
+
+  for (int it = 0; it < items; ++it) {
+    const int buf = it & 1, gi = it / q_tiles, m0 = qr.lo + (it % q_tiles) * BM;
+    if (it + 1 < items) {
+      issue(it + 1, buf ^ 1);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();
+    } else {
+      ptx::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const Scale sc = make_scale(p, b, hk * p.group + gi);
+    const T* sQb = sQ + buf * BM * SD;
+    const T* sdOb = sdO + buf * BM * SD;
+    if (m0 < qr.full_lo || m0 >= qr.full_hi)
+      dkdv_tile<true, T, D, BM>(p, si, sc, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM, m0, col_lo, dk, dv,
+                                lane);
+    else
+      dkdv_tile<false, T, D, BM>(p, si, sc, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM, m0, col_lo, dk,
+                                 dv, lane);
+    __syncthreads();
+  }
+  ptx::cp_async_wait<0>();   // no query tile: K / V copies must land before the epilogue reuses sK / sV
+  __syncthreads();
+
+  // dK = scale * sum dS^T Q; stage through this warp's rows of sK / sV, 16-byte stores (dk, dv contiguous).
+  T* sdKw = const_cast<T*>(sKw);
+  T* sdVw = const_cast<T*>(sVw);
+  acc_to_smem<D, T>(sdKw, dk, p.scale, p.scale, lane);
+  acc_to_smem<D, T>(sdVw, dv, 1.f, 1.f, lane);
+  __syncwarp();
+  const int rows_left = si.seqlen_k - n0 - 16 * warp;
+  const int64_t row_stride = int64_t(p.hkv) * p.head_dim;
+  const int64_t base = (p.varlen ? 0 : int64_t(b) * p.max_k * row_stride) + (si.k_start + n0 + 16 * warp) * row_stride +
+                       hk * p.head_dim;
+  store_rows16<D, T>(static_cast<T*>(p.dk) + base, row_stride, sdKw, rows_left, p.head_dim, lane);
+  store_rows16<D, T>(static_cast<T*>(p.dv) + base, row_stride, sdVw, rows_left, p.head_dim, lane);
+}
+
+template <int D, int BM, int BN>
+constexpr size_t dq_smem_bytes() {   // Q, dO [BM][SD]; 2 x (K, V) [BN][SD]
+  return size_t(2 * BM + 4 * BN) * (D + 8) * 2;
+}
+
+// One key tile for one warp's 16 queries: accumulate dQ.
+template <bool MASKED, typename T, int D, int BN>
+TF_DEVICE void dq_tile(const Params& p, const SeqInfo& si, const Scale& sc, const T* sQw, const T* sdOw,
+                       const T* sKb, const T* sVb, int n0, int row_lo, const float (&lse2)[2],
+                       const float (&delta)[2], float (&dq)[D / 8][4], int lane) {
+  constexpr int SD = D + 8;
+  const int t = lane & 3;
+  float s[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.f;
+  // S = Q K^T and dP = dO V^T (K, V are [key][d] = Bt[n][k])
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t aq[4], ado[4];
+    ldm_a<SD>(aq, sQw, 0, 16 * kk, lane);
+    ldm_a<SD>(ado, sdOw, 0, 16 * kk, lane);
+#pragma unroll
+    for (int jj = 0; jj < BN / 16; ++jj) {
+      uint32_t b[4];
+      ldm_bt<SD>(b, sKb, 16 * jj, 16 * kk, lane);
+      mma2<T>(s[2 * jj], s[2 * jj + 1], aq, b);
+      ldm_bt<SD>(b, sVb, 16 * jj, 16 * kk, lane);
+      mma2<T>(dp[2 * jj], dp[2 * jj + 1], ado, b);
+    }
+  }
+  Band band[2];
+  if (MASKED) band[0] = keys_of_query(p, si, row_lo), band[1] = keys_of_query(p, si, row_lo + 8);
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = i >> 1, row = row_lo + 8 * r, col = n0 + 8 * j + 2 * t + (i & 1);
+      float tc;
+      float x = score(s[j][i], sc, row, col, si.off, tc);
+      if (MASKED && !band[r].has(col)) x = -INFINITY;
+      float ds = ptx::ex2_approx(x - lse2[r]) * (dp[j][i] - delta[r]);
+      if (sc.cap2 != 0.f) ds *= 1.f - tc * tc;
+      s[j][i] = ds;
+    }
+  // dQ += dS K (K is [key][d] = B[k][n]: ldmatrix .trans)
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    uint32_t a[4];
+    acc_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+    for (int dd = 0; dd < D / 16; ++dd) {
+      uint32_t b[4];
+      ldm_b_trans<SD>(b, sKb, 16 * kk, 16 * dd, lane);
+      mma2<T>(dq[2 * dd], dq[2 * dd + 1], a, b);
+    }
+  }
+}
+
+template <typename T, int D, int BM, int BN, int NWARPS>
+__global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dq_kernel(const Params p) {
+  static_assert(BM == 16 * NWARPS && BN % 16 == 0 && D % 16 == 0, "tile shapes");
+  constexpr int SD = D + 8, NT = NWARPS * 32;
+  TF_DYNAMIC_SMEM(T, smem);
+  T* sQ = smem;                  // [BM][SD]
+  T* sdO = sQ + BM * SD;         // [BM][SD]
+  T* sK = sdO + BM * SD;         // [2][BN][SD]
+  T* sV = sK + 2 * BN * SD;      // [2][BN][SD]
+
+  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * BM;
+  const SeqInfo si = seq_info(p, b);
+  if (m0 >= si.seqlen_q) return;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t b64 = p.varlen ? 0 : b, hk = h / p.group, tok = si.q_start + m0;
+  const T* Q = static_cast<const T*>(p.q) + b64 * p.stride_qb + h * p.stride_qh + tok * p.stride_qm;
+  const T* dO = static_cast<const T*>(p.dout) + b64 * p.stride_dob + h * p.stride_doh + tok * p.stride_dom;
+  const T* K = static_cast<const T*>(p.k) + b64 * p.stride_kb + hk * p.stride_kh + si.k_start * p.stride_kn;
+  const T* V = static_cast<const T*>(p.v) + b64 * p.stride_vb + hk * p.stride_vh + si.k_start * p.stride_vn;
+  const Scale sc = make_scale(p, b, h);
+  const int m_last = imin(m0 + BM, si.seqlen_q) - 1;
+  const Range kr = key_range(p, si, m0, m_last, BN);
+  const int n_tiles = (kr.hi - kr.lo + BN - 1) / BN;
+
+  load_tile<BM, D, NT>(sQ, Q, p.stride_qm, si.seqlen_q - m0, p.head_dim, tid);
+  load_tile<BM, D, NT>(sdO, dO, p.stride_dom, si.seqlen_q - m0, p.head_dim, tid);
+  if (n_tiles > 0) {
+    load_tile<BN, D, NT>(sK, K + int64_t(kr.lo) * p.stride_kn, p.stride_kn, si.seqlen_k - kr.lo, p.head_dim, tid);
+    load_tile<BN, D, NT>(sV, V + int64_t(kr.lo) * p.stride_vn, p.stride_vn, si.seqlen_k - kr.lo, p.head_dim, tid);
+  }
+  ptx::cp_async_commit();
+
+  const int row_lo = m0 + 16 * warp + (lane >> 2);
+  const int64_t lrow = p.varlen ? h * p.total_q + si.q_start : (int64_t(b) * p.hq + h) * p.max_q;
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool ok = row_lo + 8 * r < si.seqlen_q;
+    lse2[r] = ok ? lse2_of(p.lse[lrow + row_lo + 8 * r]) : INFINITY;
+    delta[r] = ok ? p.delta[lrow + row_lo + 8 * r] : 0.f;
+  }
+  float dq[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dq[j][i] = 0.f;
+  const T* sQw = sQ + 16 * warp * SD;
+  const T* sdOw = sdO + 16 * warp * SD;
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int n0 = kr.lo + it * BN, buf = it & 1;
+    if (it + 1 < n_tiles) {
+      const int n1 = n0 + BN, nb = buf ^ 1;
+      load_tile<BN, D, NT>(sK + nb * BN * SD, K + int64_t(n1) * p.stride_kn, p.stride_kn, si.seqlen_k - n1,
+                           p.head_dim, tid);
+      load_tile<BN, D, NT>(sV + nb * BN * SD, V + int64_t(n1) * p.stride_vn, p.stride_vn, si.seqlen_k - n1,
+                           p.head_dim, tid);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();
+    } else {
+      ptx::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sKb = sK + buf * BN * SD;
+    const T* sVb = sV + buf * BN * SD;
+    if (n0 < kr.full_lo || n0 >= kr.full_hi)
+      dq_tile<true, T, D, BN>(p, si, sc, sQw, sdOw, sKb, sVb, n0, row_lo, lse2, delta, dq, lane);
+    else
+      dq_tile<false, T, D, BN>(p, si, sc, sQw, sdOw, sKb, sVb, n0, row_lo, lse2, delta, dq, lane);
+    __syncthreads();
+  }
+  ptx::cp_async_wait<0>();
+  __syncthreads();
+
+  T* sdQw = const_cast<T*>(sQw);   // this warp's rows of the Q tile
+  acc_to_smem<D, T>(sdQw, dq, p.scale, p.scale, lane);
+  __syncwarp();
+  const int64_t row_stride = int64_t(p.hq) * p.head_dim;   // dq is contiguous like q
+  const int64_t base = (p.varlen ? 0 : int64_t(b) * p.max_q * row_stride) + (tok + 16 * warp) * row_stride +
+                       h * p.head_dim;
+  store_rows16<D, T>(static_cast<T*>(p.dq) + base, row_stride, sdQw, si.seqlen_q - m0 - 16 * warp, p.head_dim,
+                     lane);
+}
+
+// x (and y) [total, heads, head_dim] contiguous: rows of tokens cu[n_seqs] <= t < total set to 0; lse
+// [heads, total] (if not null) to -inf. Grid (cdiv(total, 16)), 128 threads.
+template <typename T>
+__global__ void __launch_bounds__(128) attn_zero_tail_kernel(T* x, T* y, float* lse, const int* cu, int n_seqs,
+                                                             int64_t total, int heads, int head_dim) {
+  const int64_t start = cu[n_seqs], t0 = int64_t(blockIdx.x) * 16;
+  const int64_t row = int64_t(heads) * head_dim;
+  for (int64_t t = lmax(t0, start); t < lmin(t0 + 16, total); ++t) {
+    for (int64_t i = threadIdx.x; i < row; i += 128) {
+      x[t * row + i] = from_float<T>(0.f);
+      if (y) y[t * row + i] = from_float<T>(0.f);
+    }
+    if (lse)
+      for (int hh = threadIdx.x; hh < heads; hh += 128) lse[hh * total + t] = -INFINITY;
+  }
+}
+
+}  // namespace tf::attention

@@ -1,0 +1,65 @@
+// Per-(dtype, head dim) launchers of the attention kernels: tile configurations and grids. Included by the
+// generated translation units attention/inst/{fwd,bwd}_d<D1>_d<D2>.cu (one per direction and head-dim pair, so
+// MAX_JOBS compiles them in parallel); TF_ATTN_INSTANTIATE_{FWD,BWD}(D) instantiate both dtypes.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+#include "attention/bwd.cuh"
+#include "attention/fwd.cuh"
+#include "attention/headdims.h"
+#include "common/launch.h"
+
+namespace tf::attention {
+
+// Tile shapes per padded head dim (4 warps everywhere). The backward accumulates two D-wide fp32 tiles per
+// warp (dK, dV or dQ), so it takes 32-wide query / key tiles above D = 64 to stay spill-free.
+template <int D>
+struct Config {
+  static constexpr int kWarps = 4;
+  static constexpr int kFwdM = 64, kFwdN = D <= 64 ? 64 : 32;    // forward: query tile, key tile
+  static constexpr int kDkdvM = D <= 64 ? 32 : 16, kDkdvN = 64;   // dK/dV: query tile, key tile (16 per warp)
+  static constexpr int kDqM = 64, kDqN = D <= 64 ? 64 : 32;       // dQ: query tile (16 per warp), key tile
+};
+
+inline unsigned grid_dim(int64_t n, int tile) { return static_cast<unsigned>((n + tile - 1) / tile); }
+
+template <typename T, int D>
+void run_attn_fwd(const Params& p, cudaStream_t stream) {
+  if constexpr (headdim_enabled(D)) {
+    using C = Config<D>;
+    const dim3 grid(grid_dim(p.max_q, C::kFwdM), p.hq, p.batch);
+    launch(attn_fwd_kernel<T, D, C::kFwdM, C::kFwdN, C::kWarps>, grid, dim3(32 * C::kWarps),
+           fwd_smem_bytes<D, C::kFwdM, C::kFwdN>(), stream, p);
+  } else {
+    throw std::invalid_argument("attention: head dim " + std::to_string(D) + " was not compiled in (build with "
+                                "TILEFORMER_CUDA_HEADDIMS naming it)");
+  }
+}
+
+template <typename T, int D>
+void run_attn_bwd(const Params& p, cudaStream_t stream) {
+  if constexpr (headdim_enabled(D)) {
+    using C = Config<D>;
+    launch(attn_bwd_preprocess_kernel<T>, dim3(grid_dim(p.max_q, 8), p.hq, p.batch), dim3(256), 0, stream, p);
+    if (p.max_k > 0)
+      launch(attn_bwd_dkdv_kernel<T, D, C::kDkdvM, C::kDkdvN, C::kWarps>,
+             dim3(grid_dim(p.max_k, C::kDkdvN), p.hkv, p.batch), dim3(32 * C::kWarps),
+             dkdv_smem_bytes<D, C::kDkdvM, C::kDkdvN>(), stream, p);
+    launch(attn_bwd_dq_kernel<T, D, C::kDqM, C::kDqN, C::kWarps>, dim3(grid_dim(p.max_q, C::kDqM), p.hq, p.batch),
+           dim3(32 * C::kWarps), dq_smem_bytes<D, C::kDqM, C::kDqN>(), stream, p);
+  } else {
+    throw std::invalid_argument("attention: head dim " + std::to_string(D) + " was not compiled in (build with "
+                                "TILEFORMER_CUDA_HEADDIMS naming it)");
+  }
+}
+
+}  // namespace tf::attention
+
+#define TF_ATTN_INSTANTIATE_FWD(D)                                                                    \
+  template void tf::attention::run_attn_fwd<__half, D>(const tf::attention::Params&, cudaStream_t);   \
+  template void tf::attention::run_attn_fwd<__nv_bfloat16, D>(const tf::attention::Params&, cudaStream_t);
+#define TF_ATTN_INSTANTIATE_BWD(D)                                                                    \
+  template void tf::attention::run_attn_bwd<__half, D>(const tf::attention::Params&, cudaStream_t);   \
+  template void tf::attention::run_attn_bwd<__nv_bfloat16, D>(const tf::attention::Params&, cudaStream_t);

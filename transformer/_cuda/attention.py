@@ -1,0 +1,150 @@
+"""CUDA flash attention (csrc/attention/): fakes, autograd, head-dim padding and the canonical entry functions.
+
+Ops (both namespaces, see transformer/_cuda/__init__.py), same contract as the Triton ops in
+triton_kernels/attention.py:
+
+    attn_fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+             window_left, window_right, softcap, bottom_right) -> (out, lse)
+    attn_bwd(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+             max_seqlen_k, softmax_scale, window_left, window_right, softcap, bottom_right) -> (dq, dk, dv)
+    attn_head_dims() -> list[int]      # head dims compiled into this build (TILEFORMER_CUDA_HEADDIMS)
+
+window_* = -1 means unbounded (causal is window_right = 0); lse is fp32 [B, Hq, Nq] (varlen [Hq, Tq]), natural
+log. The kernels take head dims that are multiples of 8 up to a compiled one and round the tile up to it;
+other head dims are zero-padded here (F.pad, differentiable), which changes neither scores nor outputs.
+The backward is always deterministic (no atomics), so ``deterministic`` costs nothing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from . import namespace_name, ops
+
+__all__ = ["flash_attention", "flash_attention_varlen", "head_dims", "head_dim_reason", "register"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _fwd_fake(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+              window_left, window_right, softcap, bottom_right):
+    if cu_seqlens_q is not None:
+        lse_shape = (q.shape[1], q.shape[0])
+    else:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def _bwd_fake(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+              softmax_scale, window_left, window_right, softcap, bottom_right):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, alibi, cu_q, cu_k, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, alibi, cu_q, cu_k)
+    ctx.params = params
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, alibi, cu_q, cu_k = ctx.saved_tensors
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
+    dq, dk, dv = ops(q.device).attn_bwd(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, *ctx.params)
+    return (dq, dk, dv) + (None,) * 10
+
+
+def register(ns: str):
+    """Fakes and autograd of the attention ops of torch.ops.<ns> (called once per namespace by ops())."""
+    torch.library.register_fake(f"{ns}::attn_fwd")(_fwd_fake)
+    torch.library.register_fake(f"{ns}::attn_bwd")(_bwd_fake)
+    torch.library.register_autograd(f"{ns}::attn_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which head dims this build serves (asked by transformer.attention's supports predicate)
+# ---------------------------------------------------------------------------------------------
+
+_HEAD_DIMS: dict = {}
+
+
+@backends._constant_under_compile
+def head_dims(device_type: str) -> tuple:
+    """Head dims compiled into the extension serving `device_type` ("cuda" or "cpu" = emulated)."""
+    if device_type not in _HEAD_DIMS:
+        dev = torch.device(device_type)
+        _HEAD_DIMS[device_type] = tuple(int(d) for d in ops(dev).attn_head_dims())
+    return _HEAD_DIMS[device_type]
+
+
+def _round8(d):
+    return (d + 7) // 8 * 8
+
+
+def head_dim_reason(device: torch.device, head_dim: int):
+    """None if some compiled head dim can hold `head_dim` (padded to a multiple of 8), else the reason."""
+    dims = head_dims(device.type)
+    if not dims or _round8(head_dim) > max(dims):
+        built = ", ".join(map(str, dims)) or "none"
+        return (f"the CUDA attention kernels of this build ({namespace_name(device)}) are compiled for head dims "
+                f"{built} (TILEFORMER_CUDA_HEADDIMS); head dim {head_dim} needs one >= {_round8(head_dim)}")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical entry functions (called by transformer.attention through the dispatcher)
+# ---------------------------------------------------------------------------------------------
+
+def _check(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in _HALF:
+            raise TypeError(f"{name} must be float16 or bfloat16 for the CUDA kernels (fp16/bf16), got {t.dtype}")
+    reason = head_dim_reason(q.device, q.shape[-1])
+    if reason:
+        raise ValueError(reason)
+
+
+def _pad(t, d8):
+    """Zero-pad the head dim to d8 (a multiple of 8): the 16-byte copies of the kernels need it."""
+    return t if t.shape[-1] == d8 else F.pad(t, (0, d8 - t.shape[-1]))
+
+
+def _window(causal, window_size, max_q, max_k):
+    """(left, right) for the kernel: causal folded into right = 0; windows wider than any sequence -> -1."""
+    left, right = window_size
+    if causal:
+        right = 0
+    wide = max_q + max_k
+    return (-1 if left >= wide else left), (-1 if right >= wide else right)
+
+
+def _run(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window_size, softcap, causal_align):
+    d = q.shape[-1]
+    d8 = _round8(d)
+    left, right = _window(causal, window_size, max_q, max_k)
+    out, lse = ops(q.device).attn_fwd(_pad(q, d8), _pad(k, d8), _pad(v, d8), alibi, cu_q, cu_k, int(max_q),
+                                      int(max_k), float(scale), int(left), int(right), float(softcap),
+                                      causal_align == "bottom_right")
+    return (out if d8 == d else out[..., :d]), lse
+
+
+def flash_attention(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, deterministic,
+                    return_lse, causal_align):
+    """Dense flash attention (backend "cuda"). deterministic: always true here (no atomics)."""
+    _check(q, k, v)
+    out, lse = _run(q, k, v, alibi_slopes, None, None, q.shape[1], k.shape[1], softmax_scale, causal, window_size,
+                    softcap, causal_align)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
+                           softmax_scale, window_size, alibi_slopes, softcap, deterministic, return_lse,
+                           causal_align):
+    """Packed variable-length flash attention (backend "cuda"); lse is [Hq, total_q]."""
+    _check(q, k, v)
+    out, lse = _run(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                    causal, window_size, softcap, causal_align)
+    return (out, lse) if return_lse else out
