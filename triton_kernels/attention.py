@@ -2,8 +2,9 @@
 
 Kernels live in attention_fwd.py (forward + shared helpers) and attention_bwd.py (backward). This file:
 
-* picks a config: autotuned per GPU arch and head-dim bucket on a GPU (``_configs``), one fixed config
-  under ``TRITON_INTERPRET=1``, where bf16 also gets the in-kernel upcast (``UPCAST``);
+* picks a config: ``triton.autotune`` over the statically verified entries of ``_GPU_CONFIGS`` for the
+  GPU's arch and head-dim bucket (``_kernel``), one fixed config under ``TRITON_INTERPRET=1``, where bf16
+  also gets the in-kernel upcast (``UPCAST``);
 * launches (``_forward``, ``_backward``), allocating outputs with ``_utils.empty`` (NaN-poisoned in tests);
 * registers ``torch.ops.tileformer_triton.flash_attn_fwd`` / ``flash_attn_bwd`` (custom ops with fake
   implementations, so torch.compile traces them) and the autograd formula of the forward op;
@@ -16,7 +17,6 @@ to a power of two >= 16 and masked), Hq a multiple of Hkv, last dim contiguous, 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -81,7 +81,7 @@ def _d_bucket(block_d):
 
 
 def _arch(device):
-    major, minor = torch.cuda.get_device_capability(device)
+    major, _ = torch.cuda.get_device_capability(device)
     return 90 if major == 9 else 80
 
 
