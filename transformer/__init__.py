@@ -9,6 +9,7 @@ Public API (all ops take ``backend="auto" | "cuda" | "triton" | "torch" | "refer
     transformer.rms_norm(x, weight, eps, residual=..., prenorm=...)
     transformer.scaled_dot_product_attention(query, key, value, ...)   # drop-in for F.scaled_dot_product_attention
     transformer.MultiheadAttention / transformer.Attention                # modules; transformer.models: the models
+    transformer.LayerNorm / transformer.RMSNorm                           # drop-ins for torch.nn's (+ residual=, prenorm=)
     transformer.generate(model, input_ids, max_new_tokens, ...)          # KV-cache generation
 
 Importing this package never touches a GPU, Triton or the compiled extension.
@@ -20,10 +21,11 @@ from .norms import layer_norm, rms_norm
 from .sdpa import scaled_dot_product_attention
 from .kv_cache import KVCache
 from .nn.attention import Attention, MultiheadAttention
+from .nn.norms import LayerNorm, RMSNorm
 from .generate import generate
 
 __version__ = "0.1.0"
 
 __all__ = ["backends", "reference", "flash_attention", "flash_attention_varlen", "decode_attention",
            "layer_norm", "rms_norm", "scaled_dot_product_attention", "Attention", "MultiheadAttention", "KVCache",
-           "generate"]
+           "generate", "LayerNorm", "RMSNorm"]

@@ -20,7 +20,8 @@ __all__ = ["layer_norm", "rms_norm"]
 def _describe(x, weight=None, bias=None, eps=1e-5, *, residual=None, prenorm=False, residual_in_fp32=False,
               has_bias=True):
     n = _checks.check_norm(x, weight, bias, eps, residual, has_bias=has_bias)
-    return dict(device=x.device, dtype=x.dtype, hidden=n, weight_dtype=None if weight is None else weight.dtype,
+    return dict(device=x.device, dtype=x.dtype, hidden=n, rows=x.numel() // n,
+                weight_dtype=None if weight is None else weight.dtype,
                 bias=bias is not None, residual=residual is not None, prenorm=bool(prenorm),
                 residual_in_fp32=bool(residual_in_fp32))
 
@@ -29,11 +30,25 @@ def _describe_rms(x, weight=None, eps=1e-6, **kw):
     return _describe(x, weight, None, eps, has_bias=False, **kw)
 
 
+TRITON_MAX_HIDDEN = 65536      # triton_kernels.norms.MAX_HIDDEN (not imported here: no triton at import)
+
+
+def _triton_supports(call):
+    """The Triton norms (triton_kernels/norms.py) take any float dtype mix the public API allows,
+    any row stride (contiguous last dim); hidden 1..65536, rows < 2^31 (int32 row index, grid size)."""
+    if call["hidden"] > TRITON_MAX_HIDDEN:
+        return f"hidden size {call['hidden']} exceeds {TRITON_MAX_HIDDEN}, the largest the Triton norm kernels serve"
+    if call["rows"] >= 2 ** 31:
+        return f"{call['rows']} rows: the Triton norm kernels index rows with int32 (at most 2^31 - 1)"
+    return None
+
+
 backends.register_op("layer_norm", _describe, order=("triton", "cuda", "torch", "reference"))
 backends.register_op("rms_norm", _describe_rms, order=("triton", "cuda", "torch", "reference"))
 for _op in ("layer_norm", "rms_norm"):
     backends.register_impl(_op, "reference", f"transformer._impl_reference:{_op}")
     backends.register_impl(_op, "torch", f"transformer._impl_torch:{_op}")
+    backends.register_impl(_op, "triton", f"triton_kernels.norms:{_op}", _triton_supports)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, prenorm=False, residual_in_fp32=False,
