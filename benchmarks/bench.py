@@ -162,7 +162,8 @@ def metrics(m: Measurement, peak):
     if floor:
         rows.append(("time_over_roofline", "x", formulas.time_over_floor(t.median, floor),
                      formulas.time_over_floor(t.p20, floor), formulas.time_over_floor(t.p80, floor),
-                     f"floor {floor * 1e3:.4g} ms, {formulas.bound_by(flops, nbytes, peak, c.dtype)}-bound on {peak.name}"))
+                     f"floor {floor * 1e3:.4g} ms, "
+                     f"{formulas.bound_by(flops, nbytes, peak, c.dtype)}-bound on {peak.name}"))
     if m.speedup_vs_torch is not None and m.provider != "torch":
         rows.append(("speedup_vs_torch", "x", m.speedup_vs_torch, None, None, ""))
     if m.speedup_vs_peer is not None:

@@ -194,8 +194,8 @@ def run_check(check: Check, dtype_name: str, backend: str, device, seed=0):
         out, grads = _compute(lambda i: _run_public(check, i, backend), check, mine,
                               _dout(check, base, device, seed))
     except Exception as e:
-        return dict(status="ERROR", detail=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:240] if str(e).strip() else ''}",
-                    seconds=time.time() - t0)
+        first_line = (str(e).strip().splitlines() or [""])[0][:240]
+        return dict(status="ERROR", detail=f"{type(e).__name__}: {first_line}", seconds=time.time() - t0)
     seconds = time.time() - t0
     dout = _dout(check, base, device, seed)      # drawn in the inputs' dtype; exact in fp32 for the reference
     # The reference: fp32 inputs computed in fp32 for half inputs, in fp64 for fp32 inputs (more precise).
@@ -232,7 +232,8 @@ def _dout(check, base, device, seed):
 # Table
 # ---------------------------------------------------------------------------------------------
 
-HEADER = f"  {'op':<17} {'mode':<4} {'dtype':<5} {'backend':<9} {'result':<6} {'max err':>9} {'bound':>9} {'sec':>6}  shape / detail"
+HEADER = (f"  {'op':<17} {'mode':<4} {'dtype':<5} {'backend':<9} {'result':<6} {'max err':>9} {'bound':>9} "
+          f"{'sec':>6}  shape / detail")
 
 
 def format_row(r):
