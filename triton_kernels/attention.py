@@ -11,8 +11,9 @@ Kernels live in attention_fwd.py (forward + shared helpers) and attention_bwd.py
 * implements the canonical backend signatures of transformer/attention.py (``flash_attention``,
   ``flash_attention_varlen``) and lists the shipped configs for the static report (``aot_configs``).
 
-Limits (mirrored by ``transformer.attention._triton_supports``): fp16/bf16 q/k/v, head dim 1..256 (padded
-to a power of two >= 16 and masked), Hq a multiple of Hkv, last dim contiguous, any Nq/Nk >= 0.
+Limits (mirrored by ``transformer.attention._triton_supports``): fp16/bf16 q/k/v, head dim 1..256 (a head
+dim that is not a multiple of 8 is zero-padded to one on the host; the tile is the next power of two >= 16,
+masked), Hq a multiple of Hkv, last dim contiguous, any Nq/Nk >= 0.
 """
 from __future__ import annotations
 
@@ -166,8 +167,23 @@ def _zero_varlen_tail(x, y, lse, cu, total):
         HAS_Y=y is not None, HAS_LSE=lse is not None)
 
 
+def _padded_head_dim(head_dim):
+    """Head dims that are not a multiple of 8 run zero-padded to one (as flash-attn does): rows then start on
+    16-byte boundaries, so tiles load as vectors and stream through cp.async (unaligned rows do neither)."""
+    return -(-head_dim // 8) * 8
+
+
+def _pad(t, d):
+    return t if t is None or t.shape[-1] == d else torch.nn.functional.pad(t, (0, d - t.shape[-1]))
+
+
 def _forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right):
     """(out like q, contiguous; lse fp32 [B, Hq, Nq] or [Hq, total_q], natural log)."""
+    head_dim, padded = q.shape[-1], _padded_head_dim(q.shape[-1])
+    if padded != head_dim:   # zero columns change no score and give zero output columns
+        out, lse = _forward(_pad(q, padded), _pad(k, padded), _pad(v, padded), alibi, cu_q, cu_k, max_q, max_k,
+                            scale, left, right, softcap, bottom_right)
+        return out[..., :head_dim].contiguous(), lse
     varlen = cu_q is not None
     batch, hq, _ = _grid_dims(q, k, cu_q, max_q, max_k)
     out = _utils.empty(q.shape, q.dtype, q.device)
@@ -188,6 +204,11 @@ def _forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softc
 def _backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
               bottom_right):
     """(dq, dk, dv), contiguous, shaped like q, k, v."""
+    head_dim, padded = q.shape[-1], _padded_head_dim(q.shape[-1])
+    if padded != head_dim:   # see _forward
+        grads = _backward(_pad(dout, padded), _pad(q, padded), _pad(k, padded), _pad(v, padded), _pad(out, padded),
+                          lse, dlse, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right)
+        return tuple(g[..., :head_dim].contiguous() for g in grads)
     varlen = cu_q is not None
     batch, hq, hkv = _grid_dims(q, k, cu_q, max_q, max_k)
     dq = _utils.empty(q.shape, q.dtype, q.device)
@@ -368,7 +389,7 @@ def _signature(kernel, dtype):
 def aot_configs():
     """Every entry of _GPU_CONFIGS for its arch, compiled causal with ALiBi (masked and unmasked loops, the
     most registers); plus, for the first D=128 entry of each kernel and arch, a bf16 varlen variant with a
-    two-sided window and softcap, and an fp16 D=111 variant (padded, masked head dim)."""
+    two-sided window and softcap, and the variant D=111 runs as (112: tile padded to 128 and masked)."""
     cases = []   # (arch, kernel, config, head_dim, dtype, features)
     heavy = dict(MASK_RIGHT=True, HAS_ALIBI=True)
     for arch, per_kernel in _GPU_CONFIGS.items():
@@ -378,7 +399,7 @@ def aot_configs():
             first = per_d[128][0]
             cases.append((arch, which, first, 128, torch.bfloat16,
                           dict(MASK_LEFT=True, MASK_RIGHT=True, HAS_SOFTCAP=True, IS_VARLEN=True)))
-            cases.append((arch, which, first, 111, torch.float16, dict(MASK_RIGHT=True)))
+            cases.append((arch, which, first, _padded_head_dim(111), torch.float16, dict(MASK_RIGHT=True)))
     cfgs = []
     for arch, which, (bm, bn, warps, stages), head_dim, dtype, feats in cases:
         consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
