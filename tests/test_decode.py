@@ -21,7 +21,7 @@ import transformer
 from helpers import DEVICE, HAS_GPU, assert_close, kernel_backends, require_backend
 from transformer import reference
 
-BACKENDS = kernel_backends("triton")
+BACKENDS = kernel_backends("triton", "cuda")
 DTYPES = (torch.float16, torch.bfloat16)
 
 

@@ -56,6 +56,22 @@ def _triton_supports(call):
 backends.register_impl("decode_attention", "triton", "triton_kernels.decode:decode_attention", _triton_supports)
 
 
+def _cuda_supports(call):
+    """Limits of csrc/decode (transformer/_cuda/decode.py): fp16/bf16, no backward, num_splits <= 128. Any head
+    dim <= 256 (instances for 64, 80, 96, 128, 256; others run padded to the next), group size, page size >= 1,
+    Sq <= 16, strides with a contiguous last dim (rows not on 16 bytes use element loads instead of cp.async)."""
+    if call["dtype"] not in (torch.float16, torch.bfloat16):
+        return f"the cuda decode kernel needs float16/bfloat16 tensors, got {call['dtype']}"
+    if call["requires_grad"]:
+        return "the cuda decode kernel is inference-only (no backward) and a tensor requires grad"
+    if call["num_splits"] > 128:
+        return f"the cuda decode kernel takes num_splits <= 128, got {call['num_splits']}"
+    return None
+
+
+backends.register_impl("decode_attention", "cuda", "transformer._cuda.decode:decode_attention", _cuda_supports)
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None, softmax_scale=None,
                      causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, num_splits=0,
                      return_lse=False, validate=False, backend="auto"):

@@ -20,7 +20,7 @@ from .. import backends
 
 __all__ = ["ops", "namespace_name"]
 
-_OP_MODULES = ("selftest", "attention")
+_OP_MODULES = ("selftest", "decode", "attention")
 _registered: set = set()
 
 

@@ -1,0 +1,94 @@
+// The two small decode kernels around the split kernel:
+//
+//   decode_append_kernel   writes the new k/v [B, Sq, Hkv, D] into the cache at positions cache_seqlens[b] + s
+//                          (through the block table when paged); positions outside the capacity are dropped
+//                          (they cannot be checked on the host without a sync; validate=True does).
+//   decode_combine_kernel  merges the split partials of one (b, query head, query) row per warp: reads the
+//                          split log-sum-exps, then every partial output exactly once (float4), in split order
+//                          (deterministic): out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max).
+#pragma once
+
+#include "decode/common.cuh"
+
+namespace tf::decode {
+
+// Grid (B * Sq, Hkv); bit-exact 16-bit copies (one kernel serves fp16 and bf16).
+__global__ void __launch_bounds__(kThreads) decode_append_kernel(AppendParams p) {
+  const int b = blockIdx.x / p.sq, s = blockIdx.x % p.sq, h = blockIdx.y;
+  const int pos = p.cache_seqlens[b] + s;
+  if (pos < 0 || pos >= p.capacity) return;   // no barrier in this kernel
+  int64_t page = b, slot = pos;
+  if (p.block_table) {
+    page = p.block_table[int64_t(b) * p.stride_btb + pos / p.page_size];
+    slot = pos % p.page_size;
+  }
+  const uint16_t* k = static_cast<const uint16_t*>(p.k) + int64_t(b) * p.stride_kb + int64_t(s) * p.stride_ks +
+                      int64_t(h) * p.stride_kh;
+  const uint16_t* v = static_cast<const uint16_t*>(p.v) + int64_t(b) * p.stride_vb + int64_t(s) * p.stride_vs +
+                      int64_t(h) * p.stride_vh;
+  uint16_t* kc = static_cast<uint16_t*>(p.k_cache) + page * p.stride_kcb + slot * p.stride_kcs + int64_t(h) * p.stride_kch;
+  uint16_t* vc = static_cast<uint16_t*>(p.v_cache) + page * p.stride_vcb + slot * p.stride_vcs + int64_t(h) * p.stride_vch;
+  for (int d = threadIdx.x; d < p.head_dim; d += kThreads) {
+    kc[d] = k[d];
+    vc[d] = v[d];
+  }
+}
+
+// One warp per row of [B, Hq, Sq]; 4 rows per block. d_pad: last dim of out_part (a multiple of 16, <= 256).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) decode_combine_kernel(Params p, int d_pad) {
+  __shared__ float weights[kThreads / 32][kMaxSplits];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + warp;
+  if (row >= int64_t(p.batch) * p.hq * p.sq) return;   // warp-level work only: no block barrier
+  const int splits = p.num_splits;
+  const float* lse = p.lse_part + row * splits;
+  float mx = kNegInf;
+  for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, lse[s]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, off));
+  const float ms = safe_max(mx);
+  float den = 0.f;
+  for (int s = lane; s < splits; s += 32) {
+    const float w = ptx::ex2_approx(lse[s] - ms);
+    weights[warp][s] = w;
+    den += w;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) den += __shfl_xor_sync(kFullMask, den, off);
+  __syncwarp();
+
+  // Lane owns float4 columns lane and lane + 32 (d_pad <= 256).
+  const float* part = p.out_part + row * splits * d_pad;
+  float4 acc[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
+  const int d4_count = ceil_div(p.head_dim, 4);
+  for (int s = 0; s < splits; ++s) {
+    const float w = weights[warp][s];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int d4 = lane + 32 * k;
+      if (d4 < d4_count) {
+        const float4 o = *reinterpret_cast<const float4*>(part + int64_t(s) * d_pad + 4 * d4);
+        acc[k].x += w * o.x;
+        acc[k].y += w * o.y;
+        acc[k].z += w * o.z;
+        acc[k].w += w * o.w;
+      }
+    }
+  }
+  const bool empty = !(den > 0.f);
+  const float inv = empty ? 0.f : 1.f / den;
+  const int qi = int(row % p.sq), hq = int((row / p.sq) % p.hq), b = int(row / (int64_t(p.sq) * p.hq));
+  T* out = static_cast<T*>(p.out) + int64_t(b) * p.stride_ob + int64_t(qi) * p.stride_os + int64_t(hq) * p.stride_oh;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int d4 = lane + 32 * k;
+    const float o[4] = {acc[k].x * inv, acc[k].y * inv, acc[k].z * inv, acc[k].w * inv};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (4 * d4 + i < p.head_dim) out[4 * d4 + i] = from_float<T>(empty ? 0.f : o[i]);
+  }
+  if (lane == 0) p.lse[row] = empty ? kNegInf : (ms + log2f(den)) * kLn2;
+}
+
+}  // namespace tf::decode

@@ -1,0 +1,301 @@
+// Device pieces shared by the two decode kernels (decode/split_mma.cuh, decode/split_simt.cuh):
+//
+//   TileConfig / SmemLayout  tile sizes per padded head dim and the dynamic shared memory map
+//   BlockCtx                 which (sequence, KV head, row block, split) a block serves and its KV range
+//   KvPipe                   the K/V tile pipeline: page-table lookups one tile ahead into a small ring,
+//                            16-byte cp.async copies (zero-filled past the range) in kStages stages
+//   RowInfo / score()        per query row: position, ALiBi slope; score transform and visibility
+//   merge_and_store()        merges the per-warp (or per-lane-group) partial softmax states through shared
+//                            memory and writes out/lse, or the split partials for the combine kernel
+//
+// Scores live in log2 units: s2 = q.k * scale * log2(e) (or softcap * log2(e) * tanh(q.k * scale / softcap)),
+// minus slope * log2(e) * |q_pos - key| with ALiBi, so every exponential is one ex2.
+#pragma once
+
+#include "common/device.cuh"
+#include "common/ptx.cuh"
+#include "decode/decode.h"
+
+namespace tf::decode {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kThreads = 128;      // 4 warps per block, both kernels
+constexpr int kSimtRows = 4;       // the CUDA-core kernel serves group * Sq <= 4 rows per KV head
+constexpr float kNegInf = -__builtin_huge_valf();
+
+template <int D_PAD>
+struct TileConfig {
+  static_assert(D_PAD % 16 == 0 && D_PAD <= 256, "padded head dim: a multiple of 16, at most 256");
+  static constexpr int kBlockN = 64;                     // keys per K/V tile
+  static constexpr int kStages = D_PAD <= 128 ? 3 : 2;   // cp.async pipeline depth
+  static constexpr int kRow = D_PAD + 8;                 // smem row pitch (halves): +16 B against bank conflicts
+  static constexpr int kChunks = D_PAD / 8;              // 16-byte chunks per row
+  static constexpr int kMaxWarpsM = D_PAD <= 128 ? 4 : 2;  // tensor-core kernel: at most 16 * this rows per block
+};
+
+// Dynamic shared memory: K stages | V stages | Q tile (tensor-core kernel) | row ring | (m, l) of partials.
+// After the main loop the K/V stages are reused as the fp32 merge buffer [parts][rows][D_PAD].
+template <int D_PAD>
+struct SmemLayout {
+  using Cfg = TileConfig<D_PAD>;
+  static constexpr size_t kStageBytes = size_t(Cfg::kBlockN) * Cfg::kRow * 2;
+  static constexpr size_t kK = 0;
+  static constexpr size_t kV = kK + Cfg::kStages * kStageBytes;
+  static constexpr size_t kQ = kV + Cfg::kStages * kStageBytes;
+  static constexpr int kMlFloats = 2 * 64;  // parts * rows <= 64 in both kernels
+  TF_HOST_DEVICE static size_t ring(int q_rows) { return kQ + size_t(q_rows) * Cfg::kRow * 2; }
+  TF_HOST_DEVICE static size_t ml(int q_rows) { return ring(q_rows) + size_t(Cfg::kStages) * Cfg::kBlockN * 8; }
+  TF_HOST_DEVICE static size_t bytes(int q_rows) { return ml(q_rows) + kMlFloats * 4; }
+  static_assert(2 * Cfg::kStages * kStageBytes >= size_t(64) * D_PAD * 4, "merge buffer fits in the K/V stages");
+};
+
+// ---------------------------------------------------------------------------------------------
+// Block context: grid = (B * Hkv * m_blocks, num_splits); the visible keys [lo, n) of the sequence are cut
+// into num_splits chunks of whole tiles; this block owns keys [start, end) (possibly empty).
+// ---------------------------------------------------------------------------------------------
+
+struct BlockCtx {
+  int b, h_kv, row0, rows, group;   // rows = group * Sq (this KV head's query rows); row0: first of the block
+  int split, n, start, end, ntiles;
+};
+
+template <int BLOCK_N>
+TF_DEVICE BlockCtx block_ctx(const Params& p, int m_blocks, int rows_per_block) {
+  BlockCtx c;
+  const int bx = blockIdx.x;
+  const int m_blk = bx % m_blocks;
+  c.h_kv = (bx / m_blocks) % p.hkv;
+  c.b = bx / (m_blocks * p.hkv);
+  c.group = p.hq / p.hkv;
+  c.rows = c.group * p.sq;
+  c.row0 = m_blk * rows_per_block;
+  c.split = blockIdx.y;
+  int n = p.cache_seqlens[c.b] + p.num_appended;
+  n = n < 0 ? 0 : (n > p.capacity ? p.capacity : n);
+  c.n = n;
+  int lo = 0;
+  if (p.window_left >= 0) {
+    lo = n - p.sq - p.window_left;
+    lo = lo < 0 ? 0 : lo;
+  }
+  const int tiles = ceil_div(n - lo, BLOCK_N);
+  const int per_split = ceil_div(tiles, p.num_splits);
+  c.start = lo + c.split * per_split * BLOCK_N;
+  const int stop = c.start + per_split * BLOCK_N;
+  c.end = stop < n ? stop : n;
+  c.ntiles = c.end > c.start ? ceil_div(c.end - c.start, BLOCK_N) : 0;
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// K/V tile pipeline. Tile t holds keys start + t * BLOCK_N + [0, BLOCK_N) in stage t % kStages. The
+// (page or batch, slot) pair of each key is looked up one tile ahead of its copy into ring[t % kStages]
+// (a key past `end` gets page -1: its 16-byte chunks are zero-filled, never read), so page-table loads
+// are off the copy path and each tile's lookups happen once per block, not once per chunk.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int D_PAD>
+struct KvPipe {
+  using Cfg = TileConfig<D_PAD>;
+  T* ks;                 // [kStages][BLOCK_N][kRow]
+  T* vs;
+  int2* ring;            // [kStages][BLOCK_N]
+  const T* kc;           // cache + h_kv * stride_kh
+  const T* vc;
+  const int* bt_row;     // block_table[b] or null
+  int64_t skb, sks, svb, svs;
+  int b, start, end, page_size, head_dim;
+  bool vec;
+
+  TF_DEVICE void init(const Params& p, const BlockCtx& c, unsigned char* smem) {
+    using L = SmemLayout<D_PAD>;
+    ks = reinterpret_cast<T*>(smem + L::kK);
+    vs = reinterpret_cast<T*>(smem + L::kV);
+    kc = static_cast<const T*>(p.k_cache) + int64_t(c.h_kv) * p.stride_kh;
+    vc = static_cast<const T*>(p.v_cache) + int64_t(c.h_kv) * p.stride_vh;
+    bt_row = p.block_table ? p.block_table + int64_t(c.b) * p.stride_btb : nullptr;
+    skb = p.stride_kb; sks = p.stride_ks; svb = p.stride_vb; svs = p.stride_vs;
+    b = c.b; start = c.start; end = c.end; page_size = p.page_size; head_dim = p.head_dim;
+    vec = p.vec_loads;
+  }
+
+  // (page or batch, slot) of key i of tile t; page -1 past the block's range. Reads block_table when paged.
+  TF_DEVICE int2 lookup(int t, int i) const {
+    const int key = start + t * Cfg::kBlockN + i;
+    if (key >= end) return make_int2(-1, 0);
+    if (bt_row) return make_int2(bt_row[key / page_size], key % page_size);
+    return make_int2(b, key);
+  }
+
+  // Every thread: look up the first kStages tiles (threads < BLOCK_N), barrier, issue kStages - 1 tiles.
+  TF_DEVICE void prologue(int ntiles) {
+    const int tid = threadIdx.x;
+    if (tid < Cfg::kBlockN) {
+#pragma unroll
+      for (int s = 0; s < Cfg::kStages; ++s) ring[s * Cfg::kBlockN + tid] = lookup(s, tid);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < Cfg::kStages - 1; ++s) issue(s, ntiles);
+  }
+
+  // Copy tile t (if it exists) into its stage, then commit a group (empty past the last tile, so the
+  // wait counts stay uniform). The ring entry of tile t must be visible (written before a barrier).
+  TF_DEVICE void issue(int t, int ntiles) {
+    if (t < ntiles) {
+      const int stage = t % Cfg::kStages;
+      const int2* rows = ring + stage * Cfg::kBlockN;
+      T* kd = ks + stage * Cfg::kBlockN * Cfg::kRow;
+      T* vd = vs + stage * Cfg::kBlockN * Cfg::kRow;
+      constexpr int kTotal = Cfg::kBlockN * Cfg::kChunks;
+      static_assert(kTotal % kThreads == 0, "whole chunks per thread");
+#pragma unroll
+      for (int it = 0; it < kTotal / kThreads; ++it) {
+        const int c = threadIdx.x + it * kThreads;
+        const int r = c / Cfg::kChunks, col = (c % Cfg::kChunks) * 8;
+        const int2 rp = rows[r];
+        const bool ok = rp.x >= 0 && col < head_dim;
+        const int64_t ko = ok ? int64_t(rp.x) * skb + int64_t(rp.y) * sks + col : 0;
+        const int64_t vo = ok ? int64_t(rp.x) * svb + int64_t(rp.y) * svs + col : 0;
+        T* kdst = kd + r * Cfg::kRow + col;
+        T* vdst = vd + r * Cfg::kRow + col;
+        if (vec) {
+          ptx::cp_async_16_zfill(kdst, kc + ko, ok);
+          ptx::cp_async_16_zfill(vdst, vc + vo, ok);
+        } else {  // rows not 16-byte aligned (odd strides or head dims): element loads, zeros past the row
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const bool in = ok && col + e < head_dim;
+            kdst[e] = in ? kc[ko + e] : from_float<T>(0.f);
+            vdst[e] = in ? vc[vo + e] : from_float<T>(0.f);
+          }
+        }
+      }
+    }
+    ptx::cp_async_commit();
+  }
+
+  TF_DEVICE const T* k_tile(int t) const { return ks + (t % Cfg::kStages) * Cfg::kBlockN * Cfg::kRow; }
+  TF_DEVICE const T* v_tile(int t) const { return vs + (t % Cfg::kStages) * Cfg::kBlockN * Cfg::kRow; }
+};
+
+// The main loop of both kernels: for each tile t, wait for it, issue tile t + kStages - 1, prefetch the
+// page ids of tile t + kStages, run compute(t) on the tile, publish the prefetched ids. Ends with every
+// copy retired and a barrier, so the caller may reuse the stages.
+template <typename T, int D_PAD, typename F>
+TF_DEVICE void run_pipeline(KvPipe<T, D_PAD>& pipe, int ntiles, F&& compute) {
+  using Cfg = TileConfig<D_PAD>;
+  const int tid = threadIdx.x;
+  pipe.prologue(ntiles);
+  for (int t = 0; t < ntiles; ++t) {
+    ptx::cp_async_wait<Cfg::kStages - 2>();
+    __syncthreads();  // tile t landed for every thread; everyone is done with tile t - 1's stage
+    pipe.issue(t + Cfg::kStages - 1, ntiles);
+    int2 next = make_int2(-1, 0);
+    if (tid < Cfg::kBlockN) next = pipe.lookup(t + Cfg::kStages, tid);
+    compute(t);
+    // Slot t % kStages held tile t's rows, whose copies were issued an iteration ago: free.
+    if (tid < Cfg::kBlockN) pipe.ring[(t % Cfg::kStages) * Cfg::kBlockN + tid] = next;
+  }
+  ptx::cp_async_wait_all();
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Query rows and scores
+// ---------------------------------------------------------------------------------------------
+
+struct ScoreParams {
+  float qk_scale;  // scale * log2(e), or scale / softcap with softcap
+  float cap2;      // softcap * log2(e), 0 without softcap
+  int left, right; // window (-1 unbounded); causal folded into right = 0 by the launcher
+};
+
+TF_DEVICE ScoreParams score_params(const Params& p) {
+  ScoreParams s;
+  const bool cap = p.softcap > 0.f;
+  s.qk_scale = cap ? p.softmax_scale / p.softcap : p.softmax_scale * kLog2e;
+  s.cap2 = cap ? p.softcap * kLog2e : 0.f;
+  s.left = p.window_left;
+  s.right = p.window_right;
+  return s;
+}
+
+struct RowInfo {
+  int q_pos;       // position of the query in its sequence (n - Sq + i)
+  float slope2;    // ALiBi slope * log2(e), 0 without ALiBi
+  bool ok;         // a real row (row < group * Sq)
+};
+
+// Row m of the block (row0 + m of this KV head: query head h_kv * group + (row / Sq), query row % Sq).
+TF_DEVICE RowInfo row_info(const Params& p, const BlockCtx& c, int m) {
+  RowInfo r;
+  const int row = c.row0 + m;
+  r.ok = row < c.rows;
+  const int qi = row % p.sq, hq = c.h_kv * c.group + row / p.sq;
+  r.q_pos = c.n - p.sq + qi;
+  r.slope2 = (p.alibi && r.ok) ? p.alibi[int64_t(c.b) * p.stride_ab + int64_t(hq) * p.stride_ah] * kLog2e : 0.f;
+  return r;
+}
+
+// tanh from ex2 (exact limits +-1); accurate to a few ulp of fp32, far below the inputs' rounding.
+TF_DEVICE float tanh_ex2(float x) { return 1.f - 2.f / (ptx::ex2_approx(x * (2.f * kLog2e)) + 1.f); }
+
+// Score of (row, key) in log2 units, or -inf where the key is not visible. `dot` is q.k already multiplied
+// by qk_scale; `end` bounds the block's keys.
+TF_DEVICE float score(float dot, const ScoreParams& sp, const RowInfo& r, int key, int end) {
+  bool vis = r.ok && key < end;
+  if (sp.right >= 0) vis = vis && key <= r.q_pos + sp.right;
+  if (sp.left >= 0) vis = vis && key >= r.q_pos - sp.left;
+  float s = sp.cap2 > 0.f ? sp.cap2 * tanh_ex2(dot) : dot;
+  const int dist = r.q_pos > key ? r.q_pos - key : key - r.q_pos;
+  s -= r.slope2 * float(dist);
+  return vis ? s : kNegInf;
+}
+
+// exp2(x - m) for the online softmax, with m = -inf (a row that saw nothing yet) treated as 0: no NaN.
+TF_DEVICE float safe_max(float m) { return m == kNegInf ? 0.f : m; }
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue: merge `parts` partial states (m in log2 units, unnormalised acc, l) per row; write the final
+// out (dtype) and lse (natural log), or the split partial (normalised fp32, lse in log2 units).
+// buf: [parts][rows_blk][D_PAD] fp32, ml: [parts][rows_blk][2]. Every thread calls it.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int D_PAD>
+TF_DEVICE void merge_and_store(const Params& p, const BlockCtx& c, const float* buf, const float* ml, int parts,
+                               int rows_blk) {
+  const int d_total = p.head_dim;
+  const bool split = p.num_splits > 1;
+  for (int e = threadIdx.x; e < rows_blk * d_total; e += kThreads) {
+    const int m = e / d_total, d = e % d_total;
+    const int row = c.row0 + m;
+    if (row >= c.rows) continue;
+    float mx = kNegInf;
+    for (int q = 0; q < parts; ++q) mx = fmaxf(mx, ml[(q * rows_blk + m) * 2]);
+    const float ms = safe_max(mx);
+    float l = 0.f, acc = 0.f;
+    for (int q = 0; q < parts; ++q) {   // fixed order: deterministic
+      const float w = ptx::ex2_approx(ml[(q * rows_blk + m) * 2] - ms);
+      l += w * ml[(q * rows_blk + m) * 2 + 1];
+      acc += w * buf[(q * rows_blk + m) * D_PAD + d];
+    }
+    const bool empty = !(l > 0.f);
+    const float o = empty ? 0.f : acc / l;
+    const float lse2 = empty ? kNegInf : ms + log2f(l);
+    const int qi = row % p.sq, hq = c.h_kv * c.group + row / p.sq;
+    const int64_t flat = (int64_t(c.b) * p.hq + hq) * p.sq + qi;   // index into [B, Hq, Sq]
+    if (split) {
+      const int64_t part = flat * p.num_splits + c.split;
+      p.out_part[part * D_PAD + d] = o;
+      if (d == 0) p.lse_part[part] = lse2;
+    } else {
+      T* out = static_cast<T*>(p.out);
+      out[int64_t(c.b) * p.stride_ob + int64_t(qi) * p.stride_os + int64_t(hq) * p.stride_oh + d] = from_float<T>(o);
+      if (d == 0) p.lse[flat] = empty ? kNegInf : lse2 * kLn2;
+    }
+  }
+}
+
+}  // namespace tf::decode

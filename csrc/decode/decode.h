@@ -1,0 +1,78 @@
+// GQA decode attention over a KV cache (decode/decode.cu): plain parameter structs, no torch, no device code.
+//
+// Semantics (transformer/decode.py, transformer.reference.decode_attention): q [B, Sq, Hq, D] (1 <= Sq <= 16)
+// attends over the first n_b = cache_seqlens[b] (+ Sq when k/v are appended) tokens of a contiguous cache
+// [B, S_max, Hkv, D] or a paged cache [num_pages, page_size, Hkv, D] addressed through block_table
+// [B, max_pages] int32. Query i of a sequence sits at position n_b - Sq + i (bottom-right alignment).
+// Query head h reads KV head h / (Hq / Hkv). Every tensor has a contiguous last dim; strides in elements.
+#pragma once
+
+#include "common/types.h"
+
+namespace tf::decode {
+
+// Largest split count (the combine kernel keeps a sequence's split weights in shared memory).
+constexpr int kMaxSplits = 128;
+
+struct AppendParams {
+  const void* k;             // [B, Sq, Hkv, D] new keys
+  const void* v;             // [B, Sq, Hkv, D] new values
+  void* k_cache;             // contiguous [B, S_max, Hkv, D] or paged [num_pages, page_size, Hkv, D]
+  void* v_cache;
+  const int* cache_seqlens;  // [B]
+  const int* block_table;    // [B, max_pages] or null (contiguous)
+  int64_t stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh;
+  int64_t stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch;
+  int64_t stride_btb;
+  int batch, sq, hkv, head_dim;
+  int capacity;              // tokens one sequence can hold (S_max, or max_pages * page_size)
+  int page_size;             // 1 when contiguous
+  DType dtype;               // f16 or bf16
+};
+
+struct Params {
+  const void* q;             // [B, Sq, Hq, D]
+  const void* k_cache;       // as AppendParams
+  const void* v_cache;
+  const int* cache_seqlens;  // [B]
+  const int* block_table;    // [B, max_pages] or null (contiguous)
+  const float* alibi;        // [Hq] (stride_ab = 0) or [B, Hq], or null
+  void* out;                 // [B, Sq, Hq, D] dtype
+  float* lse;                // [B, Hq, Sq] natural log; -inf for rows that see no key
+  float* out_part;           // [B * Hq * Sq, num_splits, partial_dim(D)] fp32 workspace (num_splits > 1)
+  float* lse_part;           // [B * Hq * Sq, num_splits] fp32 workspace, log2 units (num_splits > 1)
+  int64_t stride_qb, stride_qs, stride_qh;
+  int64_t stride_kb, stride_ks, stride_kh;   // k cache: dim 0 is the batch (contiguous) or the page (paged)
+  int64_t stride_vb, stride_vs, stride_vh;
+  int64_t stride_btb;
+  int64_t stride_ab, stride_ah;
+  int64_t stride_ob, stride_os, stride_oh;
+  int batch, sq, hq, hkv, head_dim;
+  int capacity, page_size;
+  int num_appended;          // Sq when k/v were appended before this call, else 0
+  float softmax_scale;
+  float softcap;             // 0: none
+  int window_left;           // -1: unbounded
+  int window_right;          // -1: unbounded (causal is window_right = 0)
+  int num_splits;            // >= 1 (resolve 0 with plan_num_splits first)
+  bool vec_loads;            // every cache row starts on 16 bytes: 16-byte cp.async (else element loads)
+  DType dtype;               // f16 or bf16
+};
+
+// Padded head dim of the kernel instance serving head_dim (64, 80, 96, 128 or 256): the last dim of
+// the out_part workspace. Throws std::invalid_argument for head_dim outside 1..256.
+int partial_dim(int head_dim);
+
+// Split count for num_splits = 0 from shapes only (batch, Hkv, rows per KV head, cache capacity) and
+// the SM count (queried once per device and cached): no device-to-host copy, CUDA-graph capturable.
+// A given result is a pure function of its arguments, so a fixed shape always splits the same way.
+int plan_num_splits(int batch, int hkv, int group, int sq, int head_dim, int capacity, cudaStream_t stream);
+
+// Whether the tensor-core kernel (group * Sq > 4) or the CUDA-core kernel serves these shapes.
+bool uses_tensor_cores(int group, int sq);
+
+void decode_append(const AppendParams& p, cudaStream_t stream);
+// Split kernel (+ the combine kernel when num_splits > 1).
+void decode_attention(const Params& p, cudaStream_t stream);
+
+}  // namespace tf::decode
