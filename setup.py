@@ -12,6 +12,7 @@ optional C++ extensions from `csrc/`:
 Environment variables:
   TILEFORMER_SKIP_CUDA_BUILD=1   pure-Python install (no extension at all)
   TILEFORMER_SKIP_EMU_BUILD=1    skip the CPU-emulated extension
+  TILEFORMER_SKIP_GPU_BUILD=1    skip the nvcc extension (fast iteration on the emulated kernels)
   TILEFORMER_CUDA_ARCHS          arch list, default "8.0;9.0a"
   TILEFORMER_CUDA_HEADDIMS       attention head dims to instantiate (see csrc/)
   MAX_JOBS                       parallel compile jobs (torch's BuildExtension)
@@ -110,7 +111,7 @@ def _extensions():
 
     exts = []
     csrc = os.path.join(ROOT, "csrc")
-    common_cxx = ["-O3", "-std=c++20"]
+    common_cxx = ["-O3", "-std=c++20", "-g0"]  # -g0: no debug info (smaller, faster to compile)
 
     # ---- CPU-emulated build of the CUDA kernels (g++ only) ---------------------------
     # emu_bindings.cpp (= bindings.cpp with TILEFORMER_EMULATE) plus every launcher .cu compiled as C++
@@ -130,14 +131,16 @@ def _extensions():
             sources=[os.path.relpath(s, ROOT) for s in sources],
             include_dirs=[csrc, cuda_headers],
             define_macros=[("TILEFORMER_EMULATE", "1")] + _headdims_macro(),
-            extra_compile_args={"cxx": common_cxx + ["-pthread", "-Wno-unused-function"]},
+            extra_compile_args={"cxx": common_cxx + ["-pthread", "-Wno-unused-function", "-Wno-unknown-pragmas"]},
             extra_link_args=["-pthread"],
         ))
         _say(f"building transformer._C_emu (g++, host emulation, {len(sources) - 1} launcher files)")
 
     # ---- GPU build (nvcc) ----------------------------------------------------------------
     cuda_home = _cuda_home()
-    if torch.version.cuda is None:
+    if _flag("TILEFORMER_SKIP_GPU_BUILD"):
+        _say("TILEFORMER_SKIP_GPU_BUILD=1: skipping the CUDA extension transformer._C.")
+    elif torch.version.cuda is None:
         _say(f"torch {torch.__version__} is a CPU-only build; skipping the CUDA extension transformer._C.")
     elif cuda_home is None:
         _say("nvcc not found (set CUDA_HOME); skipping the CUDA extension transformer._C.")

@@ -43,12 +43,20 @@ def _triton_supports(call):
     return None
 
 
+def _cuda_supports(call):
+    """The CUDA norms (csrc/norms) take any float dtype mix the public API allows; hidden up to 2^30."""
+    if call["hidden"] > 2 ** 30:
+        return f"hidden size {call['hidden']} exceeds 2^30"
+    return None
+
+
 backends.register_op("layer_norm", _describe, order=("triton", "cuda", "torch", "reference"))
 backends.register_op("rms_norm", _describe_rms, order=("triton", "cuda", "torch", "reference"))
 for _op in ("layer_norm", "rms_norm"):
     backends.register_impl(_op, "reference", f"transformer._impl_reference:{_op}")
     backends.register_impl(_op, "torch", f"transformer._impl_torch:{_op}")
     backends.register_impl(_op, "triton", f"triton_kernels.norms:{_op}", _triton_supports)
+    backends.register_impl(_op, "cuda", f"transformer._cuda.norms:{_op}", _cuda_supports)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, prenorm=False, residual_in_fp32=False,
