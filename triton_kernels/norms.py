@@ -6,7 +6,8 @@ out = (h - mean) * rstd * w + b (LayerNorm) or h * rstd * w (RMSNorm), in x's dt
 with prenorm h is also written (fp32 when residual_in_fp32, else x's dtype). Statistics are fp32.
 
 Kernels, chosen by the launcher from the hidden size N:
-* N <= MAX_FUSED_N  ``_norm_fwd`` / ``_norm_bwd``: the row lives in registers, x, dy are read once. Small rows
+* N <= MAX_FUSED_N  ``_norm_fwd`` / ``_norm_bwd`` (backward: N <= MAX_FUSED_N_ANY_ALIGN unless every pointer is
+  16-byte aligned and N and the row strides are multiples of 16): the row lives in registers, read once. Small rows
   are packed BLOCK_M to a program (a [BLOCK_M, BLOCK_N] tile). ``_norm_bwd`` is persistent: G programs walk
   the row blocks and each writes its fp32 dW/dB partial sums to row pid of a [G, N] buffer.
 * N >  MAX_FUSED_N  ``_norm_fwd_looped``: one row per program (on a GPU), a statistics pass over BLOCK_N chunks
@@ -35,6 +36,8 @@ from ._utils import AotConfig, empty, interpreting
 __all__ = ["layer_norm", "rms_norm", "aot_configs", "MAX_FUSED_N", "MAX_HIDDEN"]
 
 MAX_FUSED_N = 8192      # largest hidden size kept in registers (spill-free for sm_80/sm_90, see aot_configs)
+MAX_FUSED_N_ANY_ALIGN = 4096   # the backward's limit when data or strides are not 16-byte aligned (scalar loads
+                               # need more address registers: the 8192 backward would spill)
 MAX_HIDDEN = 65536      # largest hidden size tested; the looped kernels have no hard limit below 2**31
 
 # Tile sizes. The GPU ones are the shipped configs (aot_configs). Under the interpreter the kernels are
@@ -42,7 +45,7 @@ MAX_HIDDEN = 65536      # largest hidden size tested; the looped kernels have no
 GPU_TILES = dict(tile=4096,          # elements per program of the single-pass kernels (BLOCK_M * BLOCK_N)
                  max_block_m=64,     # most rows per program of the single-pass kernels
                  loop_block_m=1, loop_block_n=4096,     # looped forward and backward row sums
-                 bwd_block_m=4, bwd_block_n=1024,       # looped backward (2-D grid)
+                 bwd_block_m=2, bwd_block_n=1024,       # looped backward (2-D grid)
                  reduce_block_n=128)                    # dW/dB partial sums reduction
 INTERP_TILES = dict(tile=65536, max_block_m=64, loop_block_m=64, loop_block_n=16384, bwd_block_m=64,
                     bwd_block_n=16384, reduce_block_n=16384)
@@ -356,12 +359,15 @@ def _reduce_partials(PW, PB, DW, DB, G, N,
 # Launch configuration
 # ---------------------------------------------------------------------------------------------
 
-def _fused_config(n, m, tiles=None):
-    """(BLOCK_M, BLOCK_N, num_warps) of the single-pass kernels for hidden size n (<= MAX_FUSED_N), m rows."""
+def _fused_config(n, m, tiles=None, backward=False):
+    """(BLOCK_M, BLOCK_N, num_warps) of the single-pass kernels for hidden size n (<= MAX_FUSED_N), m rows.
+    About 16 elements per thread forward; the backward (more live tiles) takes half the rows and 8 per thread;
+    at most 16 warps."""
     t = tiles or _tiles()
+    tile, per_thread = (t["tile"] // 2, 8) if backward else (t["tile"], 16)
     block_n = triton.next_power_of_2(n)
-    block_m = max(1, min(t["max_block_m"], t["tile"] // block_n, triton.next_power_of_2(max(m, 1))))
-    num_warps = min(16, max(1, block_m * block_n // 512))
+    block_m = max(1, min(t["max_block_m"], tile // block_n, triton.next_power_of_2(max(m, 1))))
+    num_warps = min(16, max(1, block_m * block_n // (32 * per_thread)))
     return block_m, block_n, num_warps
 
 
@@ -369,6 +375,13 @@ def _fit_rows(block_m, n, *tensors):
     """block_m, or 1 if the int32 in-tile offsets (row * stride + col) could overflow for these row strides."""
     widest = max([n] + [abs(t.stride(0)) for t in tensors if t is not None and t.dim() == 2])
     return block_m if block_m * widest < 2 ** 31 else 1
+
+
+def _aligned(n, *tensors):
+    """True when Triton will specialise every pointer as 16-byte aligned and n and every row stride as divisible
+    by 16 (vector loads: fewer address registers)."""
+    return n % 16 == 0 and all(t.data_ptr() % 16 == 0 and (t.dim() < 2 or t.stride(0) % 16 == 0)
+                               for t in tensors if t is not None)
 
 
 def _looped_config(m, kind):
@@ -493,8 +506,9 @@ def _backward(dy, dh, x, residual, weight, mean, rstd, is_rms, dx_dtype, dres_dt
     mean_arg = None if is_rms else mean
     dres_arg = dres if dres_dtype is not None else None
     with _on_device(dev):
-        if n <= MAX_FUSED_N:
-            block_m, block_n, warps = _fused_config(n, m)
+        fused_limit = MAX_FUSED_N if _aligned(n, x2, r2, dy2, dh2, dx, dres_arg, weight) else MAX_FUSED_N_ANY_ALIGN
+        if n <= fused_limit:
+            block_m, block_n, warps = _fused_config(n, m, backward=True)
             block_m = _fit_rows(block_m, n, x2, r2, dy2, dh2, dres)
             g = min(triton.cdiv(m, block_m), _programs(dev, max(1, 16 // warps)))
             pw = empty((g, n), torch.float32, dev) if need_dw else None
@@ -643,34 +657,40 @@ def _signature(kernel, dtype):
 
 
 def aot_configs():
-    """The shipped GPU configs, every feature on (the most live registers): fused forward and backward at
-    several hidden sizes (LayerNorm and RMSNorm in bf16, LayerNorm in fp16/fp32 at the largest sizes), the
-    looped kernels in every dtype, the dW/dB reduction. Weight, bias, h and dh in fp32 (mixed precision)."""
+    """The shipped GPU configs, every feature on (the most live registers; weight, bias, h, dh in fp32):
+    fused forward/backward at several hidden sizes, the looped kernels, the dW/dB reduction, in bf16 (LayerNorm
+    and RMSNorm), fp16 and fp32 (LayerNorm). Configs named "[aligned]" run only for 16-byte aligned data and
+    strides divisible by 16 (which Triton specialises on); the others run for any alignment."""
     large_m = 1 << 20
     lm, ln_ = GPU_TILES["loop_block_m"], GPU_TILES["loop_block_n"]
     bwd_m, bwd_n, red_n = GPU_TILES["bwd_block_m"], GPU_TILES["bwd_block_n"], GPU_TILES["reduce_block_n"]
     cases = []    # (name, kernel, dtype, constexprs, num_warps)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        sizes = (1, 128, 1024, 4096, MAX_FUSED_N) if dtype == torch.bfloat16 else (1024, MAX_FUSED_N)
-        for is_rms in ((False, True) if dtype == torch.bfloat16 else (False,)):
-            tag = f"{'rms' if is_rms else 'ln'} {_TYPE[dtype]}"
-            fwd = dict(IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms, HAS_RES=True, STORE_H=True, INTERP=False)
-            bwd = dict(IS_RMS=is_rms, HAS_W=True, HAS_RES=True, HAS_DH=True, STORE_DRES=True, HAS_DW=True,
-                       HAS_DB=not is_rms, INTERP=False)
-            for n in sizes:
-                bm, bn, warps = _fused_config(n, large_m, GPU_TILES)
-                cases.append((f"norm_fwd {tag} M{bm}xN{bn} w{warps}", _norm_fwd, dtype,
-                              {**fwd, "BLOCK_M": bm, "BLOCK_N": bn}, warps))
-                cases.append((f"norm_bwd {tag} M{bm}xN{bn} w{warps}", _norm_bwd, dtype,
-                              {**bwd, "BLOCK_M": bm, "BLOCK_N": bn}, warps))
-            cases.append((f"norm_fwd_looped {tag} M{lm}xN{ln_} w{LOOPED_FWD_WARPS}", _norm_fwd_looped, dtype,
-                          {**fwd, "BLOCK_M": lm, "BLOCK_N": ln_}, LOOPED_FWD_WARPS))
-            cases.append((f"norm_bwd_row_sums {tag} M{lm}xN{ln_} w{LOOPED_FWD_WARPS}", _norm_bwd_row_sums, dtype,
-                          dict(IS_RMS=is_rms, HAS_W=True, HAS_RES=True, BLOCK_M=lm, BLOCK_N=ln_), LOOPED_FWD_WARPS))
-            cases.append((f"norm_bwd_looped {tag} M{bwd_m}xN{bwd_n} w{LOOPED_BWD_WARPS}", _norm_bwd_looped, dtype,
-                          {**bwd, "BLOCK_M": bwd_m, "BLOCK_N": bwd_n}, LOOPED_BWD_WARPS))
+    for dtype, is_rms in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False),
+                          (torch.float32, False)):
+        tag = f"{'rms' if is_rms else 'ln'} {_TYPE[dtype]}"
+        fwd = dict(IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms, HAS_RES=True, STORE_H=True, INTERP=False)
+        bwd = dict(IS_RMS=is_rms, HAS_W=True, HAS_RES=True, HAS_DH=True, STORE_DRES=True, HAS_DW=True,
+                   HAS_DB=not is_rms, INTERP=False)
+        sizes = (1, 128, 1024, MAX_FUSED_N_ANY_ALIGN, MAX_FUSED_N) if is_rms or dtype == torch.bfloat16 else (
+            1024, MAX_FUSED_N)
+        for n in sizes:
+            bm, bn, warps = _fused_config(n, large_m, GPU_TILES)
+            cases.append((f"norm_fwd {tag} M{bm}xN{bn} w{warps}", _norm_fwd, dtype,
+                          {**fwd, "BLOCK_M": bm, "BLOCK_N": bn}, warps))
+            bm, bn, warps = _fused_config(n, large_m, GPU_TILES, backward=True)
+            aligned = " [aligned]" if n > MAX_FUSED_N_ANY_ALIGN else ""
+            cases.append((f"norm_bwd {tag} M{bm}xN{bn} w{warps}{aligned}", _norm_bwd, dtype,
+                          {**bwd, "BLOCK_M": bm, "BLOCK_N": bn}, warps))
+        cases.append((f"norm_fwd_looped {tag} M{lm}xN{ln_} w{LOOPED_FWD_WARPS}", _norm_fwd_looped, dtype,
+                      {**fwd, "BLOCK_M": lm, "BLOCK_N": ln_}, LOOPED_FWD_WARPS))
+        cases.append((f"norm_bwd_row_sums {tag} M{lm}xN{ln_} w{LOOPED_FWD_WARPS}", _norm_bwd_row_sums, dtype,
+                      dict(IS_RMS=is_rms, HAS_W=True, HAS_RES=True, BLOCK_M=lm, BLOCK_N=ln_), LOOPED_FWD_WARPS))
+        cases.append((f"norm_bwd_looped {tag} M{bwd_m}xN{bwd_n} w{LOOPED_BWD_WARPS}", _norm_bwd_looped, dtype,
+                      {**bwd, "BLOCK_M": bwd_m, "BLOCK_N": bwd_n}, LOOPED_BWD_WARPS))
+    for dtype in (torch.bfloat16, torch.float32):
         cases.append((f"reduce_partials {_TYPE[dtype]} G{REDUCE_BLOCK_G}xN{red_n} w{REDUCE_WARPS}", _reduce_partials,
-                      dtype, dict(HAS_DW=True, HAS_DB=True, BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=red_n, INTERP=False), REDUCE_WARPS))
+                      dtype, dict(HAS_DW=True, HAS_DB=True, BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=red_n, INTERP=False),
+                      REDUCE_WARPS))
     return [AotConfig(name=name, kernel=kernel, signature=_signature(kernel, dtype), constexprs=consts,
                       num_warps=warps, num_stages=1)
             for name, kernel, dtype, consts, warps in cases]
