@@ -39,18 +39,19 @@ def sample_pairs(n, min_len, max_len, generator, exclude=frozenset()):
 
 
 def batch(seqs):
-    """Right-padded tensors: src, tgt_in (BOS + reversed), tgt_out (reversed + EOS), lengths."""
+    """Right-padded tensors: src (digits + EOS), tgt_in (BOS + reversed), tgt_out (reversed + EOS), and the
+    lengths of src and of the targets (both len + 1)."""
     b, m = len(seqs), max(len(s) for s in seqs)
-    src = torch.full((b, m), PAD)
+    src = torch.full((b, m + 1), PAD)
     tgt_in = torch.full((b, m + 1), PAD)
     tgt_out = torch.full((b, m + 1), PAD)
     for i, s in enumerate(seqs):
         toks = [DIGIT0 + d for d in s]
-        src[i, : len(s)] = torch.tensor(toks)
+        src[i, : len(s) + 1] = torch.tensor(toks + [EOS])
         rev = toks[::-1]
         tgt_in[i, : len(s) + 1] = torch.tensor([BOS] + rev)
         tgt_out[i, : len(s) + 1] = torch.tensor(rev + [EOS])
-    lengths = torch.tensor([len(s) for s in seqs])
+    lengths = torch.tensor([len(s) + 1 for s in seqs])
     return src, tgt_in, tgt_out, lengths
 
 
@@ -80,10 +81,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=96)
-    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--max-seconds", type=float, default=285.0, help="stop training after this long")
     ap.add_argument("--eval-samples", type=int, default=1000)
     ap.add_argument("--target", type=float, default=0.995, help="stop when the validation exact match reaches it")
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--lr-factor", type=float, default=1.0, help="scale of the inverse-sqrt schedule")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
     args = ap.parse_args()
@@ -91,7 +96,8 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    cfg = EncoderDecoderConfig.preset("small", vocab_size=VOCAB, pad_token_id=PAD)
+    cfg = EncoderDecoderConfig.preset("small", vocab_size=VOCAB, pad_token_id=PAD, dim=args.dim,
+                                      hidden_dim=args.hidden, n_layers=args.layers)
     model = EncoderDecoder(cfg)
     print(f"EncoderDecoder {cfg.dim}d x {cfg.n_layers}+{cfg.n_layers} layers, {model.num_params():,} parameters "
           f"(base preset: {EncoderDecoderConfig.preset('base').num_params():,})")
@@ -100,19 +106,19 @@ def main():
     exclude = frozenset(held_out) | frozenset(val)
 
     opt = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9, foreach=True)
-    sched = InverseSqrtSchedule(opt, cfg.dim, warmup_steps=args.warmup, factor=2.0)
+    sched = InverseSqrtSchedule(opt, cfg.dim, warmup_steps=args.warmup, factor=args.lr_factor)
     bar = Progress(args.steps)
     tokens, t0, c0, step, acc = 0, time.time(), time.process_time(), 0, 0.0
     with BackendCounter() as counter:
         for step in range(1, args.steps + 1):
             src, tgt_in, tgt_out, lens = batch(sample_pairs(args.batch_size, 2, 12, gen, exclude))
-            logits = model(src, tgt_in, lens, lens + 1)
+            logits = model(src, tgt_in, lens, lens)
             loss, n = label_smoothed_cross_entropy(logits, tgt_out, smoothing=0.1, ignore_index=PAD)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            tokens += int(lens.sum()) * 2 + len(lens)
+            tokens += int(lens.sum()) * 2
             if step % 10 == 0 or step == args.steps:
                 bar.update(step, loss.item(), tokens, f"val {acc:.1%}")
             if step % 250 == 0:
