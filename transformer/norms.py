@@ -35,11 +35,11 @@ TRITON_MAX_HIDDEN = 65536      # triton_kernels.norms.MAX_HIDDEN (not imported h
 
 def _triton_supports(call):
     """The Triton norms (triton_kernels/norms.py) take any float dtype mix the public API allows,
-    any row stride (contiguous last dim); hidden 1..65536, rows < 2^31 (int32 row index, grid size)."""
+    any row stride (contiguous last dim); hidden 1..65536, rows <= 2^31 - 1024 (int32 row indices)."""
     if call["hidden"] > TRITON_MAX_HIDDEN:
         return f"hidden size {call['hidden']} exceeds {TRITON_MAX_HIDDEN}, the largest the Triton norm kernels serve"
-    if call["rows"] >= 2 ** 31:
-        return f"{call['rows']} rows: the Triton norm kernels index rows with int32 (at most 2^31 - 1)"
+    if call["rows"] > 2 ** 31 - 1024:
+        return f"{call['rows']} rows: the Triton norm kernels index rows with int32 (at most 2^31 - 1024)"
     return None
 
 
