@@ -65,15 +65,18 @@ CHECKS = (
     Check("layer_norm", "bwd", _NORM, ("fp32", "fp16", "bf16")),
     Check("rms_norm", "bwd", _NORM, ("fp32", "fp16", "bf16")),
     Check("decode_attention", "fwd", (("B", 3), ("Hq", 8), ("Hkv", 2), ("D", 64), ("lens", "1,113,203"),
-                                      ("page", 0))),
+                                      ("page", 0)), ("fp16",)),
     Check("decode_attention", "fwd", (("B", 3), ("Hq", 8), ("Hkv", 2), ("D", 64), ("lens", "1,113,203"),
-                                      ("page", 16))),
-    Check("flash_attention", "fwd", _ATT1),
-    Check("flash_attention", "fwd", _ATT2),
-    Check("flash_attention", "fwd", _ATT3),
-    Check("flash_attention", "bwd", _ATT1),
-    Check("flash_attention", "bwd", _ATT2),
+                                      ("page", 16)), ("bf16",)),
+    Check("flash_attention", "fwd", _ATT1, ("fp16",)),
+    Check("flash_attention", "fwd", _ATT2, ("bf16",)),
+    Check("flash_attention", "fwd", _ATT3, ("bf16",)),
+    Check("flash_attention", "bwd", _ATT1, ("bf16",)),
+    Check("flash_attention", "bwd", _ATT2, ("fp16",)),
 )
+# Attention and decode run each configuration in one half dtype (both dtypes are covered across them): the
+# interpreter takes 5-30 s per attention check on this machine, and make bench must end within 10 minutes.
+# The test suite (tests/) crosses every configuration with every dtype.
 
 
 # ---------------------------------------------------------------------------------------------
