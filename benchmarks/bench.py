@@ -204,8 +204,8 @@ def format_measurement(m: Measurement, peak) -> str:
     vs_t = f"{m.speedup_vs_torch:8.2f}x" if m.speedup_vs_torch is not None else "        -"
     vs_p = f"{m.speedup_vs_peer:7.2f}x" if m.speedup_vs_peer is not None else "       -"
     spread = f"{t.p20:.4g}-{t.p80:.4g}"
-    return (f"    {m.provider:<12} {t.median:>10.4g} {spread:>19} {_fmt(tf, '.1f', 8)} "
-            f"{formulas.gbps(nbytes, t.median):>8.1f} {_fmt(over, '.2f', 8)} {vs_t} {vs_p}")
+    return (f"    {m.provider:<12} {t.median:>10.4g} {spread:>19} {_fmt(tf, '.3g', 8)} "
+            f"{formulas.gbps(nbytes, t.median):>8.3g} {_fmt(over, '.3g', 8)} {vs_t} {vs_p}")
 
 
 def progress_bar(i, n, started, width=24):
