@@ -104,6 +104,8 @@ CASES = [
     (1, 150, 111, "gqa", 32, FP16, False, (0, 30), 5.0, "h"),       # window with right < left, softcap + ALiBi
     (1, 65, 47, "mha", 192, FP16, True, (-1, -1), 0.0, None),       # non-power-of-two head dim, padded to 256
     (1, 33, 80, "gqa", 16, BF16, False, (5, 5), 0.0, None),
+    (1, 59, 71, "mqa", 59, FP16, True, (9, -1), 0.0, "h"),         # head dims not a multiple of 8: padded
+    (1, 17, 30, "mha", 5, BF16, False, (-1, -1), 2.0, None),
 ]
 
 
