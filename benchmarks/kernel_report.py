@@ -5,9 +5,10 @@ For Triton kernels: each module in ``TRITON_MODULES`` lists its shipped configs 
 is then run through ptxas -v (the one shipped in the triton wheel) for registers, spills and local
 memory; shared memory comes from Triton's metadata; the instruction mix is counted in the PTX.
 
-For CUDA kernels: ``nvcc_report(sources)`` compiles each .cu (no torch headers) with
-``-Xptxas -v`` for sm_80/sm_90a and parses the per-kernel resource usage; ``sass_markers`` reads the
-SASS with the cuobjdump from the triton wheel.
+For CUDA kernels: ``cuda_report()`` reads the per-kernel resource usage and SASS of the built
+extension transformer._C (``extension_report``, cuobjdump from the triton wheel) when it is newer than
+csrc/, else ``nvcc_report(sources)`` compiles each .cu (no torch headers) with ``-Xptxas -v`` for
+sm_80/sm_90a and parses ptxas' report.
 
     python -m benchmarks.kernel_report            # the whole table
 Tests (``-m static``) call ``triton_report`` / ``nvcc_report`` and assert 0 spills and smem limits.
@@ -251,6 +252,92 @@ def nvcc_report(sources=None, archs=ARCHS):
     return out
 
 
+_RES_FN_RE = re.compile(r"^\s*Function (\S+):\s*$")
+_RES_VAL_RE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def _cuobjdump_sections(text):
+    """Split cuobjdump output into (arch, source identifier, section text) per embedded ELF."""
+    parts = re.split(r"^Fatbin elf code:\s*\n=+\s*$", text, flags=re.M)[1:]
+    out = []
+    for part in parts:
+        arch = re.search(r"^arch = sm_(\d+)", part, flags=re.M)
+        ident = re.search(r"^identifier = (.+)$", part, flags=re.M)
+        out.append((int(arch.group(1)) if arch else 0, ident.group(1).strip() if ident else "?", part))
+    return out
+
+
+def extension_report(binary_path, sass_kernels=()):
+    """KernelStats of every kernel embedded in a built extension (.so) or object, per arch, without
+    recompiling: registers / stack / shared / local from ``cuobjdump -res-usage`` (triton wheel's
+    cuobjdump); spills show up as stack or local memory (local_bytes). SASS markers (HMMA, LDSM, ...)
+    are read only for kernels whose demangled name contains one of ``sass_kernels`` (disassembling a
+    whole extension takes minutes)."""
+    res = subprocess.run([_triton_bin("cuobjdump"), "-res-usage", binary_path], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"cuobjdump -res-usage {binary_path} failed: {res.stderr[-1000:]}")
+    rows = []
+    for arch, ident, part in _cuobjdump_sections(res.stdout):
+        name = None
+        for line in part.splitlines():
+            m = _RES_FN_RE.match(line)
+            if m:
+                name = m.group(1)
+                continue
+            v = _RES_VAL_RE.search(line)
+            if v and name:
+                rows.append((arch, ident, name, [int(g) for g in v.groups()]))
+                name = None
+    names = _demangle_many([r[2] for r in rows])
+    markers = {}
+    for arch in sorted({r[0] for r in rows}):
+        wanted = sorted({r[2] for r, short in zip(rows, names) if r[0] == arch
+                         and any(k in short for k in sass_kernels)})
+        if not wanted:
+            continue
+        sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        sass = subprocess.run([_triton_bin("cuobjdump"), "-sass", "-arch", sm, "-fun", ",".join(wanted), binary_path],
+                              capture_output=True, text=True).stdout
+        for chunk in re.split(r"^\s*Function : ", sass, flags=re.M)[1:]:
+            fname, _, body = chunk.partition("\n")
+            markers[(arch, fname.strip())] = {k: len(re.findall(p, body)) for k, p in SASS_MARKERS.items()}
+    out = []
+    for (arch, ident, name, (regs, stack, shared, local)), short in zip(rows, names):
+        out.append(KernelStats(name=f"{os.path.basename(ident)}:{short}", arch=arch, registers=regs,
+                               local_bytes=stack + local, smem=shared, instructions=markers.get((arch, name), {})))
+    return out
+
+
+def _demangle_many(names):
+    try:
+        res = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
+        full = res.stdout.splitlines()
+        if len(full) != len(names):
+            raise OSError("c++filt output does not match")
+    except OSError:
+        full = names
+    return [f if len(f) < 140 else f[:137] + "..." for f in full]
+
+
+def built_extension():
+    """Path of the built GPU extension transformer._C if it is newer than every file of csrc/, else None."""
+    so = sorted(glob.glob(os.path.join(ROOT, "transformer", "_C.*.so")))
+    if not so:
+        return None
+    newest_src = max((os.path.getmtime(p) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)
+                      if os.path.isfile(p)), default=0)
+    return so[0] if os.path.getmtime(so[0]) >= newest_src else None
+
+
+def cuda_report(archs=ARCHS, sass_kernels=()):
+    """Stats of every CUDA C++ kernel: read from the built extension when it is up to date (no compile;
+    SASS markers only for ``sass_kernels``), else compiled with nvcc (nvcc_report, all markers)."""
+    so = built_extension()
+    if so is not None:
+        return [s for s in extension_report(so, sass_kernels) if s.arch in archs]
+    return nvcc_report(archs=archs)
+
+
 def _demangle_short(name):
     m = re.match(r"_Z\d+(\w+?)I?", name)
     try:
@@ -300,7 +387,7 @@ def main(argv=None):
         if not os.path.exists(_nvcc()):
             print(f"  nvcc not found at {_nvcc()}: skipped")
         else:
-            cstats = nvcc_report()
+            cstats = cuda_report()
             stats += cstats
             print(format_table(cstats) if cstats else "  (no .cu file yet)")
     if args.json:

@@ -1,8 +1,10 @@
 """Static checks of the GPU build of the CUDA C++ kernels (no GPU needed).
 
-Every csrc/**/*.cu is compiled with nvcc for sm_80 and sm_90a with ptxas -v (benchmarks.kernel_report
-.nvcc_report; results cached by a hash of csrc/). Every kernel must have 0 spills and 0 local memory;
-the tensor-core kernels listed in TENSOR_CORE_KERNELS must contain HMMA in their sm_80 SASS.
+benchmarks.kernel_report.cuda_report reads every kernel of the built extension transformer._C (sm_80 and
+sm_90a, cuobjdump -res-usage) when it is newer than csrc/, else compiles every csrc/**/*.cu with nvcc
+-Xptxas -v (cached by a hash of csrc/). Every kernel must have 0 spills and 0 local memory (stack
+frame included); the tensor-core kernels listed in TENSOR_CORE_KERNELS must contain HMMA and LDSM in
+their sm_80 SASS.
 """
 import os
 
@@ -23,7 +25,7 @@ TENSOR_CORE_KERNELS = [
 def report():
     if not os.path.exists(kernel_report._nvcc()):
         pytest.skip(f"nvcc not found at {kernel_report._nvcc()} (set CUDA_HOME)")
-    stats = kernel_report.nvcc_report()
+    stats = kernel_report.cuda_report(sass_kernels=tuple(k for _, k in TENSOR_CORE_KERNELS))
     print("\n" + kernel_report.format_table(stats))
     return stats
 

@@ -14,7 +14,7 @@
 namespace tf::norms {
 
 template <typename T, typename P, int TPR, int kVecs>
-__global__ void __launch_bounds__(TPR == 32 ? 128 : TPR) norm_fwd_kernel(FwdParams p, bool vec_ok) {
+__global__ void __launch_bounds__(TPR == 32 ? 128 : TPR, 1) norm_fwd_kernel(FwdParams p, bool vec_ok) {
   constexpr int VEC = 16 / int(sizeof(T));
   constexpr int kRowsPerBlock = TPR == 32 ? 4 : 1;
   const int lt = threadIdx.x % TPR;
