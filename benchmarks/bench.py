@@ -214,11 +214,12 @@ def progress_bar(i, n, started, width=24):
     return f"[{'#' * done}{'.' * (width - done)}] {i}/{n} {el:5.0f}s"
 
 
-def run_sweep(cases, provs, device, peak, *, out=sys.stdout, deadline=None, cpu_budget_s=0.4):
+def run_sweep(cases, provs, device, peak, *, out=None, deadline=None, cpu_budget_s=0.4):
     """Measure every case, printing a progress bar, the case and one row per provider as it goes.
 
     Stops early (cases left are reported as not run) when `deadline` (time.time()) passes.
     """
+    out = out or sys.stdout          # looked up now: benchmarks.run replaces sys.stdout by a tee to run.log
     started = time.time()
     results = []
     print(HEADER, file=out)

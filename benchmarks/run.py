@@ -146,11 +146,11 @@ def section_timing(args, gpu, peak, out_dir, deadline):
         now = {(r["op"], r["mode"]) for r in rows}
         kept = [r for r in harness.read_csv(csv_path) if (r["op"], r["mode"]) not in now]
     harness.write_csv(csv_path, kept + rows)
-    say(f"\nwrote {csv_path} ({len(rows)} rows" + (f", {len(kept)} kept from before)" if kept else ")"))
+    say(f"\nwrote {os.path.relpath(csv_path, ROOT)} ({len(rows)} rows" + (f", {len(kept)} kept from before)" if kept else ")"))
     if not args.no_plots:
         try:
             for p in plots.plot_csv_rows(harness.read_csv(csv_path), out_dir, peak, info.gpu):
-                say(f"wrote {p}")
+                say(f"wrote {os.path.relpath(p, ROOT)}")
         except Exception as e:  # plotting must not lose the measurements
             say(f"plotting failed: {type(e).__name__}: {e}")
     return results
@@ -187,7 +187,7 @@ def section_correctness(args, gpu, out_dir, deadline, reserve_s):
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    say(f"wrote {path}")
+    say(f"wrote {os.path.relpath(path, ROOT)}")
     bad = [r for r in rows if r["status"] in ("FAIL", "ERROR")]
     for r in bad:
         say(f"  {r['status']}: {r['backend']} {r['op']} {r['mode']} {r['dtype']} {r['shape']}: {r['detail']}")

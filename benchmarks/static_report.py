@@ -120,6 +120,10 @@ def main(argv=None):
         stats.append(st)
         print(_row(st), flush=True)
         dump()
+    skipped = bool(not_done)
+    if not_done:
+        print(f"\n  Triton: not compiled within the time budget ({len(not_done)}): " + "; ".join(not_done), flush=True)
+        not_done = []
     if not args.no_cuda:
         print("\nCUDA C++ kernels (nvcc -Xptxas -v for sm_80 / sm_90a, SASS markers via cuobjdump; "
               "occ: register-limited bound, the block size is not known statically):", flush=True)
@@ -143,7 +147,8 @@ def main(argv=None):
                     print(_row(st), flush=True)
                 dump()
     if not_done:
-        print(f"\n  not compiled within the time budget ({len(not_done)}): " + "; ".join(not_done), flush=True)
+        print(f"\n  CUDA: not compiled within the time budget ({len(not_done)}): " + "; ".join(not_done), flush=True)
+    if skipped or not_done:
         print("  (run `python -m benchmarks.static_report` without --deadline once: results are cached by "
               "source hash, so the next report over unchanged kernels is quick)", flush=True)
     bad = [s for s in stats if s.error or s.spills]
