@@ -658,8 +658,8 @@ def _signature(kernel, dtype):
 
 def aot_configs():
     """The shipped GPU configs, every feature on (the most live registers; weight, bias, h, dh in fp32):
-    fused forward/backward at several hidden sizes, the looped kernels, the dW/dB reduction, in bf16 (LayerNorm
-    and RMSNorm), fp16 and fp32 (LayerNorm). Configs named "[aligned]" run only for 16-byte aligned data and
+    fused forward/backward (bf16 LayerNorm: every power-of-two BLOCK_N up to MAX_FUSED_N with its many-rows
+    tile; RMSNorm, fp16, fp32: several sizes), the looped kernels, the dW/dB reduction. Configs named "[aligned]" run only for 16-byte aligned data and
     strides divisible by 16 (which Triton specialises on); the others run for any alignment."""
     large_m = 1 << 20
     lm, ln_ = GPU_TILES["loop_block_m"], GPU_TILES["loop_block_n"]
@@ -671,8 +671,12 @@ def aot_configs():
         fwd = dict(IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms, HAS_RES=True, STORE_H=True, INTERP=False)
         bwd = dict(IS_RMS=is_rms, HAS_W=True, HAS_RES=True, HAS_DH=True, STORE_DRES=True, HAS_DW=True,
                    HAS_DB=not is_rms, INTERP=False)
-        sizes = (1, 128, 1024, MAX_FUSED_N_ANY_ALIGN, MAX_FUSED_N) if is_rms or dtype == torch.bfloat16 else (
-            1024, MAX_FUSED_N)
+        if dtype == torch.bfloat16 and not is_rms:      # every BLOCK_N the launcher can pick
+            sizes = tuple(2 ** i for i in range(MAX_FUSED_N.bit_length()))
+        elif is_rms:
+            sizes = (1, 128, 1024, MAX_FUSED_N_ANY_ALIGN, MAX_FUSED_N)
+        else:
+            sizes = (1024, MAX_FUSED_N)
         for n in sizes:
             bm, bn, warps = _fused_config(n, large_m, GPU_TILES)
             cases.append((f"norm_fwd {tag} M{bm}xN{bn} w{warps}", _norm_fwd, dtype,
