@@ -29,7 +29,7 @@ TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "attenti
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=96)
     ap.add_argument("--lr", type=float, default=3e-3)
