@@ -74,8 +74,7 @@ TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, co
     }
   }
   // P^T and dS^T, element-wise (row = key, col = query)
-  Band band[2];
-  if (MASKED) band[0] = queries_of_key(p, si, col_lo), band[1] = queries_of_key(p, si, col_lo + 8);
+  const Band band[2] = {queries_of_key(p, si, col_lo), queries_of_key(p, si, col_lo + 8)};   // used if MASKED
 #pragma unroll
   for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
@@ -107,6 +106,25 @@ TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, co
   }
 }
 
+// dK/dV work item `it` (query head hk * group + it / q_tiles, query tile q_lo + (it % q_tiles) * BM): issue the
+// cp.async loads of its Q and dO tiles and store its lse2 / delta rows (plain stores) into one buffer.
+template <typename T, int D, int BM, int NT>
+TF_DEVICE void dkdv_issue(const Params& p, const SeqInfo& si, int b, int hk, int q_lo, int q_tiles, int it, T* sQb,
+                          T* sdOb, float* sLb, float* sDlb, int tid) {
+  const int gi = it / q_tiles, m0 = q_lo + (it % q_tiles) * BM;
+  const int64_t b64 = p.varlen ? 0 : b, h = int64_t(hk) * p.group + gi, tok = si.q_start + m0;
+  const T* Q = static_cast<const T*>(p.q) + b64 * p.stride_qb + h * p.stride_qh + tok * p.stride_qm;
+  const T* dO = static_cast<const T*>(p.dout) + b64 * p.stride_dob + h * p.stride_doh + tok * p.stride_dom;
+  load_tile<BM, D, NT>(sQb, Q, p.stride_qm, si.seqlen_q - m0, p.head_dim, tid);
+  load_tile<BM, D, NT>(sdOb, dO, p.stride_dom, si.seqlen_q - m0, p.head_dim, tid);
+  const int64_t lrow = p.varlen ? h * p.total_q + tok : (int64_t(b) * p.hq + h) * p.max_q + m0;
+  for (int r = tid; r < BM; r += NT) {
+    const bool ok = m0 + r < si.seqlen_q;
+    sLb[r] = ok ? lse2_of(p.lse[lrow + r]) : INFINITY;
+    sDlb[r] = ok ? p.delta[lrow + r] : 0.f;
+  }
+}
+
 template <typename T, int D, int BM, int BN, int NWARPS>
 __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params p) {
   static_assert(BN == 16 * NWARPS && BM % 16 == 0 && D % 16 == 0, "tile shapes");
@@ -135,22 +153,7 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params
   const int q_tiles = (qr.hi - qr.lo + BM - 1) / BM;
   const int items = q_tiles * p.group;   // (query head of the group, query tile), tile-major per head
 
-  // Issue the loads of work item `it` into buffer `buf`: Q and dO by cp.async, lse2 / delta by plain stores.
-  auto issue = [&](int it, int buf) {
-    const int gi = it / q_tiles, m0 = qr.lo + (it % q_tiles) * BM;
-    const int64_t h = hk * p.group + gi, tok = si.q_start + m0;
-    const T* Q = static_cast<const T*>(p.q) + b64 * p.stride_qb + h * p.stride_qh + tok * p.stride_qm;
-    const T* dO = static_cast<const T*>(p.dout) + b64 * p.stride_dob + h * p.stride_doh + tok * p.stride_dom;
-    load_tile<BM, D, NT>(sQ + buf * BM * SD, Q, p.stride_qm, si.seqlen_q - m0, p.head_dim, tid);
-    load_tile<BM, D, NT>(sdO + buf * BM * SD, dO, p.stride_dom, si.seqlen_q - m0, p.head_dim, tid);
-    const int64_t lrow = p.varlen ? h * p.total_q + tok : (int64_t(b) * p.hq + h) * p.max_q + m0;
-    for (int r = tid; r < BM; r += NT) {
-      const bool ok = m0 + r < si.seqlen_q;
-      sL[buf * BM + r] = ok ? lse2_of(p.lse[lrow + r]) : INFINITY;
-      sDl[buf * BM + r] = ok ? p.delta[lrow + r] : 0.f;
-    }
-  };
-  if (items > 0) issue(0, 0);
+  if (items > 0) dkdv_issue<T, D, BM, NT>(p, si, b, hk, qr.lo, q_tiles, 0, sQ, sdO, sL, sDl, tid);
   ptx::cp_async_commit();
 
   float dk[D / 8][4], dv[D / 8][4];
@@ -165,7 +168,8 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params
   for (int it = 0; it < items; ++it) {
     const int buf = it & 1, gi = it / q_tiles, m0 = qr.lo + (it % q_tiles) * BM;
     if (it + 1 < items) {
-      issue(it + 1, buf ^ 1);
+      dkdv_issue<T, D, BM, NT>(p, si, b, hk, qr.lo, q_tiles, it + 1, sQ + (buf ^ 1) * BM * SD, sdO + (buf ^ 1) * BM * SD,
+                               sL + (buf ^ 1) * BM, sDl + (buf ^ 1) * BM, tid);
       ptx::cp_async_commit();
       ptx::cp_async_wait<1>();
     } else {
@@ -232,8 +236,7 @@ TF_DEVICE void dq_tile(const Params& p, const SeqInfo& si, const Scale& sc, cons
       mma2<T>(dp[2 * jj], dp[2 * jj + 1], ado, b);
     }
   }
-  Band band[2];
-  if (MASKED) band[0] = keys_of_query(p, si, row_lo), band[1] = keys_of_query(p, si, row_lo + 8);
+  const Band band[2] = {keys_of_query(p, si, row_lo), keys_of_query(p, si, row_lo + 8)};   // used if MASKED
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j)
 #pragma unroll

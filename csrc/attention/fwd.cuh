@@ -43,8 +43,7 @@ TF_DEVICE void fwd_tile(const Params& p, const SeqInfo& si, const Scale& sc, con
   }
   // Scores (log2 domain), masked where the tile crosses the band, and the row max.
   float mx[2] = {m_i[0], m_i[1]};
-  Band band[2];
-  if (MASKED) band[0] = keys_of_query(p, si, row_lo), band[1] = keys_of_query(p, si, row_lo + 8);
+  const Band band[2] = {keys_of_query(p, si, row_lo), keys_of_query(p, si, row_lo + 8)};   // used if MASKED
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
