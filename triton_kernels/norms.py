@@ -19,8 +19,10 @@ Kernels, chosen by the launcher from the hidden size N:
 Gradient: with xhat = (h - mean) * rstd, g = w * dy,
   LayerNorm dh = rstd * (g - xhat * mean(xhat * g) - mean(g));  RMSNorm dh = rstd * (g - xhat * mean(xhat * g)),
 plus the gradient flowing into the prenorm output h. dx = dresidual = dh (cast to each input's dtype).
-Row offsets are int64; any row stride with a contiguous last dim. All loads upcast to fp32 at once, which
-also keeps bf16 correct under the Triton interpreter (no-gpu.md section 1).
+Row offsets are int64 (a scalar tile base plus int32 in-tile offsets); any row stride with a contiguous last
+dim. All loads upcast to fp32 at once, which also keeps bf16 correct under the Triton interpreter (no-gpu.md
+section 1); stores go through ``_cvt``, which rounds to nearest even there too (the interpreter truncates
+fp32 -> bf16, a GPU rounds).
 """
 from __future__ import annotations
 
