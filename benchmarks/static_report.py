@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import glob
 import hashlib
 import importlib
 import json
@@ -36,18 +38,21 @@ def _configs_of(mod):
     return list(m.aot_configs())
 
 
-def _cache_path(cfg, arch):
-    """Stats cache file of one config x arch, keyed by the kernel module's source (+ _utils), the config and
-    the triton version: a second report over unchanged kernels needs no compile."""
-    import triton
+@functools.lru_cache(maxsize=1)
+def _kernel_sources_digest():
+    """Hash of every triton_kernels/*.py: kernels call @triton.jit helpers from sibling files."""
     h = hashlib.sha1()
-    mod = sys.modules.get(getattr(cfg.kernel, "__module__", "") or "")
-    fn = getattr(cfg.kernel, "fn", cfg.kernel)
-    mod = mod or sys.modules.get(getattr(fn, "__module__", ""))
-    for path in (getattr(mod, "__file__", None), os.path.join(kr.ROOT, "triton_kernels", "_utils.py")):
-        if path and os.path.exists(path):
-            with open(path, "rb") as f:
-                h.update(f.read())
+    for path in sorted(glob.glob(os.path.join(kr.ROOT, "triton_kernels", "*.py"))):
+        with open(path, "rb") as f:
+            h.update(path.encode() + f.read())
+    return h.hexdigest()
+
+
+def _cache_path(cfg, arch):
+    """Stats cache file of one config x arch, keyed by the Triton kernel sources, the config and the triton
+    version: a second report over unchanged kernels needs no compile."""
+    import triton
+    h = hashlib.sha1(_kernel_sources_digest().encode())
     h.update(repr((cfg.name, arch, sorted(cfg.signature.items()), sorted(map(repr, cfg.constexprs.items())),
                    cfg.num_warps, cfg.num_stages, triton.__version__)).encode())
     return os.path.join(CACHE_DIR, h.hexdigest() + ".json")
