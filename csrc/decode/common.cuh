@@ -150,7 +150,7 @@ struct KvPipe {
       T* vd = vs + stage * Cfg::kBlockN * Cfg::kRow;
       constexpr int kTotal = Cfg::kBlockN * Cfg::kChunks;
       static_assert(kTotal % kThreads == 0, "whole chunks per thread");
-#pragma unroll
+#pragma unroll 1   // unrolled, ptxas spilled one register of the d80 CUDA-core kernel on sm_80
       for (int it = 0; it < kTotal / kThreads; ++it) {
         const int c = threadIdx.x + it * kThreads;
         const int r = c / Cfg::kChunks, col = (c % Cfg::kChunks) * 8;
