@@ -160,7 +160,8 @@ def compile_triton(cfg, arch):
 
     st = KernelStats(name=cfg.name, arch=arch, num_warps=cfg.num_warps)
     try:
-        src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs)
+        attrs = cfg.attrs() if getattr(cfg, "divisible", ()) else None
+        src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     except Exception as e:  # report, the test turns it into a failure
@@ -325,7 +326,7 @@ def built_extension():
     if not so:
         return None
     newest_src = max((os.path.getmtime(p) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)
-                      if os.path.isfile(p)), default=0)
+                      if os.path.isfile(p) and p.endswith((".cu", ".cuh", ".h", ".cpp"))), default=0)
     return so[0] if os.path.getmtime(so[0]) >= newest_src else None
 
 
