@@ -7,8 +7,9 @@ arch's shared memory, and use the expected tensor-core instructions (wgmma on sm
 Runtime specialisation: on a GPU, Triton compiles each kernel for 16-byte aligned pointers and strides
 divisible by 16 (torch allocations, head dims that are multiples of 8). Without those hints the compiler
 cannot vectorise the loads, so it does not software-pipeline them (no cp.async) and the kernel is not the
-one that runs. ``AotConfig`` has no field for them yet, so the compiling subprocess (``_SCRIPT``) adds
-them (the same ``tt.divisibility = 16`` Triton infers at launch for such shapes).
+one that runs. Each config therefore lists those arguments in ``AotConfig.divisible`` (the same
+``tt.divisibility = 16`` Triton infers at launch for such shapes); strides that may legitimately be 0 or 1
+at run time (broadcast ALiBi slopes, contiguous lse rows) are left out.
 """
 from __future__ import annotations
 
@@ -22,24 +23,13 @@ import pytest
 pytestmark = pytest.mark.static
 
 # Runs in a subprocess without TRITON_INTERPRET: this process holds the interpreter's kernel objects, which
-# cannot be compiled. Strides that may legitimately be 0 or 1 at run time (broadcast ALiBi slopes,
-# contiguous lse rows) get no divisibility hint.
+# cannot be compiled.
 _SCRIPT = """
 import dataclasses, json, sys
 import triton.compiler
 from benchmarks.kernel_report import triton_report
 from triton_kernels.attention import aot_configs
 
-NOT_DIVISIBLE = ("stride_ab", "stride_ah", "stride_lm", "stride_glm", "stride_glb", "stride_glh")
-Original = triton.compiler.ASTSource
-
-class Specialised(Original):
-    def __init__(self, fn, signature, constexprs=None, attrs=None):
-        attrs = attrs or {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(signature.items())
-                          if ty.startswith("*") or (name.startswith("stride_") and name not in NOT_DIVISIBLE)}
-        super().__init__(fn, signature, constexprs, attrs)
-
-triton.compiler.ASTSource = Specialised
 configs = aot_configs()
 stats = triton_report(configs=configs)
 meta = {c.name: dict(num_stages=c.num_stages, archs=list(c.archs), expect={str(a): list(m) for a, m in c.expect.items()})

@@ -526,26 +526,15 @@ def test_modules_exported():
 
 # Runs in a subprocess without TRITON_INTERPRET (this process holds the interpreter's kernel objects, which
 # cannot be compiled). Configs named "[aligned]" only run on 16-byte aligned data with n and strides divisible
-# by 16: they compile with the divisibility hints Triton infers at launch; the others without (scalar loads,
-# the most address registers).
+# by 16: they carry those divisibility hints (AotConfig.divisible, as Triton infers at launch); the others
+# compile without (scalar loads, the most address registers).
 _STATIC_SCRIPT = """
 import dataclasses, json, sys
 import triton.compiler
 from benchmarks.kernel_report import triton_report
 from triton_kernels.norms import aot_configs
 
-Original = triton.compiler.ASTSource
-
-class Aligned(Original):
-    def __init__(self, fn, signature, constexprs=None, attrs=None):
-        attrs = attrs or {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(signature.items())
-                          if ty.startswith("*") or name.startswith("stride_") or name == "N"}
-        super().__init__(fn, signature, constexprs, attrs)
-
-stats = []
-for config in aot_configs():
-    triton.compiler.ASTSource = Aligned if "[aligned]" in config.name else Original
-    stats += triton_report(configs=[config])
+stats = triton_report(configs=aot_configs())
 json.dump([dataclasses.asdict(s) for s in stats], sys.stdout)
 """
 

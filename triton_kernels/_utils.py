@@ -35,6 +35,9 @@ class AotConfig:
     signature: {arg name: triton type string ("*fp16", "*bf16", "*fp32", "i32", "i64", "fp32") or
     "constexpr"}; constexprs: {name: value} for every constexpr argument. expect: instruction markers
     the compiled code must contain, per arch, e.g. {90: ("wgmma",), 80: ("mma.sync",)}.
+    divisible: names of the arguments the launcher guarantees divisible by 16 (16-byte aligned pointers,
+    strides and sizes that are multiples of 16) -- the specialisation Triton applies at launch for such
+    values; without it the AOT compile sees scalar, unpipelined loads the GPU never runs.
     """
     name: str
     kernel: object
@@ -44,3 +47,15 @@ class AotConfig:
     num_stages: int = 3
     archs: tuple = (80, 90)
     expect: dict = dataclasses.field(default_factory=dict)
+    divisible: tuple = ()
+
+    def attrs(self):
+        """Triton's ASTSource attrs for `divisible`."""
+        return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(self.signature) if name in self.divisible}
+
+
+def divisible_args(signature, include=(), exclude=()):
+    """Pointers and stride_* arguments of `signature` (plus `include`, minus `exclude`): the usual
+    launch-time divisibility of torch allocations with 16-byte-multiple strides."""
+    return tuple(n for n, ty in signature.items()
+                 if (ty.startswith("*") or n.startswith("stride_") or n in include) and n not in exclude)

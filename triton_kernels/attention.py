@@ -386,6 +386,10 @@ def _signature(kernel, dtype):
     return sig
 
 
+# Strides the launcher does not guarantee to be multiples of 16 (ALiBi slopes rows, lse rows).
+_NOT_DIVISIBLE = ("stride_ab", "stride_ah", "stride_lm", "stride_glm", "stride_glb", "stride_glh")
+
+
 def aot_configs():
     """Every entry of _GPU_CONFIGS for its arch, compiled causal with ALiBi (masked and unmasked loops, the
     most registers); plus, for the first D=128 entry of each kernel and arch, a bf16 varlen variant with a
@@ -413,7 +417,8 @@ def aot_configs():
             expect = {arch: ("mma.sync",)}
         else:
             expect = {90: ("wgmma",)}
-        cfgs.append(_utils.AotConfig(name=name, kernel=kernel, signature=_signature(kernel, dtype),
+        sig = _signature(kernel, dtype)
+        cfgs.append(_utils.AotConfig(name=name, kernel=kernel, signature=sig,
                                      constexprs=consts, num_warps=warps, num_stages=stages, archs=(arch,),
-                                     expect=expect))
+                                     expect=expect, divisible=_utils.divisible_args(sig, exclude=_NOT_DIVISIBLE)))
     return cfgs

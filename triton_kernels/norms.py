@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import AotConfig, empty, interpreting
+from ._utils import AotConfig, divisible_args, empty, interpreting
 
 __all__ = ["layer_norm", "rms_norm", "aot_configs", "MAX_FUSED_N", "MAX_HIDDEN"]
 
@@ -697,6 +697,11 @@ def aot_configs():
         cases.append((f"reduce_partials {_TYPE[dtype]} G{REDUCE_BLOCK_G}xN{red_n} w{REDUCE_WARPS}", _reduce_partials,
                       dtype, dict(HAS_DW=True, HAS_DB=True, BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=red_n, INTERP=False),
                       REDUCE_WARPS))
-    return [AotConfig(name=name, kernel=kernel, signature=_signature(kernel, dtype), constexprs=consts,
-                      num_warps=warps, num_stages=1)
-            for name, kernel, dtype, consts, warps in cases]
+    # "[aligned]" configs only run on 16-byte aligned data with N and strides divisible by 16.
+    cfgs = []
+    for name, kernel, dtype, consts, warps in cases:
+        sig = _signature(kernel, dtype)
+        div = divisible_args(sig, include=("N",)) if "[aligned]" in name else ()
+        cfgs.append(AotConfig(name=name, kernel=kernel, signature=sig, constexprs=consts, num_warps=warps,
+                              num_stages=1, divisible=div))
+    return cfgs
