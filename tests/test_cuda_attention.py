@@ -135,6 +135,19 @@ def test_features(backend, feat):
 
 
 @pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("d", [32, 96], ids=lambda d: f"d{d}")
+def test_optional_head_dims(backend, d):
+    """Head dims 32 and 96 have kernels only in builds that ask for them (TILEFORMER_CUDA_HEADDIMS=all or a list
+    naming them); in the default build they run padded to 64 / 128 (test_padded_head_dims covers that path)."""
+    helpers.require_backend(backend)
+    if d not in _dims():
+        pytest.skip(f"head dim {d} not instantiated in this build (TILEFORMER_CUDA_HEADDIMS): {_dims()}")
+    for (nq, nk), heads, causal in (((113, 203), "gqa", True), ((200, 64), "mha", False)):
+        q, k, v = _inputs(1, nq, nk, *HEADS[heads], d, BF16 if causal else FP16, seed=d + nq)
+        _check(q, k, v, causal=causal, window_size=(-1, -1) if causal else (50, 20), config=f"d{d} {nq}x{nk}")
+
+
+@pytest.mark.parametrize("backend", CUDA)
 @pytest.mark.parametrize("d", [8, 40, 80, 111], ids=lambda d: f"d{d}")
 def test_padded_head_dims(backend, d):
     """Head dims that are not compiled: zero-padded to a multiple of 8, run with the next compiled one."""
