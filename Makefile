@@ -35,8 +35,9 @@ $(VENV)/.built: $(VENV)/.installed setup.py $(CSRC)
 build: $(VENV)/.built
 
 # On a CPU machine the kernel backends must actually run (no silent skips): TILEFORMER_REQUIRE_BACKENDS.
+# Two pytest workers (one per core of the CI machine), one test file per worker at a time.
 test: build
-	TILEFORMER_REQUIRE_BACKENDS=$${TILEFORMER_REQUIRE_BACKENDS-triton,cuda} $(VPY) -m pytest -q
+	TILEFORMER_REQUIRE_BACKENDS=$${TILEFORMER_REQUIRE_BACKENDS-triton,cuda} $(VPY) -m pytest -q -n $${PYTEST_WORKERS-2} --dist loadfile
 
 test-slow: build
 	$(VPY) -m pytest -q -m slow
