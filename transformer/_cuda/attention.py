@@ -86,7 +86,10 @@ def _round8(d):
 
 def head_dim_reason(device: torch.device, head_dim: int):
     """None if some compiled head dim can hold `head_dim` (padded to a multiple of 8), else the reason."""
-    dims = head_dims(device.type)
+    try:
+        dims = head_dims(device.type)
+    except (RuntimeError, AttributeError) as e:   # an extension built before the attention ops existed
+        return f"the CUDA attention ops are unavailable in this build ({type(e).__name__}: {e})"
     if not dims or _round8(head_dim) > max(dims):
         built = ", ".join(map(str, dims)) or "none"
         return (f"the CUDA attention kernels of this build ({namespace_name(device)}) are compiled for head dims "
