@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from transformer import _norm_op
+
 from ._utils import AotConfig, divisible_args, empty, interpreting
 
 __all__ = ["layer_norm", "rms_norm", "aot_configs", "MAX_FUSED_N", "MAX_HIDDEN"]
@@ -555,14 +557,6 @@ def norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     return _forward(x, weight, bias, residual, eps, is_rms, store_h, residual_in_fp32)
 
 
-@norm_fwd.register_fake
-def _(x, weight, bias, residual, eps, is_rms, store_h, residual_in_fp32):
-    lead = x.shape[:-1]
-    h_dtype = torch.float32 if residual_in_fp32 else x.dtype
-    return (x.new_empty(x.shape), x.new_empty(x.shape if store_h else (0,), dtype=h_dtype),
-            x.new_empty((0,) if is_rms else lead, dtype=torch.float32), x.new_empty(lead, dtype=torch.float32))
-
-
 @torch.library.custom_op("tileformer_triton::norm_bwd", mutates_args=())
 def norm_bwd(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Tensor, residual: Optional[torch.Tensor],
              weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, is_rms: bool,
@@ -572,48 +566,7 @@ def norm_bwd(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Tensor, resi
     return _backward(dy, dh, x, residual, weight, mean, rstd, is_rms, dx_dtype, dres_dtype, dw_dtype, db_dtype)
 
 
-@norm_bwd.register_fake
-def _(dy, dh, x, residual, weight, mean, rstd, is_rms, dx_dtype, dres_dtype, dw_dtype, db_dtype):
-    n = x.shape[-1]
-    return (x.new_empty(x.shape, dtype=dx_dtype),
-            x.new_empty(x.shape if dres_dtype is not None else (0,), dtype=dres_dtype or dx_dtype),
-            x.new_empty((n,) if dw_dtype is not None else (0,), dtype=dw_dtype or torch.float32),
-            x.new_empty((n,) if db_dtype is not None else (0,), dtype=db_dtype or torch.float32))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, eps, is_rms, store_h, residual_in_fp32 = inputs
-    out, h, mean, rstd = output
-    if residual is not None and store_h and h.dtype == torch.float32:
-        saved_x, saved_r = h, None               # the exact fp32 sum: backward reads one tensor
-    else:
-        saved_x, saved_r = x, residual           # backward adds the residual again in fp32
-    ctx.save_for_backward(saved_x, saved_r, weight, mean, rstd)
-    ctx.is_rms, ctx.store_h = is_rms, store_h
-    ctx.x_dtype = x.dtype
-    ctx.res_dtype = None if residual is None else residual.dtype
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.set_materialize_grads(False)
-
-
-def _backward_formula(ctx, dout, dh, _dmean, _drstd):
-    x, residual, weight, mean, rstd = ctx.saved_tensors
-    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-    if dout is None:
-        dout = torch.zeros(x.shape, dtype=ctx.x_dtype, device=x.device)
-    dres_dtype = ctx.res_dtype if need_r and ctx.res_dtype != ctx.x_dtype else None
-    dx, dres, dw, db = torch.ops.tileformer_triton.norm_bwd(
-        dout, dh if ctx.store_h else None, x, residual, weight, mean, rstd, ctx.is_rms, ctx.x_dtype, dres_dtype,
-        weight.dtype if need_w and weight is not None else None, ctx.bias_dtype if need_b else None)
-    dresidual = None
-    if need_r:
-        dresidual = dres if dres_dtype is not None else dx   # same value: shared like AddBackward's grads
-    return (dx if need_x else None, dw if need_w else None, db if need_b else None, dresidual,
-            None, None, None, None)
-
-
-torch.library.register_autograd("tileformer_triton::norm_fwd", _backward_formula, setup_context=_setup_context)
+_norm_op.register("tileformer_triton")   # fakes + autograd: the contract shared with the CUDA ops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,15 +574,13 @@ torch.library.register_autograd("tileformer_triton::norm_fwd", _backward_formula
 # ---------------------------------------------------------------------------------------------
 
 def layer_norm(x, weight, bias, eps, *, residual, prenorm, residual_in_fp32):
-    out, h, _, _ = torch.ops.tileformer_triton.norm_fwd(x, weight, bias, residual, float(eps), False, bool(prenorm),
-                                                          bool(residual_in_fp32))
-    return (out, h) if prenorm else out
+    return _norm_op.layer_norm(torch.ops.tileformer_triton, x, weight, bias, eps, residual=residual,
+                               prenorm=prenorm, residual_in_fp32=residual_in_fp32)
 
 
 def rms_norm(x, weight, eps, *, residual, prenorm, residual_in_fp32):
-    out, h, _, _ = torch.ops.tileformer_triton.norm_fwd(x, weight, None, residual, float(eps), True, bool(prenorm),
-                                                          bool(residual_in_fp32))
-    return (out, h) if prenorm else out
+    return _norm_op.rms_norm(torch.ops.tileformer_triton, x, weight, eps, residual=residual, prenorm=prenorm,
+                             residual_in_fp32=residual_in_fp32)
 
 
 # ---------------------------------------------------------------------------------------------
