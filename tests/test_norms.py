@@ -283,14 +283,22 @@ def test_row_strides_and_layouts(backend, op, n):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [1000, 8193])
-def test_large_mean_no_cancellation(backend, n):
-    """Rows with mean 1e4 and std 1 in fp32: the variance must not cancel (two-pass / Chan merge)."""
+@pytest.mark.parametrize("residual", [False, True])
+def test_large_mean_no_cancellation(backend, n, residual):
+    """Rows with mean 1e4 and std 1 in fp32: neither the variance nor the mean may lose accuracy to the
+    offset. 24 rows, each checked on its own (the old unshifted fp32 mean failed about 1 row in 20 at
+    n=8193, so three rows passed by luck); the residual variant checks the shift includes the residual."""
     helpers.require_backend(backend)
-    x = torch.randn(3, n, dtype=torch.float64) + 1e4
-    out = transformer.layer_norm(x.float(), None, None, 1e-5, backend=backend)
-    ref = reference.layer_norm(x.float(), compute_dtype=torch.float64)
-    low = reference.layer_norm(x.float(), compute_dtype=None)
-    helpers.assert_close(out, ref, low, name="out (mean 1e4)")
+    g = torch.Generator().manual_seed(n + residual)
+    x = torch.randn(24, n, dtype=torch.float64, generator=g) + 1e4
+    r = None
+    if residual:
+        r = (torch.randn(24, n, dtype=torch.float64, generator=g) - 5e3).float()   # h = x + r: mean 5e3
+    out = transformer.layer_norm(x.float(), None, None, 1e-5, residual=r, backend=backend)
+    ref = reference.layer_norm(x.float(), residual=r, compute_dtype=torch.float64)
+    low = reference.layer_norm(x.float(), residual=r, compute_dtype=None)
+    for i in range(out.shape[0]):   # row by row: a max over all rows would let a bad row hide
+        helpers.assert_close(out[i], ref[i], low[i], name=f"out row {i} (mean 1e4)")
     assert float((out.double() - ref).abs().max()) < 2e-2
 
 

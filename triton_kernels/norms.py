@@ -76,6 +76,18 @@ def _cvt(x, P, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _row_shift(X, R, stride_xm, stride_rm, r, row_mask, HAS_RES: tl.constexpr):
+    """h[:, 0] of the rows r (fp32; X, R point at the rows' tile). The looped LayerNorm takes its statistics of
+    h - h[:, 0]: the shifted values are O(std), so their fp32 mean is accurate to ulps of the std rather than of
+    the mean (at mean 1e4, std 1 the unshifted Chan merges lose about one ulp of the mean, 1e-3: more than
+    PyTorch's pairwise sum loses). The one-tile kernel uses a corrected two-pass mean instead (no extra load)."""
+    shift = tl.load(X + r * stride_xm, mask=row_mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        shift += tl.load(R + r * stride_rm, mask=row_mask, other=0.0).to(tl.float32)
+    return shift
+
+
+@triton.jit
 def _norm_fwd(X, R, W, B, Out, H, Mean, Rstd,
               stride_xm, stride_rm, stride_om, stride_hm,   # row strides (elements); last dim contiguous
               M, N, eps,
@@ -100,11 +112,14 @@ def _norm_fwd(X, R, W, B, Out, H, Mean, Rstd,
                  mask=mask)
     if IS_RMS:
         xc = h
-    else:
-        mean = tl.sum(h, axis=1) / N
-        tl.store(Mean + row0 + r, mean, mask=row_mask)
-        xc = tl.where(mask, h - mean[:, None], 0.0)
+    else:   # corrected two-pass mean: the rough mean's rounding error is recovered from the O(std) residues
+        shift = tl.sum(h, axis=1) / N
+        h = tl.where(mask, h - shift[:, None], 0.0)
+        mean_s = tl.sum(h, axis=1) / N
+        xc = tl.where(mask, h - mean_s[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+    if not IS_RMS:
+        tl.store(Mean + row0 + r, shift + mean_s, mask=row_mask)
     tl.store(Rstd + row0 + r, rstd, mask=row_mask)
     y = xc * rstd[:, None]
     if HAS_W:
@@ -133,7 +148,11 @@ def _norm_fwd_looped(X, R, W, B, Out, H, Mean, Rstd,
     if STORE_H:
         H += base * stride_hm
     cols = tl.arange(0, BLOCK_N)
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if IS_RMS:
+        shift = tl.zeros([BLOCK_M], dtype=tl.float32)
+    else:
+        shift = _row_shift(X, R, stride_xm, stride_rm, r, row_mask, HAS_RES)
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)   # of h - shift
     m2 = tl.zeros([BLOCK_M], dtype=tl.float32)     # sum of squared deviations (of squares for RMS)
     for start in range(0, N, BLOCK_N):
         c = start + cols
@@ -146,6 +165,7 @@ def _norm_fwd_looped(X, R, W, B, Out, H, Mean, Rstd,
         if IS_RMS:
             m2 += tl.sum(h * h, axis=1)
         else:   # Chan et al.: merge (start values, mean, m2) with this chunk's (n_b, mean_b, m2_b)
+            h = tl.where(mask, h - shift[:, None], 0.0)
             n_a = start * 1.0
             n_b = tl.minimum(N - start, BLOCK_N).to(tl.float32)
             mean_b = tl.sum(h, axis=1) / n_b
@@ -155,7 +175,7 @@ def _norm_fwd_looped(X, R, W, B, Out, H, Mean, Rstd,
             m2 += tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
     rstd = 1.0 / tl.sqrt(m2 / N + eps)
     if not IS_RMS:
-        tl.store(Mean + row0 + r, mean, mask=row_mask)
+        tl.store(Mean + row0 + r, shift + mean, mask=row_mask)
     tl.store(Rstd + row0 + r, rstd, mask=row_mask)
     for start in range(0, N, BLOCK_N):        # the rows were just read: this pass reads them from L2
         c = start + cols
@@ -167,7 +187,7 @@ def _norm_fwd_looped(X, R, W, B, Out, H, Mean, Rstd,
         if IS_RMS:
             y = h * rstd[:, None]
         else:
-            y = (h - mean[:, None]) * rstd[:, None]
+            y = ((h - shift[:, None]) - mean[:, None]) * rstd[:, None]
         if HAS_W:
             y = y * tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_B:

@@ -39,6 +39,23 @@ __global__ void __launch_bounds__(TPR == 32 ? 128 : TPR, 1) norm_fwd_kernel(FwdP
     }
   };
 
+  // Statistics of the shifted row h - c with c = h[0] (LayerNorm; RMSNorm: c = 0). The shifted values
+  // are O(std), so their fp32 mean is accurate to a few ulps of the std, not of the mean; mean = c + ms
+  // is then rounded once. Without the shift the Chan merges round the mean to ulp(mean) at every step,
+  // which at mean 1e4 / std 1 costs about one ulp (1e-3) of output accuracy -- more than PyTorch's
+  // pairwise sum loses.
+  float c = 0.f;
+  if (!p.is_rms && n > 0) {
+    c = to_float(x[0]);
+    if (res) c += p.residual_f32 ? static_cast<const float*>(res)[0] : to_float(static_cast<const T*>(res)[0]);
+  }
+  auto shifted_stats = [&](const float (&v)[VEC], int count) {
+    float sv[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sv[k] = v[k] - c;
+    return slot_stats(sv, count, p.is_rms);
+  };
+
   Stats st{0.f, 0.f, 0.f};
   float cache[kVecs > 0 ? kVecs : 1][VEC];
   if constexpr (kVecs > 0) {
@@ -48,7 +65,7 @@ __global__ void __launch_bounds__(TPR == 32 ? 128 : TPR, 1) norm_fwd_kernel(FwdP
       if (j < nslots) {
         load_h(j, cache[s]);
         if (h_out) store_any<T, VEC>(h_out, p.h_f32, j * VEC, n, vec_ok, cache[s]);
-        st = merge(st, slot_stats(cache[s], n - j * VEC, p.is_rms));
+        st = merge(st, shifted_stats(cache[s], n - j * VEC));
       }
     }
   } else {
@@ -56,11 +73,12 @@ __global__ void __launch_bounds__(TPR == 32 ? 128 : TPR, 1) norm_fwd_kernel(FwdP
       float v[VEC];
       load_h(j, v);
       if (h_out) store_any<T, VEC>(h_out, p.h_f32, j * VEC, n, vec_ok, v);
-      st = merge(st, slot_stats(v, n - j * VEC, p.is_rms));
+      st = merge(st, shifted_stats(v, n - j * VEC));
     }
   }
   st = row_reduce<TPR>(st);
-  const float mean = p.is_rms ? 0.f : st.mean;
+  const float ms = p.is_rms ? 0.f : st.mean;   // mean of h - c
+  const float mean = c + ms;
   const float rstd = rsqrtf(st.m2 / float(n) + p.eps);
   if (lt == 0) {
     if (p.mean) p.mean[row] = mean;
@@ -73,7 +91,7 @@ __global__ void __launch_bounds__(TPR == 32 ? 128 : TPR, 1) norm_fwd_kernel(FwdP
     if (b) load_vec<P, VEC>(b, j * VEC, n, vec_ok, bv);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      float y = (v[k] - mean) * rstd;
+      float y = ((v[k] - c) - ms) * rstd;
       if (w) y *= wv[k];
       if (b) y += bv[k];
       v[k] = y;
