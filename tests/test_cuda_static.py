@@ -18,6 +18,16 @@ pytestmark = pytest.mark.static
 TENSOR_CORE_KERNELS = [
     ("selftest.cu", "mma_tile_kernel<__half>"),
     ("selftest.cu", "mma_tile_kernel<__nv_bfloat16>"),
+    # flash attention, every default head dim (the units' optional dims compile to stubs in the default build)
+    *[(f"{unit}.cu", f"{kernel}<{t}, {d},") for unit, d in (("fwd_d32_d64", 64), ("fwd_d96_d128", 128),
+                                                            ("fwd_d192_d256", 256))
+      for kernel in ("attn_fwd_kernel",) for t in ("__half", "__nv_bfloat16")],
+    *[(f"{unit}.cu", f"{kernel}<{t}, {d},") for unit, d in (("bwd_d32_d64", 64), ("bwd_d96_d128", 128),
+                                                            ("bwd_d192_d256", 256))
+      for kernel in ("attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel") for t in ("__half", "__nv_bfloat16")],
+    # decode: the tensor-core split kernel (the SIMT one serves group sizes too small for an mma tile)
+    *[(f"decode_d{d}.cu", f"decode_mma_kernel<{t}, {d}>") for d in (64, 80, 96, 128, 256)
+      for t in ("__half", "__nv_bfloat16")],
 ]
 
 

@@ -67,7 +67,7 @@ def _triton_supports(call):
 def _cuda_supports(call):
     """Limits of csrc/attention (transformer/_cuda/attention.py) beyond what _describe checks: fp16/bf16 only;
     the head dim is zero-padded to a multiple of 8 and runs with the smallest compiled head dim that holds it
-    (TILEFORMER_CUDA_HEADDIMS at build time; default 64 and 128, so head dims up to 128); on a GPU, compute
+    (TILEFORMER_CUDA_HEADDIMS at build time; default 64, 128 and 256, so any head dim up to 256); on a GPU, compute
     capability >= 8.0 (mma.sync bf16, cp.async, ldmatrix). Every other feature (GQA/MQA, causal either
     alignment, windows, ALiBi, softcap, lse, varlen, strided inputs, deterministic backward) is served."""
     if call["dtype"] not in _checks.HALF_DTYPES:

@@ -36,6 +36,8 @@ void fwd_typed(const Params& p, cudaStream_t s, int d) {
     case 64: return run_attn_fwd<T, 64>(p, s);
     case 96: return run_attn_fwd<T, 96>(p, s);
     case 128: return run_attn_fwd<T, 128>(p, s);
+    case 192: return run_attn_fwd<T, 192>(p, s);
+    case 256: return run_attn_fwd<T, 256>(p, s);
     default: throw std::invalid_argument("attention: no kernel for padded head dim " + std::to_string(d));
   }
 }
@@ -47,6 +49,8 @@ void bwd_typed(const Params& p, cudaStream_t s, int d) {
     case 64: return run_attn_bwd<T, 64>(p, s);
     case 96: return run_attn_bwd<T, 96>(p, s);
     case 128: return run_attn_bwd<T, 128>(p, s);
+    case 192: return run_attn_bwd<T, 192>(p, s);
+    case 256: return run_attn_bwd<T, 256>(p, s);
     default: throw std::invalid_argument("attention: no kernel for padded head dim " + std::to_string(d));
   }
 }

@@ -8,6 +8,9 @@
 //   Q / dO tiles by cp.async) of every query head of its GQA group:
 //     S^T = K Q^T, P^T = exp2(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
 //     dK += dS^T Q  (P^T and dS^T go from accumulators to A fragments in registers).
+//   Column split (DC < D, used for D = 256): two D-wide fp32 accumulators do not fit in a thread's 255
+//   registers, so each block accumulates only a DC-wide column slice of dK, dV (grid.x = key tiles x D / DC);
+//   S^T and dP^T (full-D contractions) are recomputed by every slice's block.
 // * attn_bwd_dq_kernel: one block = BM = 16 * NWARPS queries of one (batch, query head), over its key tiles
 //   (double-buffered K / V): S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
 // * attn_zero_tail_kernel: packed varlen tokens past cu_seqlens[-1] (no sequence): rows 0 (lse -inf).
@@ -46,10 +49,10 @@ constexpr size_t dkdv_smem_bytes() {   // K, V [BN][SD]; 2 x (Q, dO) [BM][SD]; 2
 }
 
 // One query tile for one warp's 16 keys: accumulate dK, dV.
-template <bool MASKED, typename T, int D, int BM>
+template <bool MASKED, typename T, int D, int DC, int BM>
 TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, const T* sKw, const T* sVw,
-                         const T* sQb, const T* sdOb, const float* sL, const float* sDl, int m0, int col_lo,
-                         float (&dk)[D / 8][4], float (&dv)[D / 8][4], int lane) {
+                         const T* sQb, const T* sdOb, const float* sL, const float* sDl, int m0, int col_lo, int c0,
+                         float (&dk)[DC / 8][4], float (&dv)[DC / 8][4], int lane) {
   constexpr int SD = D + 8;
   const int t = lane & 3;
   float s[BM / 8][4], dp[BM / 8][4];
@@ -89,18 +92,18 @@ TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, co
       s[j][i] = pt;
       dp[j][i] = ds;
     }
-  // dV += P^T dO and dK += dS^T Q (dO, Q are [query][d] = B[k][n]: ldmatrix .trans)
+  // dV += P^T dO and dK += dS^T Q over columns c0..c0+DC (dO, Q are [query][d] = B[k][n]: ldmatrix .trans)
 #pragma unroll
   for (int kk = 0; kk < BM / 16; ++kk) {
     uint32_t ap[4], ads[4];
     acc_to_a<T>(ap, s[2 * kk], s[2 * kk + 1]);
     acc_to_a<T>(ads, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
-    for (int dd = 0; dd < D / 16; ++dd) {
+    for (int dd = 0; dd < DC / 16; ++dd) {
       uint32_t b[4];
-      ldm_b_trans<SD>(b, sdOb, 16 * kk, 16 * dd, lane);
+      ldm_b_trans<SD>(b, sdOb, 16 * kk, c0 + 16 * dd, lane);
       mma2<T>(dv[2 * dd], dv[2 * dd + 1], ap, b);
-      ldm_b_trans<SD>(b, sQb, 16 * kk, 16 * dd, lane);
+      ldm_b_trans<SD>(b, sQb, 16 * kk, c0 + 16 * dd, lane);
       mma2<T>(dk[2 * dd], dk[2 * dd + 1], ads, b);
     }
   }
@@ -125,9 +128,9 @@ TF_DEVICE void dkdv_issue(const Params& p, const SeqInfo& si, int b, int hk, int
   }
 }
 
-template <typename T, int D, int BM, int BN, int NWARPS>
+template <typename T, int D, int DC, int BM, int BN, int NWARPS>
 __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params p) {
-  static_assert(BN == 16 * NWARPS && BM % 16 == 0 && D % 16 == 0, "tile shapes");
+  static_assert(BN == 16 * NWARPS && BM % 16 == 0 && D % 16 == 0 && DC % 16 == 0 && D % DC == 0, "tile shapes");
   constexpr int SD = D + 8, NT = NWARPS * 32;
   TF_DYNAMIC_SMEM(T, smem);
   T* sK = smem;                  // [BN][SD]
@@ -137,9 +140,10 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params
   float* sL = reinterpret_cast<float*>(sdO + 2 * BM * SD);   // [2][BM] lse2
   float* sDl = sL + 2 * BM;                                  // [2][BM] delta
 
-  const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * BN;
+  const int b = blockIdx.z, hk = blockIdx.y, n0 = int(blockIdx.x / (D / DC)) * BN;
+  const int c0 = int(blockIdx.x % (D / DC)) * DC;   // this block's column slice of dK, dV
   const SeqInfo si = seq_info(p, b);
-  if (n0 >= si.seqlen_k) return;
+  if (n0 >= si.seqlen_k || c0 >= p.head_dim) return;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t b64 = p.varlen ? 0 : b;
   const T* K = static_cast<const T*>(p.k) + b64 * p.stride_kb + hk * p.stride_kh + (si.k_start + n0) * p.stride_kn;
@@ -156,9 +160,9 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params
   if (items > 0) dkdv_issue<T, D, BM, NT>(p, si, b, hk, qr.lo, q_tiles, 0, sQ, sdO, sL, sDl, tid);
   ptx::cp_async_commit();
 
-  float dk[D / 8][4], dv[D / 8][4];
+  float dk[DC / 8][4], dv[DC / 8][4];
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j)
+  for (int j = 0; j < DC / 8; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) dk[j][i] = dv[j][i] = 0.f;
   const T* sKw = sK + 16 * warp * SD;
@@ -180,28 +184,29 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params
     const T* sQb = sQ + buf * BM * SD;
     const T* sdOb = sdO + buf * BM * SD;
     if (m0 < qr.full_lo || m0 >= qr.full_hi)
-      dkdv_tile<true, T, D, BM>(p, si, sc, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM, m0, col_lo, dk, dv,
-                                lane);
+      dkdv_tile<true, T, D, DC, BM>(p, si, sc, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM, m0, col_lo, c0,
+                                    dk, dv, lane);
     else
-      dkdv_tile<false, T, D, BM>(p, si, sc, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM, m0, col_lo, dk,
-                                 dv, lane);
+      dkdv_tile<false, T, D, DC, BM>(p, si, sc, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM, m0, col_lo, c0,
+                                     dk, dv, lane);
     __syncthreads();
   }
   ptx::cp_async_wait<0>();   // no query tile: K / V copies must land before the epilogue reuses sK / sV
   __syncthreads();
 
-  // dK = scale * sum dS^T Q; stage through this warp's rows of sK / sV, 16-byte stores (dk, dv contiguous).
-  T* sdKw = const_cast<T*>(sKw);
-  T* sdVw = const_cast<T*>(sVw);
-  acc_to_smem<D, T>(sdKw, dk, p.scale, p.scale, lane);
-  acc_to_smem<D, T>(sdVw, dv, 1.f, 1.f, lane);
+  // dK = scale * sum dS^T Q; stage through this warp's rows of sK / sV (this block's column slice), 16-byte
+  // stores (dk, dv contiguous).
+  T* sdKw = const_cast<T*>(sKw) + c0;
+  T* sdVw = const_cast<T*>(sVw) + c0;
+  acc_to_smem<DC, SD, T>(sdKw, dk, p.scale, p.scale, lane);
+  acc_to_smem<DC, SD, T>(sdVw, dv, 1.f, 1.f, lane);
   __syncwarp();
   const int rows_left = si.seqlen_k - n0 - 16 * warp;
   const int64_t row_stride = int64_t(p.hkv) * p.head_dim;
   const int64_t base = (p.varlen ? 0 : int64_t(b) * p.max_k * row_stride) + (si.k_start + n0 + 16 * warp) * row_stride +
-                       hk * p.head_dim;
-  store_rows16<D, T>(static_cast<T*>(p.dk) + base, row_stride, sdKw, rows_left, p.head_dim, lane);
-  store_rows16<D, T>(static_cast<T*>(p.dv) + base, row_stride, sdVw, rows_left, p.head_dim, lane);
+                       hk * p.head_dim + c0;
+  store_rows16<DC, SD, T>(static_cast<T*>(p.dk) + base, row_stride, sdKw, rows_left, p.head_dim - c0, lane);
+  store_rows16<DC, SD, T>(static_cast<T*>(p.dv) + base, row_stride, sdVw, rows_left, p.head_dim - c0, lane);
 }
 
 template <int D, int BM, int BN>
@@ -338,12 +343,12 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dq_kernel(const Params p
   __syncthreads();
 
   T* sdQw = const_cast<T*>(sQw);   // this warp's rows of the Q tile
-  acc_to_smem<D, T>(sdQw, dq, p.scale, p.scale, lane);
+  acc_to_smem<D, SD, T>(sdQw, dq, p.scale, p.scale, lane);
   __syncwarp();
   const int64_t row_stride = int64_t(p.hq) * p.head_dim;   // dq is contiguous like q
   const int64_t base = (p.varlen ? 0 : int64_t(b) * p.max_q * row_stride) + (tok + 16 * warp) * row_stride +
                        h * p.head_dim;
-  store_rows16<D, T>(static_cast<T*>(p.dq) + base, row_stride, sdQw, si.seqlen_q - m0 - 16 * warp, p.head_dim,
+  store_rows16<D, SD, T>(static_cast<T*>(p.dq) + base, row_stride, sdQw, si.seqlen_q - m0 - 16 * warp, p.head_dim,
                      lane);
 }
 

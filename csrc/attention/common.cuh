@@ -172,18 +172,19 @@ TF_DEVICE void load_tile(T* s, const T* g, int64_t stride, int rows_valid, int c
   }
 }
 
-// Store rows [0, rows_valid) x columns [0, cols_valid) of a 16 x D shared tile (row stride D + 8) to global
-// memory (row stride `stride`, 16-byte aligned rows), one warp, 16-byte stores.
-template <int D, typename T>
+// Store rows [0, rows_valid) x columns [0, cols_valid) of a 16 x NC shared tile (row stride SD) to global
+// memory (row stride `stride`, 16-byte aligned rows), one warp, 16-byte stores. NC = D, or the DC-wide column
+// slice of a column-split kernel (s and g then point at the slice's first column).
+template <int NC, int SD, typename T>
 TF_DEVICE void store_rows16(T* g, int64_t stride, const T* s, int rows_valid, int cols_valid, int lane) {
-  constexpr int CH = D / 8;
+  constexpr int CH = NC / 8;
 #pragma unroll
   for (int i = 0; i < (16 * CH + 31) / 32; ++i) {
     const int c = lane + i * 32;
     if (16 * CH % 32 == 0 || c < 16 * CH) {
       const int r = c / CH, ch = c % CH;
       if (r < rows_valid && ch * 8 < cols_valid)
-        *reinterpret_cast<uint4*>(g + r * stride + ch * 8) = *reinterpret_cast<const uint4*>(s + r * (D + 8) + ch * 8);
+        *reinterpret_cast<uint4*>(g + r * stride + ch * 8) = *reinterpret_cast<const uint4*>(s + r * SD + ch * 8);
     }
   }
 }
@@ -224,15 +225,15 @@ TF_DEVICE void acc_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1
   a[3] = ptx::pack2<T>(c1[2], c1[3]);
 }
 
-// Write a 16 x D fp32 accumulator (acc[D / 8][4], times `mul` per row half) as T into a shared tile.
-template <int D, typename T>
-TF_DEVICE void acc_to_smem(T* s, const float (&acc)[D / 8][4], float mul_lo, float mul_hi, int lane) {
+// Write a 16 x NC fp32 accumulator (acc[NC / 8][4], times `mul` per row half) as T into a shared tile of row
+// stride SD (columns [0, NC) from s).
+template <int NC, int SD, typename T>
+TF_DEVICE void acc_to_smem(T* s, const float (&acc)[NC / 8][4], float mul_lo, float mul_hi, int lane) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    *reinterpret_cast<uint32_t*>(s + g * (D + 8) + 8 * j + 2 * t) = ptx::pack2<T>(acc[j][0] * mul_lo, acc[j][1] * mul_lo);
-    *reinterpret_cast<uint32_t*>(s + (g + 8) * (D + 8) + 8 * j + 2 * t) =
-        ptx::pack2<T>(acc[j][2] * mul_hi, acc[j][3] * mul_hi);
+  for (int j = 0; j < NC / 8; ++j) {
+    *reinterpret_cast<uint32_t*>(s + g * SD + 8 * j + 2 * t) = ptx::pack2<T>(acc[j][0] * mul_lo, acc[j][1] * mul_lo);
+    *reinterpret_cast<uint32_t*>(s + (g + 8) * SD + 8 * j + 2 * t) = ptx::pack2<T>(acc[j][2] * mul_hi, acc[j][3] * mul_hi);
   }
 }
 

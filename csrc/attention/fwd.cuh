@@ -170,12 +170,12 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_fwd_kernel(const Params p) {
     lse[r] = l > 0.f ? (m_i[r] + __log2f(l)) * kLn2 : -INFINITY;
   }
   T* sOw = const_cast<T*>(sQw);   // this warp's 16 rows of the Q tile, read only by this warp
-  acc_to_smem<D, T>(sOw, o, inv[0], inv[1], lane);
+  acc_to_smem<D, SD, T>(sOw, o, inv[0], inv[1], lane);
   __syncwarp();
   const int rows_left = si.seqlen_q - m0 - 16 * warp;
   T* O = static_cast<T*>(p.out) + b64 * p.stride_ob + h * p.stride_oh +
          (si.q_start + m0 + 16 * warp) * p.stride_om;
-  store_rows16<D, T>(O, p.stride_om, sOw, rows_left, p.head_dim, lane);
+  store_rows16<D, SD, T>(O, p.stride_om, sOw, rows_left, p.head_dim, lane);
   if ((lane & 3) == 0) {
     // lse [B, Hq, Nq] or varlen [Hq, Tq], contiguous
     float* L = p.lse + (p.varlen ? h * p.total_q + si.q_start : (int64_t(b) * p.hq + h) * p.max_q);

@@ -1,18 +1,18 @@
 // Which head dims have compiled attention kernels: the build-time list TILEFORMER_HEADDIMS (setup.py passes
-// the environment variable TILEFORMER_CUDA_HEADDIMS, e.g. "64,128" or "all"), default "64,128". Kernel
-// sources exist for kSourceHeadDims (attention/inst/*.cu: per direction, a unit for 32 + 64 and one for
-// 96 + 128, so the default build compiles one head dim per unit); a head dim that is not enabled
-// compiles to a launcher stub that throws.
+// the environment variable TILEFORMER_CUDA_HEADDIMS, e.g. "64,128" or "all"), default "64,128,256". Kernel
+// sources exist for kSourceHeadDims (attention/inst/*.cu: per direction, a unit for 32 + 64, one for
+// 96 + 128 and one for 192 + 256, so the default build compiles one head dim per unit); a head dim that is
+// not enabled compiles to a launcher stub that throws. Head dims run padded to the next enabled one.
 #pragma once
 
 namespace tf::attention {
 
-inline constexpr int kSourceHeadDims[] = {32, 64, 96, 128};
+inline constexpr int kSourceHeadDims[] = {32, 64, 96, 128, 192, 256};
 
 #ifdef TILEFORMER_HEADDIMS
 inline constexpr const char* kHeadDimsSpec = TILEFORMER_HEADDIMS;
 #else
-inline constexpr const char* kHeadDimsSpec = "64,128";
+inline constexpr const char* kHeadDimsSpec = "64,128,256";
 #endif
 
 // Is head dim d named in the spec (numbers separated by anything else; "all" enables every source dim)?

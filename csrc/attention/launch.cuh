@@ -14,13 +14,15 @@
 namespace tf::attention {
 
 // Tile shapes per padded head dim (4 warps everywhere). The backward accumulates two D-wide fp32 tiles per
-// warp (dK, dV or dQ), so it takes 32-wide query / key tiles above D = 64 to stay spill-free.
+// warp (dK, dV or dQ), so it takes 32-wide query / key tiles above D = 64 to stay spill-free; above D = 128 the
+// dK/dV kernel accumulates a D/2-wide column slice per block (kDkdvC; see bwd.cuh) and dQ takes 16-key tiles.
 template <int D>
 struct Config {
   static constexpr int kWarps = 4;
-  static constexpr int kFwdM = 64, kFwdN = D <= 64 ? 64 : 32;    // forward: query tile, key tile
+  static constexpr int kFwdM = 64, kFwdN = D <= 64 ? 64 : D <= 128 ? 32 : 16;   // forward: query tile, key tile
   static constexpr int kDkdvM = D <= 64 ? 32 : 16, kDkdvN = 64;   // dK/dV: query tile, key tile (16 per warp)
-  static constexpr int kDqM = 64, kDqN = D <= 64 ? 64 : 32;       // dQ: query tile (16 per warp), key tile
+  static constexpr int kDkdvC = D <= 128 ? D : D / 2;             // dK/dV: columns accumulated per block
+  static constexpr int kDqM = 64, kDqN = D <= 64 ? 64 : D <= 128 ? 32 : 16;   // dQ: query tile (16 per warp), key tile
 };
 
 inline unsigned grid_dim(int64_t n, int tile) { return static_cast<unsigned>((n + tile - 1) / tile); }
@@ -44,8 +46,8 @@ void run_attn_bwd(const Params& p, cudaStream_t stream) {
     using C = Config<D>;
     launch(attn_bwd_preprocess_kernel<T>, dim3(grid_dim(p.max_q, 8), p.hq, p.batch), dim3(256), 0, stream, p);
     if (p.max_k > 0)
-      launch(attn_bwd_dkdv_kernel<T, D, C::kDkdvM, C::kDkdvN, C::kWarps>,
-             dim3(grid_dim(p.max_k, C::kDkdvN), p.hkv, p.batch), dim3(32 * C::kWarps),
+      launch(attn_bwd_dkdv_kernel<T, D, C::kDkdvC, C::kDkdvM, C::kDkdvN, C::kWarps>,
+             dim3(grid_dim(p.max_k, C::kDkdvN) * (D / C::kDkdvC), p.hkv, p.batch), dim3(32 * C::kWarps),
              dkdv_smem_bytes<D, C::kDkdvM, C::kDkdvN>(), stream, p);
     launch(attn_bwd_dq_kernel<T, D, C::kDqM, C::kDqN, C::kWarps>, dim3(grid_dim(p.max_q, C::kDqM), p.hq, p.batch),
            dim3(32 * C::kWarps), dq_smem_bytes<D, C::kDqM, C::kDqN>(), stream, p);

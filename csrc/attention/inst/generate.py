@@ -2,14 +2,14 @@
 
     python csrc/attention/inst/generate.py
 
-Each unit holds a default head dim (64, 128: always compiled unless TILEFORMER_CUDA_HEADDIMS leaves it out)
-and an optional one (32, 96: compiled only when TILEFORMER_CUDA_HEADDIMS names it), so the default build
+Each unit holds a default head dim (64, 128, 256: always compiled unless TILEFORMER_CUDA_HEADDIMS leaves it out)
+and an optional one (32, 96, 192: compiled only when TILEFORMER_CUDA_HEADDIMS names it), so the default build
 compiles one head dim per translation unit (MAX_JOBS parallelises them) and no unit is empty. Keep the dims
 equal to kSourceHeadDims in csrc/attention/headdims.h.
 """
 import os
 
-PAIRS = ((32, 64), (96, 128))
+PAIRS = ((32, 64), (96, 128), (192, 256))
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 for small, large in PAIRS:
