@@ -6,10 +6,12 @@ Kernels live in attention_fwd.py (forward + shared helpers) and attention_bwd.py
   GPU's arch and head-dim bucket (``_kernel``), one fixed config under ``TRITON_INTERPRET=1``, where bf16
   also gets the in-kernel upcast (``UPCAST``);
 * launches (``_forward``, ``_backward``), allocating outputs with ``_utils.empty`` (NaN-poisoned in tests);
-* registers ``torch.ops.tileformer_triton.flash_attn_fwd`` / ``flash_attn_bwd`` (custom ops with fake
-  implementations, so torch.compile traces them) and the autograd formula of the forward op;
-* implements the canonical backend signatures of transformer/attention.py (``flash_attention``,
-  ``flash_attention_varlen``) and lists the shipped configs for the static report (``aot_configs``).
+* registers ``torch.ops.tileformer_triton.flash_attn_fwd`` / ``flash_attn_bwd`` (custom ops; their fakes, so
+  torch.compile traces them, and the autograd formula are the op contract shared with the CUDA backend,
+  transformer/_attn_op.py);
+* serves the canonical backend signatures of transformer/attention.py (``flash_attention``,
+  ``flash_attention_varlen``, through _attn_op) and lists the shipped configs for the static report
+  (``aot_configs``).
 
 Limits (mirrored by ``transformer.attention._triton_supports``): fp16/bf16 q/k/v, head dim 1..256 (a head
 dim that is not a multiple of 8 is zero-padded to one on the host; the tile is the next power of two >= 16,
@@ -22,6 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 import triton
+
+from transformer import _attn_op
 
 from . import _utils
 from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess, _zero_tail
@@ -267,16 +271,6 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slop
                     softmax_scale, window_left, window_right, softcap, bottom_right)
 
 
-@flash_attn_fwd.register_fake
-def _flash_attn_fwd_fake(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         softmax_scale, window_left, window_right, softcap, bottom_right):
-    if cu_seqlens_q is not None:
-        lse_shape = (q.shape[1], q.shape[0])
-    else:
-        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
-
-
 @torch.library.custom_op("tileformer_triton::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, dlse: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
@@ -288,30 +282,7 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                      max_seqlen_k, softmax_scale, window_left, window_right, softcap, bottom_right)
 
 
-@flash_attn_bwd.register_fake
-def _flash_attn_bwd_fake(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, softmax_scale, window_left, window_right, softcap, bottom_right):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, alibi, cu_q, cu_k, *params = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi, cu_q, cu_k)
-    ctx.params = params
-    ctx.set_materialize_grads(False)
-
-
-def _flash_attn_fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, alibi, cu_q, cu_k = ctx.saved_tensors
-    if dout is None:  # only lse was used
-        dout = torch.zeros_like(out)
-    dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, *ctx.params)
-    return (dq, dk, dv) + (None,) * 10
-
-
-torch.library.register_autograd("tileformer_triton::flash_attn_fwd", _flash_attn_fwd_backward,
-                                setup_context=_setup_context)
+_attn_op.register("tileformer_triton", "flash_attn_fwd", "flash_attn_bwd")   # fakes + autograd (shared contract)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,36 +297,16 @@ def _check(q, k, v):
             raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
 
 
-def _window(causal, window_size, max_q, max_k):
-    """(left, right) for the kernel: causal folded into right = 0; windows wider than any sequence -> -1."""
-    left, right = window_size
-    if causal:
-        right = 0
-    wide = max_q + max_k
-    return (-1 if left >= wide else left), (-1 if right >= wide else right)
-
-
-def flash_attention(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, deterministic,
-                    return_lse, causal_align):
-    """Dense flash attention (backend "triton"). deterministic: always true here (no atomics)."""
+def flash_attention(q, k, v, **kw):
+    """Dense flash attention (backend "triton"); see transformer/_attn_op.py."""
     _check(q, k, v)
-    nq, nk = q.shape[1], k.shape[1]
-    left, right = _window(causal, window_size, nq, nk)
-    out, lse = flash_attn_fwd(q, k, v, alibi_slopes, None, None, nq, nk, float(softmax_scale), left, right,
-                              float(softcap), causal_align == "bottom_right")
-    return (out, lse) if return_lse else out
+    return _attn_op.flash_attention(flash_attn_fwd, q, k, v, **kw)
 
 
-def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
-                           softmax_scale, window_size, alibi_slopes, softcap, deterministic, return_lse,
-                           causal_align):
+def flash_attention_varlen(q, k, v, *args, **kw):
     """Packed variable-length flash attention (backend "triton"); lse is [Hq, total_q]."""
     _check(q, k, v)
-    left, right = _window(causal, window_size, max_seqlen_q, max_seqlen_k)
-    out, lse = flash_attn_fwd(q, k, v, alibi_slopes, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-                              int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale), left, right,
-                              float(softcap), causal_align == "bottom_right")
-    return (out, lse) if return_lse else out
+    return _attn_op.flash_attention_varlen(flash_attn_fwd, q, k, v, *args, **kw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""CUDA flash attention (csrc/attention/): fakes, autograd, head-dim padding and the canonical entry functions.
+"""CUDA flash attention (csrc/attention/): the build's head dims, head-dim padding and the entry functions.
 
-Ops (both namespaces, see transformer/_cuda/__init__.py), same contract as the Triton ops in
-triton_kernels/attention.py:
+Ops (both namespaces, see transformer/_cuda/__init__.py); their fakes and autograd are those of the op
+contract shared with the Triton backend (transformer/_attn_op.py):
 
     attn_fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
              window_left, window_right, softcap, bottom_right) -> (out, lse)
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import backends
+from .. import _attn_op, backends
 from . import namespace_name, ops
 
 __all__ = ["flash_attention", "flash_attention_varlen", "head_dims", "head_dim_reason", "register"]
@@ -27,41 +27,10 @@ __all__ = ["flash_attention", "flash_attention_varlen", "head_dims", "head_dim_r
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _fwd_fake(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-              window_left, window_right, softcap, bottom_right):
-    if cu_seqlens_q is not None:
-        lse_shape = (q.shape[1], q.shape[0])
-    else:
-        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
-
-
-def _bwd_fake(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-              softmax_scale, window_left, window_right, softcap, bottom_right):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, alibi, cu_q, cu_k, *params = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi, cu_q, cu_k)
-    ctx.params = params
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, alibi, cu_q, cu_k = ctx.saved_tensors
-    if dout is None:  # only lse was used
-        dout = torch.zeros_like(out)
-    dq, dk, dv = ops(q.device).attn_bwd(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, *ctx.params)
-    return (dq, dk, dv) + (None,) * 10
-
-
 def register(ns: str):
-    """Fakes and autograd of the attention ops of torch.ops.<ns> (called once per namespace by ops())."""
-    torch.library.register_fake(f"{ns}::attn_fwd")(_fwd_fake)
-    torch.library.register_fake(f"{ns}::attn_bwd")(_bwd_fake)
-    torch.library.register_autograd(f"{ns}::attn_fwd", _backward, setup_context=_setup_context)
+    """Fakes and autograd of the attention ops of torch.ops.<ns> (called once per namespace by ops()): the op
+    contract shared with the Triton backend (transformer/_attn_op.py)."""
+    _attn_op.register(ns, "attn_fwd", "attn_bwd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,39 +84,22 @@ def _pad(t, d8):
     return t if t.shape[-1] == d8 else F.pad(t, (0, d8 - t.shape[-1]))
 
 
-def _window(causal, window_size, max_q, max_k):
-    """(left, right) for the kernel: causal folded into right = 0; windows wider than any sequence -> -1."""
-    left, right = window_size
-    if causal:
-        right = 0
-    wide = max_q + max_k
-    return (-1 if left >= wide else left), (-1 if right >= wide else right)
-
-
-def _run(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, causal, window_size, softcap, causal_align):
+def _fwd(q, k, v, *args):
+    """The attention forward op of q's device, head dims zero-padded to a multiple of 8 (the kernels' 16-byte
+    copies need it; F.pad is differentiable, so the backward sees the padded op)."""
     d = q.shape[-1]
     d8 = _round8(d)
-    left, right = _window(causal, window_size, max_q, max_k)
-    out, lse = ops(q.device).attn_fwd(_pad(q, d8), _pad(k, d8), _pad(v, d8), alibi, cu_q, cu_k, int(max_q),
-                                      int(max_k), float(scale), int(left), int(right), float(softcap),
-                                      causal_align == "bottom_right")
+    out, lse = ops(q.device).attn_fwd(_pad(q, d8), _pad(k, d8), _pad(v, d8), *args)
     return (out if d8 == d else out[..., :d]), lse
 
 
-def flash_attention(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, deterministic,
-                    return_lse, causal_align):
-    """Dense flash attention (backend "cuda"). deterministic: always true here (no atomics)."""
+def flash_attention(q, k, v, **kw):
+    """Dense flash attention (backend "cuda"); see transformer/_attn_op.py."""
     _check(q, k, v)
-    out, lse = _run(q, k, v, alibi_slopes, None, None, q.shape[1], k.shape[1], softmax_scale, causal, window_size,
-                    softcap, causal_align)
-    return (out, lse) if return_lse else out
+    return _attn_op.flash_attention(_fwd, q, k, v, **kw)
 
 
-def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
-                           softmax_scale, window_size, alibi_slopes, softcap, deterministic, return_lse,
-                           causal_align):
+def flash_attention_varlen(q, k, v, *args, **kw):
     """Packed variable-length flash attention (backend "cuda"); lse is [Hq, total_q]."""
     _check(q, k, v)
-    out, lse = _run(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                    causal, window_size, softcap, causal_align)
-    return (out, lse) if return_lse else out
+    return _attn_op.flash_attention_varlen(_fwd, q, k, v, *args, **kw)
