@@ -87,7 +87,8 @@ def _check(backend, is_rms, lead, n, dtype, *, weight=True, bias=True, residual=
     assert outs[0].dtype == dtype and outs[0].shape == x.shape, cfg
     helpers.assert_close(outs[0], r32[0], rlp[0], name="out", config=cfg)
     if prenorm:
-        assert outs[1].dtype == (torch.float32 if residual_in_fp32 else dtype), cfg
+        h32 = residual_in_fp32 or (r is not None and r.dtype == torch.float32)   # h has the residual's dtype
+        assert outs[1].dtype == (torch.float32 if h32 else dtype), cfg
         helpers.assert_close(outs[1], r32[1], rlp[1].to(outs[1].dtype), name="h", config=cfg)
     if backward:
         for name, gk, gr, gl in zip(("dx", "dweight", "dbias", "dresidual"), grads, g32, glp):

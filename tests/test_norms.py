@@ -40,7 +40,7 @@ VARIANTS = {
     "full": FULL,
     "prenorm_no_residual": dict(prenorm=True),
     "res_fp32_in_fp32": dict(FULL, res_fp32=True, residual_in_fp32=True),
-    "res_fp32_h_lowp": dict(FULL, res_fp32=True),
+    "res_fp32": dict(FULL, res_fp32=True),   # h then has the residual's dtype, fp32
     "fp32_params": dict(FULL, param_fp32=True),
 }
 
@@ -112,7 +112,8 @@ def check_norm(backend, op, lead, n, dtype, *, weight=True, bias=True, residual=
     assert out.dtype == dtype and out.shape == inputs[0].shape, config
     helpers.assert_close(out, r_out, l_out, name="out", config=config)
     if prenorm:
-        assert h.dtype == (torch.float32 if residual_in_fp32 else dtype), config
+        h32 = residual_in_fp32 or (residual and res_fp32)   # h has the residual's dtype (flash-attn's rule)
+        assert h.dtype == (torch.float32 if h32 else dtype), config
         helpers.assert_close(h, r_h, l_h, name="h", config=config)
     if backward:
         for name, t, gr, rg, lg in zip(("dx", "dweight", "dbias", "dresidual"), inputs, grads, r_grads, l_grads):

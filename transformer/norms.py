@@ -5,7 +5,8 @@ Canonical backend signatures (validated arguments):
     layer_norm(x, weight, bias, eps, *, residual, prenorm, residual_in_fp32) -> out | (out, h)
     rms_norm(x, weight, eps, *, residual, prenorm, residual_in_fp32)         -> out | (out, h)
 
-h = x + residual (summed in fp32; stored in fp32 when residual_in_fp32, else in x's dtype).
+h = x + residual (summed in fp32; stored in fp32 when residual_in_fp32, else in the residual's dtype, as
+flash-attn's layer_norm_fn: the public functions pass residual_in_fp32=True for an fp32 residual).
 out has x's dtype. Statistics are fp32.
 """
 from __future__ import annotations
@@ -60,14 +61,22 @@ for _op in ("layer_norm", "rms_norm"):
     backends.register_impl(_op, "cuda", f"transformer._cuda.norms:{_op}", _cuda_supports)
 
 
+def _h_in_fp32(residual, residual_in_fp32):
+    """h is stored in the residual's dtype (flash-attn's rule): an fp32 residual means an fp32 h, so its
+    gradient (and the residual's) is not rounded to x's half precision."""
+    return bool(residual_in_fp32) or (isinstance(residual, torch.Tensor) and residual.dtype == torch.float32)
+
+
 def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, prenorm=False, residual_in_fp32=False,
                backend="auto"):
     """LayerNorm over the last dim, optionally fused with a residual add.
 
     With ``residual``, h = x + residual is normalised; with ``prenorm=True`` returns (out, h) so a
-    pre-norm block needs one kernel per norm (h in fp32 when ``residual_in_fp32``).
+    pre-norm block needs one kernel per norm (h in the residual's dtype, as flash-attn's ``layer_norm_fn``;
+    in fp32 when ``residual_in_fp32``; in x's dtype without a residual unless ``residual_in_fp32``).
     x: [..., N] fp32/fp16/bf16; weight/bias: [N] (may be fp32 with half x). Returns out with x's dtype.
     """
+    residual_in_fp32 = _h_in_fp32(residual, residual_in_fp32)
     call = _describe(x, weight, bias, eps, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
     return backends.dispatch("layer_norm", call, backend, x, weight, bias, float(eps), residual=residual,
                              prenorm=bool(prenorm), residual_in_fp32=bool(residual_in_fp32))
@@ -78,6 +87,7 @@ def rms_norm(x, weight=None, eps=1e-6, *, residual=None, prenorm=False, residual
 
     Same residual/prenorm semantics as `layer_norm`.
     """
+    residual_in_fp32 = _h_in_fp32(residual, residual_in_fp32)
     call = _describe_rms(x, weight, eps, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
     return backends.dispatch("rms_norm", call, backend, x, weight, float(eps), residual=residual,
                              prenorm=bool(prenorm), residual_in_fp32=bool(residual_in_fp32))
