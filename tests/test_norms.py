@@ -104,7 +104,9 @@ def check_norm(backend, op, lead, n, dtype, *, weight=True, bias=True, residual=
     dh = torch.randn(*lead, n, generator=g, dtype=torch.float64).to(helpers.DEVICE)
     kw = dict(prenorm=prenorm, residual_in_fp32=residual_in_fp32, backward=backward)
     out, h, grads = _run(op, backend, inputs, dy, dh, **kw)
-    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    # The reference must be more precise than the baseline: fp64 when the baseline computes in fp32 (fp32
+    # inputs, or half inputs promoted by an fp32 residual / fp32 parameters).
+    ref_dtype = torch.float64 if dtype == torch.float32 or (residual and res_fp32) or param_fp32 else torch.float32
     r_out, r_h, r_grads = _run(op, backend, inputs, dy, dh, **kw, compute_dtype=ref_dtype, leaf_dtype=torch.float32)
     l_out, l_h, l_grads = _run(op, backend, inputs, dy, dh, **kw, compute_dtype=None)
     config = (f"{backend} {op} x{list(lead) + [n]} {DT[dtype]} w={weight} b={bias} res={residual}"
