@@ -4,7 +4,8 @@ benchmarks.kernel_report.cuda_report reads every kernel of the built extension t
 sm_90a, cuobjdump -res-usage) when it is newer than csrc/, else compiles every csrc/**/*.cu with nvcc
 -Xptxas -v (cached by a hash of csrc/). Every kernel must have 0 spills and 0 local memory (stack
 frame included); the tensor-core kernels listed in TENSOR_CORE_KERNELS must contain HMMA and LDSM in
-their sm_80 SASS.
+their sm_80 SASS (the attention and decode kernels are checked the same way by their own static tests in
+test_cuda_attention.py and test_cuda_decode.py).
 """
 import os
 
@@ -18,16 +19,6 @@ pytestmark = pytest.mark.static
 TENSOR_CORE_KERNELS = [
     ("selftest.cu", "mma_tile_kernel<__half>"),
     ("selftest.cu", "mma_tile_kernel<__nv_bfloat16>"),
-    # flash attention, every default head dim (the units' optional dims compile to stubs in the default build)
-    *[(f"{unit}.cu", f"{kernel}<{t}, {d},") for unit, d in (("fwd_d32_d64", 64), ("fwd_d96_d128", 128),
-                                                            ("fwd_d192_d256", 256))
-      for kernel in ("attn_fwd_kernel",) for t in ("__half", "__nv_bfloat16")],
-    *[(f"{unit}.cu", f"{kernel}<{t}, {d},") for unit, d in (("bwd_d32_d64", 64), ("bwd_d96_d128", 128),
-                                                            ("bwd_d192_d256", 256))
-      for kernel in ("attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel") for t in ("__half", "__nv_bfloat16")],
-    # decode: the tensor-core split kernel (the SIMT one serves group sizes too small for an mma tile)
-    *[(f"decode_d{d}.cu", f"decode_mma_kernel<{t}, {d}>") for d in (64, 80, 96, 128, 256)
-      for t in ("__half", "__nv_bfloat16")],
 ]
 
 
