@@ -156,7 +156,10 @@ def versions() -> str:
 
 
 def git_commit() -> str:
-    """Short HEAD hash, "+dirty" when tracked files differ from it; "unknown" outside a git checkout."""
+    """Short HEAD hash, "+dirty" when tracked files differ from it. Outside a git checkout (the copy of the
+    working tree on a lent GPU machine) TILEFORMER_GIT_COMMIT, else "unknown"."""
+    if not os.path.exists(os.path.join(ROOT, ".git")) and os.environ.get("TILEFORMER_GIT_COMMIT"):
+        return os.environ["TILEFORMER_GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, timeout=10).stdout.strip()
