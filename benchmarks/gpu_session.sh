@@ -32,7 +32,7 @@ LOGS=$WORK/logs
 BENCH=$WORK/bench
 mkdir -p "$OUT" "$LOGS" "$BENCH"
 exec > >(tee "$OUT/session.log") 2>&1
-export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 [ -x "$CUDA_HOME/bin/nvcc" ] || CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x/nvcc)")")
 
 elapsed() { echo $(( $(date +%s) - T0 )); }

@@ -148,7 +148,6 @@ def test_time_cpu_reps_and_order():
 
 def test_git_commit_outside_a_checkout(tmp_path, monkeypatch):
     """A lent GPU machine gets a copy of the working tree without .git: the commit comes from the environment."""
-    assert harness.git_commit() not in ("", "unknown")          # this checkout
     monkeypatch.setattr(harness, "ROOT", str(tmp_path))
     monkeypatch.delenv("TILEFORMER_GIT_COMMIT", raising=False)
     assert harness.git_commit() == "unknown"

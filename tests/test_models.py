@@ -1,6 +1,7 @@
 """The models: configs and parameter counts, padding/packing invariance, torch.compile, training pieces,
 and the two examples at a tiny step count."""
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -251,6 +252,10 @@ def test_examples_run(script, args, expect):
     path = ROOT / script
     if not path.exists():
         pytest.fail(f"{script} is missing")
-    r = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    # The repository on the path: the examples also run from a checkout that is not pip-installed (a lent GPU
+    # machine runs the tests from a copy of the tree with its own python).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=240, cwd=ROOT,
+                       env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert expect in r.stdout

@@ -1,7 +1,7 @@
 // Flash attention forward (FA2 scheme on mma.sync m16n8k16), notation in attention/common.cuh.
 //
 // One block = BM = 16 * NWARPS query rows of one (batch, query head); warp w owns rows 16w..16w+15.
-// Q is staged once in shared memory; K/V tiles of BN keys are double-buffered with cp.async (tile i + 1
+// Q is staged once in shared memory (and, with QREG, its fragments moved into registers); K/V tiles of BN keys are double-buffered with cp.async (tile i + 1
 // streams in while tile i is multiplied). Per key tile and warp: S = Q K^T (A fragments of Q and B fragments
 // of K by ldmatrix), scores scaled into the log2 domain (softcap, ALiBi; the band mask only on the tiles that
 // cross its edges), online softmax in registers (row max / sum over the quad with shuffles, exp2), P rounded
@@ -19,10 +19,13 @@ constexpr size_t fwd_smem_bytes() {
 }
 
 // One key tile for one warp: S = Q K^T, softmax update, O += P V.
-template <bool MASKED, typename T, int D, int BN>
-TF_DEVICE void fwd_tile(const Params& p, const SeqInfo& si, const Scale& sc, const T* sQw, const T* sKb,
-                        const T* sVb, int n0, int row_lo, float (&m_i)[2], float (&l_i)[2], float (&o)[D / 8][4],
-                        int lane) {
+// QREG: the warp's Q fragments (all D / 16 k-steps) are held in registers, qf, loaded once per block, so S = Q K^T
+// reads only K from shared memory (one ldmatrix.x4 per two mma instead of three per four); else (large D,
+// where they do not fit) they are reloaded from the Q tile at every k-step.
+template <bool MASKED, bool QREG, typename T, int D, int BN>
+TF_DEVICE void fwd_tile(const Params& p, const SeqInfo& si, const Scale& sc, const T* sQw,
+                        const uint32_t (&qf)[QREG ? D / 16 : 1][4], const T* sKb, const T* sVb, int n0, int row_lo,
+                        float (&m_i)[2], float (&l_i)[2], float (&o)[D / 8][4], int lane) {
   constexpr int SD = D + 8;
   const int t = lane & 3;
   float s[BN / 8][4];
@@ -33,7 +36,12 @@ TF_DEVICE void fwd_tile(const Params& p, const SeqInfo& si, const Scale& sc, con
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[4];
-    ldm_a<SD>(a, sQw, 0, 16 * kk, lane);
+    if constexpr (QREG) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = qf[kk][i];
+    } else {
+      ldm_a<SD>(a, sQw, 0, 16 * kk, lane);
+    }
 #pragma unroll
     for (int jj = 0; jj < BN / 16; ++jj) {
       uint32_t b[4];
@@ -95,7 +103,7 @@ TF_DEVICE void fwd_tile(const Params& p, const SeqInfo& si, const Scale& sc, con
   }
 }
 
-template <typename T, int D, int BM, int BN, int NWARPS>
+template <typename T, int D, int BM, int BN, int NWARPS, bool QREG>
 __global__ void __launch_bounds__(NWARPS * 32) attn_fwd_kernel(const Params p) {
   static_assert(BM == 16 * NWARPS && BN % 16 == 0 && D % 16 == 0, "tile shapes");
   constexpr int SD = D + 8, NT = NWARPS * 32;
@@ -119,6 +127,7 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_fwd_kernel(const Params p) {
   const int n_tiles = (kr.hi - kr.lo + BN - 1) / BN;
 
   load_tile<BM, D, NT>(sQ, Q, p.stride_qm, si.seqlen_q - m0, p.head_dim, tid);
+  ptx::cp_async_commit();   // Q alone in the first group: QREG waits for it while the first K/V tile streams in
   if (n_tiles > 0) {
     load_tile<BN, D, NT>(sK, K + int64_t(kr.lo) * p.stride_kn, p.stride_kn, si.seqlen_k - kr.lo, p.head_dim, tid);
     load_tile<BN, D, NT>(sV, V + int64_t(kr.lo) * p.stride_vn, p.stride_vn, si.seqlen_k - kr.lo, p.head_dim, tid);
@@ -133,6 +142,14 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_fwd_kernel(const Params p) {
     for (int i = 0; i < 4; ++i) o[j][i] = 0.f;
   const int row_lo = m0 + 16 * warp + (lane >> 2);
   const T* sQw = sQ + 16 * warp * SD;
+  const bool active = m0 + 16 * warp < si.seqlen_q;   // warp-uniform
+  uint32_t qf[QREG ? D / 16 : 1][4];
+  if constexpr (QREG) {
+    ptx::cp_async_wait<1>();   // the Q group has landed (the K/V tile after it may still be in flight)
+    __syncthreads();           // ... for every thread's share of the tile
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) ldm_a<SD>(qf[kk], sQw, 0, 16 * kk, lane);
+  }
 
   for (int it = 0; it < n_tiles; ++it) {
     const int n0 = kr.lo + it * BN, buf = it & 1;
@@ -150,10 +167,12 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_fwd_kernel(const Params p) {
     __syncthreads();
     const T* sKb = sK + buf * BN * SD;
     const T* sVb = sV + buf * BN * SD;
-    if (n0 < kr.full_lo || n0 >= kr.full_hi)
-      fwd_tile<true, T, D, BN>(p, si, sc, sQw, sKb, sVb, n0, row_lo, m_i, l_i, o, lane);
-    else
-      fwd_tile<false, T, D, BN>(p, si, sc, sQw, sKb, sVb, n0, row_lo, m_i, l_i, o, lane);
+    if (!active) {   // every row of this warp lies past the sequence: it only helps load and synchronise
+    } else if (n0 < kr.full_lo || n0 >= kr.full_hi) {
+      fwd_tile<true, QREG, T, D, BN>(p, si, sc, sQw, qf, sKb, sVb, n0, row_lo, m_i, l_i, o, lane);
+    } else {
+      fwd_tile<false, QREG, T, D, BN>(p, si, sc, sQw, qf, sKb, sVb, n0, row_lo, m_i, l_i, o, lane);
+    }
     __syncthreads();
   }
   ptx::cp_async_wait<0>();   // no tile at all: the Q copies must land before the epilogue reuses sQ

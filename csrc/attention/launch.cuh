@@ -13,13 +13,18 @@
 
 namespace tf::attention {
 
-// Tile shapes per padded head dim (4 warps everywhere). The backward accumulates two D-wide fp32 tiles per
+// Tile shapes per padded head dim (forward 8 warps, backward 4). The backward accumulates two D-wide fp32 tiles per
 // warp (dK, dV or dQ), so it takes 32-wide query / key tiles above D = 64 to stay spill-free; above D = 128 the
 // dK/dV kernel accumulates a D/2-wide column slice per block (kDkdvC; see bwd.cuh) and dQ takes 16-key tiles.
 template <int D>
 struct Config {
   static constexpr int kWarps = 4;
-  static constexpr int kFwdM = 64, kFwdN = D <= 64 ? 64 : D <= 128 ? 32 : 16;   // forward: query tile, key tile
+  // Forward: 8 warps x 16 query rows (each K/V tile in shared memory serves 128 queries, halving the L2 -> SM
+  // traffic of 64-row blocks), 64-key tiles with the Q fragments held in registers up to D = 128 (K and V then
+  // cost one ldmatrix.x4 per two mma), 16-key tiles with Q re-read from shared memory above (a 32-key tile
+  // spills on sm_80 at D = 256). Registers sm_80/sm_90a: D64 133/131, D128 255/248, D256 218/218, 0 spills.
+  static constexpr int kFwdWarps = 8, kFwdM = 16 * kFwdWarps, kFwdN = D <= 128 ? 64 : 16;
+  static constexpr bool kFwdQReg = D <= 128;
   static constexpr int kDkdvM = D <= 64 ? 32 : 16, kDkdvN = 64;   // dK/dV: query tile, key tile (16 per warp)
   static constexpr int kDkdvC = D <= 128 ? D : D / 2;             // dK/dV: columns accumulated per block
   static constexpr int kDqM = 64, kDqN = D <= 64 ? 64 : D <= 128 ? 32 : 16;   // dQ: query tile (16 per warp), key tile
@@ -32,7 +37,7 @@ void run_attn_fwd(const Params& p, cudaStream_t stream) {
   if constexpr (headdim_enabled(D)) {
     using C = Config<D>;
     const dim3 grid(grid_dim(p.max_q, C::kFwdM), p.hq, p.batch);
-    launch(attn_fwd_kernel<T, D, C::kFwdM, C::kFwdN, C::kWarps>, grid, dim3(32 * C::kWarps),
+    launch(attn_fwd_kernel<T, D, C::kFwdM, C::kFwdN, C::kFwdWarps, C::kFwdQReg>, grid, dim3(32 * C::kFwdWarps),
            fwd_smem_bytes<D, C::kFwdM, C::kFwdN>(), stream, p);
   } else {
     throw std::invalid_argument("attention: head dim " + std::to_string(D) + " was not compiled in (build with "
