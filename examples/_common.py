@@ -9,26 +9,21 @@ from transformer import backends
 
 
 class BackendCounter:
-    """Counts (op, backend) for every call the dispatcher serves, by wrapping the public backends.select.
+    """Counts (op, backend) for every call the dispatcher serves (transformer.backends.record_dispatches).
 
     Used as a context manager; the count is printed by report()."""
 
     def __init__(self):
         self.counts = collections.Counter()
-        self._real = None
+        self._ctx = None
 
     def __enter__(self):
-        self._real = real = backends.select
-
-        def select(op_name, call, backend="auto"):
-            name, fn = real(op_name, call, backend)
-            self.counts[(op_name, name)] += 1
-            return name, fn
-        backends.select = select
+        self._ctx = backends.record_dispatches()
+        self.counts = self._ctx.__enter__()
         return self
 
     def __exit__(self, *exc):
-        backends.select = self._real
+        return self._ctx.__exit__(*exc)
 
     def report(self, title="backend that ran each op", counts=None):
         counts = self.counts if counts is None else counts

@@ -177,6 +177,24 @@ def test_auto_falls_back_and_explains():
     assert "layer_norm -> torch" in backends.explain("layer_norm", torch.randn(2, 8, dtype=torch.half))
 
 
+def test_record_dispatches_counts_the_backend_of_each_call():
+    q, k, v = _qkv()
+    x = torch.randn(3, 16)
+    with backends.record_dispatches() as outer:
+        transformer.flash_attention(q, k, v, causal=True)                  # auto -> torch
+        with backends.record_dispatches() as inner:
+            transformer.flash_attention(q, k, v, softcap=5.0)             # auto falls back to the reference
+            transformer.rms_norm(x, None, backend="reference")
+        transformer.rms_norm(x, None)
+        with pytest.raises(ValueError):                                   # not served: not counted
+            transformer.flash_attention(q, k, v, softcap=5.0, backend="torch")
+    assert inner == {("flash_attention", "reference"): 1, ("rms_norm", "reference"): 1}
+    assert outer == {("flash_attention", "torch"): 1, ("flash_attention", "reference"): 1,
+                     ("rms_norm", "reference"): 1, ("rms_norm", "torch"): 1}
+    transformer.rms_norm(x, None)                                         # after the blocks: nothing counts
+    assert sum(outer.values()) == 4 and not backends._recorders
+
+
 def test_env_override(monkeypatch):
     q, k, v = _qkv()
     monkeypatch.setenv("TILEFORMER_BACKEND", "reference")

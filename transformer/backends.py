@@ -23,6 +23,8 @@ emulated CPU paths: ask for them by name. An explicit backend that cannot serve 
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -33,8 +35,8 @@ import torch
 BACKENDS = ("cuda", "triton", "torch", "reference")
 DEFAULT_ORDER = ("cuda", "triton", "torch", "reference")
 
-__all__ = ["BACKENDS", "available", "explain", "select", "dispatch", "register_op", "register_impl",
-           "interpreting", "emulating_cuda"]
+__all__ = ["BACKENDS", "available", "explain", "select", "dispatch", "record_dispatches", "register_op",
+           "register_impl", "interpreting", "emulating_cuda"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +245,33 @@ def select(op_name: str, call: dict, backend: str = "auto") -> tuple:
     raise ValueError(f"no backend can run {op_name} for this call: " + "; ".join(reasons))
 
 
+_recorders: list = []
+
+
+@contextlib.contextmanager
+def record_dispatches():
+    """Count which backend served each public op call inside the block::
+
+        with transformer.backends.record_dispatches() as counts:
+            model(x)
+        counts  # Counter({("flash_attention", "cuda"): 12, ("rms_norm", "cuda"): 25, ...})
+
+    A ``collections.Counter`` of (op, backend) -> calls. It counts Python-level dispatches: under
+    ``torch.compile`` the calls that were traced (a compiled graph replays without dispatching again).
+    Blocks may nest; each counts every call made while it is open."""
+    counts = collections.Counter()
+    _recorders.append(counts)
+    try:
+        yield counts
+    finally:
+        _recorders.remove(counts)
+
+
 def dispatch(op_name: str, call: dict, backend: str, *args, **kwargs):
     """Select a backend for `call` and run it on args/kwargs (the op's canonical signature)."""
-    _, fn = select(op_name, call, backend)
+    name, fn = select(op_name, call, backend)
+    for counts in _recorders:
+        counts[(op_name, name)] += 1
     return fn(*args, **kwargs)
 
 
