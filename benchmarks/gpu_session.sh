@@ -115,7 +115,7 @@ CORR_S=$(( $(left) < 80 ? $(left) - 10 : 70 ))
 run_for "$CORR_S" correctness $PY -m benchmarks.run --sections correctness --out "$BENCH" --budget $(( CORR_S - 15 ))
 say "3. timing, quick sweep"
 TIMING_S=$(( $(left) - 90 ))   # leaves 60 s for the CUDA tests, 20 s for the rest
-run_for "$TIMING_S" timing $PY -m benchmarks.run --quick --sections timing --append --out "$BENCH" \
+run_for "$TIMING_S" timing env TRITON_PRINT_AUTOTUNING=1 $PY -m benchmarks.run --quick --sections timing --append --out "$BENCH" \
   --budget $(( TIMING_S > 40 ? TIMING_S - 30 : 10 ))
 
 # ---- 4. CUDA-backend GPU tests, then the rest ------------------------------------------------------------
