@@ -15,6 +15,7 @@ Peers (each optional, imported lazily; never a dependency):
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Callable, Optional
 
 import torch
@@ -66,6 +67,7 @@ class Backend:
 
     def __init__(self, name):
         self.name = name
+        self.backend = name          # the transformer backend it calls
 
     def unavailable(self, case: Case, inp: dict, device) -> Optional[str]:
         fn, args, kwargs = call_args(case, inp)
@@ -76,6 +78,45 @@ class Backend:
         fn, args, kwargs = call_args(case, inp)
         kwargs = dict(kwargs, backend=self.name)
         return lambda: fn(*args, **kwargs)
+
+
+class BackendVariant(Backend):
+    """One of our backends with a tuning knob set (environment variables its launcher reads at every call),
+    timed next to the default so one GPU run compares the variants. Serves only `ops`."""
+
+    def __init__(self, name, backend, env, ops, why):
+        super().__init__(name)
+        self.backend, self.env, self.ops, self.why = backend, dict(env), tuple(ops), why
+
+    def unavailable(self, case: Case, inp: dict, device) -> Optional[str]:
+        if case.op not in self.ops:
+            return f"{self.name} is a variant of {self.backend} for {', '.join(self.ops)} only"
+        fn, args, kwargs = call_args(case, inp)
+        with torch.set_grad_enabled(bool(inp["grad_inputs"]) and case.mode != "fwd"):
+            return backend_reason(case.op, self.backend, args, kwargs)
+
+    def build(self, case: Case, inp: dict) -> Callable:
+        fn, args, kwargs = call_args(case, inp)
+        kwargs = dict(kwargs, backend=self.backend)
+
+        def run():
+            old = {k: os.environ.get(k) for k in self.env}
+            os.environ.update(self.env)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        return run
+
+
+# The CUDA forward's first tiles (csrc/attention/launch.cuh FwdTiles: 4 warps, 64-query blocks, Q re-read
+# from shared memory), against which the default 8-warp tiles were chosen without a GPU.
+VARIANTS = (BackendVariant("cuda-fwd-w4", "cuda", {"TILEFORMER_CUDA_ATTN_FWD_TILES": "w4"}, ("flash_attention",),
+                           "the CUDA forward with 4-warp, 64-query tiles"),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +278,9 @@ PEERS = (FlashAttn(), FlashAttn3(), FlashInfer(), Liger(), Apex())
 
 
 def providers(names=None, *, peers=True):
-    """Our backends (reference, torch, triton, cuda), then the peers; `names` filters by name."""
-    out = [Backend(b) for b in ("reference", "torch", "triton", "cuda")]
+    """Our backends (reference, torch, triton, cuda), their tuning variants, then the peers; `names` filters
+    by name."""
+    out = [Backend(b) for b in ("reference", "torch", "triton", "cuda")] + list(VARIANTS)
     if peers:
         out += list(PEERS)
     if names:

@@ -250,6 +250,21 @@ def test_inputs_are_random_and_shaped():
     assert len(n["grad_inputs"]) == 3
 
 
+def test_backend_variant_sets_its_knob_only_during_the_call(monkeypatch):
+    seen = []
+    monkeypatch.setattr(providers.transformer, "rms_norm",
+                        lambda *a, **kw: seen.append((os.environ.get("TILEFORMER_TEST_KNOB"), kw["backend"])))
+    monkeypatch.setenv("TILEFORMER_TEST_KNOB", "before")
+    var = providers.BackendVariant("torch-knob", "torch", {"TILEFORMER_TEST_KNOB": "on"}, ("rms_norm",), "test")
+    case = cases.norm_case("rms_norm", "fwd", 4, 32, dtype="fp32")
+    inp = cases.make_inputs(case, "cpu")
+    var.build(case, inp)()
+    assert seen == [("on", "torch")] and os.environ["TILEFORMER_TEST_KNOB"] == "before"
+    other = cases.norm_case("layer_norm", "fwd", 4, 32, dtype="fp32")
+    assert "variant of torch for rms_norm only" in var.unavailable(other, cases.make_inputs(other, "cpu"), "cpu")
+    assert [p.name for p in providers.providers(["cuda-fwd-w4"], peers=False)] == ["cuda-fwd-w4"]
+
+
 def test_backend_reasons_and_errors_do_not_crash():
     case = cases.norm_case("rms_norm", "fwd", 4, 32, dtype="fp32")
     inp = cases.make_inputs(case, "cpu")

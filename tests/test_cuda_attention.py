@@ -150,6 +150,32 @@ def test_other_head_dims(backend, d):
 
 
 @pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("tiles", ["w4", "w8"])
+def test_forward_tile_variants(backend, tiles, monkeypatch):
+    """Both forward tile variants (csrc/attention/launch.cuh FwdTiles, chosen per call by
+    TILEFORMER_CUDA_ATTN_FWD_TILES so a GPU benchmark can time them side by side) at every default head dim,
+    with a partial last block, causal GQA and a window; the default (w8) is also what every other test runs."""
+    helpers.require_backend(backend)
+    monkeypatch.setenv("TILEFORMER_CUDA_ATTN_FWD_TILES", tiles)
+    for d in (64, 128, 256):
+        if d not in _dims():
+            continue
+        q, k, v = _inputs(1, 150, 203, 4, 1, d, BF16 if d == 128 else FP16, seed=d + len(tiles))
+        _check(q, k, v, causal=True, config=f"{tiles} d{d} causal")
+        q, k, v = _inputs(2, 33, 140, 2, 2, d, FP16, seed=d)
+        _check(q, k, v, window_size=(40, 10), config=f"{tiles} d{d} window")
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_forward_tile_variant_bad_value(backend, monkeypatch):
+    helpers.require_backend(backend)
+    monkeypatch.setenv("TILEFORMER_CUDA_ATTN_FWD_TILES", "w16")
+    q, k, v = _inputs(1, 8, 8, 2, 2, 64, FP16)
+    with pytest.raises(ValueError, match="TILEFORMER_CUDA_ATTN_FWD_TILES must be"):
+        transformer.flash_attention(q, k, v, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CUDA)
 @pytest.mark.parametrize("d", [8, 40, 80, 111, 136, 200], ids=lambda d: f"d{d}")
 def test_padded_head_dims(backend, d):
     """Head dims that are not compiled: zero-padded to a multiple of 8, run with the next compiled one (136 and

@@ -3,6 +3,7 @@
 // MAX_JOBS compiles them in parallel); TF_ATTN_INSTANTIATE_{FWD,BWD}(D) instantiate both dtypes.
 #pragma once
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -13,18 +14,36 @@
 
 namespace tf::attention {
 
-// Tile shapes per padded head dim (forward 8 warps, backward 4). The backward accumulates two D-wide fp32 tiles per
+// Forward tiles, two variants (TILEFORMER_CUDA_ATTN_FWD_TILES selects one at run time, so a GPU run can time
+// both; see fwd_tiles_w4()):
+// * w8 (default): 8 warps x 16 query rows (each K/V tile in shared memory serves 128 queries, halving the
+//   L2 -> SM traffic of 64-row blocks), 64-key tiles with the Q fragments held in registers up to D = 128
+//   (K and V then cost one ldmatrix.x4 per two mma), 16-key tiles with Q re-read from shared memory above (a
+//   32-key tile spills on sm_80 at D = 256). Registers sm_80/sm_90a: D64 136/138, D128 254/255, D256 215/225.
+// * w4 (the first tiles): 4 warps x 16 rows, 64/32/16-key tiles up to D = 64/128/256, Q re-read at every
+//   k-step (5 ldmatrix.x4 per 8 mma at D = 128); 2-3 blocks per SM. Registers D64 202/200, D128 183/213,
+//   D256 236/247. All 0 spills, 0 stack.
+template <int D, bool W4>
+struct FwdTiles {
+  static constexpr int kWarps = W4 ? 4 : 8, kM = 16 * kWarps;
+  static constexpr int kN = W4 ? (D <= 64 ? 64 : D <= 128 ? 32 : 16) : (D <= 128 ? 64 : 16);
+  static constexpr bool kQReg = !W4 && D <= 128;
+};
+
+// TILEFORMER_CUDA_ATTN_FWD_TILES = "w8" (default, also when unset or empty) or "w4"; read at every call.
+inline bool fwd_tiles_w4() {
+  const char* v = std::getenv("TILEFORMER_CUDA_ATTN_FWD_TILES");
+  if (!v || !*v || std::string(v) == "w8") return false;
+  if (std::string(v) == "w4") return true;
+  throw std::invalid_argument(std::string("TILEFORMER_CUDA_ATTN_FWD_TILES must be \"w8\" or \"w4\", got \"") + v + "\"");
+}
+
+// Backward tile shapes per padded head dim (4 warps). The backward accumulates two D-wide fp32 tiles per
 // warp (dK, dV or dQ), so it takes 32-wide query / key tiles above D = 64 to stay spill-free; above D = 128 the
 // dK/dV kernel accumulates a D/2-wide column slice per block (kDkdvC; see bwd.cuh) and dQ takes 16-key tiles.
 template <int D>
 struct Config {
   static constexpr int kWarps = 4;
-  // Forward: 8 warps x 16 query rows (each K/V tile in shared memory serves 128 queries, halving the L2 -> SM
-  // traffic of 64-row blocks), 64-key tiles with the Q fragments held in registers up to D = 128 (K and V then
-  // cost one ldmatrix.x4 per two mma), 16-key tiles with Q re-read from shared memory above (a 32-key tile
-  // spills on sm_80 at D = 256). Registers sm_80/sm_90a: D64 133/131, D128 255/248, D256 218/218, 0 spills.
-  static constexpr int kFwdWarps = 8, kFwdM = 16 * kFwdWarps, kFwdN = D <= 128 ? 64 : 16;
-  static constexpr bool kFwdQReg = D <= 128;
   static constexpr int kDkdvM = D <= 64 ? 32 : 16, kDkdvN = 64;   // dK/dV: query tile, key tile (16 per warp)
   static constexpr int kDkdvC = D <= 128 ? D : D / 2;             // dK/dV: columns accumulated per block
   static constexpr int kDqM = 64, kDqN = D <= 64 ? 64 : D <= 128 ? 32 : 16;   // dQ: query tile (16 per warp), key tile
@@ -35,10 +54,15 @@ inline unsigned grid_dim(int64_t n, int tile) { return static_cast<unsigned>((n 
 template <typename T, int D>
 void run_attn_fwd(const Params& p, cudaStream_t stream) {
   if constexpr (headdim_enabled(D)) {
-    using C = Config<D>;
-    const dim3 grid(grid_dim(p.max_q, C::kFwdM), p.hq, p.batch);
-    launch(attn_fwd_kernel<T, D, C::kFwdM, C::kFwdN, C::kFwdWarps, C::kFwdQReg>, grid, dim3(32 * C::kFwdWarps),
-           fwd_smem_bytes<D, C::kFwdM, C::kFwdN>(), stream, p);
+    auto run = [&](auto tiles) {
+      using F = decltype(tiles);
+      launch(attn_fwd_kernel<T, D, F::kM, F::kN, F::kWarps, F::kQReg>, dim3(grid_dim(p.max_q, F::kM), p.hq, p.batch),
+             dim3(32 * F::kWarps), fwd_smem_bytes<D, F::kM, F::kN>(), stream, p);
+    };
+    if (fwd_tiles_w4())
+      run(FwdTiles<D, true>{});
+    else
+      run(FwdTiles<D, false>{});
   } else {
     throw std::invalid_argument("attention: head dim " + std::to_string(D) + " was not compiled in (build with "
                                 "TILEFORMER_CUDA_HEADDIMS naming it)");
