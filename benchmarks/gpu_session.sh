@@ -10,7 +10,8 @@
 #   1. build transformer._C for the GPU found (nvcc, that arch only, no emulated build), into a separate
 #      folder, WHILE the Triton-backend GPU tests run (they do not need the extension);
 #   2. the benchmark correctness table (every backend, on the GPU, vs transformer.reference);
-#   3. the timing sweep (--quick: attention fwd/bwd/fwd+bwd, decode, norms; peers when installed);
+#   3. the timing sweep (--quick: attention fwd/bwd/fwd+bwd, decode, norms; peers when installed), then the
+#      per-kernel time of the attention fwd+bwd (benchmarks.profile_kernels);
 #   4. the CUDA-backend GPU tests (the emulator's GPU halves, i.e. mma/ldmatrix layouts on real hardware),
 #      then the module/model tests with the time left.
 # Everything lands in $OUT (the device tool's folder; /tmp/tileformer_gpu_out elsewhere): session.log (all
@@ -114,9 +115,12 @@ say "2. correctness table (every backend on the GPU vs transformer.reference)"
 CORR_S=$(( $(left) < 80 ? $(left) - 10 : 70 ))
 run_for "$CORR_S" correctness $PY -m benchmarks.run --sections correctness --out "$BENCH" --budget $(( CORR_S - 15 ))
 say "3. timing, quick sweep"
-TIMING_S=$(( $(left) - 90 ))   # leaves 60 s for the CUDA tests, 20 s for the rest
+TIMING_S=$(( $(left) - 130 ))   # leaves 40 s for the kernel profile, 60 s for the CUDA tests, 20 s for the rest
 run_for "$TIMING_S" timing env TRITON_PRINT_AUTOTUNING=1 $PY -m benchmarks.run --quick --sections timing --append --out "$BENCH" \
   --budget $(( TIMING_S > 40 ? TIMING_S - 30 : 10 ))
+
+say "3b. per-kernel time of the attention fwd+bwd (N 8k, D 128)"
+run_for $(( $(left) < 130 ? $(left) - 90 : 40 )) profile $PY -m benchmarks.profile_kernels --out "$BENCH"
 
 # ---- 4. CUDA-backend GPU tests, then the rest ------------------------------------------------------------
 say "4. CUDA-backend GPU tests"

@@ -265,6 +265,24 @@ def test_backend_variant_sets_its_knob_only_during_the_call(monkeypatch):
     assert [p.name for p in providers.providers(["cuda-fwd-w4"], peers=False)] == ["cuda-fwd-w4"]
 
 
+def test_profile_kernel_flop_multiples():
+    from benchmarks.profile_kernels import kernel_flop_multiple
+    assert kernel_flop_multiple("_attn_fwd") == kernel_flop_multiple(
+        "void tf::attention::attn_fwd_kernel<__half, 128, 128, 64, 8, true>(tf::attention::Params)") == 1.0
+    assert kernel_flop_multiple("_attn_bwd_dkdv") == kernel_flop_multiple("attn_bwd_dkdv_kernel<...>") == 2.0
+    assert kernel_flop_multiple("_attn_bwd_dq") == kernel_flop_multiple("attn_bwd_dq_kernel<...>") == 1.5
+    assert kernel_flop_multiple("_attn_bwd_preprocess") is None and kernel_flop_multiple("elementwise") is None
+
+
+def test_profile_case_smoke_on_cpu():
+    """The profiling code path (run on a GPU by benchmarks/gpu_session.sh) on the CPU with the torch backend."""
+    from benchmarks.profile_kernels import profile_case
+    case = cases.attention_case("fwd+bwd", 1, 64, 64, 2, 2, 32, True, dtype="fp32")
+    rows = profile_case(providers.Backend("torch"), case, reps=2, device="cpu")
+    assert rows and all(ms >= 0 and calls > 0 for _, ms, calls in rows), rows
+    assert "needs" in profile_case(providers.PEERS[0], case, device="cpu")   # a peer without a GPU: its reason
+
+
 def test_backend_reasons_and_errors_do_not_crash():
     case = cases.norm_case("rms_norm", "fwd", 4, 32, dtype="fp32")
     inp = cases.make_inputs(case, "cpu")
