@@ -72,11 +72,11 @@ class Backend:
     def unavailable(self, case: Case, inp: dict, device) -> Optional[str]:
         fn, args, kwargs = call_args(case, inp)
         with torch.set_grad_enabled(bool(inp["grad_inputs"]) and case.mode != "fwd"):
-            return backend_reason(case.op, self.name, args, kwargs)
+            return backend_reason(case.op, self.backend, args, kwargs)
 
     def build(self, case: Case, inp: dict) -> Callable:
         fn, args, kwargs = call_args(case, inp)
-        kwargs = dict(kwargs, backend=self.name)
+        kwargs = dict(kwargs, backend=self.backend)
         return lambda: fn(*args, **kwargs)
 
 
@@ -91,19 +91,16 @@ class BackendVariant(Backend):
     def unavailable(self, case: Case, inp: dict, device) -> Optional[str]:
         if case.op not in self.ops:
             return f"{self.name} is a variant of {self.backend} for {', '.join(self.ops)} only"
-        fn, args, kwargs = call_args(case, inp)
-        with torch.set_grad_enabled(bool(inp["grad_inputs"]) and case.mode != "fwd"):
-            return backend_reason(case.op, self.backend, args, kwargs)
+        return super().unavailable(case, inp, device)
 
     def build(self, case: Case, inp: dict) -> Callable:
-        fn, args, kwargs = call_args(case, inp)
-        kwargs = dict(kwargs, backend=self.backend)
+        fn = super().build(case, inp)
 
         def run():
             old = {k: os.environ.get(k) for k in self.env}
             os.environ.update(self.env)
             try:
-                return fn(*args, **kwargs)
+                return fn()
             finally:
                 for k, v in old.items():
                     if v is None:
