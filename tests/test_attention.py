@@ -181,6 +181,37 @@ def test_deterministic_bit_identical(backend):
         assert torch.equal(a, b), f"{name} differs between two deterministic runs"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int64_offsets(backend):
+    """q, k, v, out, dq, dk, dv of more than 2^31 elements (8200 sequences of 128 tokens, 16 heads, D 128):
+    the last sequences are addressed with 64-bit offsets. Forward and backward vs the reference on the first
+    and the last two sequences (dout is zero elsewhere, so their gradients are zero)."""
+    if not helpers.HAS_GPU:
+        pytest.skip("needs a CUDA GPU: tensors of more than 2^31 elements are too large for the interpreter")
+    helpers.require_backend(backend)
+    b, n, h, d = 8200, 128, 16, 128
+    assert b * n * h * d > 2 ** 31
+    if torch.cuda.mem_get_info()[0] < 48 * 2 ** 30:
+        pytest.skip("needs 48 GiB of free GPU memory (8 tensors of 4.3 GB)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=BF16, generator=g).requires_grad_(True) for _ in range(3))
+    out = transformer.flash_attention(q, k, v, causal=True, backend=backend)
+    sel = [0, b - 2, b - 1]
+    dout = torch.zeros_like(out)
+    dout[sel] = torch.randn(len(sel), n, h, d, device="cuda", dtype=BF16, generator=g)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    qs, ks, vs = (t.detach()[sel].requires_grad_(True) for t in (q, k, v))
+    ref = reference.attention(qs, ks, vs, causal=True)
+    low = reference.attention(qs, ks, vs, causal=True, compute_dtype=None)
+    helpers.assert_close(out[sel], ref, low, name="out (first and last sequences)")
+    want = torch.autograd.grad(ref, (qs, ks, vs), dout[sel].float())
+    base = torch.autograd.grad(low, (qs, ks, vs), dout[sel])
+    for name, a, r, rl in zip(("dq", "dk", "dv"), (dq, dk, dv), want, base):
+        helpers.assert_close(a[sel], r, rl, factor=3.0, name=name)
+    assert not dq[1:-2].any() and not dk[1:-2].any() and not dv[1:-2].any()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_top_left_alignment(backend):
     """The SDPA drop-in's is_causal (top-left) goes through the same kernel via causal_align."""
