@@ -208,9 +208,7 @@ __global__ void __launch_bounds__(TPR) norm_bwd_cols_kernel(BwdParams p, bool ve
   const int64_t row1 = row0 + rows_per_group < p.rows ? row0 + rows_per_group : p.rows;
   float wv[VEC];
   if (w) load_vec<P, VEC>(w, j * VEC, n, vec_ok, wv);
-  float dw[VEC], db[VEC];
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) dw[k] = db[k] = 0.f;
+  KahanSum dws[VEC], dbs[VEC];   // rows_per_group can be in the hundreds: compensated sums
   for (int64_t row = row0; row < row1; ++row) {
     const BwdRow<T, P, VEC> r = bwd_row<T, P, VEC>(p, row);
     float xhat[VEC], dy[VEC], g[VEC];
@@ -218,22 +216,29 @@ __global__ void __launch_bounds__(TPR) norm_bwd_cols_kernel(BwdParams p, bool ve
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       g[k] = w ? wv[k] * dy[k] : dy[k];
-      dw[k] += j * VEC + k < n ? dy[k] * xhat[k] : 0.f;
-      db[k] += dy[k];
+      dws[k].add(j * VEC + k < n ? dy[k] * xhat[k] : 0.f);
+      dbs[k].add(dy[k]);
     }
     store_dx<T, VEC>(p, row, j, vec_ok, xhat, g, p.row_sums[row], p.row_sums[p.rows + row], r.rstd);
+  }
+  float dw[VEC], db[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    dw[k] = dws[k].value();
+    db[k] = dbs[k].value();
   }
   store_partials<VEC>(p, blockIdx.x, j, dw, db);
 }
 
-// out[c] = sum over r of part[r][c], r = 0, 1, ... in order (deterministic). One thread per column.
+// out[c] = sum over r of part[r][c], r = 0, 1, ... in order (deterministic), compensated (the persistent
+// kernels leave one partial row per block: hundreds). One thread per column.
 __global__ void __launch_bounds__(256) norm_reduce_kernel(const float* __restrict__ part, int64_t rows, int n,
                                                           float* __restrict__ out) {
   const int c = blockIdx.x * 256 + threadIdx.x;
   if (c >= n) return;
-  float acc = 0.f;
-  for (int64_t r = 0; r < rows; ++r) acc += part[r * n + c];
-  out[c] = acc;
+  KahanSum acc;
+  for (int64_t r = 0; r < rows; ++r) acc.add(part[r * n + c]);
+  out[c] = acc.value();
 }
 
 }  // namespace tf::norms
