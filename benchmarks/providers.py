@@ -84,9 +84,9 @@ class BackendVariant(Backend):
     """One of our backends with a tuning knob set (environment variables its launcher reads at every call),
     timed next to the default so one GPU run compares the variants. Serves only `ops`."""
 
-    def __init__(self, name, backend, env, ops, why):
+    def __init__(self, name, backend, env, ops):
         super().__init__(name)
-        self.backend, self.env, self.ops, self.why = backend, dict(env), tuple(ops), why
+        self.backend, self.env, self.ops = backend, dict(env), tuple(ops)
 
     def unavailable(self, case: Case, inp: dict, device) -> Optional[str]:
         if case.op not in self.ops:
@@ -112,8 +112,7 @@ class BackendVariant(Backend):
 
 # The CUDA forward's first tiles (csrc/attention/launch.cuh FwdTiles: 4 warps, 64-query blocks, Q re-read
 # from shared memory), against which the default 8-warp tiles were chosen without a GPU.
-VARIANTS = (BackendVariant("cuda-fwd-w4", "cuda", {"TILEFORMER_CUDA_ATTN_FWD_TILES": "w4"}, ("flash_attention",),
-                           "the CUDA forward with 4-warp, 64-query tiles"),)
+VARIANTS = (BackendVariant("cuda-fwd-w4", "cuda", {"TILEFORMER_CUDA_ATTN_FWD_TILES": "w4"}, ("flash_attention",)),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +129,7 @@ def _import(name):
 class Peer:
     """Base class: a peer library that serves some ops on CUDA fp16/bf16 tensors."""
     kind = "peer"
+    backend = None      # not one of ours
     name = "?"
     module = "?"
     ops: tuple = ()

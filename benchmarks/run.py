@@ -119,7 +119,7 @@ def section_timing(args, gpu, peak, out_dir, deadline):
     sweep = cases.sweep(kind, dtype=args.dtype, ops=ops)
     provs = providers.providers(args.providers.split(",") if args.providers else None, peers=bool(gpu))
     if not gpu:   # interpreted / emulated kernels are for correctness only: their timings would mean nothing
-        provs = [p for p in provs if getattr(p, "backend", None) not in KERNEL_BACKENDS]
+        provs = [p for p in provs if p.backend not in KERNEL_BACKENDS]
     if args.list:
         say(f"\n== Timing ({kind} sweep, {len(sweep)} cases; providers {', '.join(p.name for p in provs)}):")
         for c in sweep:

@@ -195,6 +195,17 @@ def test_record_dispatches_counts_the_backend_of_each_call():
     assert sum(outer.values()) == 4 and not backends._recorders
 
 
+def test_record_dispatches_nested_empty_blocks_unregister_themselves():
+    """Counters with equal counts compare equal: leaving an inner block must unregister that block, not an
+    outer one that happens to hold the same (here: no) counts."""
+    x = torch.randn(3, 16)
+    with backends.record_dispatches() as outer:
+        with backends.record_dispatches():
+            pass
+        transformer.rms_norm(x, None, backend="torch")
+    assert outer == {("rms_norm", "torch"): 1} and not backends._recorders
+
+
 def test_env_override(monkeypatch):
     q, k, v = _qkv()
     monkeypatch.setenv("TILEFORMER_BACKEND", "reference")

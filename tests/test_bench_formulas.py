@@ -255,7 +255,7 @@ def test_backend_variant_sets_its_knob_only_during_the_call(monkeypatch):
     monkeypatch.setattr(providers.transformer, "rms_norm",
                         lambda *a, **kw: seen.append((os.environ.get("TILEFORMER_TEST_KNOB"), kw["backend"])))
     monkeypatch.setenv("TILEFORMER_TEST_KNOB", "before")
-    var = providers.BackendVariant("torch-knob", "torch", {"TILEFORMER_TEST_KNOB": "on"}, ("rms_norm",), "test")
+    var = providers.BackendVariant("torch-knob", "torch", {"TILEFORMER_TEST_KNOB": "on"}, ("rms_norm",))
     case = cases.norm_case("rms_norm", "fwd", 4, 32, dtype="fp32")
     inp = cases.make_inputs(case, "cpu")
     var.build(case, inp)()

@@ -1,8 +1,8 @@
 // Flash attention forward (FA2 scheme on mma.sync m16n8k16), notation in attention/common.cuh.
 //
 // One block = BM = 16 * NWARPS query rows of one (batch, query head); warp w owns rows 16w..16w+15.
-// Q is staged once in shared memory (and, with QREG, its fragments moved into registers); K/V tiles of BN keys are double-buffered with cp.async (tile i + 1
-// streams in while tile i is multiplied). Per key tile and warp: S = Q K^T (A fragments of Q and B fragments
+// Q is staged once in shared memory (with QREG its fragments then move into registers); K/V tiles of BN
+// keys are double-buffered with cp.async (tile i + 1 streams in while tile i is multiplied). Per key tile and warp: S = Q K^T (A fragments of Q and B fragments
 // of K by ldmatrix), scores scaled into the log2 domain (softcap, ALiBi; the band mask only on the tiles that
 // cross its edges), online softmax in registers (row max / sum over the quad with shuffles, exp2), P rounded
 // to T in registers and fed straight into O += P V (V fragments by ldmatrix .trans). O is normalised once

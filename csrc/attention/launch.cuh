@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -33,8 +34,8 @@ struct FwdTiles {
 // TILEFORMER_CUDA_ATTN_FWD_TILES = "w8" (default, also when unset or empty) or "w4"; read at every call.
 inline bool fwd_tiles_w4() {
   const char* v = std::getenv("TILEFORMER_CUDA_ATTN_FWD_TILES");
-  if (!v || !*v || std::string(v) == "w8") return false;
-  if (std::string(v) == "w4") return true;
+  if (!v || !*v || !std::strcmp(v, "w8")) return false;
+  if (!std::strcmp(v, "w4")) return true;
   throw std::invalid_argument(std::string("TILEFORMER_CUDA_ATTN_FWD_TILES must be \"w8\" or \"w4\", got \"") + v + "\"");
 }
 
