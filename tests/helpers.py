@@ -6,12 +6,15 @@ small atol. factor = 2 for outputs, 3 for gradients.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
 import transformer
+from transformer import reference
+from transformer.testing import assert_close  # noqa: F401  (the tolerance rule)
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
@@ -43,46 +46,89 @@ def kernel_backends(*names):
     return params
 
 
-def _fmt_idx(idx, shape):
-    out = []
-    for s in reversed(shape):
-        out.append(idx % s)
-        idx //= s
-    return tuple(reversed(out))
-
-
-def assert_close(out, ref, ref_lowp, *, factor=2.0, atol=1e-5, name="out", config=""):
-    """max|out - ref| <= factor * max|ref_lowp - ref| + atol, with -inf/NaN positions matching exactly.
-
-    out: the kernel's result; ref: the fp32 (or fp64) reference; ref_lowp: PyTorch in out's precision.
-    """
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)} [{config}]"
-    o, r, rl = out.detach().double(), ref.detach().double(), ref_lowp.detach().double()
-    nan_out = torch.isnan(o) & ~torch.isnan(r)
-    if nan_out.any():
-        i = int(nan_out.flatten().nonzero()[0])
-        raise AssertionError(f"{name}: {int(nan_out.sum())} NaN where the reference is finite, first at "
-                             f"{_fmt_idx(i, out.shape)} of {tuple(out.shape)} (unwritten/poisoned?) [{config}]")
-    inf_r, inf_o = torch.isinf(r), torch.isinf(o)
-    if not torch.equal(inf_r, inf_o) or not torch.equal(torch.sign(r[inf_r]), torch.sign(o[inf_o])):
-        bad = (inf_r != inf_o).flatten().nonzero()
-        where = _fmt_idx(int(bad[0]), out.shape) if len(bad) else "(sign)"
-        raise AssertionError(f"{name}: infinities differ from the reference, first at {where} [{config}]")
-    fin = torch.isfinite(r)
-    err = (o - r).abs().masked_fill(~fin, 0)
-    base = (rl - r).abs().masked_fill(~fin | torch.isnan(rl), 0)
-    max_err = float(err.max()) if err.numel() else 0.0
-    bound = factor * (float(base.max()) if base.numel() else 0.0) + atol
-    if not max_err <= bound:
-        i = int(err.flatten().argmax())
-        at = _fmt_idx(i, out.shape)
-        raise AssertionError(
-            f"{name}: max error {max_err:.3e} at {at} exceeds {factor} x {float(base.max()):.3e} (PyTorch in "
-            f"{out.dtype}) + {atol:g} = {bound:.3e}; out={float(o.flatten()[i]):.6g} ref={float(r.flatten()[i]):.6g}; "
-            f"shape {tuple(out.shape)} [{config}]")
-    return max_err, bound
-
-
 def randn(*shape, dtype=torch.float32, device=None, requires_grad=False, scale=1.0, generator=None):
     t = torch.randn(*shape, dtype=torch.float32, device=device or DEVICE, generator=generator) * scale
     return t.to(dtype).requires_grad_(requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode cases (tests/test_decode.py, tests/test_cuda_decode.py)
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Case:
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_seqlens: torch.Tensor
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    block_table: torch.Tensor | None
+
+
+def make_case(lens, sq, hkv, group, d, dtype, *, page_size=None, append=False, seed=0, spare=3):
+    """Random q/k/v and a cache holding lens[b] random tokens per sequence; every other slot is NaN.
+
+    page_size=None: contiguous cache [B, S_max, Hkv, D]; else a paged cache whose pages are shuffled and
+    shared out through block_table, with `spare` pages no sequence owns."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, hq = len(lens), hkv * group
+    need = max(lens) + (sq if append else 0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+    if page_size is None:
+        shape, block_table = (batch, need + spare, hkv, d), None
+    else:
+        max_pages = -(-max(need, 1) // page_size) + 1
+        num_pages = batch * max_pages + spare
+        perm = torch.randperm(num_pages, generator=gen)[: batch * max_pages]
+        block_table = perm.view(batch, max_pages).to(torch.int32).to(DEVICE)
+        shape = (num_pages, page_size, hkv, d)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    for b, n in enumerate(lens):
+        bt = block_table[b] if block_table is not None else None
+        page, slot = reference.cache_positions(torch.tensor(n), n, bt, page_size)
+        kb, vb = rnd(n, hkv, d), rnd(n, hkv, d)
+        if page is None:
+            k_cache[b, :n], v_cache[b, :n] = kb, vb
+        else:
+            k_cache[page, slot], v_cache[page, slot] = kb, vb
+    k = rnd(batch, sq, hkv, d) if append else None
+    v = rnd(batch, sq, hkv, d) if append else None
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    return Case(rnd(batch, sq, hq, d), k_cache, v_cache, seqlens, k, v, block_table)
+
+
+def bits(t):
+    """The raw bits of a tensor (NaN == NaN), for exact comparisons."""
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def run_decode(backend, case, **kw):
+    """(out, lse, k_cache, v_cache) of one backend (or the reference with compute_dtype) on fresh cache copies."""
+    kc, vc = case.k_cache.clone(), case.v_cache.clone()
+    args = (case.q, kc, vc, case.cache_seqlens)
+    kwargs = dict(k=case.k, v=case.v, block_table=case.block_table, return_lse=True, **kw)
+    if backend.startswith("reference"):
+        kwargs.pop("num_splits", None)
+        dtype = torch.float32 if backend == "reference" else None
+        out, lse = reference.decode_attention(*args, compute_dtype=dtype, **kwargs)
+    else:
+        out, lse = transformer.decode_attention(*args, backend=backend, **kwargs)
+    return out, lse, kc, vc
+
+
+def check_decode(backend, case, config="", **kw):
+    """The kernel vs the fp32 reference (flash-attn rule) for out and lse, and the appended cache bit for bit."""
+    out, lse, kc, vc = run_decode(backend, case, **kw)
+    ref, ref_lse, ref_kc, ref_vc = run_decode("reference", case, **kw)
+    low, low_lse, _, _ = run_decode("reference_lowp", case, **kw)
+    assert out.dtype == case.q.dtype and lse.dtype == torch.float32
+    assert_close(out, ref, low, name="out", config=config)
+    assert_close(lse, ref_lse, low_lse.float(), name="lse", config=config)
+    assert torch.equal(bits(kc), bits(ref_kc)), f"k_cache after the call differs from the reference's [{config}]"
+    assert torch.equal(bits(vc), bits(ref_vc)), f"v_cache after the call differs from the reference's [{config}]"
+    return out, lse

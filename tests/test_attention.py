@@ -3,7 +3,7 @@
 Every comparison uses the flash-attn rule (tests/helpers.assert_close): the kernel's max error against
 reference.attention in fp32 may be at most 2x (outputs) / 3x (gradients) the error of the same reference
 computed in the inputs' dtype. On a CPU machine the Triton kernels run through the interpreter (slow), so
-the default run holds a representative subset; the full grid of the issue is under ``-m slow``.
+the default run holds a representative subset; the full grid is under ``-m slow``.
 """
 from __future__ import annotations
 
@@ -309,17 +309,17 @@ def test_torch_compile_fullgraph(backend):
 
 def test_opcheck_triton_ops():
     helpers.require_backend("triton")
-    from triton_kernels import attention as tka
+    from transformer._triton import attention as tka
     q, k, v = _inputs(1, 20, 33, 2, 1, 32, FP16, seed=23)
     alibi = _alibi("h", 1, 2)
     args = (q, k, v, alibi, None, None, 20, 33, 32 ** -0.5, -1, 0, 0.0, True)
-    torch.library.opcheck(tka.flash_attn_fwd, args)
-    out, lse = tka.flash_attn_fwd(*(t.detach() if isinstance(t, torch.Tensor) else t for t in args))
+    torch.library.opcheck(tka.attn_fwd, args)
+    out, lse = tka.attn_fwd(*(t.detach() if isinstance(t, torch.Tensor) else t for t in args))
     dout = torch.randn_like(out)
-    torch.library.opcheck(tka.flash_attn_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, None) + args[3:])
+    torch.library.opcheck(tka.attn_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, None) + args[3:])
     lq, lk = [1, 19], [20, 13]
     vq, vk, vv, cu_q, cu_k, mq, mk = _varlen_inputs(lq, lk, 2, 2, 16, BF16, tail_q=2)
-    torch.library.opcheck(tka.flash_attn_fwd, (vq, vk, vv, None, cu_q, cu_k, mq, mk, 0.25, 4, -1, 2.0, False))
+    torch.library.opcheck(tka.attn_fwd, (vq, vk, vv, None, cu_q, cu_k, mq, mk, 0.25, 4, -1, 2.0, False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,16 +367,16 @@ def test_bad_input(name, fn, exc, match):
 
 def test_fp32_falls_back_under_auto():
     """The triton predicate rejects fp32 (so auto moves on to another backend) and accepts fp16/bf16."""
+    from transformer._triton.attention import supports
     q, k, v = (t.detach() for t in _inputs(1, 9, 9, 2, 2, 32, torch.float32))
-    assert "fp16/bf16" in transformer.attention._triton_supports(transformer.attention._describe(q, k, v))
-    assert transformer.attention._triton_supports(transformer.attention._describe(q.half(), k.half(), v.half())) \
-        is None
+    assert "fp16/bf16" in supports(transformer.attention._describe(q, k, v))
+    assert supports(transformer.attention._describe(q.half(), k.half(), v.half())) is None
     out = transformer.flash_attention(q, k, v, causal=True)          # auto: served by another backend
     torch.testing.assert_close(out, reference.attention(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
-# Full grid of the issue (-m slow; seconds on a GPU, hours under the interpreter)
+# Full grid (-m slow; seconds on a GPU, hours under the interpreter)
 # ---------------------------------------------------------------------------------------------
 
 SLOW_PAIRS = [(1, 239), (113, 203), (128, 217), (108, 256), (256, 512), (512, 256), (1023, 1024)]

@@ -3,7 +3,7 @@
 On a CPU machine the kernels run through the host emulation (TILEFORMER_EMULATE_CUDA=1): every ldmatrix,
 mma.sync and cp.async is emulated lane by lane, shared memory and outputs are NaN-poisoned, threads run in
 a random order. Comparisons use the flash-attn rule (helpers.assert_close: 2x / 3x the error of PyTorch in
-the inputs' dtype). The issue's grid of shapes runs in a representative rotation by default and in full
+the inputs' dtype). The grid of shapes runs in a representative rotation by default and in full
 under ``-m slow``; the static checks (``-m static``) compile the kernels with nvcc for sm_80 and sm_90a.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _check(q, k, v, *, config, backend="cuda", **kw):
 
 
 # ---------------------------------------------------------------------------------------------
-# The issue's grid: (Nq, Nk) x head dim x MHA/GQA 4:1 x causal, plus window / ALiBi / softcap
+# The grid: (Nq, Nk) x head dim x MHA/GQA 4:1 x causal, plus window / ALiBi / softcap
 # ---------------------------------------------------------------------------------------------
 
 def _grid():
@@ -273,16 +273,16 @@ def test_dispatch_limits(backend, monkeypatch):
     helpers.require_backend(backend)
     dims = _dims()
     assert dims and all(d % 16 == 0 for d in dims), dims
-    q, k, v = (t.detach() for t in _inputs(1, 4, 4, 2, 2, 32, torch.float32))
-    assert "fp16/bf16" in transformer.attention._cuda_supports(transformer.attention._describe(q, k, v))
-    fits = torch.zeros(1, 4, 2, max(dims), dtype=FP16, device=helpers.DEVICE)
-    assert transformer.attention._cuda_supports(transformer.attention._describe(fits, fits, fits)) is None
     from transformer._cuda import attention as ca
+    q, k, v = (t.detach() for t in _inputs(1, 4, 4, 2, 2, 32, torch.float32))
+    assert "fp16/bf16" in ca.supports(transformer.attention._describe(q, k, v))
+    fits = torch.zeros(1, 4, 2, max(dims), dtype=FP16, device=helpers.DEVICE)
+    assert ca.supports(transformer.attention._describe(fits, fits, fits)) is None
     small = [d for d in dims if d < max(dims)] or [16]   # a build whose largest head dim is max(small)
     big = max(small) + 8
     qb = torch.zeros(1, 4, 2, big, dtype=FP16, device=helpers.DEVICE)
     monkeypatch.setattr(ca, "head_dims", lambda device_type: tuple(small))
-    reason = transformer.attention._cuda_supports(transformer.attention._describe(qb, qb, qb))
+    reason = ca.supports(transformer.attention._describe(qb, qb, qb))
     assert reason and "TILEFORMER_CUDA_HEADDIMS" in reason and str(big) in reason, reason
     with pytest.raises(ValueError, match="TILEFORMER_CUDA_HEADDIMS"):
         transformer.flash_attention(qb, qb, qb, backend="cuda")

@@ -24,8 +24,9 @@ import pytest
 import torch
 
 import transformer
-from helpers import DEVICE, HAS_GPU, assert_close, kernel_backends, require_backend
-from test_decode import _bits, check, make_case, run
+from helpers import (DEVICE, HAS_GPU, assert_close, bits, check_decode, kernel_backends, make_case, require_backend,
+                     run_decode)
+
 
 CUDA = kernel_backends("cuda")
 DTYPES = (torch.float16, torch.bfloat16)
@@ -52,7 +53,7 @@ def _dim_case(backend, d, path, dtype, page_size, splits):
     require_backend(backend)
     group, sq = PATHS[path]
     case = make_case([0, 150, 67], sq, 2, group, d, dtype, page_size=page_size, append=True, seed=d + group)
-    check(backend, case, config=f"d{d} {path} {dtype} page{page_size} splits{splits}", num_splits=splits)
+    check_decode(backend, case, config=f"d{d} {path} {dtype} page{page_size} splits{splits}", num_splits=splits)
 
 
 @pytest.mark.parametrize("backend", CUDA)
@@ -77,9 +78,9 @@ def test_cuda_decode_long_range(backend, page_size, splits):
     """Hundreds of keys per split: the cp.async ring wraps around its stages many times."""
     require_backend(backend)
     case = make_case([700, 513], 1, 1, 8, 64, torch.bfloat16, page_size=page_size, append=False, seed=11)
-    check(backend, case, config=f"page{page_size}", num_splits=splits)
+    check_decode(backend, case, config=f"page{page_size}", num_splits=splits)
     case = make_case([640], 2, 1, 1, 128, torch.float16, page_size=page_size, append=True, seed=12)
-    check(backend, case, config=f"simt page{page_size}", num_splits=splits)
+    check_decode(backend, case, config=f"simt page{page_size}", num_splits=splits)
 
 
 @pytest.mark.parametrize("backend", CUDA)
@@ -88,7 +89,7 @@ def test_cuda_decode_row_blocks(backend, d):
     """group * Sq above one block's rows (64, or 32 at D=256): several row blocks per KV head."""
     require_backend(backend)
     case = make_case([90, 5], 3, 1, 24, d, torch.float16, page_size=16, append=True, seed=13)
-    check(backend, case, config=f"g24 sq3 d{d}", num_splits=2)
+    check_decode(backend, case, config=f"g24 sq3 d{d}", num_splits=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,11 +113,11 @@ def test_cuda_decode_unaligned_cache(backend, group):
     case = make_case([130, 1, 0], 1, 2, group, 64, torch.bfloat16, page_size=16, append=True, seed=14)
     odd = _misaligned(case)
     assert odd.k_cache.data_ptr() % 16 != 0 and odd.k_cache.stride(2) % 8 != 0
-    out_a, lse_a, kc_a, vc_a = run(backend, case, num_splits=2)
-    out_u, lse_u, kc_u, vc_u = run(backend, odd, num_splits=2)
+    out_a, lse_a, kc_a, vc_a = run_decode(backend, case, num_splits=2)
+    out_u, lse_u, kc_u, vc_u = run_decode(backend, odd, num_splits=2)
     assert torch.equal(out_a, out_u) and torch.equal(lse_a, lse_u)        # same arithmetic, other loads
-    assert torch.equal(_bits(kc_a), _bits(kc_u)) and torch.equal(_bits(vc_a), _bits(vc_u))
-    check(backend, odd, config="unaligned", num_splits=2)
+    assert torch.equal(bits(kc_a), bits(kc_u)) and torch.equal(bits(vc_a), bits(vc_u))
+    check_decode(backend, odd, config="unaligned", num_splits=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,10 +144,10 @@ def test_cuda_agrees_with_triton(i):
     kw = dict(extra)
     if kw.get("alibi_slopes") == "bh":
         kw["alibi_slopes"] = torch.rand(len(lens), hkv * group, device=DEVICE) * 0.2
-    out_c, lse_c, kc_c, vc_c = run("cuda", case, num_splits=splits, **kw)
-    out_t, lse_t, kc_t, vc_t = run("triton", case, num_splits=splits, **kw)
-    ref, ref_lse, _, _ = run("reference", case, **kw)
-    low, low_lse, _, _ = run("reference_lowp", case, **kw)
+    out_c, lse_c, kc_c, vc_c = run_decode("cuda", case, num_splits=splits, **kw)
+    out_t, lse_t, kc_t, vc_t = run_decode("triton", case, num_splits=splits, **kw)
+    ref, ref_lse, _, _ = run_decode("reference", case, **kw)
+    low, low_lse, _, _ = run_decode("reference_lowp", case, **kw)
     assert_close(out_c, ref, low, name="cuda out")
     assert_close(out_t, ref, low, name="triton out")
     # vs each other: the Triton result plays the fp32 reference; the bound is 2 x the same-dtype error + atol.
@@ -155,7 +156,7 @@ def test_cuda_agrees_with_triton(i):
     fin = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse_c), fin) and torch.equal(torch.isfinite(lse_t), fin)
     assert float((lse_c - lse_t)[fin].abs().max()) <= 2 * float((low_lse.float() - ref_lse)[fin].abs().max()) + 1e-4
-    assert torch.equal(_bits(kc_c), _bits(kc_t)) and torch.equal(_bits(vc_c), _bits(vc_t))
+    assert torch.equal(bits(kc_c), bits(kc_t)) and torch.equal(bits(vc_c), bits(vc_t))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,8 +165,8 @@ def test_cuda_agrees_with_triton(i):
 
 def _op_args(case, append, splits=2):
     return (case.q, case.k_cache.nan_to_num(), case.v_cache.nan_to_num(), case.cache_seqlens,
-            case.k if append else None, case.v if append else None, case.block_table, None, 0.125, True, -1, -1,
-            0.0, splits)
+            case.k if append else None, case.v if append else None, case.block_table, None, 0.125, -1, 0, 0.0,
+            splits)
 
 
 @pytest.mark.parametrize("backend", CUDA)
@@ -192,7 +193,7 @@ def test_cuda_decode_torch_compile(backend):
     eager = step(case.q, kc1, vc1, case.cache_seqlens, case.k, case.v, case.block_table)
     comp = compiled(case.q, kc2, vc2, case.cache_seqlens, case.k, case.v, case.block_table)
     assert torch.equal(eager[0], comp[0]) and torch.equal(eager[1], comp[1])
-    assert torch.equal(_bits(kc1), _bits(kc2)) and torch.equal(_bits(vc1), _bits(vc2))
+    assert torch.equal(bits(kc1), bits(kc2)) and torch.equal(bits(vc1), bits(vc2))
 
 
 def _binding_errors():
@@ -224,7 +225,7 @@ def test_cuda_decode_binding_errors(backend, what):
     kw.update(change)
     with pytest.raises(err, match=msg):
         _ops().decode_attention(kw["q"], kw["k_cache"], kw["v_cache"], kw["cache_seqlens"], kw["k"], kw["v"],
-                                kw["block_table"], kw["alibi"], 0.125, True, -1, -1, kw["softcap"], kw["num_splits"])
+                                kw["block_table"], kw["alibi"], 0.125, -1, 0, kw["softcap"], kw["num_splits"])
 
 
 @pytest.mark.gpu
@@ -241,8 +242,8 @@ def test_cuda_decode_graph_capture():
         out = run_once()
     graph.replay()
     torch.cuda.synchronize()
-    ref, _, _, _ = run("reference", case)
-    low, _, _, _ = run("reference_lowp", case)
+    ref, _, _, _ = run_decode("reference", case)
+    low, _, _, _ = run_decode("reference_lowp", case)
     assert_close(out, ref, low)
 
 

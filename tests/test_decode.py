@@ -1,10 +1,10 @@
-"""decode_attention kernels (triton; later cuda, same API) vs transformer.reference.decode_attention.
+"""decode_attention kernels (triton and cuda, one API) vs transformer.reference.decode_attention.
 
 Every case compares out and lse with the fp32 reference by the flash-attn rule (helpers.assert_close, the
 same-dtype reference as the baseline) and, when k/v are appended, the cache contents after the call with the
 reference's cache bit for bit. Cache slots past each sequence's length hold NaN, so a kernel that reads
-beyond a sequence (or a page it does not own) fails. The default run covers a curated subset of the grid of
-issue 5; the full grid is `-m slow`.
+beyond a sequence (or a page it does not own) fails. The default run covers a curated subset of the grid;
+the full grid is `-m slow`.
 
     .venv/bin/python -m pytest tests/test_decode.py -q                # default subset + static report
     .venv/bin/python -m pytest tests/test_decode.py -q -m slow        # the full grid
@@ -18,94 +18,11 @@ import pytest
 import torch
 
 import transformer
-from helpers import DEVICE, HAS_GPU, assert_close, kernel_backends, require_backend
-from transformer import reference
+from helpers import (DEVICE, HAS_GPU, assert_close, bits, check_decode, kernel_backends, make_case, require_backend,
+                     run_decode)
 
 BACKENDS = kernel_backends("triton", "cuda")
 DTYPES = (torch.float16, torch.bfloat16)
-
-
-# ---------------------------------------------------------------------------------------------
-# Cases
-# ---------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Case:
-    q: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    cache_seqlens: torch.Tensor
-    k: torch.Tensor | None
-    v: torch.Tensor | None
-    block_table: torch.Tensor | None
-
-
-def make_case(lens, sq, hkv, group, d, dtype, *, page_size=None, append=False, seed=0, spare=3):
-    """Random q/k/v and a cache holding lens[b] random tokens per sequence; every other slot is NaN.
-
-    page_size=None: contiguous cache [B, S_max, Hkv, D]; else a paged cache whose pages are shuffled and
-    shared out through block_table, with `spare` pages no sequence owns."""
-    gen = torch.Generator().manual_seed(seed)
-    batch, hq = len(lens), hkv * group
-    need = max(lens) + (sq if append else 0)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
-
-    if page_size is None:
-        shape, block_table = (batch, need + spare, hkv, d), None
-    else:
-        max_pages = -(-max(need, 1) // page_size) + 1
-        num_pages = batch * max_pages + spare
-        perm = torch.randperm(num_pages, generator=gen)[: batch * max_pages]
-        block_table = perm.view(batch, max_pages).to(torch.int32).to(DEVICE)
-        shape = (num_pages, page_size, hkv, d)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    for b, n in enumerate(lens):
-        bt = block_table[b] if block_table is not None else None
-        page, slot = reference.cache_positions(torch.tensor(n), n, bt, page_size)
-        kb, vb = rnd(n, hkv, d), rnd(n, hkv, d)
-        if page is None:
-            k_cache[b, :n], v_cache[b, :n] = kb, vb
-        else:
-            k_cache[page, slot], v_cache[page, slot] = kb, vb
-    k = rnd(batch, sq, hkv, d) if append else None
-    v = rnd(batch, sq, hkv, d) if append else None
-    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    return Case(rnd(batch, sq, hq, d), k_cache, v_cache, seqlens, k, v, block_table)
-
-
-def _bits(t):
-    """The raw bits of a tensor (NaN == NaN), for exact comparisons."""
-    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
-
-
-def run(backend, case, **kw):
-    """(out, lse, k_cache, v_cache) of one backend (or the reference with compute_dtype) on fresh cache copies."""
-    kc, vc = case.k_cache.clone(), case.v_cache.clone()
-    args = (case.q, kc, vc, case.cache_seqlens)
-    kwargs = dict(k=case.k, v=case.v, block_table=case.block_table, return_lse=True, **kw)
-    if backend.startswith("reference"):
-        kwargs.pop("num_splits", None)
-        dtype = torch.float32 if backend == "reference" else None
-        out, lse = reference.decode_attention(*args, compute_dtype=dtype, **kwargs)
-    else:
-        out, lse = transformer.decode_attention(*args, backend=backend, **kwargs)
-    return out, lse, kc, vc
-
-
-def check(backend, case, config="", **kw):
-    """The kernel vs the fp32 reference (flash-attn rule) for out and lse, and the appended cache bit for bit."""
-    out, lse, kc, vc = run(backend, case, **kw)
-    ref, ref_lse, ref_kc, ref_vc = run("reference", case, **kw)
-    low, low_lse, _, _ = run("reference_lowp", case, **kw)
-    assert out.dtype == case.q.dtype and lse.dtype == torch.float32
-    assert_close(out, ref, low, name="out", config=config)
-    assert_close(lse, ref_lse, low_lse.float(), name="lse", config=config)
-    assert torch.equal(_bits(kc), _bits(ref_kc)), f"k_cache after the call differs from the reference's [{config}]"
-    assert torch.equal(_bits(vc), _bits(ref_vc)), f"v_cache after the call differs from the reference's [{config}]"
-    return out, lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +68,7 @@ def test_decode_subset(backend, params):
     require_backend(backend)
     layout, group, sq, append, splits, dtype, d = params
     kw, splits = _grid_case(layout, group, sq, append, splits, dtype, d=d)
-    check(backend, make_case(**kw), config=_id(params), num_splits=splits)
+    check_decode(backend, make_case(**kw), config=_id(params), num_splits=splits)
 
 
 FULL = list(itertools.product(LAYOUTS, GROUPS, (1, 4), (False, True), SPLITS, DTYPES, (64,)))
@@ -164,7 +81,7 @@ def test_decode_grid(backend, params):
     require_backend(backend)
     layout, group, sq, append, splits, dtype, d = params
     kw, splits = _grid_case(layout, group, sq, append, splits, dtype, d=d)
-    check(backend, make_case(**kw), config=_id(params), num_splits=splits)
+    check_decode(backend, make_case(**kw), config=_id(params), num_splits=splits)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -173,7 +90,7 @@ def test_decode_many_rows(backend, group, sq):
     """group * Sq above the largest M tile: the rows are served by several M-blocks of one KV head."""
     require_backend(backend)
     case = make_case([3, 40], sq, 1, group, 64, torch.bfloat16, page_size=16, append=True, seed=5)
-    check(backend, case, config=f"g{group} sq{sq}", num_splits=3)
+    check_decode(backend, case, config=f"g{group} sq{sq}", num_splits=3)
 
 
 @pytest.mark.slow
@@ -183,7 +100,7 @@ def test_decode_many_rows(backend, group, sq):
 def test_decode_head_dims_slow(backend, d, page_size):
     require_backend(backend)
     case = make_case([1, 239, 0], 3, 2, 5, d, torch.float16, page_size=page_size, append=True, seed=d)
-    check(backend, case, config=f"d{d} page{page_size}", num_splits=3)
+    check_decode(backend, case, config=f"d{d} page{page_size}", num_splits=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +130,7 @@ def test_decode_features(backend, feature, dtype):
         kw["alibi_slopes"] = torch.rand(hq, device=DEVICE) * 0.3
     elif kw.get("alibi_slopes") == "bh":
         kw["alibi_slopes"] = torch.rand(3, hq, device=DEVICE) * 0.3
-    check(backend, case, config=feature, num_splits=3, **kw)
+    check_decode(backend, case, config=feature, num_splits=3, **kw)
 
 
 def _widen(t, step, off=0):
@@ -234,13 +151,13 @@ def test_decode_strided_inputs(backend, page_size):
     strided = dataclasses.replace(case, q=_widen(case.q, 2), k=_widen(case.k, 3), v=_widen(case.v, 2),
                                   k_cache=_widen(case.k_cache, 2), v_cache=_widen(case.v_cache, 3, off=1))
     assert not any(t.is_contiguous() for t in (strided.q, strided.k, strided.k_cache, strided.v_cache))
-    kc_s, vc_s = strided.k_cache, strided.v_cache                     # run() appends into clones: do it here
+    kc_s, vc_s = strided.k_cache, strided.v_cache                     # run_decode() appends into clones: do it here
     out_s, lse_s = transformer.decode_attention(strided.q, kc_s, vc_s, case.cache_seqlens, k=strided.k,
                                                 v=strided.v, block_table=case.block_table, num_splits=3,
                                                 return_lse=True, backend=backend)
-    out_c, lse_c, kc_c, vc_c = run(backend, case, num_splits=3)
+    out_c, lse_c, kc_c, vc_c = run_decode(backend, case, num_splits=3)
     assert torch.equal(out_s, out_c) and torch.equal(lse_s, lse_c)
-    assert torch.equal(_bits(kc_s), _bits(kc_c)) and torch.equal(_bits(vc_s), _bits(vc_c))
+    assert torch.equal(bits(kc_s), bits(kc_c)) and torch.equal(bits(vc_s), bits(vc_c))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,12 +170,12 @@ def test_decode_split_matches_unsplit(backend, page_size):
     """The log-sum-exp combine of 1, 2, 3 and 7 splits agrees with the unsplit kernel within rounding."""
     require_backend(backend)
     case = make_case([200, 1, 64, 0], 1, 2, 8, 64, torch.bfloat16, page_size=page_size, append=False, seed=4)
-    out1, lse1, _, _ = run(backend, case, num_splits=1)
-    ref, ref_lse, _, _ = run("reference", case)
-    low, _, _, _ = run("reference_lowp", case)
+    out1, lse1, _, _ = run_decode(backend, case, num_splits=1)
+    ref, ref_lse, _, _ = run_decode("reference", case)
+    low, _, _, _ = run_decode("reference_lowp", case)
     rounding = float((low.float() - ref).abs().max())                # one rounding step of the output dtype
     for splits in (2, 3, 7):
-        out, lse, _, _ = run(backend, case, num_splits=splits)
+        out, lse, _, _ = run_decode(backend, case, num_splits=splits)
         assert float((out.float() - out1.float()).abs().max()) <= rounding, f"num_splits={splits}"
         fin = torch.isfinite(lse1)
         assert torch.equal(fin, torch.isfinite(lse))
@@ -270,10 +187,10 @@ def test_decode_split_matches_unsplit(backend, page_size):
 def test_decode_deterministic(backend, splits):
     require_backend(backend)
     case = make_case([150, 7, 0], 4, 2, 7, 80, torch.float16, page_size=16, append=True, seed=6)
-    a = run(backend, case, num_splits=splits)
-    b = run(backend, case, num_splits=splits)
+    a = run_decode(backend, case, num_splits=splits)
+    b = run_decode(backend, case, num_splits=splits)
     for x, y in zip(a, b):
-        assert torch.equal(_bits(x), _bits(y))
+        assert torch.equal(bits(x), bits(y))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -281,7 +198,7 @@ def test_decode_empty_sequences(backend):
     """Length-0 sequences (and queries before the first key) give out 0 and lse -inf, never NaN."""
     require_backend(backend)
     case = make_case([0, 0, 2], 4, 1, 2, 64, torch.float16, append=False, seed=7)
-    out, lse = check(backend, case, num_splits=3)
+    out, lse = check_decode(backend, case, num_splits=3)
     assert torch.equal(out[:2], torch.zeros_like(out[:2])) and bool(torch.isneginf(lse[:2]).all())
     assert bool(torch.isneginf(lse[2, :, :2]).all()) and not bool(torch.isnan(out).any())
 
@@ -344,7 +261,7 @@ def test_decode_rejects_grad(backend):
         transformer.decode_attention(q, case.k_cache, case.v_cache, case.cache_seqlens, backend=backend)
     if backend != "triton":
         return
-    from triton_kernels.decode import decode_attention as entry        # the entry function checks too
+    from transformer._triton.decode import decode_attention as entry   # the entry function checks too
     with pytest.raises(ValueError, match="requires grad"):
         entry(q, case.k_cache, case.v_cache, case.cache_seqlens, k=None, v=None, block_table=None,
               softmax_scale=0.125, causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0,
@@ -353,15 +270,14 @@ def test_decode_rejects_grad(backend):
 
 def _op_args(case, append):
     return (case.q, case.k_cache.nan_to_num(), case.v_cache.nan_to_num(), case.cache_seqlens,
-            case.k if append else None, case.v if append else None, case.block_table, None, 0.125, True, -1, -1,
-            0.0, 2)
+            case.k if append else None, case.v if append else None, case.block_table, None, 0.125, -1, 0, 0.0, 2)
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] == "triton"])
 @pytest.mark.parametrize("append", [False, True])
 def test_triton_opcheck(backend, append):
     require_backend(backend)
-    import triton_kernels.decode  # noqa: F401  registers tileformer_triton::decode_attention
+    import transformer._triton.decode  # noqa: F401  registers tileformer_triton::decode_attention
     case = make_case([3, 20], 2, 2, 4, 64, torch.float16, page_size=16, append=append)
     torch.library.opcheck(torch.ops.tileformer_triton.decode_attention.default, _op_args(case, append))
 
@@ -370,7 +286,7 @@ def test_triton_opcheck(backend, append):
 def test_triton_torch_compile(backend):
     """torch.compile(fullgraph=True) traces the entry function (custom op + fake impl), same numbers as eager."""
     require_backend(backend)
-    from triton_kernels.decode import decode_attention as entry
+    from transformer._triton.decode import decode_attention as entry
     case = make_case([3, 20], 2, 2, 4, 64, torch.float16, page_size=16, append=True)
 
     def step(q, kc, vc, lens, k, v, bt):
@@ -383,7 +299,7 @@ def test_triton_torch_compile(backend):
     eager = step(case.q, kc1, vc1, case.cache_seqlens, case.k, case.v, case.block_table)
     comp = compiled(case.q, kc2, vc2, case.cache_seqlens, case.k, case.v, case.block_table)
     assert torch.equal(eager[0], comp[0]) and torch.equal(eager[1], comp[1])
-    assert torch.equal(_bits(kc1), _bits(kc2)) and torch.equal(_bits(vc1), _bits(vc2))   # append kept in the graph
+    assert torch.equal(bits(kc1), bits(kc2)) and torch.equal(bits(vc1), bits(vc2))   # append kept in the graph
 
     def public_step(q, kc, vc, lens, k, v, bt):                        # the public op, dispatch included
         return transformer.decode_attention(q, kc, vc, lens, k=k, v=v, block_table=bt, num_splits=2,
@@ -393,7 +309,7 @@ def test_triton_torch_compile(backend):
     compiled = torch.compile(public_step, fullgraph=True, backend="aot_eager")
     kc3, vc3 = case.k_cache.clone(), case.v_cache.clone()
     comp = compiled(case.q, kc3, vc3, case.cache_seqlens, case.k, case.v, case.block_table)
-    assert torch.equal(eager[0], comp[0]) and torch.equal(eager[1], comp[1]) and torch.equal(_bits(kc1), _bits(kc3))
+    assert torch.equal(eager[0], comp[0]) and torch.equal(eager[1], comp[1]) and torch.equal(bits(kc1), bits(kc3))
 
 
 @pytest.mark.gpu
@@ -410,8 +326,8 @@ def test_triton_cuda_graph_capture():
         out = run_once()
     graph.replay()
     torch.cuda.synchronize()
-    ref, _, _, _ = run("reference", case)
-    low, _, _, _ = run("reference_lowp", case)
+    ref, _, _, _ = run_decode("reference", case)
+    low, _, _, _ = run_decode("reference_lowp", case)
     assert_close(out, ref, low)
 
 

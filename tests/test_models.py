@@ -252,8 +252,7 @@ def test_examples_run(script, args, expect):
     path = ROOT / script
     if not path.exists():
         pytest.fail(f"{script} is missing")
-    # The repository on the path: the examples also run from a checkout that is not pip-installed (a lent GPU
-    # machine runs the tests from a copy of the tree with its own python).
+    # The repository on the path: the examples also run from a copy of the tree that is not pip-installed.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     r = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=240, cwd=ROOT,
                        env=env)

@@ -6,7 +6,7 @@ On a CPU machine "triton" runs through the Triton interpreter. Tolerance: the fl
 (``helpers.assert_close``): error vs the fp64 reference at most 2x (outputs) / 3x
 (gradients) PyTorch's own error computing the same thing in the inputs' precision, plus a small atol.
 
-Default: a subset of the issue's grid (hidden {1, 7, 127, 768, 1000, 4096, 8193, 65536} x rows {1, 3, 257} x
+Default: a subset of the full grid (hidden {1, 7, 127, 768, 1000, 4096, 8193, 65536} x rows {1, 3, 257} x
 features x dtypes) that fits the CPU budget; ``-m slow`` runs the full cross-product.
 """
 from __future__ import annotations
@@ -437,6 +437,7 @@ def test_opcheck(backend):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the custom ops."""
     helpers.require_backend(backend)
     _kernels(backend)
+    import transformer._triton.norms  # noqa: F401  (registers the tileformer_triton norm ops)
     ops = torch.ops.tileformer_triton
     x, w, b, r = _op_args(True)
     torch.library.opcheck(ops.norm_fwd.default, (x, w, b, r, 1e-5, False, True, True))

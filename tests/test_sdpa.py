@@ -100,7 +100,7 @@ def test_key_padding_masks(backend, dtype, monkeypatch):
     fmask = torch.zeros(b, 1, 1, s, dtype=dtype).masked_fill(~keep[:, None, None, :], float("-inf"))
     _check(q, k, v, backend=backend, attn_mask=fmask, grads=False)
     _check(q, k, v, backend=backend, attn_mask=keep[:, None, None, :].expand(b, h, l, s), grads=False)
-    assert spy.ops == ["flash_attention_varlen"] * 3
+    assert spy.ops == ["padded_attention"] * 3
 
 
 def test_empty_key_row_gives_zero():
@@ -154,7 +154,7 @@ def test_fallbacks_match_torch(kind, monkeypatch):
     torch.manual_seed(1)
     want = F.scaled_dot_product_attention(q, k, v, **kw)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
-    assert "flash_attention" not in spy.ops and "flash_attention_varlen" not in spy.ops
+    assert not spy.ops
 
 
 @pytest.mark.parametrize("shape", [(4, 7, 16), (2, 3, 2, 5, 16)])

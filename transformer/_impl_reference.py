@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .ops import attention as _attention_contract
 
 
 def _out(result, dtype, prenorm_or_lse):
@@ -29,6 +30,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                      alibi_slopes=alibi_slopes, softcap=softcap, causal_align=causal_align,
                                      return_lse=return_lse)
     return _out(res, q.dtype, return_lse)
+
+
+def padded_attention(q, k, v, key_start, key_end, **kw):
+    return _attention_contract.padded_attention(flash_attention_varlen, q, k, v, key_start, key_end, **kw)
 
 
 def _h_dtype(x, residual_in_fp32):

@@ -77,6 +77,56 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return torch.cat(pieces, dim=0)
 
 
+def attention_supports(call):
+    if call["softcap"] > 0:
+        return "F.scaled_dot_product_attention has no softcap"
+    if call["return_lse"]:
+        return "F.scaled_dot_product_attention does not return the log-sum-exp"
+    if call["deterministic"] and call["device"].type == "cuda" and call["requires_grad"]:
+        return "SDPA's CUDA backward is not guaranteed deterministic"
+    return None
+
+
+def _run_mask(nq, nk, start, end, causal, causal_align, window):
+    """Boolean [B, 1, Nq, Nk]: key j visible to query i under padded_attention's rules."""
+    dev = start.device
+    i = torch.arange(nq, device=dev).view(1, -1, 1)
+    j = torch.arange(nk, device=dev).view(1, 1, -1)
+    s, e = start.long().view(-1, 1, 1), end.long().view(-1, 1, 1)
+    mask = (j >= s) & (j < e)
+    # Query i sits at run position i + off; run position of key j is j - start.
+    off = (e - s - nq) if causal_align == "bottom_right" else torch.zeros_like(s)
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if right >= 0:
+        mask = mask & (j - s <= i + off + right)
+    if left >= 0:
+        mask = mask & (j - s >= i + off - left)
+    return mask.expand(-1, nq, nk)[:, None], (i + off + s)  # query position in key coordinates, for ALiBi
+
+
+def padded_attention(q, k, v, key_start, key_end, *, causal, softmax_scale, window_size, alibi_slopes, softcap,
+                     deterministic, return_lse, causal_align):
+    """One masked SDPA call over the padded batch (no host copy; the varlen path would loop over sequences)."""
+    start, end = key_start, key_end
+    b, nq, hq, _ = q.shape
+    nk = k.shape[1]
+    mask, qpos = _run_mask(nq, nk, start, end, causal, causal_align, window_size)   # (B, 1, Nq, Nk)
+    row_visible = mask.any(dim=-1, keepdim=True)
+    attn_mask = mask | ~row_visible        # rows with no visible key: unmask for the call, zero after
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.view(1, -1) if alibi_slopes.dim() == 1 else alibi_slopes
+        dist = (qpos - torch.arange(nk, device=q.device).view(1, 1, -1)).abs().float()  # (B, Nq, Nk)
+        bias = (-slopes.expand(b, -1)[:, :, None, None] * dist[:, None]).to(q.dtype)
+        attn_mask = bias.masked_fill(~attn_mask, float("-inf"))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask, scale=softmax_scale,
+                                         enable_gqa=hq != k.shape[2])
+    out = torch.where(row_visible, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out.transpose(1, 2)
+
+
 def _residual_add(x, residual, residual_in_fp32):
     if residual is None:
         h = x
@@ -109,6 +159,14 @@ def layer_norm(x, weight, bias, eps, *, residual, prenorm, residual_in_fp32):
 def rms_norm(x, weight, eps, *, residual, prenorm, residual_in_fp32):
     return _norm(lambda h, p, e: F.rms_norm(h, (h.shape[-1],), p[0], e), x, [weight], eps,
                  residual, prenorm, residual_in_fp32)
+
+
+def decode_supports(call):
+    if call["softcap"] > 0:
+        return "F.scaled_dot_product_attention has no softcap"
+    if call["return_lse"]:
+        return "F.scaled_dot_product_attention does not return the log-sum-exp"
+    return None
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, softmax_scale, causal,

@@ -7,8 +7,11 @@ arguments; ``softmax_scale`` is a float, ``window_size`` a pair of ints):
                     deterministic, return_lse, causal_align) -> out | (out, lse)
     flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                            <same keywords>) -> out | (out, lse)
+    padded_attention(q, k, v, key_start, key_end, *, <same keywords>) -> out | (out, lse)
 
 ``causal_align`` is "bottom_right" (flash-attn; the public default) or "top_left" (SDPA's is_causal).
+``attention`` is the one entry of every dense or padded attention call in the package (flash_attention, the
+SDPA drop-in, the modules and the models), so each is dispatched, and counted, the same way.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 
 from . import _checks, backends
 
-__all__ = ["flash_attention", "flash_attention_varlen"]
+__all__ = ["flash_attention", "flash_attention_varlen", "padded_attention", "attention"]
 
 
 def _describe(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *,
@@ -42,49 +45,25 @@ def _describe_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return _describe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, varlen=True, **kw)
 
 
-# --- backend capabilities (the only place that knows them) ----------------------------------------
-
-def _torch_supports(call):
-    if call["softcap"] > 0:
-        return "F.scaled_dot_product_attention has no softcap"
-    if call["return_lse"]:
-        return "F.scaled_dot_product_attention does not return the log-sum-exp"
-    if call["deterministic"] and call["device"].type == "cuda" and call["requires_grad"]:
-        return "SDPA's CUDA backward is not guaranteed deterministic"
-    return None
+def _check_bounds(name, t, batch, ref):
+    _checks.check_tensor(name, t, ndim=1)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype int32 or int64, got {t.dtype}")
+    if t.shape[0] != batch:
+        raise ValueError(f"{name} must have shape [B]=[{batch}], got {tuple(t.shape)}")
+    _checks.check_same_device(name, t, "q", ref)
 
 
-def _triton_supports(call):
-    """Limits of triton_kernels/attention.py beyond what _describe checks (head dim 1..256, Hq % Hkv == 0,
-    contiguous last dim): fp16/bf16 only; on a GPU, compute capability >= 8.0 (bf16, tuned configs)."""
-    if call["dtype"] not in _checks.HALF_DTYPES:
-        return f"the Triton kernel takes fp16/bf16 inputs, got {call['dtype']}"
-    if call["device"].type == "cuda" and torch.cuda.get_device_capability(call["device"]) < (8, 0):
-        return "the Triton kernel needs a GPU of compute capability >= 8.0"
-    return None
+def _describe_padded(q, k, v, key_start, key_end, **kw):
+    call = _describe(q, k, v, **kw)
+    _check_bounds("key_start", key_start, q.shape[0], q)
+    _check_bounds("key_end", key_end, q.shape[0], q)
+    return dict(call, padded=True)
 
 
-def _cuda_supports(call):
-    """Limits of csrc/attention (transformer/_cuda/attention.py) beyond what _describe checks: fp16/bf16 only;
-    the head dim is zero-padded to a multiple of 8 and runs with the smallest compiled head dim that holds it
-    (TILEFORMER_CUDA_HEADDIMS at build time; default 64, 128 and 256, so any head dim up to 256); on a GPU, compute
-    capability >= 8.0 (mma.sync bf16, cp.async, ldmatrix). Every other feature (GQA/MQA, causal either
-    alignment, windows, ALiBi, softcap, lse, varlen, strided inputs, deterministic backward) is served."""
-    if call["dtype"] not in _checks.HALF_DTYPES:
-        return f"the CUDA kernel takes fp16/bf16 inputs, got {call['dtype']}"
-    if call["device"].type == "cuda" and torch.cuda.get_device_capability(call["device"]) < (8, 0):
-        return "the CUDA kernel needs a GPU of compute capability >= 8.0"
-    from ._cuda import attention as _cuda_attention
-    return _cuda_attention.head_dim_reason(call["device"], call["head_dim"])
-
-
-backends.register_op("flash_attention", _describe, order=("triton", "cuda", "torch", "reference"))
-backends.register_op("flash_attention_varlen", _describe_varlen, order=("triton", "cuda", "torch", "reference"))
-for _op in ("flash_attention", "flash_attention_varlen"):
-    backends.register_impl(_op, "reference", f"transformer._impl_reference:{_op}")
-    backends.register_impl(_op, "torch", f"transformer._impl_torch:{_op}", _torch_supports)
-    backends.register_impl(_op, "triton", f"triton_kernels.attention:{_op}", _triton_supports)
-    backends.register_impl(_op, "cuda", f"transformer._cuda.attention:{_op}", _cuda_supports)
+backends.register_op("flash_attention", _describe)
+backends.register_op("flash_attention_varlen", _describe_varlen)
+backends.register_op("padded_attention", _describe_padded)
 
 
 # --- public functions -----------------------------------------------------------------------------
@@ -107,12 +86,9 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-
 
     Returns out [B, Nq, Hq, D] (dtype of q), or (out, lse). Rows with no visible key give 0 (lse -inf).
     """
-    kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, alibi_slopes=alibi_slopes,
-              softcap=softcap, deterministic=deterministic, return_lse=return_lse)
-    call = _describe(q, k, v, **kw)
-    kw.update(softmax_scale=call["scale"], window_size=call["window"], softcap=call["softcap"],
-              causal_align="bottom_right")
-    return backends.dispatch("flash_attention", call, backend, q, k, v, **kw)
+    return attention(q, k, v, causal=causal, causal_align="bottom_right", softmax_scale=softmax_scale,
+                     window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
+                     deterministic=deterministic, return_lse=return_lse, backend=backend)
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
@@ -135,3 +111,44 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
               causal_align="bottom_right")
     return backends.dispatch("flash_attention_varlen", call, backend, q, k, v, cu_seqlens_q, cu_seqlens_k,
                              max_seqlen_q, max_seqlen_k, **kw)
+
+
+def padded_attention(q, k, v, key_start, key_end, *, causal=False, causal_align="bottom_right",
+                     softmax_scale=None, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, backend="auto"):
+    """Attention where batch element b sees only keys ``key_start[b] <= j < key_end[b]``.
+
+    Args:
+        q: [B, Nq, Hq, D]; k, v: [B, Nk, Hkv, D] (flash-attn layout, GQA allowed).
+        key_start, key_end: [B] int32/int64 on q's device, 0 <= start <= end <= Nk (not checked on the
+            device: values are only read by the kernels).
+        causal, window_size, alibi_slopes: aligned *within the run* of visible keys: with
+            ``causal_align="bottom_right"`` the last query sits at the last visible key (left padding,
+            KV caches); with ``"top_left"`` query i sits at run key i (right padding with Nq == Nk).
+        softmax_scale, softcap, backend: as `flash_attention`.
+    Returns [B, Nq, Hq, D]. Query rows that see no key give 0. The kernel backends run it as varlen attention
+    over 3 sequences per batch element (keys before the run, the run with all of b's queries, keys after it)
+    with no device-to-host copy; the torch backend as one masked SDPA call.
+    """
+    return attention(q, k, v, key_start=key_start, key_end=key_end, causal=causal, causal_align=causal_align,
+                     softmax_scale=softmax_scale, window_size=window_size, alibi_slopes=alibi_slopes,
+                     softcap=softcap, backend=backend)
+
+
+def attention(q, k, v, *, key_start=None, key_end=None, causal=False, causal_align="bottom_right",
+              softmax_scale=None, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, deterministic=False,
+              return_lse=False, backend="auto"):
+    """The package's one entry for dense ([B, N, H, D]) attention: `flash_attention` semantics with the causal
+    alignment as a parameter ("bottom_right" or "top_left") and, with key_start / key_end, a run of visible
+    keys per batch element (`padded_attention`). Validates, then dispatches op "flash_attention" or
+    "padded_attention"."""
+    kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, alibi_slopes=alibi_slopes,
+              softcap=softcap, deterministic=deterministic, return_lse=return_lse, causal_align=causal_align)
+    padded = key_start is not None or key_end is not None
+    if padded:
+        call = _describe_padded(q, k, v, key_start, key_end, **kw)
+    else:
+        call = _describe(q, k, v, **kw)
+    kw.update(causal=bool(causal), softmax_scale=call["scale"], window_size=call["window"], softcap=call["softcap"])
+    if padded:
+        return backends.dispatch("padded_attention", call, backend, q, k, v, key_start, key_end, **kw)
+    return backends.dispatch("flash_attention", call, backend, q, k, v, **kw)

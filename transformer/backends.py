@@ -33,10 +33,9 @@ from typing import Callable, Optional
 import torch
 
 BACKENDS = ("cuda", "triton", "torch", "reference")
-DEFAULT_ORDER = ("cuda", "triton", "torch", "reference")
 
 __all__ = ["BACKENDS", "available", "explain", "select", "dispatch", "record_dispatches", "register_op",
-           "register_impl", "interpreting", "emulating_cuda"]
+           "interpreting", "emulating_cuda"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,16 +111,22 @@ def _backend_reason(backend: str, device: Optional[torch.device] = None) -> Opti
             return "TRITON_INTERPRET=1 is set: the triton backend only runs CPU tensors"
         return None
     if backend == "cuda":
+        def _why_not(name):   # the import error, plus why setup.py skipped `name` if the build recorded that
+            err = _try_import(name)
+            if err and not _try_import("transformer._build_info"):
+                from transformer._build_info import SKIPPED
+                err = f"{err}; not built: {SKIPPED[name]}" if name in SKIPPED else err
+            return err
         if device is None:
             if emulating_cuda():
-                return _try_import("transformer._C_emu")
-            return _cuda_gpu_reason() or _try_import("transformer._C")
+                return _why_not("transformer._C_emu")
+            return _cuda_gpu_reason() or _why_not("transformer._C")
         if on_cpu:
             if not emulating_cuda():
                 return ("cuda needs CUDA tensors (set TILEFORMER_EMULATE_CUDA=1 to run the kernels on CPU "
                         "tensors through the host emulation)")
-            return _try_import("transformer._C_emu")
-        return _try_import("transformer._C")
+            return _why_not("transformer._C_emu")
+        return _why_not("transformer._C")
     raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
 
 
@@ -143,33 +148,69 @@ def cuda_ops(device: torch.device):
 # Registry
 # ---------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class _Impl:
-    target: str                                       # "package.module:function", imported lazily
-    supports: Callable[[dict], Optional[str]]         # call -> None or reason
+# Each op's backends, in auto's order, and for each backend its implementation and its `supports(call)`
+# predicate ("module:function", imported on first use; None: serves every call the describe accepts). The
+# implementations take the op's canonical signature (documented at the top of transformer/<op>.py).
+_KERNEL_ORDER = ("triton", "cuda", "torch", "reference")
+_DECODE_ORDER = ("cuda", "triton", "torch", "reference")
 
-    slot: list = dataclasses.field(default_factory=lambda: [None])   # [the imported function]
+
+@dataclasses.dataclass
+class _Target:
+    """A function named "module:function", imported on first use into `slot`."""
+    name: str
+    slot: list = dataclasses.field(default_factory=lambda: [None])
 
     def load(self):
-        # Import first, then read the slot: under torch.compile, dynamo must not look into the slot
-        # before the (eagerly run) import has filled it.
-        _load_target(self.target)
+        # Import first, then read the slot: under torch.compile, dynamo must not look into the slot before the
+        # (eagerly run) import has filled it.
+        _load_target(self.name)
         return self.slot[0]
 
 
-_SLOTS: dict = {}
+_TARGETS: dict = {}      # name -> _Target, one per function, shared by the ops that name it
+
+
+def _target(name):
+    return None if name is None else _TARGETS.setdefault(name, _Target(name))
+
+
+def _impls(module_of, function, supports_of):
+    return {b: (_target(f"{module_of[b]}:{function}"), _target(supports_of.get(b))) for b in module_of}
+
+
+_ATTN = {"reference": "transformer._impl_reference", "torch": "transformer._impl_torch",
+         "triton": "transformer._triton.attention", "cuda": "transformer._cuda.attention"}
+_ATTN_SUPPORTS = {"torch": "transformer._impl_torch:attention_supports",
+                  "triton": "transformer._triton.attention:supports", "cuda": "transformer._cuda.attention:supports"}
+_NORMS = {"reference": "transformer._impl_reference", "torch": "transformer._impl_torch",
+          "triton": "transformer._triton.norms", "cuda": "transformer._cuda.norms"}
+_NORM_SUPPORTS = {"triton": "transformer._triton.norms:supports", "cuda": "transformer._cuda.norms:supports"}
+_DECODE = {"reference": "transformer._impl_reference", "torch": "transformer._impl_torch",
+           "triton": "transformer._triton.decode", "cuda": "transformer._cuda.decode"}
+_DECODE_SUPPORTS = {"torch": "transformer._impl_torch:decode_supports",
+                    "triton": "transformer._triton.decode:supports", "cuda": "transformer._cuda.decode:supports"}
+
+_TABLE = {
+    "flash_attention": (_KERNEL_ORDER, _impls(_ATTN, "flash_attention", _ATTN_SUPPORTS)),
+    "flash_attention_varlen": (_KERNEL_ORDER, _impls(_ATTN, "flash_attention_varlen", _ATTN_SUPPORTS)),
+    "padded_attention": (_KERNEL_ORDER, _impls(_ATTN, "padded_attention", _ATTN_SUPPORTS)),
+    "layer_norm": (_KERNEL_ORDER, _impls(_NORMS, "layer_norm", _NORM_SUPPORTS)),
+    "rms_norm": (_KERNEL_ORDER, _impls(_NORMS, "rms_norm", _NORM_SUPPORTS)),
+    "decode_attention": (_DECODE_ORDER, _impls(_DECODE, "decode_attention", _DECODE_SUPPORTS)),
+}
 
 
 @_constant_under_compile
-def _load_target(target: str) -> bool:
+def _load_target(name: str) -> bool:
     """Import the function named "module:function" into its slot (once).
 
     Marked constant for torch.compile, so dynamo runs it eagerly while tracing a caller and an op's
     first call may happen inside a compiled region (fullgraph=True) without a graph break."""
-    slot = _SLOTS[target]
+    slot = _TARGETS[name].slot
     if slot[0] is None:
-        mod, name = target.split(":")
-        slot[0] = getattr(importlib.import_module(mod), name)
+        mod, fn = name.split(":")
+        slot[0] = getattr(importlib.import_module(mod), fn)
     return True
 
 
@@ -177,24 +218,17 @@ def _load_target(target: str) -> bool:
 class _Op:
     describe: Callable[..., dict]
     order: tuple
-    impls: dict = dataclasses.field(default_factory=dict)
+    impls: dict          # backend -> (_Target of the implementation, _Target of its supports or None)
 
 
 _OPS: dict = {}
 
 
-def register_op(op: str, describe: Callable[..., dict], order=DEFAULT_ORDER):
-    """Declare a public op. describe(*args, **kwargs) validates a call and returns its summary dict,
-    which must contain at least "device" (torch.device)."""
-    _OPS[op] = _Op(describe=describe, order=tuple(order))
-
-
-def register_impl(op: str, backend: str, target: str, supports: Optional[Callable[[dict], Optional[str]]] = None):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    impl = _Impl(target=target, supports=supports or (lambda call: None))
-    impl.slot = _SLOTS.setdefault(target, impl.slot)   # one slot per target, shared by ops that reuse it
-    _OPS[op].impls[backend] = impl
+def register_op(op: str, describe: Callable[..., dict]):
+    """Declare a public op (a key of the backend table). describe(*args, **kwargs) validates a call and
+    returns its summary dict, which must contain at least "device" (torch.device)."""
+    order, impls = _TABLE[op]
+    _OPS[op] = _Op(describe=describe, order=order, impls=impls)
 
 
 def _reject_reason(op: _Op, backend: str, call: dict, auto: bool) -> Optional[str]:
@@ -207,7 +241,7 @@ def _reject_reason(op: _Op, backend: str, call: dict, auto: bool) -> Optional[st
         return reason
     if auto and device.type == "cpu" and backend in ("triton", "cuda"):
         return f"{backend} on CPU tensors is a testing path (interpreter/emulator); auto does not pick it"
-    return impl.supports(call)
+    return impl[1].load()(call) if impl[1] is not None else None
 
 
 def _requested(backend: str) -> tuple:
@@ -235,12 +269,12 @@ def select(op_name: str, call: dict, backend: str = "auto") -> tuple:
         reason = _reject_reason(op, name, call, auto=False)
         if reason:
             raise ValueError(f"backend={name!r} cannot run {op_name} for this call: {reason}")
-        return name, op.impls[name].load()
+        return name, op.impls[name][0].load()
     reasons = []
     for b in op.order:
         reason = _reject_reason(op, b, call, auto=True)
         if reason is None:
-            return b, op.impls[b].load()
+            return b, op.impls[b][0].load()
         reasons.append(f"{b}: {reason}")
     raise ValueError(f"no backend can run {op_name} for this call: " + "; ".join(reasons))
 

@@ -28,48 +28,7 @@ def _describe(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table
                     t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)))
 
 
-def _torch_supports(call):
-    if call["softcap"] > 0:
-        return "F.scaled_dot_product_attention has no softcap"
-    if call["return_lse"]:
-        return "F.scaled_dot_product_attention does not return the log-sum-exp"
-    return None
-
-
-backends.register_op("decode_attention", _describe, order=("cuda", "triton", "torch", "reference"))
-backends.register_impl("decode_attention", "reference", "transformer._impl_reference:decode_attention")
-backends.register_impl("decode_attention", "torch", "transformer._impl_torch:decode_attention", _torch_supports)
-
-
-def _triton_supports(call):
-    """Limits of triton_kernels/decode.py: fp16/bf16, no backward, num_splits <= 128. Any head dim <= 256,
-    group size, page size >= 1, Sq <= 16, strides with contiguous last dim (all checked by _describe)."""
-    if call["dtype"] not in (torch.float16, torch.bfloat16):
-        return f"the triton decode kernel needs float16/bfloat16 tensors, got {call['dtype']}"
-    if call["requires_grad"]:
-        return "the triton decode kernel is inference-only (no backward) and a tensor requires grad"
-    if call["num_splits"] > 128:
-        return f"the triton decode kernel takes num_splits <= 128, got {call['num_splits']}"
-    return None
-
-
-backends.register_impl("decode_attention", "triton", "triton_kernels.decode:decode_attention", _triton_supports)
-
-
-def _cuda_supports(call):
-    """Limits of csrc/decode (transformer/_cuda/decode.py): fp16/bf16, no backward, num_splits <= 128. Any head
-    dim <= 256 (instances for 64, 80, 96, 128, 256; others run padded to the next), group size, page size >= 1,
-    Sq <= 16, strides with a contiguous last dim (rows not on 16 bytes use element loads instead of cp.async)."""
-    if call["dtype"] not in (torch.float16, torch.bfloat16):
-        return f"the cuda decode kernel needs float16/bfloat16 tensors, got {call['dtype']}"
-    if call["requires_grad"]:
-        return "the cuda decode kernel is inference-only (no backward) and a tensor requires grad"
-    if call["num_splits"] > 128:
-        return f"the cuda decode kernel takes num_splits <= 128, got {call['num_splits']}"
-    return None
-
-
-backends.register_impl("decode_attention", "cuda", "transformer._cuda.decode:decode_attention", _cuda_supports)
+backends.register_op("decode_attention", _describe)
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None, softmax_scale=None,

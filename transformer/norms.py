@@ -31,34 +31,8 @@ def _describe_rms(x, weight=None, eps=1e-6, **kw):
     return _describe(x, weight, None, eps, has_bias=False, **kw)
 
 
-TRITON_MAX_HIDDEN = 65536      # triton_kernels.norms.MAX_HIDDEN (not imported here: no triton at import)
-
-
-def _triton_supports(call):
-    """The Triton norms (triton_kernels/norms.py) take any float dtype mix the public API allows,
-    any row stride (contiguous last dim); hidden 1..65536, rows <= 2^31 - 1024 (int32 row indices)."""
-    if call["hidden"] > TRITON_MAX_HIDDEN:
-        return f"hidden size {call['hidden']} exceeds {TRITON_MAX_HIDDEN}, the largest the Triton norm kernels serve"
-    if call["rows"] > 2 ** 31 - 1024:
-        return f"{call['rows']} rows: the Triton norm kernels index rows with int32 (at most 2^31 - 1024)"
-    return None
-
-
-def _cuda_supports(call):
-    """The CUDA norms (csrc/norms) take any float dtype mix the public API allows; hidden 1..65536 (the
-    tested range, as for the Triton norms)."""
-    if call["hidden"] > 65536:
-        return f"hidden size {call['hidden']} exceeds 65536"
-    return None
-
-
-backends.register_op("layer_norm", _describe, order=("triton", "cuda", "torch", "reference"))
-backends.register_op("rms_norm", _describe_rms, order=("triton", "cuda", "torch", "reference"))
-for _op in ("layer_norm", "rms_norm"):
-    backends.register_impl(_op, "reference", f"transformer._impl_reference:{_op}")
-    backends.register_impl(_op, "torch", f"transformer._impl_torch:{_op}")
-    backends.register_impl(_op, "triton", f"triton_kernels.norms:{_op}", _triton_supports)
-    backends.register_impl(_op, "cuda", f"transformer._cuda.norms:{_op}", _cuda_supports)
+backends.register_op("layer_norm", _describe)
+backends.register_op("rms_norm", _describe_rms)
 
 
 def _h_in_fp32(residual, residual_in_fp32):

@@ -16,7 +16,6 @@ s -= slope_h * |i + offset - j| with ALiBi. Rows with no visible key give out = 
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -16,126 +16,24 @@ Everything else falls back to PyTorch's own function (documented, exact): ``drop
 broadcast batch dims, a value head dim different from the query's, head dims above 256, inputs with a
 non-unit last stride, and masks met while ``torch.compile`` traces (recognising one reads its values).
 
-``padded_attention`` is the building block the modules and models use: attention in the flash-attn
-layout [B, N, H, D] where batch element b only sees keys ``key_start[b] <= j < key_end[b]``. It runs as
-``flash_attention_varlen`` over 3 sequences per batch element (the keys before the run, the run with all
-B's queries, the keys after it; the outer two have no queries) with no device-to-host copy. Flattening
-[B, N] into the packed token dim is a view for [B, N, H, D] inputs with a batch stride of N x the token
-stride (contiguous, or sliced from a fused QKV projection); transposed [B, H, N, D] inputs are copied. When the dispatcher would serve that varlen call with the
-"torch" backend (no kernel for this device/dtype), it runs the same computation as one masked
-``F.scaled_dot_product_attention`` call instead of the torch backend's loop over sequences.
+``padded_attention`` (transformer/attention.py, re-exported here) is the building block the modules and
+models use: attention in the flash-attn layout [B, N, H, D] where batch element b only sees keys
+``key_start[b] <= j < key_end[b]``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import _checks, attention, backends
+from . import _checks
+from .attention import attention, padded_attention
 
 __all__ = ["scaled_dot_product_attention", "padded_attention", "key_run_bounds", "classify_sdpa_mask"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention with a run of visible keys per batch element
+# Key runs
 # ---------------------------------------------------------------------------------------------
-
-def _check_bounds(name, t, batch, ref):
-    _checks.check_tensor(name, t, ndim=1)
-    if t.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must have dtype int32 or int64, got {t.dtype}")
-    if t.shape[0] != batch:
-        raise ValueError(f"{name} must have shape [B]=[{batch}], got {tuple(t.shape)}")
-    _checks.check_same_device(name, t, "q", ref)
-
-
-def _run_mask(nq, nk, start, end, causal, causal_align, window):
-    """Boolean [B, 1, Nq, Nk]: key j visible to query i under padded_attention's rules."""
-    dev = start.device
-    i = torch.arange(nq, device=dev).view(1, -1, 1)
-    j = torch.arange(nk, device=dev).view(1, 1, -1)
-    s, e = start.long().view(-1, 1, 1), end.long().view(-1, 1, 1)
-    mask = (j >= s) & (j < e)
-    # Query i sits at run position i + off; run position of key j is j - start.
-    off = (e - s - nq) if causal_align == "bottom_right" else torch.zeros_like(s)
-    left, right = window
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    if right >= 0:
-        mask = mask & (j - s <= i + off + right)
-    if left >= 0:
-        mask = mask & (j - s >= i + off - left)
-    return mask.expand(-1, nq, nk)[:, None], (i + off + s)  # query position in key coordinates, for ALiBi
-
-
-def _padded_torch(q, k, v, start, end, *, causal, causal_align, softmax_scale, window_size, alibi_slopes):
-    """padded_attention as one masked SDPA call (what the torch backend would compute, vectorised)."""
-    b, nq, hq, _ = q.shape
-    nk = k.shape[1]
-    mask, qpos = _run_mask(nq, nk, start, end, causal, causal_align, window_size)   # (B, 1, Nq, Nk)
-    row_visible = mask.any(dim=-1, keepdim=True)
-    attn_mask = mask | ~row_visible        # rows with no visible key: unmask for the call, zero after
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.view(1, -1) if alibi_slopes.dim() == 1 else alibi_slopes
-        dist = (qpos - torch.arange(nk, device=q.device).view(1, 1, -1)).abs().float()  # (B, Nq, Nk)
-        bias = (-slopes.expand(b, -1)[:, :, None, None] * dist[:, None]).to(q.dtype)
-        attn_mask = bias.masked_fill(~attn_mask, float("-inf"))
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask, scale=softmax_scale,
-                                         enable_gqa=hq != k.shape[2])
-    out = torch.where(row_visible, out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return out.transpose(1, 2)
-
-
-def _flat(t):
-    """[B, N, H, D] -> [B*N, H, D]; a view when the batch stride is N x the token stride."""
-    return t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])
-
-
-def padded_attention(q, k, v, key_start, key_end, *, causal=False, causal_align="bottom_right",
-                     softmax_scale=None, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, backend="auto"):
-    """Attention where batch element b sees only keys ``key_start[b] <= j < key_end[b]``.
-
-    Args:
-        q: [B, Nq, Hq, D]; k, v: [B, Nk, Hkv, D] (flash-attn layout, GQA allowed).
-        key_start, key_end: [B] int32/int64 on q's device, 0 <= start <= end <= Nk (not checked on the
-            device: values are only read by the kernels).
-        causal, window_size, alibi_slopes: aligned *within the run* of visible keys: with
-            ``causal_align="bottom_right"`` the last query sits at the last visible key (left padding,
-            KV caches); with ``"top_left"`` query i sits at run key i (right padding with Nq == Nk).
-        softmax_scale, softcap, backend: as `flash_attention`.
-    Returns [B, Nq, Hq, D]. Query rows that see no key give 0.
-    """
-    info = _checks.check_attention(q, k, v, window_size=window_size, softcap=softcap,
-                                   softmax_scale=softmax_scale, alibi_slopes=alibi_slopes)
-    b, nq, nk = info["batch"], info["nq"], info["nk"]
-    _check_bounds("key_start", key_start, b, q)
-    _check_bounds("key_end", key_end, b, q)
-    if causal_align not in ("bottom_right", "top_left"):
-        raise ValueError(f"causal_align must be 'bottom_right' or 'top_left', got {causal_align!r}")
-    dev = q.device
-    ar = torch.arange(b, device=dev, dtype=torch.int32)
-    s, e = key_start.to(torch.int32), key_end.to(torch.int32)
-    # Sequence 3b: keys [0, start) with no queries; 3b+1: keys [start, end) with all Nq queries;
-    # 3b+2: keys [end, Nk) with no queries.
-    cu_k = torch.stack([ar * nk, ar * nk + s, ar * nk + e], dim=1).flatten()
-    cu_q = torch.stack([ar * nq, ar * nq, ar * nq + nq], dim=1).flatten()
-    tail = torch.tensor([b * nq], dtype=torch.int32, device=dev)
-    cu_q = torch.cat([cu_q, tail])
-    cu_k = torch.cat([cu_k, tail * 0 + b * nk])
-    slopes = alibi_slopes
-    if alibi_slopes is not None and alibi_slopes.dim() == 2:
-        slopes = alibi_slopes.repeat_interleave(3, dim=0)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    kw = dict(causal=bool(causal), softmax_scale=info["scale"], window_size=info["window"], alibi_slopes=slopes,
-              softcap=info["softcap"], deterministic=False, return_lse=False)
-    call = attention._describe_varlen(qf, kf, vf, cu_q, cu_k, nq, nk, causal_align=causal_align, **kw)
-    name, fn = backends.select("flash_attention_varlen", call, backend)
-    if name == "torch":
-        return _padded_torch(q, k, v, s, e, causal=bool(causal), causal_align=causal_align,
-                             softmax_scale=info["scale"], window_size=info["window"], alibi_slopes=alibi_slopes)
-    out = fn(qf, kf, vf, cu_q, cu_k, nq, nk, causal_align=causal_align, **kw)
-    return out.view(b, nq, q.shape[2], q.shape[3])
-
 
 def key_run_bounds(keep):
     """(start, end, ok) for a boolean keep mask [B, S]: per row, the first visible key and one past the
@@ -291,11 +189,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if kind[0] == "keys":
         out = padded_attention(q, k, v, kind[1], kind[2], softmax_scale=softmax_scale, backend=backend)
     else:
-        causal = kind[0] == "causal"
-        kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=(-1, -1), alibi_slopes=None,
-                  softcap=0.0, deterministic=False, return_lse=False)
-        call = attention._describe(q, k, v, causal_align="top_left", **kw)
-        kw.update(softmax_scale=call["scale"])
-        out = backends.dispatch("flash_attention", call, backend, q, k, v, causal_align="top_left", **kw)
+        out = attention(q, k, v, causal=kind[0] == "causal", causal_align="top_left", softmax_scale=softmax_scale,
+                        backend=backend)
     out = out.transpose(1, 2)                                    # [B, Hq, L, E]
     return out.reshape(*lead, hq, nq, d) if query.dim() != 4 else out

@@ -1,18 +1,29 @@
-"""Helpers shared by the Triton launchers: output allocation (NaN-poisoned under test), interpreter flag."""
+"""Host-side helpers shared by the Triton launchers (importable without triton): flags, constants,
+output allocation (NaN-poisoned under test), the SM count and the static report's config record."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
 
+LOG2E = 1.4426950408889634          # log2(e): scores are scaled by it so kernels use exp2
+LN2 = 0.6931471805599453            # ln(2): log2-domain log-sum-exps times LN2 are natural logs
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _env_flag(name) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
 
 def interpreting() -> bool:
-    """True when TRITON_INTERPRET=1: kernels run on CPU tensors (bf16 needs an in-kernel upcast there)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    """True when TRITON_INTERPRET=1: kernels run on CPU tensors through Triton's interpreter."""
+    return _env_flag("TRITON_INTERPRET")
 
 
 def poisoning() -> bool:
+    """True when TILEFORMER_POISON=1: outputs are allocated filled with NaN, so unwritten elements show up."""
     return os.environ.get("TILEFORMER_POISON", "0") == "1"
 
 
@@ -26,6 +37,18 @@ def empty(shape, dtype, device):
 
 def empty_like(t, dtype=None):
     return empty(t.shape, dtype or t.dtype, t.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device, *, cpu=132) -> int:
+    """SM count of a CUDA device (queried on first use, cached); `cpu` for CPU tensors (the interpreter)."""
+    if device.type != "cuda":
+        return cpu
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,39 +1,29 @@
-"""Flash attention in Triton: launchers, configs, torch custom ops, autograd and the backend entry points.
+"""Flash attention in Triton: configs and launchers (forward, backward), and the shipped configs.
 
 Kernels live in attention_fwd.py (forward + shared helpers) and attention_bwd.py (backward). This file:
 
 * picks a config: ``triton.autotune`` over the statically verified entries of ``_GPU_CONFIGS`` for the
   GPU's arch and head-dim bucket (``_kernel``), one fixed config under ``TRITON_INTERPRET=1``, where bf16
   also gets the in-kernel upcast (``UPCAST``);
-* launches (``_forward``, ``_backward``), allocating outputs with ``_utils.empty`` (NaN-poisoned in tests);
-* registers ``torch.ops.tileformer_triton.flash_attn_fwd`` / ``flash_attn_bwd`` (custom ops; their fakes, so
-  torch.compile traces them, and the autograd formula are the op contract shared with the CUDA backend,
-  transformer/_attn_op.py);
-* serves the canonical backend signatures of transformer/attention.py (``flash_attention``,
-  ``flash_attention_varlen``, through _attn_op) and lists the shipped configs for the static report
-  (``aot_configs``).
+* launches (``forward``, ``backward``), allocating outputs with ``_utils.empty`` (NaN-poisoned in tests);
+* lists the shipped configs for the static report (``aot_configs``).
 
-Limits (mirrored by ``transformer.attention._triton_supports``): fp16/bf16 q/k/v, head dim 1..256 (a head
-dim that is not a multiple of 8 is zero-padded to one on the host; the tile is the next power of two >= 16,
-masked), Hq a multiple of Hkv, last dim contiguous, any Nq/Nk >= 0.
+Limits: fp16/bf16 q/k/v, head dim 1..256 (a head dim that is not a multiple of 8 is zero-padded to one on
+the host; the tile is the next power of two >= 16, masked), Hq a multiple of Hkv, last dim contiguous, any
+Nq/Nk >= 0.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
-
 import torch
 import triton
 
-from transformer import _attn_op
-
 from . import _utils
+from ._utils import LOG2E
 from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess, _zero_tail
-from .attention_fwd import LOG2E, _attn_fwd
+from .attention_fwd import _attn_fwd
 
-__all__ = ["flash_attention", "flash_attention_varlen", "aot_configs"]
-
-_HALF = (torch.float16, torch.bfloat16)
+__all__ = ["forward", "backward", "aot_configs"]
 
 # ---------------------------------------------------------------------------------------------
 # Configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, GPU arch and padded head dim.
@@ -41,8 +31,8 @@ _HALF = (torch.float16, torch.bfloat16)
 # static report (tests/test_attention_static.py) in its most register-hungry variant (causal + ALiBi):
 # 0 spills, smem within the arch limit, wgmma on sm_90 (except _NO_WGMMA). Entries were chosen by that
 # AOT sweep (triton 3.8); larger tiles (e.g. dK/dV with 64+ keys at D=256) spill and are left out. Triton 3.6
-# (the lent GPU machines) spills in some first entries (fwd d128 and dK/dV d64 on sm_90, dK/dV d64 on sm_80);
-# each such list also holds an entry that is spill-free with both versions, for the autotuner to fall back on.
+# (also supported) spills in some first entries (fwd d128 and dK/dV d64 on sm_90, dK/dV d64 on sm_80); each such
+# list also holds an entry that is spill-free with both versions, for the autotuner to fall back on.
 # ---------------------------------------------------------------------------------------------
 
 _GPU_CONFIGS = {
@@ -70,7 +60,7 @@ _GPU_CONFIGS = {
     },
 }
 # dK/dV at D=256 on sm_90: a 32-key tile is below wgmma's 64-row minimum (mma.sync), but every wgmma-sized
-# tile spills (64 keys: 240+ bytes). Known gap, see the issue report.
+# tile spills (64 keys: 240+ bytes).
 _NO_WGMMA = {(90, "dkdv", 256)}
 # Under the interpreter: one config; BLOCK_M != BLOCK_N so tests exercise both tile sizes.
 _INTERPRET_CONFIG = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
@@ -183,11 +173,15 @@ def _pad(t, d):
     return t if t is None or t.shape[-1] == d else torch.nn.functional.pad(t, (0, d - t.shape[-1]))
 
 
-def _forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right):
-    """(out like q, contiguous; lse fp32 [B, Hq, Nq] or [Hq, total_q], natural log)."""
+def forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right):
+    """(out like q, contiguous; lse fp32 [B, Hq, Nq] or [Hq, total_q], natural log).
+
+    q [B, Nq, Hq, D] (varlen: [Tq, Hq, D] with int32 cu_q / cu_k [B + 1]), k / v [B, Nk, Hkv, D]; fp16/bf16
+    with a contiguous last dim; left / right: window sizes (-1 unbounded; causal is right = 0); scale: the
+    softmax scale; softcap 0 = off; bottom_right: the alignment of windows and ALiBi distances."""
     head_dim, padded = q.shape[-1], _padded_head_dim(q.shape[-1])
     if padded != head_dim:   # zero columns change no score and give zero output columns
-        out, lse = _forward(_pad(q, padded), _pad(k, padded), _pad(v, padded), alibi, cu_q, cu_k, max_q, max_k,
+        out, lse = forward(_pad(q, padded), _pad(k, padded), _pad(v, padded), alibi, cu_q, cu_k, max_q, max_k,
                             scale, left, right, softcap, bottom_right)
         return out[..., :head_dim].contiguous(), lse
     varlen = cu_q is not None
@@ -207,12 +201,12 @@ def _forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softc
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
+def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
               bottom_right):
-    """(dq, dk, dv), contiguous, shaped like q, k, v."""
+    """(dq, dk, dv), contiguous, shaped like q, k, v, from dout (and dlse, the gradient of lse, or None)."""
     head_dim, padded = q.shape[-1], _padded_head_dim(q.shape[-1])
     if padded != head_dim:   # see _forward
-        grads = _backward(_pad(dout, padded), _pad(q, padded), _pad(k, padded), _pad(v, padded), _pad(out, padded),
+        grads = backward(_pad(dout, padded), _pad(q, padded), _pad(k, padded), _pad(v, padded), _pad(out, padded),
                           lse, dlse, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right)
         return tuple(g[..., :head_dim].contiguous() for g in grads)
     varlen = cu_q is not None
@@ -257,58 +251,6 @@ def _backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sc
         kernel[grid](q, k, v, dout, lse, delta, dq, *ptrs, *sq, *sk, *sv, *sdo, *_seq_strides(dq, varlen), *sl,
                      **args, **consts)
     return dq, dk, dv
-
-
-# ---------------------------------------------------------------------------------------------
-# Custom ops (torch.compile sees opaque ops with fake implementations) and autograd
-# ---------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("tileformer_triton::flash_attn_fwd", mutates_args=())
-def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
-                   cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
-                   max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int, softcap: float,
-                   bottom_right: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse). Dense when cu_seqlens_* are None. window_* = -1: unbounded (causal = right 0)."""
-    return _forward(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    softmax_scale, window_left, window_right, softcap, bottom_right)
-
-
-@torch.library.custom_op("tileformer_triton::flash_attn_bwd", mutates_args=())
-def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, dlse: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
-                   cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
-                   max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int, softcap: float,
-                   bottom_right: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of flash_attn_fwd given dout (and dlse, the gradient of lse, if any)."""
-    return _backward(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                     max_seqlen_k, softmax_scale, window_left, window_right, softcap, bottom_right)
-
-
-_attn_op.register("tileformer_triton", "flash_attn_fwd", "flash_attn_bwd")   # fakes + autograd (shared contract)
-
-
-# ---------------------------------------------------------------------------------------------
-# Backend entry points (canonical signatures of transformer/attention.py)
-# ---------------------------------------------------------------------------------------------
-
-def _check(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in _HALF:
-            raise TypeError(f"{name} must be float16 or bfloat16 for the Triton kernel, got {t.dtype}")
-        if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
-
-
-def flash_attention(q, k, v, **kw):
-    """Dense flash attention (backend "triton"); see transformer/_attn_op.py."""
-    _check(q, k, v)
-    return _attn_op.flash_attention(flash_attn_fwd, q, k, v, **kw)
-
-
-def flash_attention_varlen(q, k, v, *args, **kw):
-    """Packed variable-length flash attention (backend "triton"); lse is [Hq, total_q]."""
-    _check(q, k, v)
-    return _attn_op.flash_attention_varlen(flash_attn_fwd, q, k, v, *args, **kw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._device import K_LOG2E
 from .attention_fwd import _key_range, _load, _round_to, _scores, _seq_info, _visible
 
 
@@ -96,7 +97,7 @@ def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, cols, offs_m, off
         row_ok = rows < seqlen_q
         qt = _load(Q_tile + qt_offs, row_ok[None, :] & d_ok[:, None], True, UPCAST)
         lse = tl.load(L_head + rows * stride_lm, mask=row_ok, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * K_LOG2E
         qkt = tl.dot(k, qt)                                                  # [BLOCK_N, BLOCK_M]
         st, tt = _scores(qkt, rows[None, :], cols[:, None], off, qk_scale, softcap2, slope2,
                          HAS_SOFTCAP, HAS_ALIBI)
@@ -168,7 +169,7 @@ def _attn_bwd_dkdv(
         L_head = Lse + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
         D_head = Delta + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
         if HAS_ALIBI:
-            slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah) * 1.4426950408889634
+            slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah) * K_LOG2E
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, cols, offs_m, offs_d, lo, full_lo,
                              seqlen_q, seqlen_k, off, qk_scale, softcap2, slope2, win_left, win_right,
                              stride_qm, stride_dom, stride_lm, True, HEAD_DIM, BLOCK_M,
@@ -262,13 +263,13 @@ def _attn_bwd_dq(
                + offs_m[:, None] * stride_dom + offs_d[None, :], io_mask, True, UPCAST)
     l_rows = b64 * stride_lb + h64 * stride_lh + (tok + offs_m) * stride_lm
     lse = tl.load(Lse + l_rows, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * K_LOG2E
     delta = tl.load(Delta + l_rows, mask=row_ok, other=0.0)
     K_head = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn
     V_head = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah) * 1.4426950408889634
+        slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah) * K_LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     m_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1

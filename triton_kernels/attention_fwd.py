@@ -22,8 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from ._device import K_LN2, K_LOG2E, tanh
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,12 +48,6 @@ def _round_to(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         y = y.to(tl.float32)
     return y
-
-
-@triton.jit
-def _tanh(x):
-    """tanh without libdevice (works in the interpreter); saturates cleanly to +-1."""
-    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)   # 2.885... = 2 * log2(e)
 
 
 @triton.jit
@@ -88,7 +81,7 @@ def _scores(qk, rows, cols, off, qk_scale, softcap2, slope2,
     qk_scale is scale*log2(e), or scale/softcap with softcap (then softcap2 = softcap*log2(e)).
     """
     if HAS_SOFTCAP:
-        t = _tanh(qk * qk_scale)
+        t = tanh(qk * qk_scale)
         s = t * softcap2
     else:
         t = qk
@@ -227,7 +220,7 @@ def _attn_fwd(
     q = _load(Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :], io_mask, True, UPCAST)
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah) * 1.4426950408889634
+        slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah) * K_LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -252,6 +245,6 @@ def _attn_fwd(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * K_LN2)
     tl.store(O_blk + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty), mask=io_mask)
     tl.store(L_blk + offs_m * stride_lm, lse, mask=row_ok)

@@ -24,24 +24,21 @@ count and the reduction order depend only on the arguments' shapes and ``num_spl
 so results are bit-identical run to run. ``num_splits=0`` picks a count on the host from (batch, Hkv,
 M-blocks, cache capacity, SM count); the SM count is read lazily at the first call and cached.
 
-Inference only: no backward (the entry function raises if gradients are requested).
+Inference only: no backward.
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import AotConfig, empty, interpreting
+from ._device import K_LN2, K_LOG2E, tanh
+from ._utils import LOG2E, AotConfig, empty, interpreting, sm_count
 
-__all__ = ["decode_attention", "pick_num_splits", "aot_configs"]
+__all__ = ["decode", "pick_num_splits", "aot_configs", "MAX_SPLITS"]
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 MAX_SPLITS = 128
 
 
@@ -87,12 +84,6 @@ def _decode_append(
 
 
 @triton.jit
-def _tanh(x):
-    # tanh from exp2 (libdevice is unavailable under the interpreter); exact limits +-1 at +-inf.
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)   # 2 * log2(e)
-
-
-@triton.jit
 def _decode_split_kv(
     Q, KCache, VCache, CacheSeqlens, BlockTable, Alibi,
     Out, Lse,                                 # final out [B, Sq, Hq, D], lse [B, Hq, Sq] (when not SPLIT)
@@ -103,16 +94,16 @@ def _decode_split_kv(
     stride_btb,
     stride_ab, stride_ah,                     # alibi slopes [Hq] (stride_ab = 0) or [B, Hq]
     stride_ob, stride_os, stride_oh,
-    qk_scale,                                 # softmax_scale * log2(e), or softmax_scale with SOFTCAP
+    qk_scale,                                 # softmax_scale * log2(e), or softmax_scale with HAS_SOFTCAP
     softcap,
-    window_left, window_right,                # >= 0 where HAS_LEFT / HAS_RIGHT (causal = right 0)
+    window_left, window_right,                # >= 0 where MASK_LEFT / MASK_RIGHT (causal = right 0)
     Sq, Hkv,
     group,                                    # Hq // Hkv
     num_appended,                             # Sq when k/v were appended, else 0
     capacity, page_size, num_splits,
     HEAD_DIM: tl.constexpr,
-    PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr,
+    PAGED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     ALIGNED: tl.constexpr,                    # cache rows start on 16 bytes: vector loads (host-checked)
     SPLIT: tl.constexpr,                      # write partials (num_splits > 1) or the final result
     UPCAST: tl.constexpr,                     # interpreter only: bf16 -> fp32 right after loads
@@ -139,7 +130,7 @@ def _decode_split_kv(
     n = tl.minimum(tl.maximum(n, 0), capacity)
     q_pos = n - Sq + qi
     lo = 0
-    if HAS_LEFT:
+    if MASK_LEFT:
         lo = tl.maximum(n - Sq - window_left, 0)
     tiles = tl.cdiv(n - lo, BLOCK_N)
     tiles_per_split = tl.cdiv(tiles, num_splits)
@@ -150,8 +141,8 @@ def _decode_split_kv(
                 + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    if ALIBI:
-        slope = tl.load(Alibi + b * stride_ab + h_q * stride_ah, mask=row_ok, other=0.0) * 1.4426950408889634
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h_q * stride_ah, mask=row_ok, other=0.0) * K_LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -179,14 +170,14 @@ def _decode_split_kv(
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale                     # (BLOCK_M, BLOCK_N), log2 units
-        if SOFTCAP:
-            s = (softcap * 1.4426950408889634) * _tanh(s / softcap)
-        if ALIBI:
+        if HAS_SOFTCAP:
+            s = (softcap * K_LOG2E) * tanh(s / softcap)
+        if HAS_ALIBI:
             s -= slope[:, None] * tl.abs(q_pos[:, None] - cols[None, :]).to(tl.float32)
         visible = col_ok[None, :] & row_ok[:, None]
-        if HAS_RIGHT:
+        if MASK_RIGHT:
             visible &= cols[None, :] <= q_pos[:, None] + window_right
-        if HAS_LEFT:
+        if MASK_LEFT:
             visible &= cols[None, :] >= q_pos[:, None] - window_left
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -211,7 +202,7 @@ def _decode_split_kv(
     else:
         tl.store(Out + b.to(tl.int64) * stride_ob + qi[:, None] * stride_os + h_q[:, None] * stride_oh
                  + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(Lse + row, lse2 * 0.6931471805599453, mask=row_ok)
+        tl.store(Lse + row, lse2 * K_LN2, mask=row_ok)
 
 
 @triton.jit
@@ -242,7 +233,7 @@ def _decode_combine(
     lse_out = tl.where(empty_row, float("-inf"), m_safe + tl.log2(tl.where(empty_row, 1.0, den)))
     tl.store(Out + b.to(tl.int64) * stride_ob + qi * stride_os + h * stride_oh + offs_d,
              out.to(Out.dtype.element_ty), mask=offs_d < D)
-    tl.store(Lse + row, lse_out * 0.6931471805599453)
+    tl.store(Lse + row, lse_out * K_LN2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,18 +252,6 @@ def _blocks(head_dim, group, sq):
     return block_m, triton.cdiv(rows, block_m), block_n, block_d, num_warps, num_stages
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """SM count of a CUDA device (queried on first use, cached); a nominal 132 for CPU tensors (interpreter)."""
-    if device.type != "cuda":
-        return 132
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def pick_num_splits(batch, hkv, m_blocks, capacity, block_n, num_sms):
     """Split count from shapes only (flash-attn's wave-efficiency rule): enough programs to fill the SMs,
     each split keeping >= 4 KV tiles, never more than MAX_SPLITS. Deterministic for given arguments."""
@@ -286,7 +265,7 @@ def pick_num_splits(batch, hkv, m_blocks, capacity, block_n, num_sms):
 
 
 # ---------------------------------------------------------------------------------------------
-# Launcher (checks, allocation, launch) and the registered custom op
+# Launcher (checks, allocation, launch)
 # ---------------------------------------------------------------------------------------------
 
 def _aligned(head_dim, *caches):
@@ -295,8 +274,12 @@ def _aligned(head_dim, *caches):
                                      for c in caches)
 
 
-def _launch(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, softmax_scale, causal,
-            window_left, window_right, softcap, num_splits):
+def decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, softmax_scale, window_left,
+           window_right, softcap, num_splits):
+    """(out [B, Sq, Hq, D], lse [B, Hq, Sq] fp32, natural log); appends k / v into the caches first when given.
+
+    window_left / window_right: -1 unbounded (causal is window_right = 0); softcap 0 = off; num_splits 0 picks
+    a count from the shapes and the SM count."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q must be float16 or bfloat16 for the triton decode kernel, got {q.dtype}")
     batch, sq, hq, d = q.shape
@@ -338,17 +321,17 @@ def _launch(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes,
     stride_ah = alibi_slopes.stride(-1) if alibi_slopes is not None else 0
     has_softcap = softcap > 0
     qk_scale = softmax_scale if has_softcap else softmax_scale * LOG2E
-    right = 0 if causal else window_right
     _decode_split_kv[(batch * hkv * m_blocks, num_splits)](
         q, k_cache, v_cache, cache_seqlens, bt, alibi, out, lse, out_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt_stride,
         stride_ab, stride_ah, out.stride(0), out.stride(1), out.stride(2),
-        qk_scale, softcap if has_softcap else 1.0, max(window_left, 0), max(right, 0),
+        qk_scale, softcap if has_softcap else 1.0, max(window_left, 0), max(window_right, 0),
         sq, hkv, group, sq if k is not None else 0, capacity, page_size, num_splits,
-        HEAD_DIM=d, PAGED=paged, HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0, SOFTCAP=has_softcap,
-        ALIBI=alibi_slopes is not None, ALIGNED=_aligned(d, k_cache, v_cache), SPLIT=split, UPCAST=upcast,
+        HEAD_DIM=d, PAGED=paged, MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0,
+        HAS_SOFTCAP=has_softcap, HAS_ALIBI=alibi_slopes is not None, ALIGNED=_aligned(d, k_cache, v_cache),
+        SPLIT=split, UPCAST=upcast,
         M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages)
     if split:
@@ -357,41 +340,6 @@ def _launch(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes,
             hq, sq, d, num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1)
     return out, lse
-
-
-@torch.library.custom_op("tileformer_triton::decode_attention", mutates_args=("k_cache", "v_cache"))
-def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-               k: Optional[torch.Tensor], v: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
-               alibi_slopes: Optional[torch.Tensor], softmax_scale: float, causal: bool, window_left: int,
-               window_right: int, softcap: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Sq, Hq, D], lse [B, Hq, Sq] fp32); appends k/v into k_cache/v_cache in place when given."""
-    return _launch(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, softmax_scale,
-                   causal, window_left, window_right, softcap, num_splits)
-
-
-@_decode_op.register_fake
-def _decode_fake(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, softmax_scale, causal,
-                 window_left, window_right, softcap, num_splits):
-    b, sq, hq, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, hq, sq), dtype=torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry function (canonical signature of transformer/decode.py; arguments already validated)
-# ---------------------------------------------------------------------------------------------
-
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, softmax_scale, causal,
-                     window_size, alibi_slopes, softcap, num_splits, return_lse):
-    """Inference only: raises ValueError when a tensor requires grad while grad mode is on."""
-    if torch.is_grad_enabled():
-        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
-            if t is not None and t.requires_grad:
-                raise ValueError(f"the triton decode_attention is inference-only (no backward), but {name} "
-                                 f"requires grad; run it under torch.no_grad() or use backend='reference'")
-    out, lse = _decode_op(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes,
-                          float(softmax_scale), bool(causal), int(window_size[0]), int(window_size[1]),
-                          float(softcap), int(num_splits))
-    return (out, lse) if return_lse else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,9 +358,8 @@ def _split_signature(dtype, paged):
     for name in ("window_left", "window_right", "Sq", "Hkv", "group", "num_appended", "capacity", "page_size",
                  "num_splits"):
         sig[name] = "i32"
-    for name in ("HEAD_DIM", "PAGED", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "ALIBI", "ALIGNED", "SPLIT", "UPCAST",
-                 "M_BLOCKS",
-                 "BLOCK_M", "BLOCK_N", "BLOCK_D"):
+    for name in ("HEAD_DIM", "PAGED", "MASK_LEFT", "MASK_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "ALIGNED", "SPLIT",
+                 "UPCAST", "M_BLOCKS", "BLOCK_M", "BLOCK_N", "BLOCK_D"):
         sig[name] = "constexpr"
     return sig
 
@@ -427,18 +374,18 @@ def aot_configs():
               (256, 64, 1, torch.float16, True, True)]
     for d, group, sq, dtype, paged, split in cases:
         block_m, m_blocks, block_n, block_d, warps, stages = _blocks(d, group, sq)
-        consts = dict(HEAD_DIM=d, PAGED=paged, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, ALIBI=False,
-                      ALIGNED=d % 8 == 0, SPLIT=split,
-                      UPCAST=False, M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+        consts = dict(HEAD_DIM=d, PAGED=paged, MASK_LEFT=False, MASK_RIGHT=True, HAS_SOFTCAP=False,
+                      HAS_ALIBI=False, ALIGNED=d % 8 == 0, SPLIT=split, UPCAST=False, M_BLOCKS=m_blocks,
+                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
         name = (f"decode_split_kv d{d} g{group} sq{sq} {str(dtype)[6:]} {'paged' if paged else 'contig'}"
                 f"{' split' if split else ''} M{block_m}xN{block_n}")
         cfgs.append(AotConfig(name=name, kernel=_decode_split_kv, signature=_split_signature(dtype, paged),
                               constexprs=consts, num_warps=warps, num_stages=stages))
     # all features on (window, softcap, ALiBi) at the most register-hungry shape
     block_m, m_blocks, block_n, block_d, warps, stages = _blocks(256, 8, 4)
-    consts = dict(HEAD_DIM=256, PAGED=True, HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, ALIBI=True,
-                  ALIGNED=True, SPLIT=True,
-                  UPCAST=False, M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    consts = dict(HEAD_DIM=256, PAGED=True, MASK_LEFT=True, MASK_RIGHT=True, HAS_SOFTCAP=True,
+                  HAS_ALIBI=True, ALIGNED=True, SPLIT=True, UPCAST=False, M_BLOCKS=m_blocks,
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     cfgs.append(AotConfig(name=f"decode_split_kv d256 g8 sq4 bf16 paged all-features M{block_m}xN{block_n}",
                           kernel=_decode_split_kv, signature=_split_signature(torch.bfloat16, True),
                           constexprs=consts, num_warps=warps, num_stages=stages))

@@ -20,24 +20,19 @@ Gradient: with xhat = (h - mean) * rstd, g = w * dy,
   LayerNorm dh = rstd * (g - xhat * mean(xhat * g) - mean(g));  RMSNorm dh = rstd * (g - xhat * mean(xhat * g)),
 plus the gradient flowing into the prenorm output h. dx = dresidual = dh (cast to each input's dtype).
 Row offsets are int64 (a scalar tile base plus int32 in-tile offsets); any row stride with a contiguous last
-dim. All loads upcast to fp32 at once, which also keeps bf16 correct under the Triton interpreter (no-gpu.md
-section 1); stores go through ``_cvt``, which rounds to nearest even there too (the interpreter truncates
+dim. All loads upcast to fp32 at once, which also keeps bf16 correct under the Triton interpreter (its bf16
+arithmetic is not the GPU's); stores go through ``_cvt``, which rounds to nearest even there too (the interpreter truncates
 fp32 -> bf16, a GPU rounds).
 """
 from __future__ import annotations
-
-import functools
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from transformer import _norm_op
+from ._utils import AotConfig, divisible_args, empty, interpreting, sm_count
 
-from ._utils import AotConfig, divisible_args, empty, interpreting
-
-__all__ = ["layer_norm", "rms_norm", "aot_configs", "MAX_FUSED_N", "MAX_HIDDEN"]
+__all__ = ["forward", "backward", "aot_configs", "MAX_FUSED_N", "MAX_HIDDEN"]
 
 MAX_FUSED_N = 8192      # largest hidden size kept in registers (spill-free for sm_80/sm_90, see aot_configs)
 MAX_FUSED_N_ANY_ALIGN = 4096   # the backward's limit when data or strides are not 16-byte aligned (scalar loads
@@ -414,16 +409,11 @@ def _looped_config(m, kind):
     return min(t[f"{kind}_block_m"], triton.next_power_of_2(max(m, 1))), t[f"{kind}_block_n"]
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _programs(device, per_sm):
     """How many persistent programs to launch: per_sm per SM on a GPU; a few under the interpreter."""
     if device.type != "cuda":
         return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
+    return sm_count(device) * per_sm
 
 
 def _rows(t, n):
@@ -457,7 +447,7 @@ class _on_device:
 # Launchers: check, allocate, pick a config, launch
 # ---------------------------------------------------------------------------------------------
 
-def _forward(x, weight, bias, residual, eps, is_rms, store_h, residual_in_fp32):
+def forward(x, weight, bias, residual, eps, is_rms, store_h, residual_in_fp32):
     """Returns out [x.shape], h [x.shape] (or [0]), mean [x.shape[:-1]] (or [0] for RMS), rstd [x.shape[:-1]]."""
     n = x.shape[-1]
     dev = x.device
@@ -504,7 +494,7 @@ def _reduce(pw, pb, dw_dtype, db_dtype, n, dev):
     return dw, db
 
 
-def _backward(dy, dh, x, residual, weight, mean, rstd, is_rms, dx_dtype, dres_dtype, dw_dtype, db_dtype):
+def backward(dy, dh, x, residual, weight, mean, rstd, is_rms, dx_dtype, dres_dtype, dw_dtype, db_dtype):
     """Returns dx [x.shape] (dx_dtype), dres (dres_dtype, or [0] when None), dw, db ([0] when not asked).
 
     x is h, or x with residual to add back; mean/rstd come from the forward. dh: gradient of the prenorm h.
@@ -563,44 +553,6 @@ def _backward(dy, dh, x, residual, weight, mean, rstd, is_rms, dx_dtype, dres_dt
                 num_warps=LOOPED_BWD_WARPS)
         dw, db = _reduce(pw, pb, dw_dtype, db_dtype, n, dev)
     return dx.view(x.shape), dres.view(x.shape) if dres_dtype is not None else dres, dw, db
-
-
-# ---------------------------------------------------------------------------------------------
-# Custom ops (torch.library, namespace tileformer_triton) with fake impls and autograd
-# ---------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("tileformer_triton::norm_fwd", mutates_args=())
-def norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-             residual: Optional[torch.Tensor], eps: float, is_rms: bool, store_h: bool,
-             residual_in_fp32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, h, mean, rstd) of LayerNorm / RMSNorm over the last dim of h = x (+ residual)."""
-    return _forward(x, weight, bias, residual, eps, is_rms, store_h, residual_in_fp32)
-
-
-@torch.library.custom_op("tileformer_triton::norm_bwd", mutates_args=())
-def norm_bwd(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Tensor, residual: Optional[torch.Tensor],
-             weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, is_rms: bool,
-             dx_dtype: torch.dtype, dres_dtype: Optional[torch.dtype], dw_dtype: Optional[torch.dtype],
-             db_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dresidual, dweight, dbias); the last three are empty [0] tensors when their dtype is None."""
-    return _backward(dy, dh, x, residual, weight, mean, rstd, is_rms, dx_dtype, dres_dtype, dw_dtype, db_dtype)
-
-
-_norm_op.register("tileformer_triton")   # fakes + autograd: the contract shared with the CUDA ops
-
-
-# ---------------------------------------------------------------------------------------------
-# Canonical entry functions (called by transformer.norms through the dispatcher)
-# ---------------------------------------------------------------------------------------------
-
-def layer_norm(x, weight, bias, eps, *, residual, prenorm, residual_in_fp32):
-    return _norm_op.layer_norm(torch.ops.tileformer_triton, x, weight, bias, eps, residual=residual,
-                               prenorm=prenorm, residual_in_fp32=residual_in_fp32)
-
-
-def rms_norm(x, weight, eps, *, residual, prenorm, residual_in_fp32):
-    return _norm_op.rms_norm(torch.ops.tileformer_triton, x, weight, eps, residual=residual, prenorm=prenorm,
-                             residual_in_fp32=residual_in_fp32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 // Torch bindings of the flash-attention kernels: torch.ops.<ns>.attn_fwd / attn_bwd / attn_head_dims.
-// Same contract as the Triton ops tileformer_triton::flash_attn_fwd / flash_attn_bwd (triton_kernels/
-// attention.py); fakes, autograd and the head-dim padding: transformer/_cuda/attention.py.
+// The op contract shared with the Triton backend, with the fakes and autograd, is transformer/ops/attention.py;
+// the head-dim padding is in transformer/_cuda/attention.py.
 #pragma once
 
 #include <optional>

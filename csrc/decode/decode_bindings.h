@@ -1,13 +1,17 @@
-// Torch binding of the decode kernels: torch.ops.<ns>.decode_attention. Same contract as the Triton op
-// tileformer_triton::decode_attention (triton_kernels/decode.py); fake: transformer/_cuda/decode.py.
+// Torch binding of the decode kernels: torch.ops.<ns>.decode_attention. The op contract shared with the Triton
+// backend, and the fake, are in transformer/ops/decode.py.
 //
 //   decode_attention(q, k_cache!, v_cache!, cache_seqlens, k?, v?, block_table?, alibi_slopes?, softmax_scale,
-//                    causal, window_left, window_right, softcap, num_splits) -> (out [B, Sq, Hq, D], lse [B, Hq, Sq])
+//                    window_left, window_right, softcap, num_splits) -> (out [B, Sq, Hq, D], lse [B, Hq, Sq])
 //
+// window_* = -1 is unbounded (causal is window_right = 0); a window wider than the cache plus the new tokens
+// sees every token, so sizes are clamped to that before they are narrowed to 32 bits.
 // With k/v the new tokens are written into the caches in place first. num_splits = 0 picks a count on the host
 // from shapes and the (cached) SM count: nothing here reads device memory on the host.
 #pragma once
 
+#include <algorithm>
+#include <limits>
 #include <optional>
 
 #include "common/bindings.h"
@@ -40,7 +44,7 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
     const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& alibi_slopes,
-    double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
+    double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
     int64_t num_splits) {
   check_device(q, "q");
   check_half(q, "q");
@@ -172,8 +176,9 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
   p.num_appended = k ? int(Sq) : 0;
   p.softmax_scale = float(softmax_scale);
   p.softcap = float(softcap);
-  p.window_left = int(window_left);
-  p.window_right = causal ? 0 : int(window_right);
+  const int64_t widest = std::min<int64_t>(capacity + Sq, std::numeric_limits<int>::max());
+  p.window_left = window_left < 0 ? -1 : int(std::min(window_left, widest));
+  p.window_right = window_right < 0 ? -1 : int(std::min(window_right, widest));
   p.num_splits = splits;
   p.vec_loads = rows_aligned16(k_cache) && rows_aligned16(v_cache);
   p.dtype = dt;
@@ -183,7 +188,7 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
 
 inline void define(torch::Library& m) {
   m.def("decode_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, "
-        "Tensor? v, Tensor? block_table, Tensor? alibi_slopes, float softmax_scale, bool causal, int window_left, "
+        "Tensor? v, Tensor? block_table, Tensor? alibi_slopes, float softmax_scale, int window_left, "
         "int window_right, float softcap, int num_splits) -> (Tensor, Tensor)");
 }
 

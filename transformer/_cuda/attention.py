@@ -1,7 +1,7 @@
 """CUDA flash attention (csrc/attention/): the build's head dims, head-dim padding and the entry functions.
 
 Ops (both namespaces, see transformer/_cuda/__init__.py); their fakes and autograd are those of the op
-contract shared with the Triton backend (transformer/_attn_op.py):
+contract shared with the Triton backend (transformer/ops/attention.py):
 
     attn_fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
              window_left, window_right, softcap, bottom_right) -> (out, lse)
@@ -19,18 +19,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _attn_op, backends
+from .. import _checks, backends
+from ..ops import attention as contract
 from . import namespace_name, ops
 
-__all__ = ["flash_attention", "flash_attention_varlen", "head_dims", "head_dim_reason", "register"]
+__all__ = ["flash_attention", "flash_attention_varlen", "padded_attention", "head_dims", "head_dim_reason",
+           "register", "supports"]
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def register(ns: str):
-    """Fakes and autograd of the attention ops of torch.ops.<ns> (called once per namespace by ops()): the op
-    contract shared with the Triton backend (transformer/_attn_op.py)."""
-    _attn_op.register(ns, "attn_fwd", "attn_bwd")
+register = contract.register     # fakes + autograd per namespace (called once per namespace by ops())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,13 +62,26 @@ def head_dim_reason(device: torch.device, head_dim: int):
     return None
 
 
+def supports(call):
+    """Limits of csrc/attention beyond what the public describe checks: fp16/bf16 only; the head dim is
+    zero-padded to a multiple of 8 and runs with the smallest compiled head dim that holds it
+    (TILEFORMER_CUDA_HEADDIMS at build time; default 64, 128 and 256, so any head dim up to 256); on a GPU,
+    compute capability >= 8.0 (mma.sync bf16, cp.async, ldmatrix). Every other feature (GQA/MQA, causal either
+    alignment, windows, ALiBi, softcap, lse, varlen, strided inputs, deterministic backward) is served."""
+    if call["dtype"] not in _checks.HALF_DTYPES:
+        return f"the CUDA kernel takes fp16/bf16 inputs, got {call['dtype']}"
+    if call["device"].type == "cuda" and torch.cuda.get_device_capability(call["device"]) < (8, 0):
+        return "the CUDA kernel needs a GPU of compute capability >= 8.0"
+    return head_dim_reason(call["device"], call["head_dim"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Canonical entry functions (called by transformer.attention through the dispatcher)
 # ---------------------------------------------------------------------------------------------
 
 def _check(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in _HALF:
+        if t.dtype not in _checks.HALF_DTYPES:
             raise TypeError(f"{name} must be float16 or bfloat16 for the CUDA kernels (fp16/bf16), got {t.dtype}")
     reason = head_dim_reason(q.device, q.shape[-1])
     if reason:
@@ -94,12 +103,14 @@ def _fwd(q, k, v, *args):
 
 
 def flash_attention(q, k, v, **kw):
-    """Dense flash attention (backend "cuda"); see transformer/_attn_op.py."""
     _check(q, k, v)
-    return _attn_op.flash_attention(_fwd, q, k, v, **kw)
+    return contract.flash_attention(_fwd, q, k, v, **kw)
 
 
 def flash_attention_varlen(q, k, v, *args, **kw):
-    """Packed variable-length flash attention (backend "cuda"); lse is [Hq, total_q]."""
     _check(q, k, v)
-    return _attn_op.flash_attention_varlen(_fwd, q, k, v, *args, **kw)
+    return contract.flash_attention_varlen(_fwd, q, k, v, *args, **kw)
+
+
+def padded_attention(q, k, v, key_start, key_end, **kw):
+    return contract.padded_attention(flash_attention_varlen, q, k, v, key_start, key_end, **kw)

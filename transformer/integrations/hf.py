@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attention import flash_attention
-from ..sdpa import key_run_bounds, padded_attention
+from ..attention import flash_attention, padded_attention
+from ..sdpa import key_run_bounds
 
 __all__ = ["register", "attention_forward", "NAME"]
 

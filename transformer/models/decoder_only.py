@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..kv_cache import KVCache
-from ..nn.attention import Attention, _packed_positions
+from ..nn.attention import Attention, packed_positions
 from .layers import MLP, make_norm, norm, swiglu_hidden
 
 __all__ = ["DecoderOnlyConfig", "DecoderOnly"]
@@ -191,7 +191,7 @@ class DecoderOnly(nn.Module):
         h = self.embed(input_ids)
         if self.pos_embed is not None:
             if packed:
-                pos = _packed_positions(cu_seqlens, input_ids.shape[0])[1]
+                pos = packed_positions(cu_seqlens, input_ids.shape[0])[1]
             elif cache is not None and not cache.empty:
                 pos = cache.seqlens.long()[:, None] + torch.arange(input_ids.shape[1], device=h.device)
             else:

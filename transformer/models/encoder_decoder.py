@@ -20,7 +20,7 @@ from torch import nn
 
 from ..kv_cache import KVCache
 from ..nn.attention import Attention, CrossAttention
-from .layers import MLP, SinusoidalPositions, make_norm, norm
+from .layers import MLP, EncoderLayer, SinusoidalPositions, make_norm, norm
 
 __all__ = ["EncoderDecoderConfig", "EncoderDecoder"]
 
@@ -75,31 +75,13 @@ class EncoderDecoderConfig:
         return self.vocab_size * d + enc + dec + final
 
 
-class EncoderLayer(nn.Module):
-    def __init__(self, cfg, backend):
-        super().__init__()
-        self.pre_norm = cfg.pre_norm
-        self.attn = Attention(cfg.dim, cfg.n_heads, causal=False, rope_theta=None, bias=True, backend=backend)
-        self.ffn = MLP(cfg.dim, cfg.hidden_dim, "relu", bias=True)
-        self.norm1 = make_norm("layer", cfg.dim, cfg.norm_eps)
-        self.norm2 = make_norm("layer", cfg.dim, cfg.norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, lengths):
-        if self.pre_norm:
-            x = x + self.drop(self.attn(norm(self.norm1, x), key_lengths=lengths))
-            return x + self.drop(self.ffn(norm(self.norm2, x)))
-        x = norm(self.norm1, self.drop(self.attn(x, key_lengths=lengths)), residual=x)   # LN(x + Sublayer(x))
-        return norm(self.norm2, self.drop(self.ffn(x)), residual=x)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg, backend):
         super().__init__()
         self.pre_norm = cfg.pre_norm
         self.self_attn = Attention(cfg.dim, cfg.n_heads, causal=True, rope_theta=None, bias=True, backend=backend)
         self.cross_attn = CrossAttention(cfg.dim, cfg.n_heads, bias=True, backend=backend)
-        self.ffn = MLP(cfg.dim, cfg.hidden_dim, "relu", bias=True)
+        self.mlp = MLP(cfg.dim, cfg.hidden_dim, "relu", bias=True)
         self.norm1 = make_norm("layer", cfg.dim, cfg.norm_eps)
         self.norm2 = make_norm("layer", cfg.dim, cfg.norm_eps)
         self.norm3 = make_norm("layer", cfg.dim, cfg.norm_eps)
@@ -115,10 +97,10 @@ class DecoderLayer(nn.Module):
         if self.pre_norm:
             x = x + self.drop(sa(norm(self.norm1, x)))
             x = x + self.drop(ca(norm(self.norm2, x)))
-            return x + self.drop(self.ffn(norm(self.norm3, x)))
+            return x + self.drop(self.mlp(norm(self.norm3, x)))
         x = norm(self.norm1, self.drop(sa(x)), residual=x)
         x = norm(self.norm2, self.drop(ca(x)), residual=x)
-        return norm(self.norm3, self.drop(self.ffn(x)), residual=x)
+        return norm(self.norm3, self.drop(self.mlp(x)), residual=x)
 
 
 class EncoderDecoder(nn.Module):
@@ -133,7 +115,10 @@ class EncoderDecoder(nn.Module):
         nn.init.normal_(self.embed.weight, std=config.dim ** -0.5)
         self.positions = SinusoidalPositions(config.dim)
         self.drop = nn.Dropout(config.dropout)
-        self.encoder = nn.ModuleList(EncoderLayer(config, backend) for _ in range(config.n_layers))
+        self.encoder = nn.ModuleList(
+            EncoderLayer(config.dim, config.n_heads, config.hidden_dim, "relu", norm_eps=config.norm_eps,
+                         dropout=config.dropout, pre_norm=config.pre_norm, backend=backend)
+            for _ in range(config.n_layers))
         self.decoder = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.n_layers))
         if config.pre_norm:
             self.enc_norm = make_norm("layer", config.dim, config.norm_eps)

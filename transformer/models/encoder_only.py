@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.attention import Attention
 from ..sdpa import key_run_bounds
-from .layers import MLP, make_norm, norm
+from .layers import EncoderLayer, make_norm, norm
 
 __all__ = ["EncoderOnlyConfig", "EncoderOnly"]
 
@@ -64,24 +63,6 @@ class EncoderOnlyConfig:
         return emb + self.n_layers * layer + head + (2 * d if self.pre_norm else 0)
 
 
-class EncoderBlock(nn.Module):
-    def __init__(self, cfg, backend):
-        super().__init__()
-        self.pre_norm = cfg.pre_norm
-        self.attn = Attention(cfg.dim, cfg.n_heads, causal=False, rope_theta=None, bias=True, backend=backend)
-        self.mlp = MLP(cfg.dim, cfg.hidden_dim, "gelu", bias=True)
-        self.norm1 = make_norm("layer", cfg.dim, cfg.norm_eps)
-        self.norm2 = make_norm("layer", cfg.dim, cfg.norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, attn_kw):
-        if self.pre_norm:
-            x = x + self.drop(self.attn(norm(self.norm1, x), **attn_kw))
-            return x + self.drop(self.mlp(norm(self.norm2, x)))
-        x = norm(self.norm1, self.drop(self.attn(x, **attn_kw)), residual=x)
-        return norm(self.norm2, self.drop(self.mlp(x)), residual=x)
-
-
 class EncoderOnly(nn.Module):
     """forward(input_ids [B, N], attention_mask=None) -> MLM logits [B, N, vocab].
 
@@ -98,7 +79,10 @@ class EncoderOnly(nn.Module):
         self.pos_embed = nn.Embedding(config.max_seq_len, d)
         self.embed_norm = make_norm("layer", d, config.norm_eps)
         self.drop = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(EncoderBlock(config, backend) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(
+            EncoderLayer(d, config.n_heads, config.hidden_dim, "gelu", norm_eps=config.norm_eps,
+                         dropout=config.dropout, pre_norm=config.pre_norm, backend=backend)
+            for _ in range(config.n_layers))
         self.final_norm = make_norm("layer", d, config.norm_eps) if config.pre_norm else None
         self.mlm_dense = nn.Linear(d, d)
         self.mlm_norm = make_norm("layer", d, config.norm_eps)
@@ -120,7 +104,7 @@ class EncoderOnly(nn.Module):
         b, n = input_ids.shape
         if n > self.config.max_seq_len:
             raise ValueError(f"input_ids has {n} tokens, more than max_seq_len ({self.config.max_seq_len})")
-        attn_kw = {}
+        lengths = None
         if attention_mask is not None:
             if attention_mask.shape != (b, n):
                 raise ValueError(f"attention_mask must have shape [B, N]=[{b}, {n}], got {tuple(attention_mask.shape)}")
@@ -129,11 +113,11 @@ class EncoderOnly(nn.Module):
                 raise ValueError("attention_mask must mark one contiguous run of tokens per row (padding at the ends)")
             if bool((start != 0).any()):
                 raise ValueError("attention_mask: left padding is not supported by EncoderOnly; pad on the right")
-            attn_kw["key_lengths"] = end
+            lengths = end
         x = self.embed(input_ids) + self.pos_embed(torch.arange(n, device=input_ids.device))
         x = self.drop(norm(self.embed_norm, x))
         for layer in self.layers:
-            x = layer(x, attn_kw)
+            x = layer(x, lengths)
         return norm(self.final_norm, x) if self.final_norm is not None else x
 
     def forward(self, input_ids, attention_mask=None):

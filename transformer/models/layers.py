@@ -1,4 +1,5 @@
-"""Pieces shared by the models: norms with the fused residual path, MLPs, positional encodings, padding helpers."""
+"""Pieces shared by the models: norms with the fused residual path, MLPs, the encoder layer, positional
+encodings, padding helpers."""
 from __future__ import annotations
 
 import math
@@ -7,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.attention import Attention
 from ..norms import layer_norm, rms_norm
 
-__all__ = ["make_norm", "norm", "MLP", "SinusoidalPositions", "swiglu_hidden", "lengths_to_cu_seqlens"]
+__all__ = ["make_norm", "norm", "MLP", "EncoderLayer", "SinusoidalPositions", "swiglu_hidden",
+           "lengths_to_cu_seqlens"]
 
 
 def make_norm(kind: str, dim: int, eps: float, device=None, dtype=None) -> nn.Module:
@@ -65,6 +68,29 @@ class MLP(nn.Module):
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         act = F.relu if self.kind == "relu" else F.gelu
         return self.w2(act(self.w1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Bidirectional self-attention then a position-wise MLP, each with dropout and a residual around it:
+    post-norm, LN(x + Sublayer(x)), as in the Transformer and BERT papers, or pre-norm (x + Sublayer(LN(x))).
+
+    forward(x [B, N, dim], key_lengths=None): key_lengths [B] marks right padding (keys >= length are hidden)."""
+
+    def __init__(self, dim, n_heads, hidden_dim, activation, *, norm_eps, dropout, pre_norm, backend="auto"):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.attn = Attention(dim, n_heads, causal=False, rope_theta=None, bias=True, backend=backend)
+        self.mlp = MLP(dim, hidden_dim, activation, bias=True)
+        self.norm1 = make_norm("layer", dim, norm_eps)
+        self.norm2 = make_norm("layer", dim, norm_eps)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, key_lengths=None):
+        if self.pre_norm:
+            x = x + self.drop(self.attn(norm(self.norm1, x), key_lengths=key_lengths))
+            return x + self.drop(self.mlp(norm(self.norm2, x)))
+        x = norm(self.norm1, self.drop(self.attn(x, key_lengths=key_lengths)), residual=x)
+        return norm(self.norm2, self.drop(self.mlp(x)), residual=x)
 
 
 class SinusoidalPositions(nn.Module):

@@ -1,8 +1,8 @@
 """Attention modules: ``Attention`` (the block modern LLMs use), ``CrossAttention`` and a drop-in
 ``MultiheadAttention`` for ``torch.nn.MultiheadAttention``.
 
-All attention math goes through the public ops (``flash_attention``, ``flash_attention_varlen``,
-``decode_attention``) or ``transformer.sdpa.padded_attention``, so the dispatcher picks the kernels.
+All attention math goes through the ops (``transformer.attention.attention`` for dense and padded batches,
+``flash_attention_varlen``, ``decode_attention``), so the dispatcher picks, and counts, the kernels.
 Layout inside: flash-attn's [B, N, H, D].
 """
 from __future__ import annotations
@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import backends
-from ..attention import _describe, flash_attention, flash_attention_varlen
+from ..attention import attention, flash_attention_varlen, padded_attention
 from ..decode import decode_attention
-from ..sdpa import classify_sdpa_mask, key_run_bounds, padded_attention
+from ..sdpa import classify_sdpa_mask, key_run_bounds
 from .rope import RotaryEmbedding, apply_rotary
 
 __all__ = ["Attention", "CrossAttention", "MultiheadAttention", "alibi_slopes"]
@@ -41,7 +40,7 @@ def _int_arg(name, val, minimum=1):
     return val
 
 
-def _packed_positions(cu_seqlens, total):
+def packed_positions(cu_seqlens, total):
     """(sequence index, position within the sequence) of each of `total` packed tokens, as long tensors."""
     tok = torch.arange(total, device=cu_seqlens.device)
     seq = torch.searchsorted(cu_seqlens[1:].long(), tok, right=True)
@@ -129,7 +128,7 @@ class Attention(nn.Module):
             out = padded_attention(q, k, v, start, key_lengths, causal=self.causal, causal_align="top_left",
                                    **self._kw())
         else:
-            out = flash_attention(q, k, v, causal=self.causal, **self._kw())
+            out = attention(q, k, v, causal=self.causal, **self._kw())
         if cache is not None:
             bidx = torch.arange(b, device=x.device).repeat_interleave(n)
             cache.write(layer, k.flatten(0, 1), v.flatten(0, 1), bidx, positions.repeat(b))
@@ -141,7 +140,7 @@ class Attention(nn.Module):
         if cache is not None and not cache.empty:
             raise ValueError("cache must be empty for a packed (prefill) call; decode with x [B, S, dim]")
         q, k, v = self._qkv(x)
-        seq, pos = _packed_positions(cu_seqlens, x.shape[0])
+        seq, pos = packed_positions(cu_seqlens, x.shape[0])
         q, k = self._rotate(q, k, pos)
         slopes = self.alibi_slopes
         out = flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=self.causal,
@@ -198,7 +197,7 @@ class CrossAttention(nn.Module):
         q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
         b, n = q.shape[:2]
         if memory_lengths is None:
-            out = flash_attention(q, k, v, backend=self.backend)
+            out = attention(q, k, v, backend=self.backend)
         elif n <= 16 and not torch.is_grad_enabled():
             out = decode_attention(q, k, v, memory_lengths.to(torch.int32), causal=False, backend=self.backend)
         else:
@@ -355,11 +354,7 @@ class MultiheadAttention(nn.Module):
             out = padded_attention(q, k, v, plan[1], plan[2], causal=plan[3], causal_align="top_left",
                                    backend=self.backend)
         else:
-            kw = dict(causal=plan[1], softmax_scale=None, window_size=(-1, -1), alibi_slopes=None, softcap=0.0,
-                      deterministic=False, return_lse=False)
-            call = _describe(q, k, v, causal_align="top_left", **kw)
-            kw.update(softmax_scale=call["scale"])
-            out = backends.dispatch("flash_attention", call, self.backend, q, k, v, causal_align="top_left", **kw)
+            out = attention(q, k, v, causal=plan[1], causal_align="top_left", backend=self.backend)
         if not self.batch_first:
             out = out.transpose(0, 1)             # [L, B, H, D]: out_proj then writes torch's contiguous [L, B, E]
         return self.out_proj(out.flatten(-2)), None

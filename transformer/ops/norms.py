@@ -1,7 +1,6 @@
 """The norm op contract shared by the Triton and CUDA backends: fake impls, autograd, entry functions.
 
-Both backends define the same two ops (Triton: torch.ops.tileformer_triton; CUDA: torch.ops.tileformer,
-emulated: torch.ops.tileformer_emu):
+Every kernel backend defines the same two ops in its namespace (torch.ops.<ns>.norm_fwd / norm_bwd):
 
     norm_fwd(x, weight, bias, residual, eps, is_rms, store_h, residual_in_fp32) -> (out, h, mean, rstd)
     norm_bwd(dy, dh, x, residual, weight, mean, rstd, is_rms, dx_dtype, dres_dtype, dw_dtype, db_dtype)

@@ -1,17 +1,17 @@
 """The flash-attention op contract shared by the Triton and CUDA backends: fake impls, autograd, entry functions.
 
-Both backends define the same two ops (Triton: torch.ops.tileformer_triton.flash_attn_fwd / flash_attn_bwd;
-CUDA: torch.ops.tileformer.attn_fwd / attn_bwd, emulated: torch.ops.tileformer_emu.*):
+Every kernel backend defines the same two ops in its namespace (torch.ops.<ns>.attn_fwd / attn_bwd):
 
-    fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+    attn_fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
         window_left, window_right, softcap, bottom_right) -> (out, lse)
-    bwd(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    attn_bwd(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         softmax_scale, window_left, window_right, softcap, bottom_right) -> (dq, dk, dv)
 
 q [B, Nq, Hq, D] (varlen [Tq, Hq, D] with int32 cu_seqlens), k / v [B, Nk, Hkv, D]; window_* = -1 means
 unbounded (causal is window_right = 0); lse is fp32 [B, Hq, Nq] (varlen [Hq, Tq]), natural log; dlse (the
 gradient of lse) may be None. `register` gives a namespace's ops their fakes and autograd;
-`flash_attention` / `flash_attention_varlen` are the canonical entry functions over a forward op.
+`flash_attention` / `flash_attention_varlen` are the canonical entry functions over a forward op and
+`padded_attention` the padded-batch entry over a backend's varlen entry.
 """
 from __future__ import annotations
 
@@ -40,22 +40,21 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _make_backward(ns, bwd_name):
+def _make_backward(ns):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, alibi, cu_q, cu_k = ctx.saved_tensors
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
-        bwd = getattr(getattr(torch.ops, ns), bwd_name)
-        dq, dk, dv = bwd(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, *ctx.params)
+        dq, dk, dv = getattr(torch.ops, ns).attn_bwd(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, *ctx.params)
         return (dq, dk, dv) + (None,) * 10
     return backward
 
 
-def register(ns: str, fwd_name: str, bwd_name: str):
-    """Fakes and autograd of torch.ops.<ns>.<fwd_name> / <bwd_name> (call once per namespace)."""
-    torch.library.register_fake(f"{ns}::{fwd_name}")(_fwd_fake)
-    torch.library.register_fake(f"{ns}::{bwd_name}")(_bwd_fake)
-    torch.library.register_autograd(f"{ns}::{fwd_name}", _make_backward(ns, bwd_name), setup_context=_setup_context)
+def register(ns: str):
+    """Fakes and autograd of torch.ops.<ns>.attn_fwd / attn_bwd (call once per namespace)."""
+    torch.library.register_fake(f"{ns}::attn_fwd")(_fwd_fake)
+    torch.library.register_fake(f"{ns}::attn_bwd")(_bwd_fake)
+    torch.library.register_autograd(f"{ns}::attn_fwd", _make_backward(ns), setup_context=_setup_context)
 
 
 def window(causal, window_size, max_q, max_k):
@@ -85,3 +84,43 @@ def flash_attention_varlen(fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     out, lse = fwd(q, k, v, alibi_slopes, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), int(max_seqlen_q),
                    int(max_seqlen_k), float(softmax_scale), left, right, float(softcap), causal_align == "bottom_right")
     return (out, lse) if return_lse else out
+
+
+def padded_cu_seqlens(key_start, key_end, batch, nq, nk):
+    """(cu_seqlens_q, cu_seqlens_k) that pack a padded batch into 3 varlen sequences per batch element.
+
+    Sequence 3b holds keys [0, start) and no queries, 3b + 1 keys [start, end) with all Nq queries of b,
+    3b + 2 keys [end, Nk) and no queries; int32 [3B + 1], computed on the device (no host copy)."""
+    dev = key_start.device
+    ar = torch.arange(batch, device=dev, dtype=torch.int32)
+    s, e = key_start.to(torch.int32), key_end.to(torch.int32)
+    cu_k = torch.stack([ar * nk, ar * nk + s, ar * nk + e], dim=1).flatten()
+    cu_q = torch.stack([ar * nq, ar * nq, ar * nq + nq], dim=1).flatten()
+    tail = torch.full((1,), batch * nq, dtype=torch.int32, device=dev)
+    return torch.cat([cu_q, tail]), torch.cat([cu_k, tail * 0 + batch * nk])
+
+
+def _flat(t):
+    """[B, N, H, D] -> [B*N, H, D]; a view when the batch stride is N x the token stride."""
+    return t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])
+
+
+def padded_attention(varlen, q, k, v, key_start, key_end, *, causal, softmax_scale, window_size, alibi_slopes,
+                     softcap, deterministic, return_lse, causal_align):
+    """Padded-batch attention (batch element b sees keys key_start[b] <= j < key_end[b]) through `varlen`, a
+    canonical flash_attention_varlen entry: [B, N] is flattened into the packed token dim (a view for
+    contiguous or fused-QKV inputs) and each batch element becomes three sequences (`padded_cu_seqlens`).
+    Returns out [B, Nq, Hq, D] (and lse [B, Hq, Nq])."""
+    b, nq, hq, d = q.shape
+    nk = k.shape[1]
+    cu_q, cu_k = padded_cu_seqlens(key_start, key_end, b, nq, nk)
+    slopes = alibi_slopes
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        slopes = alibi_slopes.repeat_interleave(3, dim=0)
+    res = varlen(_flat(q), _flat(k), _flat(v), cu_q, cu_k, nq, nk, causal=causal, softmax_scale=softmax_scale,
+                 window_size=window_size, alibi_slopes=slopes, softcap=softcap, deterministic=deterministic,
+                 return_lse=return_lse, causal_align=causal_align)
+    if return_lse:
+        out, lse = res
+        return out.view(b, nq, hq, d), lse.view(hq, b, nq).transpose(0, 1)
+    return res.view(b, nq, hq, d)
