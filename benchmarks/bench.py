@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import formulas
+from . import formulas, progress
 from .cases import Case, make_inputs
 from .harness import Timing, csv_row, time_cpu, time_gpu
 
@@ -96,7 +96,7 @@ def measure(case: Case, provider, inp, device, *, cpu_budget_s=0.4) -> Measureme
             return m
         fn = timed_callable(case, provider.build(case, inp), inp)
         if torch.device(device).type == "cuda":
-            m.timing = time_gpu(fn, flush_l2=case.memory_bound)
+            m.timing = time_gpu(fn)
         else:
             m.timing = time_cpu(fn, budget_s=cpu_budget_s, min_reps=3)
     except torch.cuda.OutOfMemoryError:
@@ -208,32 +208,28 @@ def format_measurement(m: Measurement, peak) -> str:
             f"{formulas.gbps(nbytes, t.median):>8.3g} {_fmt(over, '.3g', 8)} {vs_t} {vs_p}")
 
 
-def progress_bar(i, n, started, width=24):
-    done = int(width * i / max(n, 1))
-    el = time.time() - started
-    return f"[{'#' * done}{'.' * (width - done)}] {i}/{n} {el:5.0f}s"
-
-
 def run_sweep(cases, provs, device, peak, *, out=None, deadline=None, cpu_budget_s=0.4):
-    """Measure every case, printing a progress bar, the case and one row per provider as it goes.
+    """Measure every case, printing the case and one row per provider as it goes (stdout), with a progress
+    bar and the time left (stderr).
 
     Stops early (cases left are reported as not run) when `deadline` (time.time()) passes.
     """
     out = out or sys.stdout          # looked up now: benchmarks.run replaces sys.stdout by a tee to run.log
-    started = time.time()
     results = []
-    print(HEADER, file=out)
-    for i, case in enumerate(cases):
-        if deadline is not None and time.time() > deadline:
-            print(f"time budget reached: {len(cases) - i} case(s) not run", file=out)
-            break
-        print(f"{progress_bar(i, len(cases), started)}  {case.op} {case.mode} {case.shape} {case.dtype}",
-              file=out, flush=True)
-        ms = run_case(case, provs, device, seed=i, cpu_budget_s=cpu_budget_s)
-        for m in ms:
-            print(format_measurement(m, peak), file=out, flush=True)
-        results.extend(ms)
-    print(f"{progress_bar(len(cases), len(cases), started)}  done", file=out, flush=True)
+    progress.write(HEADER, file=out)
+    with progress.bar(total=len(cases), desc="timing", unit="case") as bar:
+        for i, case in enumerate(cases):
+            if deadline is not None and time.time() > deadline:
+                progress.write(f"time budget reached: {len(cases) - i} case(s) not run", file=out)
+                break
+            name = f"{case.op} {case.mode} {case.shape} {case.dtype}"
+            bar.set_postfix_str(name)
+            progress.write(f"[{i + 1}/{len(cases)}] {name}", file=out)
+            ms = run_case(case, provs, device, seed=i, cpu_budget_s=cpu_budget_s)
+            for m in ms:
+                progress.write(format_measurement(m, peak), file=out)
+            results.extend(ms)
+            bar.update()
     return results
 
 

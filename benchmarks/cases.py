@@ -1,4 +1,4 @@
-"""Benchmark cases: the sweeps of issue 10 and their random inputs.
+"""Benchmark cases: the sweeps and their random inputs.
 
 A `Case` is one (op, mode, shape, dtype); its FLOPs and minimum bytes come from formulas.py. Op names are
 the public functions: flash_attention, decode_attention, layer_norm, rms_norm. Sweeps:

@@ -7,17 +7,16 @@ and TILEFORMER_EMULATE_CUDA=1 already in the environment (benchmarks.run does so
 interpreter is chosen when triton is imported. Outputs are NaN-poisoned (TILEFORMER_POISON=1) so an
 element a kernel forgets to write fails.
 
-Rule: tests/helpers.assert_close -- the one implementation of flash-attn's rule, loaded from that file:
-max|out - ref_fp32| <= factor * max|ref_same_dtype - ref_fp32| + atol, factor 2 for outputs, 3 for
+Rule: transformer.testing.assert_close, the one implementation of flash-attn's rule (the test suite uses it
+too): max|out - ref_fp32| <= factor * max|ref_same_dtype - ref_fp32| + atol, factor 2 for outputs, 3 for
 gradients; ref_same_dtype is transformer.reference computed in the inputs' own dtype (compute_dtype=None).
 Odd sizes on purpose (113, 239, head dims 40 and 80, hidden 1000, page 16, uneven cache lengths).
+The table goes to stdout, a progress bar with the time left to stderr (benchmarks/progress.py).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import importlib.util
 import json
 import os
 import sys
@@ -25,18 +24,12 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from transformer.testing import assert_close
+
+from . import progress
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OUTPUT_FACTOR, GRAD_FACTOR = 2.0, 3.0
-
-
-@functools.lru_cache(maxsize=None)
-def tolerance_rule():
-    """tests/helpers.assert_close, loaded by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("tileformer_test_helpers", os.path.join(ROOT, "tests", "helpers.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.assert_close
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +199,6 @@ def run_check(check: Check, dtype_name: str, backend: str, device, seed=0):
     ref, ref_grads = _compute(lambda i: _run_reference(check, i, high), check,
                               _with_leaves(check, base, torch.float32), dout)
     low, low_grads = _compute(lambda i: _run_reference(check, i, None), check, _with_leaves(check, base), dout)
-    assert_close = tolerance_rule()
     worst = None
     try:
         pairs = [("out", out, ref, low, OUTPUT_FACTOR)]
@@ -265,25 +257,26 @@ def main(argv=None):
           f"TILEFORMER_POISON={os.environ.get('TILEFORMER_POISON', '0')}")
     print(HEADER, flush=True)
     sink = open(args.jsonl, "a") if args.jsonl else None
+    jobs = [(check, dt, backend) for check in CHECKS if not ops or check.op in ops
+            for dt in check.dtypes for backend in backends]
     counts = {}
-    for check in CHECKS:
-        if ops and check.op not in ops:
-            continue
-        for dt in check.dtypes:
-            for backend in backends:
-                row = dict(op=check.op, mode=check.mode, shape=check.shape, dtype=dt, backend=backend)
-                if args.deadline and time.time() > args.deadline:
-                    row.update(status="SKIP", detail="not run: time budget exhausted")
-                else:
-                    try:
-                        row.update(run_check(check, dt, backend, device))
-                    except Exception as e:  # a broken harness piece: report it, go on
-                        row.update(status="ERROR", detail=f"{type(e).__name__}: {str(e)[:240]}")
-                counts[row["status"]] = counts.get(row["status"], 0) + 1
-                print(format_row(row), flush=True)
-                if sink:
-                    sink.write(json.dumps(row) + "\n")
-                    sink.flush()
+    with progress.bar(total=len(jobs), desc="correctness", unit="check") as bar:
+        for check, dt, backend in jobs:
+            row = dict(op=check.op, mode=check.mode, shape=check.shape, dtype=dt, backend=backend)
+            if args.deadline and time.time() > args.deadline:
+                row.update(status="SKIP", detail="not run: time budget exhausted")
+            else:
+                bar.set_postfix_str(f"{backend} {check.op} {check.mode} {dt}")
+                try:
+                    row.update(run_check(check, dt, backend, device))
+                except Exception as e:  # a broken harness piece: report it, go on
+                    row.update(status="ERROR", detail=f"{type(e).__name__}: {str(e)[:240]}")
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+            progress.write(format_row(row))
+            if sink:
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+            bar.update()
     print("  totals: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)
     return 1 if counts.get("FAIL") or counts.get("ERROR") else 0
 

@@ -126,16 +126,16 @@ class Peak:
         return self.gbps * 1e9
 
 
-# First match wins: specific variants before the generic name. H100/H200/A100 SXM numbers from
-# /work/shared/docs/anchors.md; the rest from NVIDIA's data sheets (dense, no sparsity).
+# First match wins: specific variants before the generic name. Numbers from NVIDIA's data sheets (dense
+# tensor-core peaks, no sparsity).
 PEAKS = (
     (r"H200 NVL", Peak("H200 NVL", 835, 60, 4800, "NVIDIA H200 data sheet")),
-    (r"H200", Peak("H200 SXM", 989, 67, 4800, "anchors.md")),
+    (r"H200", Peak("H200 SXM", 989, 67, 4800, "NVIDIA H200 data sheet")),
     (r"H100 PCIe", Peak("H100 PCIe", 756, 51, 2000, "NVIDIA H100 data sheet")),
     (r"H100 NVL", Peak("H100 NVL", 835, 60, 3900, "NVIDIA H100 data sheet")),
-    (r"H100", Peak("H100 SXM", 989, 67, 3350, "anchors.md")),
+    (r"H100", Peak("H100 SXM", 989, 67, 3350, "NVIDIA H100 data sheet")),
     (r"A100.*80GB.*PCIe", Peak("A100 80GB PCIe", 312, 19.5, 1935, "NVIDIA A100 data sheet")),
-    (r"A100.*80GB", Peak("A100 SXM 80GB", 312, 19.5, 2039, "anchors.md")),
+    (r"A100.*80GB", Peak("A100 SXM 80GB", 312, 19.5, 2039, "NVIDIA A100 data sheet")),
     (r"A100", Peak("A100 40GB", 312, 19.5, 1555, "NVIDIA A100 data sheet")),
     (r"L40S", Peak("L40S", 362, 91.6, 864, "NVIDIA L40S data sheet")),
     (r"RTX 4090", Peak("RTX 4090", 165.2, 82.6, 1008, "Ada whitepaper (fp16 with fp32 accumulate)")),

@@ -15,7 +15,8 @@
 #   4. the CUDA-backend GPU tests (the emulator's GPU halves, i.e. mma/ldmatrix layouts on real hardware),
 #      then the module/model tests with the time left.
 # Everything lands in $OUT (the device tool's folder; /tmp/tileformer_gpu_out elsewhere): session.log (all
-# output), results.tgz (bench/ = benchmarks.run's output folder, logs/ = build and pytest logs + junit xml).
+# output), results.tgz (bench/ = benchmarks.run's output folder, logs/ = build and pytest logs + junit xml;
+# .bench.partial-<pid>/ = the output of a benchmarks.run part stopped at its time limit, if any).
 # Unpack with `tar xzf results.tgz` and copy bench/ to benchmarks/results/<gpu>/.
 #
 # Knobs: TOTAL_S, BUILD_S, PYTHON, TILEFORMER_CUDA_ARCHS (default: the GPU's own), TEST_WORKERS;
@@ -53,7 +54,9 @@ run_for() {
 }
 pack() {
   cp "$OUT/session.log" "$LOGS/" 2>/dev/null
-  tar czf "$OUT/results.tgz" -C "$WORK" bench logs && say "packed $OUT/results.tgz ($(du -h "$OUT/results.tgz" | cut -f1))"
+  # .bench.partial-<pid>: the output of a benchmarks.run stopped before it finished (bench/ keeps the last complete one)
+  tar czf "$OUT/results.tgz" -C "$WORK" bench logs $(cd "$WORK" && ls -d .bench.partial-* 2>/dev/null) \
+    && say "packed $OUT/results.tgz ($(du -h "$OUT/results.tgz" | cut -f1))"
 }
 trap pack EXIT
 

@@ -1,10 +1,11 @@
 """Timing, the CSV schema and run metadata, shared by every op.
 
-Timing on a GPU (`time_gpu`): one call to compile/warm caches, a short estimate, warm-up for ~25 ms, then
-each repetition is bracketed by CUDA events (no host sync inside the loop); for memory-bound ops a 256 MB
-buffer is zeroed before every repetition so the op's inputs do not sit in L2 (that write lies outside the
-events). Timing on the CPU (`time_cpu`): perf_counter around each call, repeated until a time budget.
-Both report the median and the 20th/80th percentiles in milliseconds.
+Timing on a GPU (`time_gpu`): ``triton.testing.do_bench``: one call (compilation, autotuning), an estimate
+from 5 calls, ~25 ms of warm-up, then ~100 ms of repetitions, each bracketed by CUDA events, with triton's
+256 MB L2-clearing write before every repetition (outside the events), so no op finds its inputs in L2.
+Timing on the CPU (`time_cpu`): one untimed call, then ``torch.utils.benchmark.Timer.blocked_autorange``
+(blocks of calls sized so the timer's overhead is negligible, for a minimum run time) with the caller's
+torch thread count. Both give the median and the 20th/80th percentiles in milliseconds (`QUANTILES`).
 
 CSV: one row per (op, backend, mode, shape, dtype, metric) with the columns of `CSV_COLUMNS`; a backend
 that cannot run a case gets one `time` row with empty numbers and the reason in `note`.
@@ -14,12 +15,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
-import functools
 import os
 import platform
-import statistics
 import subprocess
-import time
 from typing import Callable, Optional
 
 import torch
@@ -27,26 +25,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSV_COLUMNS = ("op", "backend", "mode", "shape", "dtype", "metric", "unit", "median", "p20", "p80",
                "gpu", "versions", "git_commit", "timestamp", "note")
-L2_FLUSH_BYTES = 256 * 1024 * 1024       # > the L2 of every GPU in the peak table (H200: 60 MB)
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-# ---------------------------------------------------------------------------------------------
-
-def quantile(sorted_xs, q):
-    """Linear-interpolated quantile (numpy's default) of an already sorted non-empty list."""
-    if not sorted_xs:
-        raise ValueError("quantile of an empty list")
-    pos = q * (len(sorted_xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+QUANTILES = (0.5, 0.2, 0.8)              # median, p20, p80: the order of Timing's fields
 
 
 @dataclasses.dataclass
 class Timing:
-    """Milliseconds per call: median, 20th and 80th percentile over `reps` repetitions."""
+    """Milliseconds per call: median, 20th and 80th percentile over `reps` repetitions (0: the timer does not
+    say how many; triton's do_bench returns the quantiles only)."""
     median: float
     p20: float
     p80: float
@@ -54,64 +39,39 @@ class Timing:
 
     @classmethod
     def from_samples(cls, samples_ms):
-        xs = sorted(samples_ms)
-        return cls(statistics.median(xs), quantile(xs, 0.2), quantile(xs, 0.8), len(xs))
+        """Quantiles of per-call times (ms), linearly interpolated (torch.quantile, numpy's default)."""
+        if not len(samples_ms):
+            raise ValueError("no timing samples")
+        xs = torch.tensor(list(samples_ms), dtype=torch.float64)
+        median, p20, p80 = xs.quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+        return cls(median, p20, p80, len(xs))
 
 
 # ---------------------------------------------------------------------------------------------
 # Timers
 # ---------------------------------------------------------------------------------------------
 
-def time_cpu(fn: Callable, *, budget_s=0.4, min_reps=5, max_reps=100, warmup=1) -> Timing:
-    """Time fn() on the CPU: `warmup` untimed calls, then repeat until budget_s (at least min_reps)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    start = time.perf_counter()
-    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return Timing.from_samples(samples)
-
-
-@functools.lru_cache(maxsize=None)
-def _flush_buffer(device_index):
-    return torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=f"cuda:{device_index}")
-
-
-def time_gpu(fn: Callable, *, flush_l2=False, warmup_ms=25.0, rep_ms=100.0, min_reps=10, max_reps=1000) -> Timing:
-    """Time fn() on the current CUDA device with CUDA events (like triton.testing.do_bench).
-
-    flush_l2: zero a 256 MB buffer before each repetition (outside the timed events), for memory-bound ops.
-    """
-    flush = _flush_buffer(torch.cuda.current_device()) if flush_l2 else None
+def time_cpu(fn: Callable, *, budget_s=0.4, min_reps=3) -> Timing:
+    """Time fn() on the CPU with torch.utils.benchmark: one untimed call, then blocked_autorange for
+    budget_s seconds. A sample is the mean time of one block of calls; when a call outlasts the budget
+    (one block of one call), more blocks are timed until there are min_reps samples for p20/p80."""
+    from torch.utils import benchmark
     fn()
-    torch.cuda.synchronize()
-    # Estimate the time of one call to size warm-up and repetitions.
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(3):
-        if flush is not None:
-            flush.zero_()
-        fn()
-    e1.record()
-    torch.cuda.synchronize()
-    est = max(e0.elapsed_time(e1) / 3, 1e-3)
-    n_warmup = max(1, int(warmup_ms / est))
-    n_rep = max(min_reps, min(max_reps, int(rep_ms / est)))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    for _ in range(n_warmup):
-        fn()
-    for i in range(n_rep):
-        if flush is not None:
-            flush.zero_()
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return Timing.from_samples([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=budget_s)
+    times = list(m.times)
+    while len(times) < min_reps:
+        times.extend(timer.timeit(m.number_per_run).times)
+    return Timing.from_samples([t * 1e3 for t in times])
+
+
+def time_gpu(fn: Callable, *, warmup_ms=25.0, rep_ms=100.0) -> Timing:
+    """Time fn() on the current CUDA device with triton.testing.do_bench (CUDA events, L2 cleared before
+    every repetition). Its keywords warmup, rep (ms), quantiles and return_mode exist throughout triton 3.x;
+    given `quantiles` it returns them in the order asked (return_mode then does not apply)."""
+    from triton.testing import do_bench
+    median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES), return_mode="median")
+    return Timing(float(median), float(p20), float(p80), 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,8 +123,9 @@ def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        # --no-optional-locks: git status would otherwise refresh (write) the index
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
         return (head + ("+dirty" if dirty else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -10,7 +10,10 @@ extension transformer._C (``extension_report``, cuobjdump from the triton wheel)
 csrc/, else ``nvcc_report(sources)`` compiles each .cu (no torch headers) with ``-Xptxas -v`` for
 sm_80/sm_90a and parses ptxas' report.
 
-    python -m benchmarks.kernel_report            # the whole table
+    python -m benchmarks.kernel_report                 # the whole table
+    python -m benchmarks.kernel_report --only norm     # a subset (Triton config / .cu file names with "norm")
+Kernel names are printed in full: one longer than the kernel column has a line of its own, its numbers
+on the next. A progress bar with the time left goes to stderr, the table to stdout.
 Tests (``-m static``) call ``triton_report`` / ``nvcc_report`` and assert 0 spills and smem limits.
 """
 from __future__ import annotations
@@ -26,6 +29,8 @@ import re
 import subprocess
 import sys
 import tempfile
+
+from . import progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRITON_MODULES = ("triton_kernels.attention", "triton_kernels.norms", "triton_kernels.decode")
@@ -317,7 +322,7 @@ def _demangle_many(names):
             raise OSError("c++filt output does not match")
     except OSError:
         full = names
-    return [f if len(f) < 140 else f[:137] + "..." for f in full]
+    return full
 
 
 def built_extension():
@@ -340,13 +345,12 @@ def cuda_report(archs=ARCHS, sass_kernels=()):
 
 
 def _demangle_short(name):
-    m = re.match(r"_Z\d+(\w+?)I?", name)
+    """The demangled name (c++filt), in full; the mangled one without c++filt."""
     try:
         res = subprocess.run(["c++filt", name], capture_output=True, text=True)
-        full = res.stdout.strip()
-        return full if len(full) < 140 else full[:137] + "..."
+        return res.stdout.strip() or name
     except OSError:
-        return m.group(1) if m else name
+        return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,37 +364,76 @@ def _register_bound(s):
     return min(1.0, REGS_PER_SM // (s.registers * 32) / 64)
 
 
-def format_table(stats):
-    head = f"{'kernel':<58} {'arch':>5} {'regs':>5} {'spill':>6} {'lmem':>5} {'smem KB':>8} {'occ':>5}  instructions"
-    lines = [head, "-" * len(head)]
-    for s in stats:
-        if s.error:
-            lines.append(f"{s.name[:58]:<58} sm_{s.arch:<2} ERROR {s.error[:120]}")
-            continue
+NAME_WIDTH = 58
+
+
+def format_header():
+    head = (f"{'kernel':<{NAME_WIDTH}} {'arch':>5} {'regs':>5} {'spill':>6} {'lmem':>5} {'smem KB':>8} {'occ':>5}"
+            "  instructions")
+    return head + "\n" + "-" * len(head)
+
+
+def format_row(s):
+    """One kernel x arch as table text. A name longer than the kernel column is printed in full on a line of
+    its own, and the numbers follow on the next line under the columns: names are never cut."""
+    if s.error:
+        cols = f"sm_{s.arch:<2} ERROR {s.error[:120]}"
+    else:
         instr = ", ".join(f"{k}={v}" for k, v in s.instructions.items() if v)
         occ = f"{s.occupancy():>5.0%}" if s.num_warps else f"{_register_bound(s):>5.0%}"
-        lines.append(f"{s.name[:58]:<58} sm_{s.arch:<2} {s.registers:>5} {s.spills:>6} {s.local_bytes:>5} "
-                     f"{s.smem / 1024:>8.1f} {occ}  {instr}")
-    return "\n".join(lines)
+        cols = (f"sm_{s.arch:<2} {s.registers:>5} {s.spills:>6} {s.local_bytes:>5} {s.smem / 1024:>8.1f} {occ}  "
+                f"{instr}").rstrip()
+    if len(s.name) <= NAME_WIDTH:
+        return f"{s.name:<{NAME_WIDTH}} {cols}"
+    return f"{s.name}\n{'':<{NAME_WIDTH}} {cols}"
+
+
+def format_table(stats):
+    return "\n".join([format_header()] + [format_row(s) for s in stats])
+
+
+def matches(only, name):
+    """--only: no filter when empty, else a substring of `name` (a Triton config name or a .cu file name)."""
+    return not only or only in name
 
 
 def main(argv=None):
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="also write the stats as JSON to this path")
-    ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc part")
+    ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA C++ part")
+    ap.add_argument("--only", default="", metavar="TEXT",
+                    help="only the Triton configs whose name contains TEXT and the CUDA kernels of the .cu files "
+                         "whose name contains TEXT")
     args = ap.parse_args(argv)
-    stats = triton_report()
+    jobs = [(c, a) for c in triton_configs() if matches(args.only, c.name) for a in ARCHS if a in c.archs]
+    stats = []
+    with progress.bar(total=len(jobs), desc="Triton configs x arch", unit="kernel") as bar:
+        for cfg, arch in jobs:
+            bar.set_postfix_str(f"{cfg.name} sm_{arch}")
+            stats.append(compile_triton(cfg, arch))
+            bar.update()
     print("Triton kernels (triton.compile for sm_80/sm_90, ptxas -v):")
-    print(format_table(stats) if stats else "  (no Triton kernel module yet)")
+    print(format_table(stats) if stats else f"  (no Triton config{' matches --only' if args.only else ''})")
     if not args.no_cuda:
         print("\nCUDA C++ kernels (nvcc -Xptxas -v, SASS via cuobjdump):")
         if not os.path.exists(_nvcc()):
             print(f"  nvcc not found at {_nvcc()}: skipped")
         else:
-            cstats = cuda_report()
+            so = built_extension()
+            if so is not None:   # one cuobjdump over the built extension: no compile, no progress to show
+                cstats = [s for s in extension_report(so) if matches(args.only, s.name.split(":", 1)[0])]
+            else:
+                cjobs = [(src, a) for src in cuda_sources() if matches(args.only, os.path.basename(src))
+                         for a in ARCHS]
+                cstats = []
+                with progress.bar(total=len(cjobs), desc="CUDA files x arch", unit="file") as bar:
+                    for src, arch in cjobs:
+                        bar.set_postfix_str(f"{os.path.relpath(src, ROOT)} sm_{arch}")
+                        cstats += nvcc_report([src], archs=(arch,))
+                        bar.update()
             stats += cstats
-            print(format_table(cstats) if cstats else "  (no .cu file yet)")
+            print(format_table(cstats) if cstats else f"  (no CUDA kernel{' matches --only' if args.only else ''})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(s) for s in stats], f, indent=1)

@@ -1,10 +1,11 @@
 """The kernel report of benchmarks.kernel_report, printed row by row as each kernel compiles.
 
-    python -m benchmarks.static_report [--json PATH] [--no-cuda]
+    python -m benchmarks.static_report [--json PATH] [--no-cuda] [--only TEXT] [--deadline EPOCH]
 
-Same numbers as `python -m benchmarks.kernel_report` (it calls its compile_triton / nvcc_report), but a
-row appears as soon as its kernel is compiled, so a run cut short by a time budget still shows what was
-done. No GPU needed.
+Same numbers and table as `python -m benchmarks.kernel_report` (it calls its compile_triton / nvcc_report /
+format_row), but a row appears as soon as its kernel is compiled, so a run cut short by a time budget still
+shows what was done. A progress bar with the time left (Triton configs x arch, then CUDA files x arch) goes
+to stderr. No GPU needed.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import tempfile
 import time
 
 from . import kernel_report as kr
+from . import progress
 
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "tileformer-static", "triton-stats")
 
@@ -72,10 +74,6 @@ def compile_cached(cfg, arch):
     return st, False
 
 
-def _row(stat):
-    return kr.format_table([stat]).splitlines()[-1]
-
-
 def _round_robin(lists):
     """Interleave lists (one per kernel module), so a report cut short still covers every module."""
     out = []
@@ -88,10 +86,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="also write the stats as JSON to this path")
     ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc part")
+    ap.add_argument("--only", default="", metavar="TEXT",
+                    help="only the Triton configs whose name contains TEXT and the .cu files whose name contains TEXT")
     ap.add_argument("--deadline", type=float, default=0.0,
                     help="time.time() after which nothing more is compiled (55%% of the time left for Triton)")
     args = ap.parse_args(argv)
-    header = "\n".join(kr.format_table([]).splitlines()[:2])
+    header = kr.format_header()
     stats, not_done, n_cached = [], [], 0
 
     def dump():
@@ -106,25 +106,31 @@ def main(argv=None):
     per_module = []
     for mod in kr.TRITON_MODULES:   # module by module, so one unfinished module does not hide the others
         try:
-            per_module.append([(c, a) for c in _configs_of(mod) for a in kr.ARCHS if a in c.archs])
+            per_module.append([(c, a) for c in _configs_of(mod) if kr.matches(args.only, c.name)
+                               for a in kr.ARCHS if a in c.archs])
         except Exception as e:
             print(f"  {mod}: no configs listed ({type(e).__name__}: {str(e)[:200]})", flush=True)
     jobs = _round_robin(per_module)
     jobs.sort(key=lambda job: not os.path.exists(_cache_path(*job)))     # cached first (stable: keeps the mix)
-    sources = [] if args.no_cuda else kr.cuda_sources()
+    sources = [] if args.no_cuda else [s_ for s_ in kr.cuda_sources() if kr.matches(args.only, os.path.basename(s_))]
     triton_until = args.deadline
     if args.deadline and sources:
         triton_until = time.time() + 0.55 * max(0.0, args.deadline - time.time())
-    print(header if jobs else "  (no Triton kernel module with aot_configs() yet)", flush=True)
-    for cfg, arch in jobs:
-        if out_of_time(triton_until):
-            not_done.append(f"{cfg.name} sm_{arch}")
-            continue
-        st, cached = compile_cached(cfg, arch)
-        n_cached += cached
-        stats.append(st)
-        print(_row(st), flush=True)
-        dump()
+    print(header if jobs else "  (no Triton config matches --only)" if args.only
+          else "  (no Triton kernel module with aot_configs() yet)", flush=True)
+    with progress.bar(total=len(jobs), desc="Triton configs x arch", unit="kernel") as bar:
+        for cfg, arch in jobs:
+            if out_of_time(triton_until):
+                not_done.append(f"{cfg.name} sm_{arch}")
+                bar.update()
+                continue
+            bar.set_postfix_str(f"{cfg.name} sm_{arch}")
+            st, cached = compile_cached(cfg, arch)
+            n_cached += cached
+            stats.append(st)
+            progress.write(kr.format_row(st))
+            dump()
+            bar.update()
     skipped = bool(not_done)
     if not_done:
         print(f"\n  Triton: not compiled within the time budget ({len(not_done)}): " + "; ".join(not_done), flush=True)
@@ -135,22 +141,27 @@ def main(argv=None):
         if not os.path.exists(kr._nvcc()):
             print(f"  nvcc not found at {kr._nvcc()}: skipped", flush=True)
         elif not sources:
-            print("  (no .cu file yet)", flush=True)
+            print("  (no .cu file matches --only)" if args.only else "  (no .cu file yet)", flush=True)
         else:
             print(header, flush=True)
-            for src, arch in [(s_, a) for s_ in sources for a in kr.ARCHS]:
-                if out_of_time(args.deadline):
-                    not_done.append(f"{os.path.relpath(src, kr.ROOT)} sm_{arch}")
-                    continue
-                try:
-                    got = kr.nvcc_report([src], archs=(arch,))
-                except Exception as e:
-                    got = [kr.KernelStats(name=os.path.relpath(src, kr.ROOT), arch=arch,
-                                          error=f"{type(e).__name__}: {str(e)[-300:]}")]
-                for st in got:
-                    stats.append(st)
-                    print(_row(st), flush=True)
-                dump()
+            cjobs = [(s_, a) for s_ in sources for a in kr.ARCHS]
+            with progress.bar(total=len(cjobs), desc="CUDA files x arch", unit="file") as bar:
+                for src, arch in cjobs:
+                    if out_of_time(args.deadline):
+                        not_done.append(f"{os.path.relpath(src, kr.ROOT)} sm_{arch}")
+                        bar.update()
+                        continue
+                    bar.set_postfix_str(f"{os.path.relpath(src, kr.ROOT)} sm_{arch}")
+                    try:
+                        got = kr.nvcc_report([src], archs=(arch,))
+                    except Exception as e:
+                        got = [kr.KernelStats(name=os.path.relpath(src, kr.ROOT), arch=arch,
+                                              error=f"{type(e).__name__}: {str(e)[-300:]}")]
+                    for st in got:
+                        stats.append(st)
+                        progress.write(kr.format_row(st))
+                    dump()
+                    bar.update()
     if not_done:
         print(f"\n  CUDA: not compiled within the time budget ({len(not_done)}): " + "; ".join(not_done), flush=True)
     if skipped or not_done:

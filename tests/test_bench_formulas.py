@@ -1,12 +1,17 @@
-"""The benchmark suite's arithmetic: FLOP/byte formulas against hand-computed values, the peak table and
-roofline (including the unknown-GPU path), statistics, the CSV schema, sweeps and the plot writer."""
+"""The benchmark suite's arithmetic and plumbing: FLOP/byte formulas against hand-computed values, the peak
+table and roofline (including the unknown-GPU path), the timers and their statistics, the CSV schema, sweeps,
+the plot writer, the kernel report's table, progress bars, and benchmarks.run's output folder (--list writes
+nothing; results are moved into place only when a run completes)."""
+import io
 import os
 import random
+import sys
 
 import pytest
 import torch
 
-from benchmarks import bench, cases, correctness, formulas, harness, plots, providers
+from benchmarks import bench, cases, correctness, formulas, harness, kernel_report, plots, progress, providers
+from benchmarks import run as bench_run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,24 +129,100 @@ def test_roofline_math():
 # Statistics and timing
 # ---------------------------------------------------------------------------------------------
 
-def test_quantiles_match_numpy():
+def test_timing_quantiles_match_numpy():
     np = pytest.importorskip("numpy")
     rng = random.Random(0)
     for n in (1, 2, 7, 100):
-        xs = sorted(rng.random() for _ in range(n))
-        for q in (0.2, 0.5, 0.8):
-            assert harness.quantile(xs, q) == pytest.approx(float(np.quantile(xs, q)))
+        xs = [rng.random() for _ in range(n)]
+        t = harness.Timing.from_samples(xs)
+        assert (t.median, t.p20, t.p80) == pytest.approx(tuple(float(np.quantile(xs, q)) for q in (0.5, 0.2, 0.8)))
+        assert t.reps == n
     t = harness.Timing.from_samples([5.0, 1.0, 3.0, 2.0, 4.0])
-    assert (t.median, t.p20, t.p80, t.reps) == (3.0, 1.8, 4.2, 5)
+    assert (t.median, t.p20, t.p80, t.reps) == pytest.approx((3.0, 1.8, 4.2, 5))
     with pytest.raises(ValueError):
-        harness.quantile([], 0.5)
+        harness.Timing.from_samples([])
 
 
 def test_time_cpu_reps_and_order():
-    t = harness.time_cpu(lambda: sum(range(100)), budget_s=0.01, min_reps=4, max_reps=50)
-    assert 4 <= t.reps <= 50 and 0 < t.p20 <= t.median <= t.p80
+    t = harness.time_cpu(lambda: sum(range(100)), budget_s=0.01, min_reps=4)
+    assert t.reps >= 4 and 0 < t.p20 <= t.median <= t.p80 < 1.0     # ms per call of a ~1 us function
 
 
+def test_time_cpu_slow_call_gets_min_reps_and_real_milliseconds():
+    """A call longer than the budget: one sample per call, topped up to min_reps; the numbers are ms."""
+    import time as _time
+    durations = iter([0.0] + [0.01, 0.03, 0.02] * 10)    # the first (untimed) call, then 10, 30, 20 ms
+
+    def fn():
+        _time.sleep(next(durations))
+    t = harness.time_cpu(fn, budget_s=0.001, min_reps=3)
+    assert t.reps == 3
+    assert 9 <= t.p20 < t.median < t.p80 < 60 and 19 <= t.median < 45
+
+
+def test_time_cpu_keeps_the_callers_thread_count():
+    """torch.utils.benchmark.Timer sets its own thread count (default 1) while it measures."""
+    seen = []
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        harness.time_cpu(lambda: seen.append(torch.get_num_threads()), budget_s=0.001, min_reps=1)
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {2}
+
+
+def test_time_gpu_through_triton_do_bench_with_a_fake_device(monkeypatch):
+    """time_gpu calls the installed triton.testing.do_bench (its signature, the order of the quantiles it
+    returns, the L2 clear before each repetition), here on a fake device whose events read perf_counter."""
+    pytest.importorskip("triton")
+    import inspect
+    import time as _time
+
+    import triton.testing
+    assert {"warmup", "rep", "quantiles", "return_mode"} <= set(inspect.signature(triton.testing.do_bench).parameters)
+    config = triton.runtime.driver
+    if not hasattr(config, "_active"):
+        pytest.skip("this triton selects its driver differently")
+    clears, calls = [], []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = _time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    class Interface:
+        Event = FakeEvent
+
+        @staticmethod
+        def synchronize():
+            pass
+
+    class Driver:
+        def get_device_interface(self):
+            return Interface
+
+        def get_empty_cache_for_benchmark(self):
+            return "cache"
+
+        def clear_cache(self, cache):
+            clears.append(len(calls))
+
+    monkeypatch.setattr(config, "_active", Driver())
+    sleeps = [0.001, 0.002, 0.003, 0.004, 0.005]
+
+    def fn():
+        calls.append(1)
+        _time.sleep(sleeps[len(calls) % 5])
+    t = harness.time_gpu(fn, warmup_ms=5, rep_ms=60)
+    assert t.p20 < t.median < t.p80 and t.p80 - t.p20 > 1.0      # 1..5 ms calls: a spread, in ms, in order
+    assert 1.0 < t.median < 10.0
+    assert len(clears) >= 5 + 10                                  # the estimate's 5 calls and every repetition
 # ---------------------------------------------------------------------------------------------
 # CSV schema and metrics
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +388,8 @@ def test_backend_reasons_and_errors_do_not_crash():
 
 
 def test_correctness_uses_the_one_tolerance_rule():
-    rule = correctness.tolerance_rule()
-    assert os.path.samefile(rule.__code__.co_filename, os.path.join(harness.ROOT, "tests", "helpers.py"))
+    import transformer.testing
+    assert correctness.assert_close is transformer.testing.assert_close
 
 
 def test_plots_written(tmp_path):
@@ -337,38 +418,136 @@ def test_plots_written(tmp_path):
     assert roof[1] == pytest.approx(989.0)
 
 
-def test_time_gpu_control_flow_with_fake_events(monkeypatch):
-    """time_gpu's loop (estimate, warm-up, events per repetition, L2 flush outside the events) on CPU fakes."""
-    import time as _time
-    flushes, calls = [], []
+# ---------------------------------------------------------------------------------------------
+# Kernel report table, progress bars
+# ---------------------------------------------------------------------------------------------
 
-    class FakeEvent:
-        def __init__(self, enable_timing=False):
-            assert enable_timing
-            self.t = None
+def test_kernel_report_prints_names_in_full():
+    long = "norms.cu:void tf::norms::norm_fwd_kernel<__nv_bfloat16, float, 1024, 4>(tf::norms::FwdParams, bool)"
+    stats = [kernel_report.KernelStats(name="short", arch=80, registers=40),
+             kernel_report.KernelStats(name=long, arch=90, registers=128, spill_stores=4),
+             kernel_report.KernelStats(name=long[:-6] + "(int)", arch=90, error="ptxas: boom")]
+    text = kernel_report.format_table(stats)
+    lines = text.splitlines()
+    assert long in lines and long[:-6] + "(int)" in lines            # a line of its own, not cut
+    rows = [ln for ln in lines[2:] if "sm_" in ln]
+    assert len(rows) == 3 and {ln.index("sm_") for ln in rows} == {kernel_report.NAME_WIDTH + 1}  # in columns
+    assert lines[0].index("arch") + len("arch") == kernel_report.NAME_WIDTH + 6
+    assert lines[lines.index(long) + 1].split()[:4] == ["sm_90", "128", "4", "0"]
+    assert lines[2].startswith("short ") and "ERROR ptxas: boom" in text
 
-        def record(self):
-            self.t = _time.perf_counter()
 
-        def elapsed_time(self, end):
-            return (end.t - self.t) * 1e3
+def test_progress_without_a_terminal_writes_few_lines():
+    stream = io.StringIO()
+    with progress.bar(total=500, desc="timing", unit="case", stream=stream) as bar:
+        for i in range(500):
+            bar.set_postfix_str(f"case {i}")
+            bar.update()
+    lines = stream.getvalue().splitlines()
+    assert 2 <= len(lines) <= 4, lines                      # the first, the last (and at most one per 20 s)
+    assert "\r" not in stream.getvalue() and "500/500" in lines[-1] and "case 499" in lines[-1]
 
-    class FakeBuffer:
-        def zero_(self):
-            flushes.append(len(calls))
 
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(harness, "_flush_buffer", lambda idx: FakeBuffer())
+def test_progress_of_a_subprocess_is_drawn_by_the_parent(monkeypatch, capsys):
+    monkeypatch.setenv(progress.ENV, "parent")
+    with progress.bar(total=3, desc="correctness", unit="check") as bar:
+        bar.set_postfix_str("torch layer_norm")
+        bar.update()
+        bar.update()
+    markers = capsys.readouterr().out.splitlines()
+    states = [progress.parse(line + "\n") for line in markers]
+    assert all(states) and progress.parse("  layer_norm fwd PASS\n") is None
+    assert states[-1]["closed"] and states[-1]["n"] == 2 and states[-1]["total"] == 3
+    monkeypatch.delenv(progress.ENV)
+    drawn = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", drawn)
+    mirror = progress.Mirror()
+    for st in states[:-1]:
+        mirror.apply(st)
+    assert mirror.bar.n == 2 and mirror.bar.total == 3
+    mirror.apply(states[-1])
+    assert mirror.bar is None and "2/3" in drawn.getvalue() and "torch layer_norm" in drawn.getvalue()
 
-    def fn():
-        calls.append(1)
-        _time.sleep(0.002)
-    t = harness.time_gpu(fn, flush_l2=True, warmup_ms=5, rep_ms=30, min_reps=5, max_reps=50)
-    assert 5 <= t.reps <= 50 and 1.5 <= t.median <= 50 and t.p20 <= t.median <= t.p80
-    assert len(flushes) == 3 + t.reps           # every estimate call and every repetition is preceded by a flush
-    n = len(calls)
-    flushes.clear()
-    harness.time_gpu(fn, flush_l2=False, warmup_ms=5, rep_ms=30, min_reps=5)
-    assert not flushes and len(calls) > n
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks.run: --list writes nothing; output moved into place only when a run completes
+# ---------------------------------------------------------------------------------------------
+
+def _tree(path):
+    return sorted((os.path.relpath(os.path.join(d, f), path), open(os.path.join(d, f)).read())
+                  for d, _, files in os.walk(path) for f in files)
+
+
+@pytest.fixture(autouse=True)
+def _restore_poison(monkeypatch):
+    """benchmarks.run.main sets TILEFORMER_POISON=0 for its process: undone after each test."""
+    monkeypatch.setenv("TILEFORMER_POISON", os.environ.get("TILEFORMER_POISON", "0"))
+
+
+def test_run_list_writes_nothing(tmp_path, capsys):
+    dest = tmp_path / "dest"
+    assert bench_run.main(["--list", "--sections", "timing,correctness", "--ops", "rms_norm",
+                           "--out", str(dest)]) == 0
+    out = capsys.readouterr().out
+    assert "rms_norm" in out and "correctness: not run with --list" in out
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def fake_timing(monkeypatch):
+    """benchmarks.run with a timing section that writes bench.csv (+1 row each call) and can fail."""
+    calls = []
+
+    def section_timing(args, gpu, peak, out, deadline):
+        path = out.path("bench.csv")
+        rows = harness.read_csv(path) if args.append and os.path.exists(path) else []
+        for r in rows:
+            for k in ("median", "p20", "p80"):
+                r[k] = "" if r[k] is None else r[k]
+        rows.append(harness.csv_row(_info(), op="rms_norm", backend="torch", mode="fwd", shape=f"call={len(calls)}",
+                                    dtype="bf16", metric="time", unit="ms", median=1.0))
+        harness.write_csv(path, rows)
+        calls.append(out)
+        bench_run.say("timing done")
+        if getattr(section_timing, "fail", None):
+            raise section_timing.fail
+    monkeypatch.setattr(bench_run, "section_timing", section_timing)
+    monkeypatch.setattr(bench_run, "describe_machine", lambda gpu, peak: bench_run.say("machine"))
+    return section_timing
+
+
+def test_run_moves_results_into_place_when_complete(tmp_path, fake_timing, capsys):
+    dest = tmp_path / "cpu"
+    dest.mkdir()
+    (dest / "correctness.csv").write_text("kept\n")
+    (dest / "run.log").write_text("old log\n")
+    assert bench_run.main(["--sections", "timing", "--out", str(dest)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["cpu"]                           # no partial folder left
+    assert sorted(os.listdir(dest)) == ["bench.csv", "correctness.csv", "run.log"]
+    assert (dest / "correctness.csv").read_text() == "kept\n"                 # not written by this run: kept
+    assert "old log" not in (dest / "run.log").read_text() and "timing done" in (dest / "run.log").read_text()
+    assert [r["shape"] for r in harness.read_csv(str(dest / "bench.csv"))] == ["call=0"]
+    # --append continues bench.csv and run.log
+    assert bench_run.main(["--sections", "timing", "--append", "--out", str(dest)]) == 0
+    assert [r["shape"] for r in harness.read_csv(str(dest / "bench.csv"))] == ["call=0", "call=1"]
+    assert (dest / "run.log").read_text().count("timing done") == 2
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt(), RuntimeError("kernel exploded")])
+def test_run_interrupted_or_failed_leaves_the_destination_untouched(tmp_path, fake_timing, capsys, failure):
+    dest = tmp_path / "cpu"
+    dest.mkdir()
+    (dest / "bench.csv").write_text("committed\n")
+    before = _tree(str(dest))
+    fake_timing.fail = failure
+    if isinstance(failure, KeyboardInterrupt):
+        assert bench_run.main(["--sections", "timing", "--out", str(dest)]) == 130
+    else:
+        with pytest.raises(RuntimeError, match="kernel exploded"):
+            bench_run.main(["--sections", "timing", "--out", str(dest)])
+    assert _tree(str(dest)) == before
+    partial = [p for p in os.listdir(tmp_path) if p != "cpu"]
+    assert len(partial) == 1 and partial[0].startswith(".cpu.partial-")
+    assert sorted(os.listdir(tmp_path / partial[0])) == ["bench.csv", "run.log"]
+    err = capsys.readouterr().err
+    assert "left as it was" in err and partial[0] in err
