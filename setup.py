@@ -1,4 +1,4 @@
-"""Build script for tileformer.
+"""Build script for tileformer: the C++ extensions (metadata is in pyproject.toml).
 
 Builds the pure-Python packages `transformer` and `triton_kernels`, plus two
 optional C++ extensions from `csrc/`:
@@ -16,18 +16,38 @@ Environment variables:
   TILEFORMER_CUDA_ARCHS          arch list, default "8.0;9.0a"
   TILEFORMER_CUDA_HEADDIMS       attention head dims to instantiate (see csrc/)
   MAX_JOBS                       parallel compile jobs (torch's BuildExtension)
+
+An extension that is not built gets one line on stderr, "tileformer: <extension> not built: <why>",
+and the build writes transformer/_build_info.py (SKIPPED: extension -> why), which
+transformer.backends.available() quotes when the extension cannot be imported.
 """
 import glob
 import os
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+EXTENSIONS = ("transformer._C", "transformer._C_emu")
+SKIPPED = {}  # extension -> why it is not built
+_NOTES = []  # printed once, when a build command runs (PEP 517 frontends load setup.py once per hook)
 
 
 def _say(msg):
-    print(f"[tileformer setup] {msg}", file=sys.stderr)
+    _NOTES.append(f"[tileformer setup] {msg}")
+
+
+def _skip(names, why):
+    """Record why `names` are not built; the build says so in one line."""
+    SKIPPED.update(dict.fromkeys(names, why))
+    _NOTES.append(f"tileformer: {' and '.join(names)} not built: {why}")
+
+
+def _report():
+    while _NOTES:
+        print(_NOTES.pop(0), file=sys.stderr)
 
 
 def _flag(name):
@@ -98,15 +118,14 @@ def _headdims_macro():
 def _extensions():
     """Return (ext_modules, cmdclass). Never raises: a missing toolchain means a pure-Python install."""
     if _flag("TILEFORMER_SKIP_CUDA_BUILD"):
-        _say("TILEFORMER_SKIP_CUDA_BUILD=1: skipping all C++/CUDA extensions (pure-Python install).")
+        _skip(EXTENSIONS, "TILEFORMER_SKIP_CUDA_BUILD=1 (pure-Python install)")
         return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
     except Exception as e:  # torch not importable in the build env
-        _say(f"torch is not importable in the build environment ({e}); skipping the C++/CUDA extensions "
-             "(pure-Python install). To build them, install torch first and use "
-             "`pip install --no-build-isolation .`")
+        _skip(EXTENSIONS, f"torch is not importable in the build environment ({type(e).__name__}: {e}); "
+                          "install torch, then `pip install --no-build-isolation .`")
         return [], {}
 
     exts = []
@@ -119,11 +138,11 @@ def _extensions():
     emu_bindings = os.path.join(csrc, "emu_bindings.cpp")
     cuda_headers = _cuda_header_dir()
     if _flag("TILEFORMER_SKIP_EMU_BUILD"):
-        _say("TILEFORMER_SKIP_EMU_BUILD=1: skipping the CPU-emulated extension transformer._C_emu.")
+        _skip(["transformer._C_emu"], "TILEFORMER_SKIP_EMU_BUILD=1")
     elif not os.path.exists(emu_bindings):
-        _say("csrc/emu_bindings.cpp not found: skipping the CPU-emulated extension transformer._C_emu.")
+        _skip(["transformer._C_emu"], "csrc/emu_bindings.cpp not found")
     elif cuda_headers is None:
-        _say("cuda_fp16.h not found (CUDA_HOME or the nvidia pip packages): skipping transformer._C_emu.")
+        _skip(["transformer._C_emu"], "cuda_fp16.h not found (CUDA_HOME or the nvidia pip packages)")
     else:
         sources = [emu_bindings] + _emu_wrappers(_cu_sources(csrc))
         exts.append(cpp_extension.CppExtension(
@@ -139,11 +158,11 @@ def _extensions():
     # ---- GPU build (nvcc) ----------------------------------------------------------------
     cuda_home = _cuda_home()
     if _flag("TILEFORMER_SKIP_GPU_BUILD"):
-        _say("TILEFORMER_SKIP_GPU_BUILD=1: skipping the CUDA extension transformer._C.")
+        _skip(["transformer._C"], "TILEFORMER_SKIP_GPU_BUILD=1")
     elif torch.version.cuda is None:
-        _say(f"torch {torch.__version__} is a CPU-only build; skipping the CUDA extension transformer._C.")
+        _skip(["transformer._C"], f"torch {torch.__version__} is a CPU-only build")
     elif cuda_home is None:
-        _say("nvcc not found (set CUDA_HOME); skipping the CUDA extension transformer._C.")
+        _skip(["transformer._C"], "nvcc not found (set CUDA_HOME)")
     else:
         os.environ.setdefault("CUDA_HOME", cuda_home)
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
@@ -173,16 +192,36 @@ def _extensions():
     return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+def _write_build_info(package_dir):
+    """transformer/_build_info.py: which extensions this build skipped, and why."""
+    os.makedirs(package_dir, exist_ok=True)
+    with open(os.path.join(package_dir, "_build_info.py"), "w") as f:
+        f.write(f"# generated by setup.py: the C++ extensions this build skipped -> why\nSKIPPED = {SKIPPED!r}\n")
+
+
+class BuildPy(build_py):
+    def run(self):
+        _report()
+        super().run()
+        out = os.path.join(ROOT, "transformer") if self.editable_mode else os.path.join(self.build_lib, "transformer")
+        _write_build_info(out)
+
+
+def _build_ext_class(base):
+    class BuildExt(base):
+        def run(self):
+            _report()
+            super().run()
+            if self.inplace:  # build_py writes the record of a non-inplace build
+                _write_build_info(os.path.join(ROOT, "transformer"))
+    return BuildExt
+
+
 ext_modules, cmdclass = _extensions()
+cmdclass = {"build_py": BuildPy, "build_ext": _build_ext_class(cmdclass.get("build_ext", build_ext))}
 
 setup(
-    name="tileformer",
-    version="0.1.0",
-    description="A Transformer whose hot paths are hand-written Triton and CUDA C++ kernels",
     packages=find_packages(include=["transformer", "transformer.*", "triton_kernels", "triton_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy"],
-    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "pytest-benchmark"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
