@@ -104,7 +104,7 @@ def test_norm_bad_input(fn):
         fn(x, residual=torch.randn(3, 7))
     with pytest.raises(TypeError, match="residual must have the dtype"):
         fn(x.half(), residual=torch.randn(3, 8, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="eps must be > 0"):
+    with pytest.raises(ValueError, match="eps must be finite and > 0"):
         fn(x, eps=0.0)
     with pytest.raises(ValueError, match="non-empty last dimension"):
         fn(torch.randn(3, 0))

@@ -3,10 +3,25 @@
 Each check raises ``TypeError`` (wrong type/dtype) or ``ValueError`` (wrong shape, device,
 strides or limit) whose message names the argument and says what is allowed. Checks here
 never copy device memory to the host: value checks that would (cu_seqlens monotone,
-block_table entries in range) live in ``check_*_values`` and run only in the reference or
-when a caller passes ``validate=True``.
+block_table entries in range) live in ``check_*_values`` and run when a caller passes
+``validate=True``, which is the default for CPU tensors (``validate=None``).
+
+Index values that are not checked follow one documented semantics on every backend, and no kernel
+reads or writes outside its tensors for any of them:
+
+* varlen ``cu_seqlens``: each entry is clamped into 0..total (the packed tokens of q or k), then replaced by
+  the running max of the entries up to it, so sequence b spans [c[b], c[b + 1]) and sequences never
+  overlap; tokens in no sequence give 0 (lse -inf, gradients 0). Outputs of queries past ``max_seqlen_q``
+  (and gradients of keys past ``max_seqlen_k``) are unspecified when it is smaller than a sequence.
+* padded attention ``key_start`` / ``key_end`` (and the modules' key lengths): start = clamp(start, 0, Nk),
+  end = clamp(end, start, Nk).
+* decode ``cache_seqlens``: the visible length is clamp(cache_seqlens[b] + appended, 0, capacity); an
+  appended token at a position outside 0..capacity-1 is not written. ``block_table``: a page id outside
+  0..num_pages-1 holds no visible token (it contributes nothing) and appends into it are dropped.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -53,9 +68,32 @@ def check_index_tensor(name, t, ndim, ref_name, ref):
     check_same_device(name, t, ref_name, ref)
 
 
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_bool(name, value):
+    """Flags (causal, deterministic, return_lse, prenorm, ...) must be real bools: "no" or 1 is not taken as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_validate(validate, ref):
+    """validate=None: check index values when that needs no device-to-host copy (CPU tensors), except while
+    torch.compile traces (reading values there would break the graph)."""
+    if validate is None:
+        return ref.device.type == "cpu" and not torch.compiler.is_compiling()
+    return check_bool("validate", validate)
+
+
 def check_window(window_size):
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) for w in window_size)):
+            or not all(_is_int(w) for w in window_size)):
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
     for side, w in zip(("left", "right"), window_size):
         if w < -1:
@@ -64,18 +102,20 @@ def check_window(window_size):
 
 
 def check_softcap(softcap):
-    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool):
+    if not _is_real(softcap):
         raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be finite and >= 0 (0 disables it), got {softcap}")
     return float(softcap)
 
 
 def check_scale(softmax_scale, head_dim):
     if softmax_scale is None:
         return head_dim ** -0.5
-    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+    if not _is_real(softmax_scale):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be finite and > 0, got {softmax_scale}")
     return float(softmax_scale)
 
 
@@ -146,13 +186,29 @@ def check_attention(q, k, v, *, varlen=False, cu_seqlens_q=None, cu_seqlens_k=No
                 scale=scale)
 
 
-def check_cu_seqlens_values(name, cu, total):
-    """Host-syncing value check (reference / validate=True only)."""
+def check_cu_seqlens_values(name, cu, total, max_seqlen=None, max_name="max_seqlen"):
+    """Host-syncing value check (validate=True; the default for CPU tensors)."""
     c = cu.tolist()
-    if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])):
-        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {c}")
+    if c[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {c[0]}")
+    for i in range(1, len(c)):
+        if c[i] < c[i - 1]:
+            raise ValueError(f"{name} must be non-decreasing, but {name}[{i}] = {c[i]} < {name}[{i - 1}] = {c[i - 1]}")
     if c[-1] > total:
-        raise ValueError(f"{name}[-1] = {c[-1]} exceeds the number of packed tokens ({total})")
+        raise ValueError(f"{name}[{len(c) - 1}] = {c[-1]} exceeds the number of packed tokens ({total})")
+    longest = max(b - a for a, b in zip(c, c[1:]))
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence of {name} ({longest})")
+
+
+def check_key_bounds_values(start_name, start, end_name, end, nk):
+    """Host-syncing check of padded-attention bounds: 0 <= start[b] <= end[b] <= nk."""
+    s, e = start.tolist(), end.tolist()
+    for i, (a, b) in enumerate(zip(s, e)):
+        if not 0 <= a <= nk:
+            raise ValueError(f"{start_name}[{i}] = {a} is outside 0..{nk} (the number of keys)")
+        if not a <= b <= nk:
+            raise ValueError(f"{end_name}[{i}] = {b} is outside {start_name}[{i}]..{nk} ({a}..{nk})")
 
 
 def check_norm(x, weight, bias, eps, residual, *, has_bias=True):
@@ -175,10 +231,10 @@ def check_norm(x, weight, bias, eps, residual, *, has_bias=True):
         if residual.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"residual must have the dtype of x ({x.dtype}) or float32, got {residual.dtype}")
         check_same_device("residual", residual, "x", x)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+    if not _is_real(eps):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be finite and > 0, got {eps}")
     return n
 
 
@@ -240,7 +296,7 @@ def check_decode(q, k_cache, v_cache, cache_seqlens, k=None, v=None, block_table
 
 
 def check_decode_values(cache_seqlens, block_table, num_pages, page_size, capacity, appended):
-    """Host-syncing value checks (reference / validate=True only)."""
+    """Host-syncing value checks (validate=True; the default for CPU tensors)."""
     lens = cache_seqlens.tolist()
     for i, n in enumerate(lens):
         if n < 0 or n + appended > capacity:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import alibi_bias, attention_mask
+from .reference import varlen_bounds, alibi_bias, attention_mask
 
 
 def _sdpa(q, k, v, mask, bias, scale):
@@ -61,20 +61,19 @@ def flash_attention(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
                            softmax_scale, window_size, alibi_slopes, softcap, deterministic, return_lse,
                            causal_align):
-    # One SDPA call per sequence; reading cu_seqlens costs a device-to-host copy (fallback path).
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    pieces = []
-    for i in range(len(cq) - 1):
-        qi = q[cq[i]:cq[i + 1]]
-        if ck[i + 1] == ck[i] or qi.shape[0] == 0:
-            pieces.append(torch.zeros_like(qi))
+    # One SDPA call per sequence; reading cu_seqlens costs a device-to-host copy (fallback path). Bounds are
+    # clamped as the kernels clamp them (transformer/_checks.py); tokens in no sequence give 0.
+    bq = varlen_bounds(cu_seqlens_q.tolist(), q.shape[0])
+    bk = varlen_bounds(cu_seqlens_k.tolist(), k.shape[0])
+    out = torch.zeros_like(q)
+    for i, ((qa, qb), (ka, kb)) in enumerate(zip(bq, bk)):
+        if ka == kb or qa == qb:
             continue
         slopes = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-        pieces.append(_dense(qi[None], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]], causal=causal,
-                             softmax_scale=softmax_scale, window_size=window_size, alibi_slopes=slopes,
-                             causal_align=causal_align)[0])
-    pieces.append(torch.zeros_like(q[cq[-1]:]))
-    return torch.cat(pieces, dim=0)
+        o = _dense(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], causal=causal, softmax_scale=softmax_scale,
+                   window_size=window_size, alibi_slopes=slopes, causal_align=causal_align)[0]
+        out = out.index_put((torch.arange(qa, qb, device=q.device),), o)
+    return out
 
 
 def attention_supports(call):
@@ -108,8 +107,10 @@ def _run_mask(nq, nk, start, end, causal, causal_align, window):
 
 def padded_attention(q, k, v, key_start, key_end, *, causal, softmax_scale, window_size, alibi_slopes, softcap,
                      deterministic, return_lse, causal_align):
-    """One masked SDPA call over the padded batch (no host copy; the varlen path would loop over sequences)."""
-    start, end = key_start, key_end
+    """One masked SDPA call over the padded batch (no host copy; the varlen path would loop over sequences).
+    Bounds are clamped as the kernels clamp them: 0 <= start <= end <= Nk."""
+    start = key_start.long().clamp(0, k.shape[1])
+    end = torch.maximum(key_end.long().clamp(max=k.shape[1]), start)
     b, nq, hq, _ = q.shape
     nk = k.shape[1]
     mask, qpos = _run_mask(nq, nk, start, end, causal, causal_align, window_size)   # (B, 1, Nq, Nk)
@@ -171,34 +172,53 @@ def decode_supports(call):
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, softmax_scale, causal,
                      window_size, alibi_slopes, softcap, num_splits, return_lse):
-    """Vectorised over the batch (no host sync): gather the cache, mask by length, one SDPA call."""
+    """Vectorised over the batch (no host sync): gather the cache, mask by length, one SDPA call. Index values
+    are taken as the kernels take them (transformer/_checks.py): lengths clamped to 0..capacity, appends outside
+    the cache or into invalid pages dropped, tokens of invalid pages not visible."""
     b, sq = q.shape[0], q.shape[1]
     dev = q.device
+    paged = block_table is not None
+    num_pages = k_cache.shape[0]
+    page_size = k_cache.shape[1] if paged else 1
+    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     lens = cache_seqlens.long()
-    if block_table is not None:
-        page_size = k_cache.shape[1]
-        pages = block_table.long().clamp(0, k_cache.shape[0] - 1)
+    if paged:
+        bt = block_table.long()
+        page_ok = (bt >= 0) & (bt < num_pages)                                    # (B, P)
+        pages = bt.clamp(0, num_pages - 1)
     if k is not None:
         pos = lens[:, None] + torch.arange(sq, device=dev)                       # (B, Sq)
+        keep = (pos >= 0) & (pos < capacity)
+        pos = pos.clamp(0, capacity - 1)
         with torch.no_grad():
-            if block_table is None:
+            if not paged:
                 bidx = torch.arange(b, device=dev)[:, None].expand(b, sq)
-                k_cache[bidx, pos] = k
-                v_cache[bidx, pos] = v
+                rows = (bidx[keep], pos[keep])
             else:
-                page = pages.gather(1, pos // page_size)
-                k_cache[page, pos % page_size] = k
-                v_cache[page, pos % page_size] = v
+                keep = keep & page_ok.gather(1, pos // page_size)
+                rows = (pages.gather(1, pos // page_size)[keep], (pos % page_size)[keep])
+            k_cache[rows] = k[keep]
+            v_cache[rows] = v[keep]
         lens = lens + sq
-    if block_table is None:
+    lens = lens.clamp(0, capacity)
+    if not paged:
         keys, vals = k_cache, v_cache                                             # (B, S, Hkv, D)
+        token_ok = None
     else:
         keys = k_cache[pages].flatten(1, 2)                                       # (B, P*page, Hkv, D)
         vals = v_cache[pages].flatten(1, 2)
+        token_ok = page_ok.repeat_interleave(page_size, dim=1)                    # (B, P*page)
     nk = keys.shape[1]
     j = torch.arange(nk, device=dev)
+    visible = j[None, :] < lens[:, None]                                          # (B, Nk): cached, valid page
+    if token_ok is not None:
+        visible = visible & token_ok
+    # Slots that are not visible may hold anything (NaN included): zero them so 0-probabilities stay 0.
+    zero = torch.zeros((), dtype=keys.dtype, device=dev)
+    keys = torch.where(visible[:, :, None, None], keys, zero)
+    vals = torch.where(visible[:, :, None, None], vals, zero)
     qpos = lens[:, None] - sq + torch.arange(sq, device=dev)                      # (B, Sq) position of each query
-    mask = (j[None, None, :] < lens[:, None, None]).expand(b, sq, nk).clone()         # (B, Sq, Nk)
+    mask = visible[:, None, :].expand(b, sq, nk).clone()                          # (B, Sq, Nk)
     left, right = window_size
     if causal:
         right = 0 if right < 0 else min(right, 0)

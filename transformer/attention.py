@@ -30,13 +30,15 @@ def _describe(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, 
                                    alibi_slopes=alibi_slopes)
     if causal_align not in ("bottom_right", "top_left"):
         raise ValueError(f"causal_align must be 'bottom_right' or 'top_left', got {causal_align!r}")
+    for name, flag in (("causal", causal), ("deterministic", deterministic), ("return_lse", return_lse)):
+        _checks.check_bool(name, flag)
     if varlen:
         for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
             if not isinstance(m, int) or isinstance(m, bool) or m < 0:
                 raise TypeError(f"{name} must be a non-negative int, got {m!r}")
     return dict(device=q.device, dtype=q.dtype, head_dim=info["head_dim"], hq=info["hq"], hkv=info["hkv"],
-                varlen=varlen, causal=bool(causal), window=info["window"], alibi=alibi_slopes is not None,
-                softcap=info["softcap"], deterministic=bool(deterministic), return_lse=bool(return_lse),
+                varlen=varlen, causal=causal, window=info["window"], alibi=alibi_slopes is not None,
+                softcap=info["softcap"], deterministic=deterministic, return_lse=return_lse,
                 causal_align=causal_align, requires_grad=torch.is_grad_enabled() and any(
                     t.requires_grad for t in (q, k, v)), scale=info["scale"])
 
@@ -93,20 +95,22 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
                            softmax_scale=None, window_size=(-1, -1), alibi_slopes=None, softcap=0.0,
-                           deterministic=False, return_lse=False, validate=False, backend="auto"):
+                           deterministic=False, return_lse=False, validate=None, backend="auto"):
     """Attention over packed variable-length sequences (flash-attn's varlen API).
 
     q: [total_q, Hq, D], k/v: [total_k, Hkv, D]; sequence i is q[cu_seqlens_q[i]:cu_seqlens_q[i+1]] and
     likewise for k/v; cu_seqlens_* int32 [B + 1]; max_seqlen_* are host ints bounding the lengths.
     Other arguments as `flash_attention`. Returns out [total_q, Hq, D] (and lse [Hq, total_q]).
-    validate=True also checks cu_seqlens values (costs a device-to-host copy).
+    validate: check the cu_seqlens values (start at 0, non-decreasing, within the packed tokens, bounded by
+    max_seqlen_*), which costs a device-to-host copy; None (default) checks CPU tensors only. Unchecked values
+    never make a kernel read or write outside its tensors (clamped bounds, transformer/_checks.py).
     """
     kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, alibi_slopes=alibi_slopes,
               softcap=softcap, deterministic=deterministic, return_lse=return_lse)
     call = _describe_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kw)
-    if validate:
-        _checks.check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-        _checks.check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    if _checks.check_validate(validate, q):
+        _checks.check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+        _checks.check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     kw.update(softmax_scale=call["scale"], window_size=call["window"], softcap=call["softcap"],
               causal_align="bottom_right")
     return backends.dispatch("flash_attention_varlen", call, backend, q, k, v, cu_seqlens_q, cu_seqlens_k,
@@ -114,13 +118,15 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 def padded_attention(q, k, v, key_start, key_end, *, causal=False, causal_align="bottom_right",
-                     softmax_scale=None, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, backend="auto"):
+                     softmax_scale=None, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, validate=None,
+                     backend="auto"):
     """Attention where batch element b sees only keys ``key_start[b] <= j < key_end[b]``.
 
     Args:
         q: [B, Nq, Hq, D]; k, v: [B, Nk, Hkv, D] (flash-attn layout, GQA allowed).
-        key_start, key_end: [B] int32/int64 on q's device, 0 <= start <= end <= Nk (not checked on the
-            device: values are only read by the kernels).
+        key_start, key_end: [B] int32/int64 on q's device, 0 <= start <= end <= Nk. validate=True checks
+            that (a device-to-host copy; None, the default, checks CPU tensors only); unchecked values are
+            clamped to it.
         causal, window_size, alibi_slopes: aligned *within the run* of visible keys: with
             ``causal_align="bottom_right"`` the last query sits at the last visible key (left padding,
             KV caches); with ``"top_left"`` query i sits at run key i (right padding with Nq == Nk).
@@ -131,12 +137,12 @@ def padded_attention(q, k, v, key_start, key_end, *, causal=False, causal_align=
     """
     return attention(q, k, v, key_start=key_start, key_end=key_end, causal=causal, causal_align=causal_align,
                      softmax_scale=softmax_scale, window_size=window_size, alibi_slopes=alibi_slopes,
-                     softcap=softcap, backend=backend)
+                     softcap=softcap, validate=validate, backend=backend)
 
 
 def attention(q, k, v, *, key_start=None, key_end=None, causal=False, causal_align="bottom_right",
               softmax_scale=None, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, deterministic=False,
-              return_lse=False, backend="auto"):
+              return_lse=False, validate=None, backend="auto"):
     """The package's one entry for dense ([B, N, H, D]) attention: `flash_attention` semantics with the causal
     alignment as a parameter ("bottom_right" or "top_left") and, with key_start / key_end, a run of visible
     keys per batch element (`padded_attention`). Validates, then dispatches op "flash_attention" or
@@ -146,9 +152,11 @@ def attention(q, k, v, *, key_start=None, key_end=None, causal=False, causal_ali
     padded = key_start is not None or key_end is not None
     if padded:
         call = _describe_padded(q, k, v, key_start, key_end, **kw)
+        if _checks.check_validate(validate, q):
+            _checks.check_key_bounds_values("key_start", key_start, "key_end", key_end, k.shape[1])
     else:
         call = _describe(q, k, v, **kw)
-    kw.update(causal=bool(causal), softmax_scale=call["scale"], window_size=call["window"], softcap=call["softcap"])
+    kw.update(softmax_scale=call["scale"], window_size=call["window"], softcap=call["softcap"])
     if padded:
         return backends.dispatch("padded_attention", call, backend, q, k, v, key_start, key_end, **kw)
     return backends.dispatch("flash_attention", call, backend, q, k, v, **kw)

@@ -20,10 +20,13 @@ def _describe(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table
                                 softcap=softcap, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes)
     if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = choose automatically), got {num_splits!r}")
+    _checks.check_bool("causal", causal)
+    _checks.check_bool("return_lse", return_lse)
     return dict(device=q.device, dtype=q.dtype, head_dim=info["head_dim"], hq=info["hq"], hkv=info["hkv"],
                 group=info["hq"] // info["hkv"], sq=info["sq"], paged=info["paged"], page_size=info["page_size"],
-                capacity=info["capacity"], append=k is not None, causal=bool(causal), window=info["window"], alibi=alibi_slopes is not None,
-                softcap=info["softcap"], num_splits=num_splits, return_lse=bool(return_lse), scale=info["scale"],
+                capacity=info["capacity"], append=k is not None, causal=causal, window=info["window"],
+                alibi=alibi_slopes is not None, softcap=info["softcap"], num_splits=num_splits, return_lse=return_lse,
+                scale=info["scale"],
                 requires_grad=torch.is_grad_enabled() and any(
                     t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)))
 
@@ -33,7 +36,7 @@ backends.register_op("decode_attention", _describe)
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None, softmax_scale=None,
                      causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, num_splits=0,
-                     return_lse=False, validate=False, backend="auto"):
+                     return_lse=False, validate=None, backend="auto"):
     """Attention of Sq new queries per sequence over a KV cache (flash-attn's flash_attn_with_kvcache).
 
     Args:
@@ -47,15 +50,19 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, bloc
         window_size, alibi_slopes, softcap, softmax_scale: as `flash_attention`.
         num_splits: split-KV chunks per sequence; 0 picks a count on the host (no device sync).
         return_lse: also return lse [B, Hq, Sq] (fp32, natural log).
-        validate: also check cache_seqlens / block_table values (costs a device-to-host copy).
+        validate: check the cache_seqlens / block_table values (lengths within the capacity, the pages a
+            sequence uses within 0..num_pages-1), which costs a device-to-host copy; None (default) checks CPU
+            tensors only. Unchecked values never make a kernel read or write outside its tensors: lengths are
+            clamped to 0..capacity, appends outside the cache are dropped, and a page id outside
+            0..num_pages-1 holds no visible token (nothing is read from it or appended into it).
     Returns out [B, Sq, Hq, D] (dtype of q), or (out, lse). Sequences with no visible token give 0.
     """
     kw = dict(k=k, v=v, block_table=block_table, softmax_scale=softmax_scale, causal=causal,
               window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap, num_splits=num_splits,
               return_lse=return_lse)
     call = _describe(q, k_cache, v_cache, cache_seqlens, **kw)
-    if validate:
+    if _checks.check_validate(validate, q):
         _checks.check_decode_values(cache_seqlens, block_table, k_cache.shape[0], call["page_size"],
                                     call["capacity"], call["sq"] if k is not None else 0)
-    kw.update(softmax_scale=call["scale"], window_size=call["window"], softcap=call["softcap"], causal=bool(causal))
+    kw.update(softmax_scale=call["scale"], window_size=call["window"], softcap=call["softcap"])
     return backends.dispatch("decode_attention", call, backend, q, k_cache, v_cache, cache_seqlens, **kw)

@@ -62,12 +62,26 @@ def _check_args(max_new_tokens, temperature, top_k, top_p, eos_token_id, cache, 
         raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
 
 
+def _check_ids(prompts, vocab_size):
+    """Token ids within 0..vocab_size-1 (an embedding lookup would fail with a bare IndexError)."""
+    if vocab_size is None:
+        return
+    for i, p in enumerate(prompts):
+        bad = ((p < 0) | (p >= vocab_size)).nonzero()
+        if bad.numel():
+            j = int(bad[0, 0])
+            raise ValueError(f"input_ids[{i}][{j}] = {int(p[j])} is not a token id of the model (0..{vocab_size - 1})")
+
+
 def _prompts(input_ids, device):
     """List of 1-D int64 tensors from a [B, N] tensor or a list of 1-D tensors / lists of ints."""
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor [B, N] or a list of prompts, "
                              f"got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids must hold at least one token per prompt, got shape "
+                             f"{tuple(input_ids.shape)}")
         return [row.long() for row in input_ids.to(device)]
     if not isinstance(input_ids, (list, tuple)) or not input_ids:
         raise ValueError("input_ids must be an integer tensor [B, N] or a non-empty list of prompts")
@@ -101,6 +115,7 @@ def generate(model, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_
     _check_args(max_new_tokens, temperature, top_k, top_p, eos_token_id, cache, page_size)
     device = next(model.parameters()).device
     prompts = _prompts(input_ids, device)
+    _check_ids(prompts, getattr(getattr(model, "config", None), "vocab_size", None))
     lengths = [int(p.numel()) for p in prompts]
     b = len(prompts)
     capacity = max(lengths) + max_new_tokens

@@ -21,10 +21,12 @@ __all__ = ["layer_norm", "rms_norm"]
 def _describe(x, weight=None, bias=None, eps=1e-5, *, residual=None, prenorm=False, residual_in_fp32=False,
               has_bias=True):
     n = _checks.check_norm(x, weight, bias, eps, residual, has_bias=has_bias)
+    _checks.check_bool("prenorm", prenorm)
+    _checks.check_bool("residual_in_fp32", residual_in_fp32)
     return dict(device=x.device, dtype=x.dtype, hidden=n, rows=x.numel() // n,
                 weight_dtype=None if weight is None else weight.dtype,
-                bias=bias is not None, residual=residual is not None, prenorm=bool(prenorm),
-                residual_in_fp32=bool(residual_in_fp32))
+                bias=bias is not None, residual=residual is not None, prenorm=prenorm,
+                residual_in_fp32=residual_in_fp32)
 
 
 def _describe_rms(x, weight=None, eps=1e-6, **kw):
@@ -38,7 +40,8 @@ backends.register_op("rms_norm", _describe_rms)
 def _h_in_fp32(residual, residual_in_fp32):
     """h is stored in the residual's dtype (flash-attn's rule): an fp32 residual means an fp32 h, so its
     gradient (and the residual's) is not rounded to x's half precision."""
-    return bool(residual_in_fp32) or (isinstance(residual, torch.Tensor) and residual.dtype == torch.float32)
+    _checks.check_bool("residual_in_fp32", residual_in_fp32)
+    return residual_in_fp32 or (isinstance(residual, torch.Tensor) and residual.dtype == torch.float32)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, prenorm=False, residual_in_fp32=False,

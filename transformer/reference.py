@@ -93,51 +93,50 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     return (out, lse) if return_lse else out
 
 
+def varlen_bounds(cu, total):
+    """[(start, end)] per sequence from cu_seqlens values as the kernels take them: each entry clamped into
+    0..total, then a running max (so sequences never overlap). Valid cu_seqlens are unchanged."""
+    c, top = [], 0
+    for x in cu:
+        top = max(top, min(max(x, 0), total))
+        c.append(top)
+    return list(zip(c, c[1:]))
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
                      causal=False, softmax_scale=None, window_size=(-1, -1), alibi_slopes=None,
                      softcap=0.0, causal_align="bottom_right", return_lse=False,
-                     compute_dtype=torch.float32):
+                     compute_dtype=torch.float32, validate=True):
     """Packed sequences: q [total_q, Hq, D], k/v [total_k, Hkv, D], cu_seqlens int32 [B + 1].
 
-    Returns out [total_q, Hq, D] (and lse [Hq, total_q], flash-attn's varlen layout).
+    Returns out [total_q, Hq, D] (and lse [Hq, total_q], flash-attn's varlen layout). validate=False takes
+    cu_seqlens values as the kernels do (transformer/_checks.py: clamped, non-decreasing bounds; max_seqlen
+    not used).
     """
     info = _checks.check_attention(q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                    window_size=window_size, softcap=softcap, softmax_scale=softmax_scale,
                                    alibi_slopes=alibi_slopes)
-    _checks.check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-    _checks.check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0])
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for name, cu, mx in (("max_seqlen_q", cq, max_seqlen_q), ("max_seqlen_k", ck, max_seqlen_k)):
-        longest = max(b - a for a, b in zip(cu, cu[1:]))
-        if mx is not None and mx < longest:
-            raise ValueError(f"{name} = {mx} is smaller than the longest sequence ({longest})")
+    if validate:
+        _checks.check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+        _checks.check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+    bq = varlen_bounds(cu_seqlens_q.tolist(), q.shape[0])
+    bk = varlen_bounds(cu_seqlens_k.tolist(), k.shape[0])
     dtype = compute_dtype or q.dtype
     lse_dtype = torch.float32 if compute_dtype is None else dtype
     hq, d = info["hq"], info["head_dim"]
-
-    def empty(n):  # n query tokens that see no key: out 0, lse -inf
-        return (q.new_zeros((n, hq, d), dtype=dtype),
-                torch.full((hq, n), float("-inf"), dtype=lse_dtype, device=q.device))
-
-    outs, lses = [], []
-    for i in range(info["batch"]):
-        qs, ks = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
-        if ck[i + 1] == ck[i]:
-            o, l = empty(cq[i + 1] - cq[i])
-        else:
-            slopes = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-            o, l = attention(q[None, qs], k[None, ks], v[None, ks], causal=causal, softmax_scale=info["scale"],
-                             window_size=window_size, alibi_slopes=slopes, softcap=softcap,
-                             causal_align=causal_align, return_lse=True, compute_dtype=compute_dtype)
-            o, l = o[0], l[0].to(lse_dtype)
-        outs.append(o)
-        lses.append(l)
-    tail = q.shape[0] - cq[-1]  # packed tokens past the last sequence, if any
-    if tail:
-        o, l = empty(tail)
-        outs.append(o)
-        lses.append(l)
-    out, lse = torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+    # Tokens in no sequence (or a sequence that sees no key): out 0, lse -inf.
+    out = q.new_zeros((q.shape[0], hq, d), dtype=dtype)
+    lse = torch.full((hq, q.shape[0]), float("-inf"), dtype=lse_dtype, device=q.device)
+    for i, ((qa, qb), (ka, kb)) in enumerate(zip(bq, bk)):
+        if kb == ka or qb == qa:
+            continue
+        slopes = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        o, l = attention(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], causal=causal, softmax_scale=info["scale"],
+                         window_size=window_size, alibi_slopes=slopes, softcap=softcap,
+                         causal_align=causal_align, return_lse=True, compute_dtype=compute_dtype)
+        index = torch.arange(qa, qb, device=q.device)      # index_put keeps autograd through out
+        out = out.index_put((index,), o[0])
+        lse = lse.index_put((torch.arange(hq, device=q.device)[:, None], index[None, :]), l[0].to(lse_dtype))
     return (out, lse) if return_lse else out
 
 
@@ -192,7 +191,7 @@ def cache_positions(cache_seqlens_b, n, block_table_b, page_size):
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None,
                      softmax_scale=None, causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0,
-                     return_lse=False, compute_dtype=torch.float32):
+                     return_lse=False, compute_dtype=torch.float32, validate=True):
     """Attention of q [B, Sq, Hq, D] over a KV cache.
 
     Contiguous cache: k_cache/v_cache [B, S_max, Hkv, D]. Paged cache: [num_pages, page_size, Hkv, D]
@@ -200,43 +199,54 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, bloc
     slot t % page_size). cache_seqlens [B] int32 counts the tokens already cached. If k/v [B, Sq, Hkv, D]
     are given they are written into the cache (in place) at positions cache_seqlens .. cache_seqlens+Sq-1
     first. The Sq queries sit at the end of their sequence (bottom-right causal alignment).
-    Returns out [B, Sq, Hq, D] (and lse [B, Hq, Sq]).
+    Returns out [B, Sq, Hq, D] (and lse [B, Hq, Sq]). validate=False takes cache_seqlens and block_table
+    values as the kernels do (transformer/_checks.py: clamped lengths, invalid pages hold no visible token).
     """
     info = _checks.check_decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, window_size=window_size,
                                 softcap=softcap, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes)
-    b, sq, hq = info["batch"], info["sq"], info["hq"]
+    b, sq, hq, d = info["batch"], info["sq"], info["hq"], info["head_dim"]
+    capacity, page_size, num_pages = info["capacity"], info["page_size"], k_cache.shape[0]
     appended = sq if k is not None else 0
-    _checks.check_decode_values(cache_seqlens, block_table, k_cache.shape[0], info["page_size"],
-                                info["capacity"], appended)
+    if validate:
+        _checks.check_decode_values(cache_seqlens, block_table, num_pages, page_size, capacity, appended)
     lens = cache_seqlens.tolist()
     dtype = compute_dtype or q.dtype
-    outs, lses = [], []
+    out = q.new_zeros((b, sq, hq, d), dtype=dtype)
+    lse = torch.full((b, hq, sq), float("-inf"), device=q.device, dtype=dtype)
     for i in range(b):
-        bt = block_table[i] if block_table is not None else None
-        if k is not None:  # append new tokens in place
-            page, slot = cache_positions(cache_seqlens[i], lens[i] + sq, bt, info["page_size"])
-            new = slice(lens[i], lens[i] + sq)
+        bt = block_table[i].long() if block_table is not None else None
+
+        def locate(pos):   # (valid, page or None, slot) of cache positions `pos` (long tensor)
+            if bt is None:
+                return torch.ones_like(pos, dtype=torch.bool), None, pos
+            page = bt[pos // page_size]
+            return (page >= 0) & (page < num_pages), page.clamp(0, num_pages - 1), pos % page_size
+
+        if k is not None:  # append new tokens in place, where the position and its page are valid
+            pos = lens[i] + torch.arange(sq, device=q.device)
+            inside = (pos >= 0) & (pos < capacity)
+            valid, page, slot = locate(pos.clamp(0, capacity - 1))
+            keep = (inside & valid).nonzero().flatten()
             with torch.no_grad():
                 if page is None:
-                    k_cache[i, new] = k[i]
-                    v_cache[i, new] = v[i]
+                    k_cache[i, slot[keep]] = k[i, keep]
+                    v_cache[i, slot[keep]] = v[i, keep]
                 else:
-                    k_cache[page[new], slot[new]] = k[i]
-                    v_cache[page[new], slot[new]] = v[i]
-        n = lens[i] + appended
-        page, slot = cache_positions(cache_seqlens[i], n, bt, info["page_size"])
+                    k_cache[page[keep], slot[keep]] = k[i, keep]
+                    v_cache[page[keep], slot[keep]] = v[i, keep]
+        n = min(max(lens[i] + appended, 0), capacity)
+        if n == 0:
+            continue
+        valid, page, slot = locate(torch.arange(n, device=q.device))
         ki = k_cache[i, :n] if page is None else k_cache[page, slot]
         vi = v_cache[i, :n] if page is None else v_cache[page, slot]
+        if not bool(valid.all()):   # tokens of invalid pages: not visible, and their (garbage) values not read
+            ki = torch.where(valid[:, None, None], ki, torch.zeros((), dtype=ki.dtype, device=ki.device))
+            vi = torch.where(valid[:, None, None], vi, torch.zeros((), dtype=vi.dtype, device=vi.device))
         slopes = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-        if n == 0:
-            outs.append(q.new_zeros((sq, hq, q.shape[-1]), dtype=dtype))
-            lses.append(torch.full((hq, sq), float("-inf"), device=q.device, dtype=dtype))
-            continue
         o, l = attention(q[i:i + 1], ki[None], vi[None], causal=causal, softmax_scale=info["scale"],
-                         window_size=window_size, alibi_slopes=slopes, softcap=softcap,
+                         window_size=window_size, alibi_slopes=slopes, softcap=softcap, key_padding_mask=valid[None],
                          return_lse=True, compute_dtype=compute_dtype)
-        outs.append(o[0])
-        lses.append(l[0])
-    out = torch.stack(outs)
-    lse = torch.stack(lses)
+        out = out.index_put((torch.tensor([i], device=q.device),), o)
+        lse = lse.index_put((torch.tensor([i], device=q.device),), l.to(dtype))
     return (out, lse) if return_lse else out

@@ -150,7 +150,7 @@ def _grid_dims(q, k, cu_q, max_q, max_k):
 
 
 def _zero_varlen_tail(x, y, lse, cu, total):
-    """Outputs of packed tokens past cu[-1] (no sequence): 0 (lse -inf). A no-op when cu[-1] == total."""
+    """Outputs of packed tokens in no sequence (before cu[0] or from cu[-1] on): 0 (lse -inf)."""
     if total == 0:
         return
     block_t = 64
@@ -161,6 +161,12 @@ def _zero_varlen_tail(x, y, lse, cu, total):
         x.stride(0), x.stride(1), yy.stride(0), yy.stride(1), sl[0], sl[1],
         HEAD_DIM=x.shape[-1], BLOCK_T=block_t, BLOCK_D=_block_d(x.shape[-1]),
         HAS_Y=y is not None, HAS_LSE=lse is not None)
+
+
+def _safe_cu(cu, total):
+    """cu_seqlens the kernels can take whatever its values, without a device-to-host copy: clamped into
+    0..total and made non-decreasing (a running max). Valid cu_seqlens come back unchanged."""
+    return torch.cummax(cu.clamp(0, total), dim=0).values.to(torch.int32)
 
 
 def _padded_head_dim(head_dim):
@@ -185,6 +191,8 @@ def forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softca
                             scale, left, right, softcap, bottom_right)
         return out[..., :head_dim].contiguous(), lse
     varlen = cu_q is not None
+    if varlen:
+        cu_q, cu_k = _safe_cu(cu_q, q.shape[0]), _safe_cu(cu_k, k.shape[0])
     batch, hq, _ = _grid_dims(q, k, cu_q, max_q, max_k)
     out = _utils.empty(q.shape, q.dtype, q.device)
     lse_shape = (hq, q.shape[0]) if varlen else (batch, hq, q.shape[1])
@@ -210,6 +218,8 @@ def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sca
                           lse, dlse, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right)
         return tuple(g[..., :head_dim].contiguous() for g in grads)
     varlen = cu_q is not None
+    if varlen:
+        cu_q, cu_k = _safe_cu(cu_q, q.shape[0]), _safe_cu(cu_k, k.shape[0])
     batch, hq, hkv = _grid_dims(q, k, cu_q, max_q, max_k)
     dq = _utils.empty(q.shape, q.dtype, q.device)
     dk = _utils.empty(k.shape, k.dtype, k.device)

@@ -294,16 +294,17 @@ def _zero_tail(X, Y, Lse, Cu, n_seqs, total, n_heads,
                stride_xt, stride_xh, stride_yt, stride_yh, stride_lh, stride_lt,
                HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                HAS_Y: tl.constexpr, HAS_LSE: tl.constexpr):
-    """Packed tokens cu[n_seqs] <= t < total belong to no sequence: X (and Y) rows 0, Lse -inf.
-    Grid (cdiv(total, BLOCK_T),); programs before the tail return at once."""
+    """Packed tokens before cu[0] or from cu[n_seqs] on belong to no sequence: X (and Y) rows 0, Lse -inf.
+    Grid (cdiv(total, BLOCK_T),); programs with nothing to zero return at once."""
     t0 = tl.program_id(0) * BLOCK_T
-    start = tl.load(Cu + n_seqs)
-    if t0 + BLOCK_T <= start:
+    head = tl.load(Cu)
+    tail = tl.load(Cu + n_seqs)
+    if (t0 >= head) & (t0 + BLOCK_T <= tail):
         return
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     toks = t0 + offs_t
-    t_ok = (toks >= start) & (toks < total)
+    t_ok = ((toks < head) | (toks >= tail)) & (toks < total)
     mask = t_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     t64 = toks.to(tl.int64)
     zeros = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)

@@ -52,7 +52,8 @@ def _round_to(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _seq_info(CuQ, CuK, b, Nq, Nk, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
-    """(first packed query token, seqlen_q, first packed key token, seqlen_k, alignment offset) of batch b."""
+    """(first packed query token, seqlen_q, first packed key token, seqlen_k, alignment offset) of batch b.
+    Varlen: cu_seqlens are non-decreasing and within the packed tokens (the launcher makes them so)."""
     if IS_VARLEN:
         q_start = tl.load(CuQ + b)
         seqlen_q = tl.load(CuQ + b + 1) - q_start

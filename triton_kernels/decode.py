@@ -53,28 +53,33 @@ def _decode_append(
     stride_vb, stride_vs, stride_vh,          # new v [B, Sq, Hkv, D]
     stride_kcb, stride_kcs, stride_kch,       # k cache: dim 0 is the batch (contiguous) or the page (paged)
     stride_vcb, stride_vcs, stride_vch,
-    stride_btb,                               # block_table [B, max_pages]
+    stride_cs,                                # cache_seqlens [B]
+    stride_btb, stride_btp,                   # block_table [B, max_pages]
     Sq, Hkv, D,
     capacity,                                 # tokens per sequence the cache can hold
-    page_size,
+    page_size, num_pages,
     PAGED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (b * Sq + s, head block): copy token s of sequence b, BLOCK_H KV heads, into the cache."""
+    """Program (b * Sq + s, head block): copy token s of sequence b, BLOCK_H KV heads, into the cache.
+    A position outside 0..capacity-1, or in a page outside 0..num_pages-1, is not written."""
     pid = tl.program_id(0)
     b = pid // Sq
     s = pid % Sq
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    pos = tl.load(CacheSeqlens + b) + s
+    pos = tl.load(CacheSeqlens + b.to(tl.int64) * stride_cs).to(tl.int64) + s
     in_cache = (pos >= 0) & (pos < capacity)
-    mask = in_cache & (offs_h[:, None] < Hkv) & (offs_d[None, :] < D)
+    pos = tl.where(in_cache, pos, 0)
     if PAGED:
-        page = tl.load(BlockTable + b.to(tl.int64) * stride_btb + pos // page_size, mask=in_cache, other=0)
+        page = tl.load(BlockTable + b.to(tl.int64) * stride_btb + (pos // page_size) * stride_btp, mask=in_cache,
+                       other=-1)
+        in_cache = in_cache & (page >= 0) & (page < num_pages)
         row_kc = page.to(tl.int64) * stride_kcb + (pos % page_size).to(tl.int64) * stride_kcs
         row_vc = page.to(tl.int64) * stride_vcb + (pos % page_size).to(tl.int64) * stride_vcs
     else:
-        row_kc = b.to(tl.int64) * stride_kcb + pos.to(tl.int64) * stride_kcs
-        row_vc = b.to(tl.int64) * stride_vcb + pos.to(tl.int64) * stride_vcs
+        row_kc = b.to(tl.int64) * stride_kcb + pos * stride_kcs
+        row_vc = b.to(tl.int64) * stride_vcb + pos * stride_vcs
+    mask = in_cache & (offs_h[:, None] < Hkv) & (offs_d[None, :] < D)
     hd_k = offs_h[:, None] * stride_kh + offs_d[None, :]
     hd_v = offs_h[:, None] * stride_vh + offs_d[None, :]
     kn = tl.load(K + b.to(tl.int64) * stride_kb + s * stride_ks + hd_k, mask=mask, other=0.0)
@@ -91,7 +96,8 @@ def _decode_split_kv(
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,          # k cache: dim 0 is the batch (contiguous) or the page (paged)
     stride_vb, stride_vs, stride_vh,
-    stride_btb,
+    stride_cs,                                # cache_seqlens [B]
+    stride_btb, stride_btp,                   # block_table [B, max_pages]
     stride_ab, stride_ah,                     # alibi slopes [Hq] (stride_ab = 0) or [B, Hq]
     stride_ob, stride_os, stride_oh,
     qk_scale,                                 # softmax_scale * log2(e), or softmax_scale with HAS_SOFTCAP
@@ -100,7 +106,7 @@ def _decode_split_kv(
     Sq, Hkv,
     group,                                    # Hq // Hkv
     num_appended,                             # Sq when k/v were appended, else 0
-    capacity, page_size, num_splits,
+    capacity, page_size, num_pages, num_splits,
     HEAD_DIM: tl.constexpr,
     PAGED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
@@ -126,8 +132,8 @@ def _decode_split_kv(
     d_ok = offs_d < HEAD_DIM
 
     # Keys visible to some query of this sequence: [lo, n). Query i sits at position n - Sq + i.
-    n = tl.load(CacheSeqlens + b) + num_appended
-    n = tl.minimum(tl.maximum(n, 0), capacity)
+    n = tl.load(CacheSeqlens + b.to(tl.int64) * stride_cs).to(tl.int64) + num_appended
+    n = tl.minimum(tl.maximum(n, 0), capacity).to(tl.int32)     # any cache_seqlens: 0..capacity
     q_pos = n - Sq + qi
     lo = 0
     if MASK_LEFT:
@@ -152,8 +158,10 @@ def _decode_split_kv(
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < end
-        if PAGED:
-            page = tl.load(BlockTable + b.to(tl.int64) * stride_btb + cols // page_size, mask=col_ok, other=0)
+        if PAGED:   # a page id outside 0..num_pages-1 holds no visible token: nothing is read from it
+            page = tl.load(BlockTable + b.to(tl.int64) * stride_btb + (cols // page_size) * stride_btp, mask=col_ok,
+                           other=-1)
+            col_ok = col_ok & (page >= 0) & (page < num_pages)
             slot = (cols % page_size).to(tl.int64)
             k_row = page.to(tl.int64) * stride_kb + slot * stride_ks
             v_row = page.to(tl.int64) * stride_vb + slot * stride_vs
@@ -296,7 +304,8 @@ def decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, 
     if num_splits == 0:
         num_splits = pick_num_splits(batch, hkv, m_blocks, capacity, block_n, sm_count(dev))
     bt = block_table if paged else cache_seqlens                   # placeholder pointer when not paged
-    bt_stride = block_table.stride(0) if paged else 0
+    bt_strides = (block_table.stride(0), block_table.stride(1)) if paged else (0, 0)
+    num_pages = k_cache.shape[0]
 
     if k is not None:
         block_h = min(triton.next_power_of_2(hkv), max(1, 4096 // block_d))
@@ -304,8 +313,8 @@ def decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, 
             k, v, k_cache, v_cache, cache_seqlens, bt,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt_stride,
-            sq, hkv, d, capacity, page_size,
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cache_seqlens.stride(0), *bt_strides,
+            sq, hkv, d, capacity, page_size, num_pages,
             PAGED=paged, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
 
     out = empty((batch, sq, hq, d), q.dtype, dev)
@@ -325,10 +334,10 @@ def decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, 
         q, k_cache, v_cache, cache_seqlens, bt, alibi, out, lse, out_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt_stride,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cache_seqlens.stride(0), *bt_strides,
         stride_ab, stride_ah, out.stride(0), out.stride(1), out.stride(2),
         qk_scale, softcap if has_softcap else 1.0, max(window_left, 0), max(window_right, 0),
-        sq, hkv, group, sq if k is not None else 0, capacity, page_size, num_splits,
+        sq, hkv, group, sq if k is not None else 0, capacity, page_size, num_pages, num_splits,
         HEAD_DIM=d, PAGED=paged, MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0,
         HAS_SOFTCAP=has_softcap, HAS_ALIBI=alibi_slopes is not None, ALIGNED=_aligned(d, k_cache, v_cache),
         SPLIT=split, UPCAST=upcast,
@@ -351,12 +360,12 @@ def _split_signature(dtype, paged):
     sig = {"Q": f"*{t}", "KCache": f"*{t}", "VCache": f"*{t}", "CacheSeqlens": "*i32", "BlockTable": "*i32",
            "Alibi": "*fp32", "Out": f"*{t}", "Lse": "*fp32", "OutPart": "*fp32", "LsePart": "*fp32"}
     for name in ("stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb",
-                 "stride_vs", "stride_vh", "stride_btb", "stride_ab", "stride_ah", "stride_ob", "stride_os",
-                 "stride_oh"):
+                 "stride_vs", "stride_vh", "stride_cs", "stride_btb", "stride_btp", "stride_ab", "stride_ah",
+                 "stride_ob", "stride_os", "stride_oh"):
         sig[name] = "i32"
     sig.update(qk_scale="fp32", softcap="fp32")
     for name in ("window_left", "window_right", "Sq", "Hkv", "group", "num_appended", "capacity", "page_size",
-                 "num_splits"):
+                 "num_pages", "num_splits"):
         sig[name] = "i32"
     for name in ("HEAD_DIM", "PAGED", "MASK_LEFT", "MASK_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "ALIGNED", "SPLIT",
                  "UPCAST", "M_BLOCKS", "BLOCK_M", "BLOCK_N", "BLOCK_D"):
@@ -401,8 +410,8 @@ def aot_configs():
         sig = {"K": "*bf16", "V": "*bf16", "KCache": "*bf16", "VCache": "*bf16", "CacheSeqlens": "*i32",
                "BlockTable": "*i32"}
         for name in ("stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_kcb",
-                     "stride_kcs", "stride_kch", "stride_vcb", "stride_vcs", "stride_vch", "stride_btb", "Sq",
-                     "Hkv", "D", "capacity", "page_size"):
+                     "stride_kcs", "stride_kch", "stride_vcb", "stride_vcs", "stride_vch", "stride_cs", "stride_btb",
+                     "stride_btp", "Sq", "Hkv", "D", "capacity", "page_size", "num_pages"):
             sig[name] = "i32"
         sig.update(PAGED="constexpr", BLOCK_H="constexpr", BLOCK_D="constexpr")
         cfgs.append(AotConfig(name=f"decode_append d128 {'paged' if paged else 'contig'}", kernel=_decode_append,

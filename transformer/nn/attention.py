@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks
 from ..attention import attention, flash_attention_varlen, padded_attention
 from ..decode import decode_attention
 from ..sdpa import classify_sdpa_mask, key_run_bounds
@@ -38,6 +39,23 @@ def _int_arg(name, val, minimum=1):
     if not isinstance(val, int) or isinstance(val, bool) or val < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {val!r}")
     return val
+
+
+def check_lengths(name, lengths, batch, n, ref):
+    """[B] integer lengths of a right-padded batch, on ref's device; on CPU tensors (a free check; not while
+    torch.compile traces) also 0 <= lengths[b] <= n. Unchecked values are clamped to 0..n by the attention ops."""
+    _checks.check_tensor(name, lengths, ndim=1)
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype int32 or int64, got {lengths.dtype}")
+    if lengths.shape[0] != batch:
+        raise ValueError(f"{name} must have shape [B]=[{batch}], got {tuple(lengths.shape)}")
+    _checks.check_same_device(name, lengths, "x", ref)
+    if _checks.check_validate(None, lengths):
+        bad = ((lengths < 0) | (lengths > n)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise ValueError(f"{name}[{i}] = {int(lengths[i])} is outside 0..{n} (the sequence length)")
+    return lengths
 
 
 def packed_positions(cu_seqlens, total):
@@ -83,8 +101,11 @@ class Attention(nn.Module):
         _int_arg("head_dim", head_dim)
         if rope_theta is not None and alibi:
             raise ValueError("alibi=True expects rope_theta=None (use one position scheme)")
+        _checks.check_bool("causal", causal)
+        _checks.check_window(window_size)
+        _checks.check_softcap(softcap)
         self.dim, self.n_heads, self.n_kv_heads, self.head_dim = dim, n_heads, n_kv_heads, head_dim
-        self.causal, self.window_size, self.softcap, self.backend = bool(causal), tuple(window_size), softcap, backend
+        self.causal, self.window_size, self.softcap, self.backend = causal, tuple(window_size), softcap, backend
         fk = dict(device=device, dtype=dtype)
         self.wqkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias, **fk)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=bias, **fk)
@@ -122,11 +143,10 @@ class Attention(nn.Module):
         positions = torch.arange(n, device=x.device)
         q, k = self._rotate(q, k, positions)
         if key_lengths is not None:
-            if key_lengths.shape != (b,):
-                raise ValueError(f"key_lengths must have shape [B]=[{b}], got {tuple(key_lengths.shape)}")
+            check_lengths("key_lengths", key_lengths, b, n, x)
             start = torch.zeros_like(key_lengths)
             out = padded_attention(q, k, v, start, key_lengths, causal=self.causal, causal_align="top_left",
-                                   **self._kw())
+                                   validate=False, **self._kw())
         else:
             out = attention(q, k, v, causal=self.causal, **self._kw())
         if cache is not None:
@@ -199,9 +219,13 @@ class CrossAttention(nn.Module):
         if memory_lengths is None:
             out = attention(q, k, v, backend=self.backend)
         elif n <= 16 and not torch.is_grad_enabled():
-            out = decode_attention(q, k, v, memory_lengths.to(torch.int32), causal=False, backend=self.backend)
+            check_lengths("memory_lengths", memory_lengths, b, k.shape[1], x)
+            out = decode_attention(q, k, v, memory_lengths.to(torch.int32), causal=False, validate=False,
+                                   backend=self.backend)
         else:
-            out = padded_attention(q, k, v, torch.zeros_like(memory_lengths), memory_lengths, backend=self.backend)
+            check_lengths("memory_lengths", memory_lengths, b, k.shape[1], x)
+            out = padded_attention(q, k, v, torch.zeros_like(memory_lengths), memory_lengths, validate=False,
+                                   backend=self.backend)
         return self.wo(out.flatten(-2))
 
 
@@ -331,8 +355,24 @@ class MultiheadAttention(nn.Module):
             return None
         return ("padded", start, end, causal)
 
+    def _check_key_padding_mask(self, query, key, key_padding_mask):
+        """torch asserts on a wrong-shaped mask; this names the argument: [B, S] batched, [S] unbatched."""
+        if key_padding_mask is None or not isinstance(key, torch.Tensor):
+            return
+        _checks.check_tensor("key_padding_mask", key_padding_mask)
+        if key.dim() == 3:
+            src_len = key.shape[1] if self.batch_first else key.shape[0]
+            batch = key.shape[0] if self.batch_first else key.shape[1]
+            want = (batch, src_len)
+        else:
+            want = (key.shape[0],)
+        if tuple(key_padding_mask.shape) != want:
+            raise ValueError(f"key_padding_mask must have shape {list(want)} ({'[B, S]' if len(want) == 2 else '[S]'}"
+                             f" of key), got {tuple(key_padding_mask.shape)}")
+
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        self._check_key_padding_mask(query, key, key_padding_mask)
         args = (query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
         if (need_weights or (self.training and self.dropout > 0) or query.dim() != 3 or key.dim() != 3
                 or value.dim() != 3 or self.bias_k is not None or self.add_zero_attn or query.shape[-1] != self.embed_dim):

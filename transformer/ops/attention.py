@@ -90,10 +90,13 @@ def padded_cu_seqlens(key_start, key_end, batch, nq, nk):
     """(cu_seqlens_q, cu_seqlens_k) that pack a padded batch into 3 varlen sequences per batch element.
 
     Sequence 3b holds keys [0, start) and no queries, 3b + 1 keys [start, end) with all Nq queries of b,
-    3b + 2 keys [end, Nk) and no queries; int32 [3B + 1], computed on the device (no host copy)."""
+    3b + 2 keys [end, Nk) and no queries; int32 [3B + 1], computed on the device (no host copy). Bounds are
+    clamped to 0 <= start <= end <= Nk, so no value of key_start / key_end reaches outside b's keys."""
     dev = key_start.device
     ar = torch.arange(batch, device=dev, dtype=torch.int32)
-    s, e = key_start.to(torch.int32), key_end.to(torch.int32)
+    s = key_start.clamp(0, nk)
+    e = torch.maximum(key_end.clamp(max=nk), s)
+    s, e = s.to(torch.int32), e.to(torch.int32)
     cu_k = torch.stack([ar * nk, ar * nk + s, ar * nk + e], dim=1).flatten()
     cu_q = torch.stack([ar * nq, ar * nq, ar * nq + nq], dim=1).flatten()
     tail = torch.full((1,), batch * nq, dtype=torch.int32, device=dev)
