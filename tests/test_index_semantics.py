@@ -311,3 +311,34 @@ def test_huge_windows_are_unbounded():
         a = transformer.flash_attention(q, k, k, window_size=(2 ** 40, 2 ** 33), backend=backend)
         b = transformer.flash_attention(q, k, k, backend=backend)
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_index_and_parameter_tensors(backend):
+    """Sliced cu_seqlens, a transposed [B, Hq] ALiBi view and sliced key bounds give the contiguous results."""
+    _require(backend)
+    q, k, v, cu_q, cu_k = _varlen([7, 20, 5], [9, 30, 4], seed=6)
+    wide = torch.zeros(2 * cu_q.numel(), dtype=torch.int32, device=DEVICE)
+    wide[::2] = cu_q
+    want = transformer.flash_attention_varlen(q, k, v, cu_q, cu_k, 20, 30, causal=True, backend=backend)
+    got = transformer.flash_attention_varlen(q, k, v, wide[::2], cu_k, 20, 30, causal=True, backend=backend)
+    assert torch.equal(got, want)
+    qd, kd = randn(3, 9, 4, 64, dtype=H), randn(3, 12, 2, 64, dtype=H)
+    slopes = (torch.rand(4, 3, device=DEVICE) * 0.3 + 0.05).t()            # [B, Hq] view, strides (1, 3)
+    assert not slopes.is_contiguous()
+    want = transformer.flash_attention(qd, kd, kd, alibi_slopes=slopes.contiguous(), backend=backend)
+    got = transformer.flash_attention(qd, kd, kd, alibi_slopes=slopes, backend=backend)
+    assert torch.equal(got, want)
+    bounds = torch.tensor([[0, 2, 1], [99, 12, 99], [5, 9, 99]], device=DEVICE)
+    want = transformer.attention.padded_attention(qd, kd, kd, bounds[:, 0].contiguous(), bounds[:, 2].contiguous(),
+                                                  validate=False, backend=backend)
+    got = transformer.attention.padded_attention(qd, kd, kd, bounds[:, 0], bounds[:, 2], validate=False,
+                                                 backend=backend)
+    assert torch.equal(got, want)
+
+
+def test_sdpa_scale_is_checked():
+    q = randn(1, 2, 5, 16)
+    for bad in (math.nan, math.inf, 0.0, -1.0):
+        with pytest.raises(ValueError, match="scale"):
+            transformer.scaled_dot_product_attention(q, q, q, scale=bad)

@@ -22,6 +22,8 @@ models use: attention in the flash-attn layout [B, N, H, D] where batch element 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -115,6 +117,8 @@ def _check_sdpa_args(query, key, value, dropout_p, is_causal, scale, enable_gqa,
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
     if attn_mask is not None:
         _checks.check_tensor("attn_mask", attn_mask)
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
