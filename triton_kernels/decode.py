@@ -196,7 +196,7 @@ def _decode_split_kv(
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(p.to(VCache.dtype.element_ty).to(v.dtype), v, acc * alpha[:, None])   # p rounded as on a GPU
         m_i = m_new
 
     empty_row = l_i == 0.0

@@ -21,8 +21,8 @@ Gradient: with xhat = (h - mean) * rstd, g = w * dy,
 plus the gradient flowing into the prenorm output h. dx = dresidual = dh (cast to each input's dtype).
 Row offsets are int64 (a scalar tile base plus int32 in-tile offsets); any row stride with a contiguous last
 dim. All loads upcast to fp32 at once, which also keeps bf16 correct under the Triton interpreter (its bf16
-arithmetic is not the GPU's); stores go through ``_cvt``, which rounds to nearest even there too (the interpreter truncates
-fp32 -> bf16, a GPU rounds).
+arithmetic is not the GPU's); stores convert fp32 to the output dtype, rounding to nearest even (under the
+interpreter too: triton_kernels/_interpreter.py).
 """
 from __future__ import annotations
 
@@ -61,16 +61,6 @@ def _tiles():
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _cvt(x, P, INTERP: tl.constexpr):
-    """x (fp32) converted to the element type of pointer P, rounding to nearest even. The Triton interpreter
-    truncates fp32 -> bf16 (the GPU's cvt.rn rounds): when INTERP, round the fp32 bits first."""
-    if INTERP and P.dtype.element_ty == tl.bfloat16:
-        u = x.to(tl.uint32, bitcast=True)
-        x = (u + 0x7FFF + ((u >> 16) & 1)).to(tl.float32, bitcast=True)
-    return x.to(P.dtype.element_ty)
-
-
-@triton.jit
 def _row_shift(X, R, stride_xm, stride_rm, r, row_mask, HAS_RES: tl.constexpr):
     """h[:, 0] of the rows r (fp32; X, R point at the rows' tile). The looped LayerNorm takes its statistics of
     h - h[:, 0]: the shifted values are O(std), so their fp32 mean is accurate to ulps of the std rather than of
@@ -87,7 +77,7 @@ def _norm_fwd(X, R, W, B, Out, H, Mean, Rstd,
               stride_xm, stride_rm, stride_om, stride_hm,   # row strides (elements); last dim contiguous
               M, N, eps,
               IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
-              STORE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERP: tl.constexpr):
+              STORE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """BLOCK_M whole rows per program (BLOCK_N >= N). Pointers: a 64-bit scalar base for the tile's first row
     plus int32 in-tile offsets (the launcher keeps BLOCK_M * stride < 2**31)."""
     row0 = tl.program_id(0) * BLOCK_M
@@ -103,7 +93,7 @@ def _norm_fwd(X, R, W, B, Out, H, Mean, Rstd,
         res = tl.load(R + base * stride_rm + (r[:, None] * stride_rm + cols[None, :]), mask=mask, other=0.0)
         h += res.to(tl.float32)
     if STORE_H:
-        tl.store(H + base * stride_hm + (r[:, None] * stride_hm + cols[None, :]), _cvt(h, H, INTERP),
+        tl.store(H + base * stride_hm + (r[:, None] * stride_hm + cols[None, :]), h.to(H.dtype.element_ty),
                  mask=mask)
     if IS_RMS:
         xc = h
@@ -121,7 +111,7 @@ def _norm_fwd(X, R, W, B, Out, H, Mean, Rstd,
         y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
         y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Out + base * stride_om + (r[:, None] * stride_om + cols[None, :]), _cvt(y, Out, INTERP),
+    tl.store(Out + base * stride_om + (r[:, None] * stride_om + cols[None, :]), y.to(Out.dtype.element_ty),
              mask=mask)
 
 
@@ -130,7 +120,7 @@ def _norm_fwd_looped(X, R, W, B, Out, H, Mean, Rstd,
                      stride_xm, stride_rm, stride_om, stride_hm,
                      M, N, eps,
                      IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
-                     STORE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERP: tl.constexpr):
+                     STORE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """BLOCK_M rows per program (1 on a GPU), in BLOCK_N chunks: statistics pass (writes h), normalise pass."""
     row0 = tl.program_id(0) * BLOCK_M
     r = tl.arange(0, BLOCK_M)
@@ -156,7 +146,7 @@ def _norm_fwd_looped(X, R, W, B, Out, H, Mean, Rstd,
         if HAS_RES:
             h += tl.load(R + (r[:, None] * stride_rm + c[None, :]), mask=mask, other=0.0).to(tl.float32)
         if STORE_H:
-            tl.store(H + (r[:, None] * stride_hm + c[None, :]), _cvt(h, H, INTERP), mask=mask)
+            tl.store(H + (r[:, None] * stride_hm + c[None, :]), h.to(H.dtype.element_ty), mask=mask)
         if IS_RMS:
             m2 += tl.sum(h * h, axis=1)
         else:   # Chan et al.: merge (start values, mean, m2) with this chunk's (n_b, mean_b, m2_b)
@@ -187,7 +177,7 @@ def _norm_fwd_looped(X, R, W, B, Out, H, Mean, Rstd,
             y = y * tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_B:
             y = y + tl.load(B + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Out + (r[:, None] * stride_om + c[None, :]), _cvt(y, Out, INTERP), mask=mask)
+        tl.store(Out + (r[:, None] * stride_om + c[None, :]), y.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -195,7 +185,7 @@ def _norm_bwd_tile(X, R, W, DY, DH, DX, DRes, Mean, Rstd, C1, C2,
                    stride_xm, stride_rm, stride_dym, stride_dhm, stride_dxm, stride_drm,
                    row0, row_end, cols, N,
                    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_RES: tl.constexpr, HAS_DH: tl.constexpr,
-                   STORE_DRES: tl.constexpr, FUSED: tl.constexpr, BLOCK_M: tl.constexpr, INTERP: tl.constexpr):
+                   STORE_DRES: tl.constexpr, FUSED: tl.constexpr, BLOCK_M: tl.constexpr):
     """dx of rows row0 .. row0 + BLOCK_M (< row_end) at columns cols; returns (dy, xhat) for dW/dB.
 
     FUSED: the tile holds whole rows and computes c1 = mean(xhat * g), c2 = mean(g) itself; else they are
@@ -238,11 +228,11 @@ def _norm_bwd_tile(X, R, W, DY, DH, DX, DRes, Mean, Rstd, C1, C2,
     if HAS_DH:
         dh = tl.load(DH + base * stride_dhm + (r[:, None] * stride_dhm + cols[None, :]), mask=mask, other=0.0)
         dx += dh.to(tl.float32)
-    tl.store(DX + base * stride_dxm + (r[:, None] * stride_dxm + cols[None, :]), _cvt(dx, DX, INTERP),
+    tl.store(DX + base * stride_dxm + (r[:, None] * stride_dxm + cols[None, :]), dx.to(DX.dtype.element_ty),
              mask=mask)
     if STORE_DRES:
         tl.store(DRes + base * stride_drm + (r[:, None] * stride_drm + cols[None, :]),
-                 _cvt(dx, DRes, INTERP), mask=mask)
+                 dx.to(DRes.dtype.element_ty), mask=mask)
     return dy, xhat
 
 
@@ -252,7 +242,7 @@ def _norm_bwd(X, R, W, DY, DH, DX, DRes, Mean, Rstd, DW_part, DB_part,
               M, N,
               IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_RES: tl.constexpr, HAS_DH: tl.constexpr,
               STORE_DRES: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERP: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Persistent: program pid handles row blocks pid, pid + G, ...; dW/dB partials to row pid of [G, N].
 
     X holds h (or x, with R = residual to add back in fp32).
@@ -265,7 +255,7 @@ def _norm_bwd(X, R, W, DY, DH, DX, DRes, Mean, Rstd, DW_part, DB_part,
         dy, xhat = _norm_bwd_tile(X, R, W, DY, DH, DX, DRes, Mean, Rstd, None, None,
                                   stride_xm, stride_rm, stride_dym, stride_dhm, stride_dxm, stride_drm,
                                   blk * BLOCK_M, M, cols, N, IS_RMS, HAS_W, HAS_RES, HAS_DH, STORE_DRES, True,
-                                  BLOCK_M, INTERP)
+                                  BLOCK_M)
         if HAS_DW:
             dw_acc += dy * xhat
         if HAS_DB:
@@ -327,7 +317,7 @@ def _norm_bwd_looped(X, R, W, DY, DH, DX, DRes, Mean, Rstd, C1, C2, DW_part, DB_
                      M, N, rows_per_group,          # program (i, j): rows [i*rows_per_group, ...), chunk j
                      IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_RES: tl.constexpr, HAS_DH: tl.constexpr,
                      STORE_DRES: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERP: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Looped backward, step 2: dx for a [rows_per_group, BLOCK_N] slab; dW/dB partials to row i of [groups, N]."""
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -339,7 +329,7 @@ def _norm_bwd_looped(X, R, W, DY, DH, DX, DRes, Mean, Rstd, C1, C2, DW_part, DB_
         dy, xhat = _norm_bwd_tile(X, R, W, DY, DH, DX, DRes, Mean, Rstd, C1, C2,
                                   stride_xm, stride_rm, stride_dym, stride_dhm, stride_dxm, stride_drm,
                                   row0, row_end, cols, N, IS_RMS, HAS_W, HAS_RES, HAS_DH, STORE_DRES, False,
-                                  BLOCK_M, INTERP)
+                                  BLOCK_M)
         if HAS_DW:
             dw_acc += dy * xhat
         if HAS_DB:
@@ -353,8 +343,7 @@ def _norm_bwd_looped(X, R, W, DY, DH, DX, DRes, Mean, Rstd, C1, C2, DW_part, DB_
 
 @triton.jit
 def _reduce_partials(PW, PB, DW, DB, G, N,
-                     HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                     INTERP: tl.constexpr):
+                     HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
     """dW[n] = sum_g PW[g, n] (and dB) in a fixed order: deterministic. PW/PB are [G, N] fp32."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -369,9 +358,9 @@ def _reduce_partials(PW, PB, DW, DB, G, N,
         if HAS_DB:
             acc_b += tl.load(PB + offs, mask=mask, other=0.0)
     if HAS_DW:
-        tl.store(DW + cols, _cvt(tl.sum(acc_w, axis=0), DW, INTERP), mask=col_mask)
+        tl.store(DW + cols, tl.sum(acc_w, axis=0).to(DW.dtype.element_ty), mask=col_mask)
     if HAS_DB:
-        tl.store(DB + cols, _cvt(tl.sum(acc_b, axis=0), DB, INTERP), mask=col_mask)
+        tl.store(DB + cols, tl.sum(acc_b, axis=0).to(DB.dtype.element_ty), mask=col_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +451,7 @@ def forward(x, weight, bias, residual, eps, is_rms, store_h, residual_in_fp32):
         args = (x2, r2, weight, bias, out, h if store_h else None, None if is_rms else mean, rstd,
                 x2.stride(0), _stride(r2), out.stride(0), h.stride(0) if store_h else 0, m, n, eps)
         flags = dict(IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=r2 is not None,
-                     STORE_H=store_h, INTERP=interpreting())
+                     STORE_H=store_h)
         with _on_device(dev):
             if n <= MAX_FUSED_N:
                 block_m, block_n, warps = _fused_config(n, m)
@@ -490,7 +479,7 @@ def _reduce(pw, pb, dw_dtype, db_dtype, n, dev):
     _reduce_partials[(triton.cdiv(n, block_n),)](
         pw, pb, dw if pw is not None else None, db if pb is not None else None, g, n,
         HAS_DW=pw is not None, HAS_DB=pb is not None, BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=block_n,
-        INTERP=interpreting(), num_warps=REDUCE_WARPS)
+        num_warps=REDUCE_WARPS)
     return dw, db
 
 
@@ -514,7 +503,7 @@ def backward(dy, dh, x, residual, weight, mean, rstd, is_rms, dx_dtype, dres_dty
         db = torch.zeros((n,) if need_db else (0,), dtype=db_dtype or torch.float32, device=dev)
         return dx.view(x.shape), dres.view(x.shape) if dres_dtype is not None else dres, dw, db
     flags = dict(IS_RMS=is_rms, HAS_W=weight is not None, HAS_RES=r2 is not None, HAS_DH=dh2 is not None,
-                 STORE_DRES=dres_dtype is not None, HAS_DW=need_dw, HAS_DB=need_db, INTERP=interpreting())
+                 STORE_DRES=dres_dtype is not None, HAS_DW=need_dw, HAS_DB=need_db)
     strides = (x2.stride(0), _stride(r2), dy2.stride(0), _stride(dh2), dx.stride(0),
                dres.stride(0) if dres_dtype is not None else 0)
     mean_arg = None if is_rms else mean
@@ -593,9 +582,9 @@ def aot_configs():
     for dtype, is_rms in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False),
                           (torch.float32, False)):
         tag = f"{'rms' if is_rms else 'ln'} {_TYPE[dtype]}"
-        fwd = dict(IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms, HAS_RES=True, STORE_H=True, INTERP=False)
+        fwd = dict(IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms, HAS_RES=True, STORE_H=True)
         bwd = dict(IS_RMS=is_rms, HAS_W=True, HAS_RES=True, HAS_DH=True, STORE_DRES=True, HAS_DW=True,
-                   HAS_DB=not is_rms, INTERP=False)
+                   HAS_DB=not is_rms)
         if dtype == torch.bfloat16 and not is_rms:      # every BLOCK_N the launcher can pick
             sizes = tuple(2 ** i for i in range(MAX_FUSED_N.bit_length()))
         elif is_rms:
@@ -618,7 +607,7 @@ def aot_configs():
                       {**bwd, "BLOCK_M": bwd_m, "BLOCK_N": bwd_n}, LOOPED_BWD_WARPS))
     for dtype in (torch.bfloat16, torch.float32):
         cases.append((f"reduce_partials {_TYPE[dtype]} G{REDUCE_BLOCK_G}xN{red_n} w{REDUCE_WARPS}", _reduce_partials,
-                      dtype, dict(HAS_DW=True, HAS_DB=True, BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=red_n, INTERP=False),
+                      dtype, dict(HAS_DW=True, HAS_DB=True, BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=red_n),
                       REDUCE_WARPS))
     # "[aligned]" configs only run on 16-byte aligned data with N and strides divisible by 16.
     cfgs = []
