@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 
 CSRC := $(shell find csrc -type f \( -name '*.cu' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.h' \) 2>/dev/null)
 
-.PHONY: test test-slow bench build venv clean
+.PHONY: test test-slow fuzz bench build venv clean
 
 venv: $(VENV)/.deps
 
@@ -41,6 +41,17 @@ test: build
 
 test-slow: build
 	$(VPY) -m pytest -q -m slow
+
+# Differential fuzz (tests/test_fuzz.py): N random valid configs from seed SEED (default: a fresh one, printed).
+# Config i has seed SEED + i; `make fuzz SEED=<config seed> N=1` replays one config.
+N ?= 500
+fuzz: build
+	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "fuzz: seed $$seed, $(N) configs (config i has seed $$seed + i; replay one: make fuzz SEED=<seed + i> N=1)"; \
+	TILEFORMER_FUZZ_SEED=$$seed TILEFORMER_FUZZ_N=$(N) \
+	TILEFORMER_REQUIRE_BACKENDS=$${TILEFORMER_REQUIRE_BACKENDS-triton,cuda} \
+	$(VPY) -m pytest -q -n $${PYTEST_WORKERS-2} tests/test_fuzz.py::test_fuzz -p no:cacheprovider; \
+	rc=$$?; echo "fuzz: seed $$seed, $(N) configs"; exit $$rc
 
 bench: build
 	$(VPY) -m benchmarks.run

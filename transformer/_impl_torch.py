@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import varlen_bounds, alibi_bias, attention_mask
+from .reference import alibi_bias, attention_mask, varlen_bounds, zeros_like_output
 
 
 def _sdpa(q, k, v, mask, bias, scale):
@@ -33,8 +33,17 @@ def _sdpa(q, k, v, mask, bias, scale):
     return out
 
 
+def _half_on_cpu(q):
+    """PyTorch's CPU SDPA in fp16/bf16 sums the GQA gradients of K/V in half precision (twice rounded, beyond
+    the tolerance rule); on the CPU half inputs are computed in fp32 and the results cast back."""
+    return q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def _dense(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, causal_align):
     """q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D] -> [B, Nq, Hq, D]."""
+    if _half_on_cpu(q):
+        return _dense(q.float(), k.float(), v.float(), causal=causal, softmax_scale=softmax_scale,
+                      window_size=window_size, alibi_slopes=alibi_slopes, causal_align=causal_align).to(q.dtype)
     b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     unbounded = window_size == (-1, -1)
@@ -65,7 +74,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # clamped as the kernels clamp them (transformer/_checks.py); tokens in no sequence give 0.
     bq = varlen_bounds(cu_seqlens_q.tolist(), q.shape[0])
     bk = varlen_bounds(cu_seqlens_k.tolist(), k.shape[0])
-    out = torch.zeros_like(q)
+    out = zeros_like_output(q.shape, q.dtype, q, k, v)
     for i, ((qa, qb), (ka, kb)) in enumerate(zip(bq, bk)):
         if ka == kb or qa == qb:
             continue
@@ -109,6 +118,11 @@ def padded_attention(q, k, v, key_start, key_end, *, causal, softmax_scale, wind
                      deterministic, return_lse, causal_align):
     """One masked SDPA call over the padded batch (no host copy; the varlen path would loop over sequences).
     Bounds are clamped as the kernels clamp them: 0 <= start <= end <= Nk."""
+    if _half_on_cpu(q):
+        return padded_attention(q.float(), k.float(), v.float(), key_start, key_end, causal=causal,
+                                softmax_scale=softmax_scale, window_size=window_size, alibi_slopes=alibi_slopes,
+                                softcap=softcap, deterministic=deterministic, return_lse=return_lse,
+                                causal_align=causal_align).to(q.dtype)
     start = key_start.long().clamp(0, k.shape[1])
     end = torch.maximum(key_end.long().clamp(max=k.shape[1]), start)
     b, nq, hq, _ = q.shape

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, backends
+from .ops.decode import MAX_SPLITS
 
 __all__ = ["decode_attention"]
 
@@ -18,8 +19,8 @@ def _describe(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table
               causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, num_splits=0, return_lse=False):
     info = _checks.check_decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, window_size=window_size,
                                 softcap=softcap, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes)
-    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0 = choose automatically), got {num_splits!r}")
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 0 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be an int in 0..{MAX_SPLITS} (0 = choose automatically), got {num_splits!r}")
     _checks.check_bool("causal", causal)
     _checks.check_bool("return_lse", return_lse)
     return dict(device=q.device, dtype=q.dtype, head_dim=info["head_dim"], hq=info["hq"], hkv=info["hkv"],

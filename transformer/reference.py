@@ -93,6 +93,17 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     return (out, lse) if return_lse else out
 
 
+def zeros_like_output(shape, dtype, *inputs, fill=0.0):
+    """A constant tensor that is part of the autograd graph of `inputs` with zero gradients, as a kernel's output
+    for tokens that see nothing is: backward then reaches every input (and never NaN from their values)."""
+    out = torch.full(shape, fill, dtype=dtype, device=inputs[0].device)
+    never = torch.zeros((), dtype=torch.bool, device=out.device)
+    for t in inputs:
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            out = out + torch.where(never, t.sum().to(dtype), torch.zeros((), dtype=dtype, device=out.device))
+    return out
+
+
 def varlen_bounds(cu, total):
     """[(start, end)] per sequence from cu_seqlens values as the kernels take them: each entry clamped into
     0..total, then a running max (so sequences never overlap). Valid cu_seqlens are unchanged."""
@@ -125,8 +136,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     lse_dtype = torch.float32 if compute_dtype is None else dtype
     hq, d = info["hq"], info["head_dim"]
     # Tokens in no sequence (or a sequence that sees no key): out 0, lse -inf.
-    out = q.new_zeros((q.shape[0], hq, d), dtype=dtype)
-    lse = torch.full((hq, q.shape[0]), float("-inf"), dtype=lse_dtype, device=q.device)
+    out = zeros_like_output((q.shape[0], hq, d), dtype, q, k, v)
+    lse = zeros_like_output((hq, q.shape[0]), lse_dtype, q, k, v, fill=float("-inf"))
     for i, ((qa, qb), (ka, kb)) in enumerate(zip(bq, bk)):
         if kb == ka or qb == qa:
             continue
@@ -211,8 +222,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, bloc
         _checks.check_decode_values(cache_seqlens, block_table, num_pages, page_size, capacity, appended)
     lens = cache_seqlens.tolist()
     dtype = compute_dtype or q.dtype
-    out = q.new_zeros((b, sq, hq, d), dtype=dtype)
-    lse = torch.full((b, hq, sq), float("-inf"), device=q.device, dtype=dtype)
+    out = zeros_like_output((b, sq, hq, d), dtype, q, k_cache, v_cache, k, v)
+    lse = zeros_like_output((b, hq, sq), dtype, q, k_cache, v_cache, k, v, fill=float("-inf"))
     for i in range(b):
         bt = block_table[i].long() if block_table is not None else None
 

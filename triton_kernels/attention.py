@@ -227,10 +227,9 @@ def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sca
     if varlen:
         _zero_varlen_tail(dq, None, None, cu_q, q.shape[0])
         _zero_varlen_tail(dk, dv, None, cu_k, k.shape[0])
-    if batch == 0 or q.numel() == 0 or k.numel() == 0:
-        if not varlen:  # nothing to attend: every gradient is 0
-            for t in (dq, dk, dv):
-                t.zero_()
+    if batch == 0 or q.numel() == 0 or k.numel() == 0:   # nothing to attend: every gradient is 0
+        for t in (dq, dk, dv):
+            t.zero_()
         return dq, dk, dv
     if dout.stride(-1) != 1:
         dout = dout.contiguous()

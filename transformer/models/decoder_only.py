@@ -19,7 +19,7 @@ from torch import nn
 
 from ..kv_cache import KVCache
 from ..nn.attention import Attention, packed_positions
-from .layers import MLP, make_norm, norm, swiglu_hidden
+from .layers import MLP, check_token_ids, make_norm, norm, swiglu_hidden
 
 __all__ = ["DecoderOnlyConfig", "DecoderOnly"]
 
@@ -174,6 +174,7 @@ class DecoderOnly(nn.Module):
         if input_ids.dim() != (1 if packed else 2):
             raise ValueError(f"input_ids must have shape {'[T] with cu_seqlens' if packed else '[B, N]'}, "
                              f"got {tuple(input_ids.shape)}")
+        check_token_ids("input_ids", input_ids, self.config.vocab_size)
         new_lengths = None
         if cache is not None:
             if packed:

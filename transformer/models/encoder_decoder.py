@@ -20,7 +20,8 @@ from torch import nn
 
 from ..kv_cache import KVCache
 from ..nn.attention import Attention, CrossAttention
-from .layers import MLP, EncoderLayer, SinusoidalPositions, make_norm, norm
+from ..nn.attention import check_lengths
+from .layers import MLP, EncoderLayer, SinusoidalPositions, check_token_ids, make_norm, norm
 
 __all__ = ["EncoderDecoderConfig", "EncoderDecoder"]
 
@@ -134,15 +135,17 @@ class EncoderDecoder(nn.Module):
         x = self.embed(ids) * math.sqrt(self.config.dim) + self.positions(pos).to(self.embed.weight.dtype)
         return self.drop(x)
 
-    @staticmethod
-    def _check_ids(name, ids):
+    def _check_ids(self, name, ids):
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
             raise ValueError(f"{name} must be an integer tensor [B, N] of token ids, got "
                              f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+        check_token_ids(name, ids, self.config.vocab_size)
 
     def encode(self, src, src_lengths=None):
         """Encoder states [B, S, dim]."""
         self._check_ids("src", src)
+        if src_lengths is not None:
+            check_lengths("src_lengths", src_lengths, src.shape[0], src.shape[1], src)
         x = self._embed(src)
         for layer in self.encoder:
             x = layer(x, src_lengths)
@@ -155,6 +158,8 @@ class EncoderDecoder(nn.Module):
     def decode(self, tgt_in, memory_kv, src_lengths=None, tgt_lengths=None, cache=None):
         """Decoder logits [B, T, vocab]. With ``cache`` (a KVCache from make_cache) the T tokens extend it."""
         self._check_ids("tgt_in", tgt_in)
+        if tgt_lengths is not None:
+            check_lengths("tgt_lengths", tgt_lengths, tgt_in.shape[0], tgt_in.shape[1], tgt_in)
         offset = cache.seqlens if cache is not None and not cache.empty else None
         x = self._embed(tgt_in, offset)
         for i, layer in enumerate(self.decoder):

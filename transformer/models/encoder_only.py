@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sdpa import key_run_bounds
-from .layers import EncoderLayer, make_norm, norm
+from .layers import EncoderLayer, check_token_ids, make_norm, norm
 
 __all__ = ["EncoderOnlyConfig", "EncoderOnly"]
 
@@ -101,6 +101,7 @@ class EncoderOnly(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64) \
                 or input_ids.dim() != 2:
             raise ValueError("input_ids must be an integer tensor [B, N]")
+        check_token_ids("input_ids", input_ids, self.config.vocab_size)
         b, n = input_ids.shape
         if n > self.config.max_seq_len:
             raise ValueError(f"input_ids has {n} tokens, more than max_seq_len ({self.config.max_seq_len})")

@@ -8,11 +8,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks
 from ..nn.attention import Attention
 from ..norms import layer_norm, rms_norm
 
 __all__ = ["make_norm", "norm", "MLP", "EncoderLayer", "SinusoidalPositions", "swiglu_hidden",
-           "lengths_to_cu_seqlens"]
+           "lengths_to_cu_seqlens", "check_token_ids"]
+
+
+def check_token_ids(name, ids, vocab_size):
+    """Token ids within 0..vocab_size-1, checked where that is free (CPU tensors, outside torch.compile
+    tracing): the embedding lookup would otherwise fail with a bare IndexError."""
+    if _checks.check_validate(None, ids):
+        bad = ((ids < 0) | (ids >= vocab_size)).nonzero()
+        if bad.numel():
+            at = tuple(int(i) for i in bad[0])
+            raise ValueError(f"{name}{list(at)} = {int(ids[at])} is not a token id of the model (0..{vocab_size - 1})")
 
 
 def make_norm(kind: str, dim: int, eps: float, device=None, dtype=None) -> nn.Module:
