@@ -15,6 +15,7 @@ read of them would show up in the outputs, and the caches are compared bit for b
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -342,3 +343,50 @@ def test_sdpa_scale_is_checked():
     for bad in (math.nan, math.inf, 0.0, -1.0):
         with pytest.raises(ValueError, match="scale"):
             transformer.scaled_dot_product_attention(q, q, q, scale=bad)
+
+
+_OUT_OF_RANGE_SCRIPT = r"""
+import sys, torch, transformer
+backend = sys.argv[1]
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+torch.manual_seed(0)
+H = torch.float16
+# decode: page ids past the pool, negative and huge; lengths past the capacity, negative and huge
+q = torch.randn(3, 2, 4, 64, dtype=H, device=dev)
+kc = torch.randn(6, 16, 2, 64, dtype=H, device=dev)
+vc = torch.randn(6, 16, 2, 64, dtype=H, device=dev)
+bt = torch.tensor([[0, 6, 2**31 - 1], [-1, 1, 7], [3, 4, -2**31]], dtype=torch.int32, device=dev)
+lens = torch.tensor([40, 2**31 - 1, -7], dtype=torch.int32, device=dev)
+k = torch.randn(3, 2, 2, 64, dtype=H, device=dev)
+with torch.no_grad():
+    out = transformer.decode_attention(q, kc, vc, lens, k=k, v=k, block_table=bt, validate=False, backend=backend)
+    assert torch.isfinite(out).all()
+# varlen: cu_seqlens past the tokens, non-monotone, negative
+qv = torch.randn(30, 4, 64, dtype=H, device=dev, requires_grad=True)
+kv = torch.randn(20, 2, 64, dtype=H, device=dev, requires_grad=True)
+for cu_q, cu_k in (([0, 10, 30], [0, 15, 2**30]), ([5, 2, 40], [-9, 20, 3]), ([0, -2**31, 2**31 - 1], [0, 7, 20])):
+    cq = torch.tensor(cu_q, dtype=torch.int32, device=dev)
+    ck = torch.tensor(cu_k, dtype=torch.int32, device=dev)
+    o = transformer.flash_attention_varlen(qv, kv, kv, cq, ck, 30, 20, causal=True, validate=False, backend=backend)
+    o.float().sum().backward()
+    assert torch.isfinite(o).all() and torch.isfinite(qv.grad).all() and torch.isfinite(kv.grad).all()
+# padded attention / module key lengths past the sequence, negative
+x = torch.randn(2, 9, 4, 64, dtype=H, device=dev)
+o = transformer.attention.padded_attention(x, x, x, torch.tensor([-3, 5], device=dev),
+                                           torch.tensor([2**40, -1], device=dev), validate=False, backend=backend)
+assert torch.isfinite(o).all()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_out_of_range_indices_do_not_crash(backend):
+    """In a fresh process (a crash fails the test instead of killing the run): every kind of out-of-range index
+    value through the public functions with validate=False; the process must finish and print ok."""
+    require_backend(backend)
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", _OUT_OF_RANGE_SCRIPT, backend], capture_output=True, text=True,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), \
+        f"exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"

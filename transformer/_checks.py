@@ -91,6 +91,17 @@ def check_validate(validate, ref):
     return check_bool("validate", validate)
 
 
+def check_lengths_tensor(name, t, batch, ref_name, ref):
+    """A [B] int32/int64 tensor of per-sequence lengths or bounds on ref's device."""
+    check_tensor(name, t, ndim=1)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype int32 or int64, got {t.dtype}")
+    if t.shape[0] != batch:
+        raise ValueError(f"{name} must have shape [B]=[{batch}], got {tuple(t.shape)}")
+    check_same_device(name, t, ref_name, ref)
+    return t
+
+
 def check_window(window_size):
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(_is_int(w) for w in window_size)):

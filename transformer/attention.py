@@ -47,19 +47,10 @@ def _describe_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return _describe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, varlen=True, **kw)
 
 
-def _check_bounds(name, t, batch, ref):
-    _checks.check_tensor(name, t, ndim=1)
-    if t.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must have dtype int32 or int64, got {t.dtype}")
-    if t.shape[0] != batch:
-        raise ValueError(f"{name} must have shape [B]=[{batch}], got {tuple(t.shape)}")
-    _checks.check_same_device(name, t, "q", ref)
-
-
 def _describe_padded(q, k, v, key_start, key_end, **kw):
     call = _describe(q, k, v, **kw)
-    _check_bounds("key_start", key_start, q.shape[0], q)
-    _check_bounds("key_end", key_end, q.shape[0], q)
+    _checks.check_lengths_tensor("key_start", key_start, q.shape[0], "q", q)
+    _checks.check_lengths_tensor("key_end", key_end, q.shape[0], "q", q)
     return dict(call, padded=True)
 
 

@@ -19,13 +19,16 @@ from torch import nn
 
 from ..kv_cache import KVCache
 from ..nn.attention import Attention, packed_positions
-from .layers import MLP, check_token_ids, make_norm, norm, swiglu_hidden
+from .layers import MLP, ModelConfig, check_token_ids, make_norm, norm, swiglu_hidden
 
 __all__ = ["DecoderOnlyConfig", "DecoderOnly"]
 
 
 @dataclasses.dataclass
-class DecoderOnlyConfig:
+class DecoderOnlyConfig(ModelConfig):
+    """Presets (``preset(name, **overrides)``): "tiny" (tests), "small" (examples), "gpt2", "llama-7b",
+    "mistral-7b" (benchmarks only)."""
+
     vocab_size: int = 32000
     dim: int = 4096
     n_layers: int = 32
@@ -55,18 +58,8 @@ class DecoderOnlyConfig:
                            sliding_window=4096, max_seq_len=32768, rope_theta=1e6),
     }
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "DecoderOnlyConfig":
-        """Named sizes: "tiny" (tests), "small" (examples), "gpt2", "llama-7b", "mistral-7b" (benchmarks only)."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"name must be one of {sorted(cls.PRESETS)}, got {name!r}")
-        return cls(**{**cls.PRESETS[name], **overrides})
-
     def __post_init__(self):
-        for f in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{f} must be an int >= 1, got {v!r}")
+        self._check_sizes("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
@@ -87,8 +80,7 @@ class DecoderOnlyConfig:
             raise ValueError(f"sliding_window must be None or an int >= 1, got {self.sliding_window!r}")
         if self.hidden_dim is None:
             self.hidden_dim = swiglu_hidden(self.dim) if self.mlp == "swiglu" else 4 * self.dim
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_dropout()
 
     def num_params(self) -> int:
         """Parameter count of DecoderOnly(self), computed without building it."""

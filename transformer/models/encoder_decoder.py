@@ -21,13 +21,15 @@ from torch import nn
 from ..kv_cache import KVCache
 from ..nn.attention import Attention, CrossAttention
 from ..nn.attention import check_lengths
-from .layers import MLP, EncoderLayer, SinusoidalPositions, check_token_ids, make_norm, norm
+from .layers import MLP, EncoderLayer, ModelConfig, SinusoidalPositions, check_token_ids, make_norm, norm
 
 __all__ = ["EncoderDecoderConfig", "EncoderDecoder"]
 
 
 @dataclasses.dataclass
-class EncoderDecoderConfig:
+class EncoderDecoderConfig(ModelConfig):
+    """Presets: "base" and "big" from the paper (Table 3); "tiny" (tests) and "small" (the example)."""
+
     vocab_size: int = 37000            # shared source/target vocabulary (BPE in the paper)
     dim: int = 512                     # d_model
     n_layers: int = 6                  # N, in the encoder and in the decoder
@@ -45,24 +47,13 @@ class EncoderDecoderConfig:
         "small": dict(vocab_size=16, dim=128, n_layers=2, n_heads=4, hidden_dim=256, dropout=0.0),
     }
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "EncoderDecoderConfig":
-        """"base" and "big" from the paper (Table 3); "tiny" (tests) and "small" (the example)."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"name must be one of {sorted(cls.PRESETS)}, got {name!r}")
-        return cls(**{**cls.PRESETS[name], **overrides})
-
     def __post_init__(self):
-        for f in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{f} must be an int >= 1, got {v!r}")
+        self._check_sizes("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim")
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.dim % 2:
             raise ValueError(f"dim must be even (sinusoidal positions), got {self.dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_dropout()
 
     def num_params(self) -> int:
         """Parameter count of EncoderDecoder(self) (embeddings shared and tied: counted once)."""

@@ -13,13 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sdpa import key_run_bounds
-from .layers import EncoderLayer, check_token_ids, make_norm, norm
+from .layers import EncoderLayer, ModelConfig, check_token_ids, make_norm, norm
 
 __all__ = ["EncoderOnlyConfig", "EncoderOnly"]
 
 
 @dataclasses.dataclass
-class EncoderOnlyConfig:
+class EncoderOnlyConfig(ModelConfig):
+    """Presets: "bert-base", "bert-large" (shapes of the BERT paper) and "tiny" (tests)."""
+
     vocab_size: int = 30522
     dim: int = 768
     n_layers: int = 12
@@ -37,22 +39,11 @@ class EncoderOnlyConfig:
         "tiny": dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=128, dropout=0.0),
     }
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "EncoderOnlyConfig":
-        """"bert-base", "bert-large" (shapes of the BERT paper) and "tiny" (tests)."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"name must be one of {sorted(cls.PRESETS)}, got {name!r}")
-        return cls(**{**cls.PRESETS[name], **overrides})
-
     def __post_init__(self):
-        for f in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{f} must be an int >= 1, got {v!r}")
+        self._check_sizes("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len")
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_dropout()
 
     def num_params(self) -> int:
         """Parameter count of EncoderOnly(self) (MLM decoder tied to the embeddings; its bias counted)."""

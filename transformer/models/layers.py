@@ -12,8 +12,31 @@ from .. import _checks
 from ..nn.attention import Attention
 from ..norms import layer_norm, rms_norm
 
-__all__ = ["make_norm", "norm", "MLP", "EncoderLayer", "SinusoidalPositions", "swiglu_hidden",
+__all__ = ["ModelConfig", "make_norm", "norm", "MLP", "EncoderLayer", "SinusoidalPositions", "swiglu_hidden",
            "lengths_to_cu_seqlens", "check_token_ids"]
+
+
+class ModelConfig:
+    """Base of the models' dataclass configs: named presets (a subclass's PRESETS) and the common checks."""
+
+    PRESETS: dict = {}
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        """The named preset of PRESETS, with fields overridden by keyword."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"name must be one of {sorted(cls.PRESETS)}, got {name!r}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    def _check_sizes(self, *fields):
+        for f in fields:
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{f} must be an int >= 1, got {v!r}")
+
+    def _check_dropout(self):
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
 def check_token_ids(name, ids, vocab_size):

@@ -44,12 +44,7 @@ def _int_arg(name, val, minimum=1):
 def check_lengths(name, lengths, batch, n, ref):
     """[B] integer lengths of a right-padded batch, on ref's device; on CPU tensors (a free check; not while
     torch.compile traces) also 0 <= lengths[b] <= n. Unchecked values are clamped to 0..n by the attention ops."""
-    _checks.check_tensor(name, lengths, ndim=1)
-    if lengths.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must have dtype int32 or int64, got {lengths.dtype}")
-    if lengths.shape[0] != batch:
-        raise ValueError(f"{name} must have shape [B]=[{batch}], got {tuple(lengths.shape)}")
-    _checks.check_same_device(name, lengths, "x", ref)
+    _checks.check_lengths_tensor(name, lengths, batch, "x", ref)
     if _checks.check_validate(None, lengths):
         bad = ((lengths < 0) | (lengths > n)).nonzero()
         if bad.numel():
