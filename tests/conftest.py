@@ -3,7 +3,9 @@
 On a machine without a GPU the Triton interpreter and the CUDA host emulation are switched on
 *before* triton or the extensions are imported, so the kernel backends run on CPU tensors.
 Outputs of every kernel launcher are poisoned with NaN before the kernel writes them
-(TILEFORMER_POISON=1), so an element a kernel forgets to write fails the comparison.
+(TILEFORMER_POISON=1), so an element a kernel forgets to write fails the comparison. The emulated CUDA kernels
+check every global-memory access against the tensors of their launch (TILEFORMER_EMU_CHECK_BOUNDS=1): an
+access outside them raises instead of reading or writing host memory.
 """
 import os
 
@@ -14,6 +16,7 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("TILEFORMER_EMULATE_CUDA", "1")
 os.environ.setdefault("TILEFORMER_POISON", "1")
+os.environ.setdefault("TILEFORMER_EMU_CHECK_BOUNDS", "1")
 
 import pytest  # noqa: E402
 

@@ -31,6 +31,13 @@ def _ops():
     return _cuda.ops(helpers.DEVICE)
 
 
+@pytest.fixture(autouse=True)
+def _bounds_checked(monkeypatch):
+    """The emulated kernels check that every global-memory access lies inside the call's tensors
+    (csrc/common/gmem.h); a no-op on a GPU."""
+    monkeypatch.setenv("TILEFORMER_EMU_CHECK_BOUNDS", "1")
+
+
 def _dims():
     from transformer._cuda import attention as ca
     return ca.head_dims(helpers.DEVICE.type)

@@ -37,6 +37,13 @@ def _ops():
     return ops(DEVICE)
 
 
+@pytest.fixture(autouse=True)
+def _bounds_checked(monkeypatch):
+    """The emulated kernels check that every global-memory access lies inside the call's tensors
+    (csrc/common/gmem.h); a no-op on a GPU."""
+    monkeypatch.setenv("TILEFORMER_EMU_CHECK_BOUNDS", "1")
+
+
 # ---------------------------------------------------------------------------------------------
 # Both kernels at every head dim, around the kernel switch
 # ---------------------------------------------------------------------------------------------

@@ -187,3 +187,50 @@ def test_divergent_barrier_is_reported_not_hung(mode, pattern):
     x = torch.arange(32, dtype=torch.int32)
     assert torch.equal(ops.selftest_warp_ops(x, 32)[:, 8], torch.where(x < 16, x ^ 1, -1))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds checking of global memory (TILEFORMER_EMU_CHECK_BOUNDS=1, common/gmem.h)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offset,mode,what,tensor,at", [
+    (8, 0, "global memory access of 4 bytes", "x", 32),       # load one past the end
+    (-1, 0, "global memory access of 4 bytes", "x", -4),      # load one before the start
+    (4, 1, "global memory access of 4 bytes", "out", 16),     # store one past the end of out
+    (6, 2, "cp.async global read of 16 bytes", "x", 24),      # 16-byte copy straddling the end
+    (1 << 40, 0, "global memory access of 4 bytes", "", 0),   # far away (not even mapped)
+], ids=["load-past-end", "load-before-start", "store-past-end", "cp-async-straddles-end", "load-far"])
+def test_bounds_check_catches_bad_access(monkeypatch, offset, mode, what, tensor, at):
+    """selftest_bounds_kernel makes one access at an element offset of x (or out): with the check on, one
+    outside the view (x is the first 8 floats of a 16-float tensor: the storage past the view counts as
+    outside) fails the launch with a RuntimeError naming the kernel, the access and the nearest tensor."""
+    ops = _emu_ops()
+    monkeypatch.setenv("TILEFORMER_EMU_CHECK_BOUNDS", "1")
+    x = torch.arange(16, dtype=torch.float32)[:8]
+    pattern = rf"out-of-bounds {what} at 0x[0-9a-f]+: inside no tensor of this call \(nearest: "
+    if tensor:
+        pattern += rf"{tensor} = \[0x[0-9a-f]+, \+(32|16) bytes\), the access is at byte offset {at}\)"
+    pattern += r".*\[kernel tf::selftest::bounds_kernel"
+    with pytest.raises(RuntimeError, match=pattern):
+        ops.selftest_bounds(x, offset, mode)
+    # inside: fine, and the emulator is usable after a failed launch
+    assert torch.equal(ops.selftest_bounds(x, 7, 0), torch.tensor([7.0, 0, 0, 0]))
+    assert torch.equal(ops.selftest_bounds(x, 4, 2), torch.tensor([4.0, 5, 6, 7]))
+    assert torch.equal(ops.selftest_bounds(x, 3, 1), torch.tensor([0.0, 0, 0, 0]))
+
+
+def test_bounds_check_off_and_strided_views(monkeypatch):
+    """Without the variable nothing is checked (x[8] of the storage is read); a strided view's extent runs
+    from its lowest to its highest element."""
+    ops = _emu_ops()
+    base = torch.arange(16, dtype=torch.float32)
+    monkeypatch.delenv("TILEFORMER_EMU_CHECK_BOUNDS", raising=False)
+    assert ops.selftest_bounds(base[:8], 8, 0)[0] == 8.0
+    monkeypatch.setenv("TILEFORMER_EMU_CHECK_BOUNDS", "1")
+    strided = base[1::3]                       # elements 1, 4, 7, 10, 13: extent [1, 14)
+    assert ops.selftest_bounds(strided, 12, 0)[0] == 13.0
+    assert ops.selftest_bounds(strided, 1, 0)[0] == 2.0   # between elements: inside the extent
+    with pytest.raises(RuntimeError, match="out-of-bounds"):
+        ops.selftest_bounds(strided, 13, 0)
+    with pytest.raises(RuntimeError, match="out-of-bounds"):
+        ops.selftest_bounds(strided, -1, 0)

@@ -66,13 +66,14 @@ int checked_head_dim(const Params& p, const char* what) {
   return d;
 }
 
-// Packed tokens past cu[batch] belong to no sequence: their rows of x (and y) 0, of lse -inf.
+// Packed tokens in no sequence: their rows of x (and y) 0, of lse -inf (attn_zero_tail_kernel zeroes a
+// superset; the attention kernels, launched after it, write the rows of every sequence).
 template <typename T>
-void zero_tail(void* x, void* y, float* lse, const Params& p, const int* cu, int64_t total, int heads,
-               cudaStream_t s) {
+void zero_tail(gptr<void> x, gptr<void> y, gptr<float> lse, const Params& p, gptr<const int> cu, int64_t total,
+               int heads, cudaStream_t s) {
   if (total <= 0) return;
-  launch(attn_zero_tail_kernel<T>, dim3(static_cast<unsigned>((total + 15) / 16)), dim3(128), 0, s,
-         static_cast<T*>(x), static_cast<T*>(y), lse, cu, p.batch, total, heads, p.head_dim);
+  launch(attn_zero_tail_kernel<T>, dim3(static_cast<unsigned>((total + 15) / 16)), dim3(128), 0, s, gcast<T>(x),
+         gcast<T>(y), lse, cu, p.batch, total, heads, p.head_dim);
 }
 
 }  // namespace

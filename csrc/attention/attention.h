@@ -12,29 +12,38 @@
 //   out like q (contiguous, dtype of q); lse fp32 [B, Hq, Nq] / [Hq, Tq], natural log.
 // The backward is deterministic (no atomics): dK/dV per key tile over the query tiles of every query head of
 // the GQA group, dQ per query tile over its key tiles.
+// Varlen index values (any int32, no host sync, nothing read or written outside the tensors): for q and k
+// separately, sequence b spans [s_b, e_b) with s_b = clamp(cu[b], 0, total), e_b = clamp(cu[b + 1], s_b, total).
+// Tokens in no sequence: out 0, lse -inf, gradients 0. Sequences that overlap (non-monotone cu_seqlens) give
+// unspecified values there. Queries of a sequence at index >= max_q (a max_seqlen_q smaller than the sequence)
+// are not computed: their rows of out, lse and dq are not written and they contribute nothing to dk, dv; keys
+// at index >= max_k may have their dk, dv rows unwritten (the forward and dq still see every key).
 #pragma once
 
 #include "common/types.h"
 
 namespace tf::attention {
 
+// Longest sequence (tokens of q or k) the kernels index with 32 bits, with room for the tiles past its end.
+constexpr int64_t kMaxTokens = (int64_t(1) << 31) - 1024;
+
 struct Params {
   // forward inputs / outputs
-  const void* q;
-  const void* k;
-  const void* v;
-  void* out;                 // [.., Hq, D] contiguous, dtype of q (forward output; backward input)
-  float* lse;                // fp32 [B, Hq, Nq] / [Hq, Tq] contiguous
-  const float* alibi;        // fp32 slopes [Hq] or [B, Hq], or null
-  const int* cu_q;           // int32 [B + 1] (varlen) or null
-  const int* cu_k;
+  gptr<const void> q;
+  gptr<const void> k;
+  gptr<const void> v;
+  gptr<void> out;            // [.., Hq, D] contiguous, dtype of q (forward output; backward input)
+  gptr<float> lse;           // fp32 [B, Hq, Nq] / [Hq, Tq] contiguous
+  gptr<const float> alibi;   // fp32 slopes [Hq] or [B, Hq], or null
+  gptr<const int> cu_q;      // int32 [B + 1] (varlen) or null
+  gptr<const int> cu_k;
   // backward (null in the forward)
-  const void* dout;          // like out (own strides)
-  const float* dlse;         // fp32, lse's layout (contiguous), or null
-  float* delta;              // fp32 workspace, lse's layout: rowsum(dO * O) - dlse
-  void* dq;                  // contiguous like q, k, v
-  void* dk;
-  void* dv;
+  gptr<const void> dout;     // like out (own strides)
+  gptr<const float> dlse;    // fp32, lse's layout (contiguous), or null
+  gptr<float> delta;         // fp32 workspace, lse's layout: rowsum(dO * O) - dlse
+  gptr<void> dq;             // contiguous like q, k, v
+  gptr<void> dk;
+  gptr<void> dv;
 
   // element strides (batch, token, head); the batch stride is ignored for varlen
   int64_t stride_qb, stride_qm, stride_qh;
@@ -45,8 +54,8 @@ struct Params {
   int64_t stride_ab, stride_ah;                // alibi (stride_ab = 0 for [Hq] slopes)
 
   int batch, hq, hkv, group;
-  int max_q, max_k;          // dense Nq, Nk; varlen: bounds of the sequence lengths (grid size)
-  int64_t total_q, total_k;  // packed tokens (varlen: rows of q / k; dense: B * N)
+  int max_q, max_k;          // dense Nq, Nk; varlen: bounds of the sequence lengths (grid size), <= kMaxTokens
+  int64_t total_q, total_k;  // packed tokens (varlen: rows of q / k, <= kMaxTokens; dense: B * N)
   int head_dim;              // multiple of 8, <= the instantiated padded head dim
   float scale;               // softmax scale
   float softcap;             // 0: none

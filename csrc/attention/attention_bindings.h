@@ -1,6 +1,7 @@
 // Torch bindings of the flash-attention kernels: torch.ops.<ns>.attn_fwd / attn_bwd / attn_head_dims.
 // The op contract shared with the Triton backend, with the fakes and autograd, is transformer/ops/attention.py;
-// the head-dim padding is in transformer/_cuda/attention.py.
+// the head-dim padding is in transformer/_cuda/attention.py. Any cu_seqlens values and any max_seqlen in
+// 0..2^31-1024 are safe (attention/attention.h: clamped sequence bounds); nothing reads them on the host.
 #pragma once
 
 #include <optional>
@@ -59,8 +60,9 @@ inline Checked check_common(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK_VALUE(hkv >= 1 && hq % hkv == 0, "the number of query heads (", hq,
                     ") must be a multiple of the number of KV heads (", hkv, ")");
   TORCH_CHECK_VALUE(hq <= 65535, "at most 65535 query heads, got ", hq);
-  TORCH_CHECK_VALUE(max_q >= 0 && max_k >= 0 && max_q < (int64_t(1) << 31) && max_k < (int64_t(1) << 31),
-                    "max_seqlen_q and max_seqlen_k must be in 0..2^31-1, got ", max_q, " and ", max_k);
+  TORCH_CHECK_VALUE(max_q >= 0 && max_k >= 0 && max_q <= tf::attention::kMaxTokens &&
+                    max_k <= tf::attention::kMaxTokens,
+                    "max_seqlen_q and max_seqlen_k must be in 0..2^31-1024, got ", max_q, " and ", max_k);
   TORCH_CHECK_VALUE(win_left >= -1 && win_right >= -1, "window sizes must be >= -1, got (", win_left, ", ",
                     win_right, ")");
   TORCH_CHECK_VALUE(softcap >= 0, "softcap must be >= 0, got ", softcap);
@@ -78,6 +80,8 @@ inline Checked check_common(const at::Tensor& q, const at::Tensor& k, const at::
     batch = cu_q->size(0) - 1;
     c.cu_q = cu_q->contiguous();
     c.cu_k = cu_k->contiguous();
+    TORCH_CHECK_VALUE(q.size(0) <= tf::attention::kMaxTokens && k.size(0) <= tf::attention::kMaxTokens,
+                      "varlen q and k must have at most 2^31-1024 packed tokens, got ", q.size(0), " and ", k.size(0));
   } else {
     batch = q.size(0);
     TORCH_CHECK_VALUE(k.size(0) == batch, "k must have q's batch size ", batch, ", got ", k.size(0));
@@ -161,6 +165,8 @@ inline std::tuple<at::Tensor, at::Tensor> attn_fwd(
   p.stride_ob = p.varlen ? 0 : stride_or0(out, 0);
   p.stride_om = stride_or0(out, 1 - o);
   p.stride_oh = stride_or0(out, 2 - o);
+  const KernelMemory memory({{"q", &c.q}, {"k", &c.k}, {"v", &c.v}, {"alibi_slopes", &c.alibi},
+                             {"cu_seqlens_q", &c.cu_q}, {"cu_seqlens_k", &c.cu_k}, {"out", &out}, {"lse", &lse}});
   if (out.numel() > 0 || lse.numel() > 0) tf::attention::attn_fwd(p, stream_for(q));
   return {out, lse};
 }
@@ -219,6 +225,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     dv.zero_();
     return {dq, dk, dv};
   }
+  const KernelMemory memory({{"q", &c.q}, {"k", &c.k}, {"v", &c.v}, {"alibi_slopes", &c.alibi},
+                             {"cu_seqlens_q", &c.cu_q}, {"cu_seqlens_k", &c.cu_k}, {"dout", &dout_c}, {"out", &out_c},
+                             {"lse", &lse_c}, {"dlse", dlse ? &dlse_c : nullptr}, {"delta", &delta}, {"dq", &dq},
+                             {"dk", &dk}, {"dv", &dv}});
   tf::attention::attn_bwd(p, stream_for(q));
   return {dq, dk, dv};
 }

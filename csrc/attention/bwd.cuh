@@ -13,7 +13,9 @@
 //   S^T and dP^T (full-D contractions) are recomputed by every slice's block.
 // * attn_bwd_dq_kernel: one block = BM = 16 * NWARPS queries of one (batch, query head), over its key tiles
 //   (double-buffered K / V): S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
-// * attn_zero_tail_kernel: packed varlen tokens past cu_seqlens[-1] (no sequence): rows 0 (lse -inf).
+// * attn_zero_tail_kernel: packed varlen tokens before the first sequence's start or from the last one's
+//   end (a superset of the tokens in no sequence): rows 0 (lse -inf); the kernels that run after it overwrite
+//   the rows that do belong to a sequence.
 #pragma once
 
 #include "attention/common.cuh"
@@ -26,10 +28,10 @@ __global__ void __launch_bounds__(256) attn_bwd_preprocess_kernel(const Params p
   const int b = blockIdx.z, h = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const SeqInfo si = seq_info(p, b);
   const int m = blockIdx.x * 8 + warp;
-  if (m >= si.seqlen_q) return;   // whole warps leave: no block barrier here
+  if (m >= si.rows_q) return;   // whole warps leave: no block barrier here
   const int64_t b64 = p.varlen ? 0 : b, tok = si.q_start + m;
-  const T* O = static_cast<const T*>(p.out) + b64 * p.stride_ob + h * p.stride_oh + tok * p.stride_om;
-  const T* dO = static_cast<const T*>(p.dout) + b64 * p.stride_dob + h * p.stride_doh + tok * p.stride_dom;
+  const gptr<const T> O = gcast<const T>(p.out) + b64 * p.stride_ob + h * p.stride_oh + tok * p.stride_om;
+  const gptr<const T> dO = gcast<const T>(p.dout) + b64 * p.stride_dob + h * p.stride_doh + tok * p.stride_dom;
   float acc = 0.f;
   for (int d = lane; d < p.head_dim; d += 32) acc += to_float(O[d]) * to_float(dO[d]);
 #pragma unroll
@@ -109,20 +111,19 @@ TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, co
   }
 }
 
-// dK/dV work item `it` (query head hk * group + it / q_tiles, query tile q_lo + (it % q_tiles) * BM): issue the
-// cp.async loads of its Q and dO tiles and store its lse2 / delta rows (plain stores) into one buffer.
+// dK/dV work item (query head hk * group + gi, query tile m0..m0 + BM - 1): issue the cp.async loads of its Q
+// and dO tiles and store its lse2 / delta rows (plain stores) into one buffer.
 template <typename T, int D, int BM, int NT>
-TF_DEVICE void dkdv_issue(const Params& p, const SeqInfo& si, int b, int hk, int q_lo, int q_tiles, int it, T* sQb,
-                          T* sdOb, float* sLb, float* sDlb, int tid) {
-  const int gi = it / q_tiles, m0 = q_lo + (it % q_tiles) * BM;
+TF_DEVICE void dkdv_issue(const Params& p, const SeqInfo& si, int b, int hk, int gi, int m0, T* sQb, T* sdOb,
+                          float* sLb, float* sDlb, int tid) {
   const int64_t b64 = p.varlen ? 0 : b, h = int64_t(hk) * p.group + gi, tok = si.q_start + m0;
-  const T* Q = static_cast<const T*>(p.q) + b64 * p.stride_qb + h * p.stride_qh + tok * p.stride_qm;
-  const T* dO = static_cast<const T*>(p.dout) + b64 * p.stride_dob + h * p.stride_doh + tok * p.stride_dom;
-  load_tile<BM, D, NT>(sQb, Q, p.stride_qm, si.seqlen_q - m0, p.head_dim, tid);
-  load_tile<BM, D, NT>(sdOb, dO, p.stride_dom, si.seqlen_q - m0, p.head_dim, tid);
+  const gptr<const T> Q = gcast<const T>(p.q) + b64 * p.stride_qb + h * p.stride_qh + tok * p.stride_qm;
+  const gptr<const T> dO = gcast<const T>(p.dout) + b64 * p.stride_dob + h * p.stride_doh + tok * p.stride_dom;
+  load_tile<BM, D, NT>(sQb, Q, p.stride_qm, si.rows_q - m0, p.head_dim, tid);
+  load_tile<BM, D, NT>(sdOb, dO, p.stride_dom, si.rows_q - m0, p.head_dim, tid);
   const int64_t lrow = p.varlen ? h * p.total_q + tok : (int64_t(b) * p.hq + h) * p.max_q + m0;
   for (int r = tid; r < BM; r += NT) {
-    const bool ok = m0 + r < si.seqlen_q;
+    const bool ok = m0 + r < si.rows_q;
     sLb[r] = ok ? lse2_of(p.lse[lrow + r]) : INFINITY;
     sDlb[r] = ok ? p.delta[lrow + r] : 0.f;
   }
@@ -146,18 +147,18 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params
   if (n0 >= si.seqlen_k || c0 >= p.head_dim) return;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t b64 = p.varlen ? 0 : b;
-  const T* K = static_cast<const T*>(p.k) + b64 * p.stride_kb + hk * p.stride_kh + (si.k_start + n0) * p.stride_kn;
-  const T* V = static_cast<const T*>(p.v) + b64 * p.stride_vb + hk * p.stride_vh + (si.k_start + n0) * p.stride_vn;
+  const gptr<const T> K = gcast<const T>(p.k) + b64 * p.stride_kb + hk * p.stride_kh + (si.k_start + n0) * p.stride_kn;
+  const gptr<const T> V = gcast<const T>(p.v) + b64 * p.stride_vb + hk * p.stride_vh + (si.k_start + n0) * p.stride_vn;
   load_tile<BN, D, NT>(sK, K, p.stride_kn, si.seqlen_k - n0, p.head_dim, tid);
   load_tile<BN, D, NT>(sV, V, p.stride_vn, si.seqlen_k - n0, p.head_dim, tid);
   ptx::cp_async_commit();
 
   const int n_last = imin(n0 + BN, si.seqlen_k) - 1;
   const Range qr = query_range(p, si, n0, n_last, BM);
-  const int q_tiles = (qr.hi - qr.lo + BM - 1) / BM;
+  const int q_tiles = (qr.hi - qr.lo + BM - 1) / BM, q_end = qr.lo + q_tiles * BM;
   const int items = q_tiles * p.group;   // (query head of the group, query tile), tile-major per head
 
-  if (items > 0) dkdv_issue<T, D, BM, NT>(p, si, b, hk, qr.lo, q_tiles, 0, sQ, sdO, sL, sDl, tid);
+  if (items > 0) dkdv_issue<T, D, BM, NT>(p, si, b, hk, 0, qr.lo, sQ, sdO, sL, sDl, tid);
   ptx::cp_async_commit();
 
   float dk[DC / 8][4], dv[DC / 8][4];
@@ -169,10 +170,13 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params
   const T* sVw = sV + 16 * warp * SD;
   const int col_lo = n0 + 16 * warp + (lane >> 2);   // this thread's first key (second: + 8)
 
+  int gi = 0, m0 = qr.lo;   // the item's query head (of the group) and query tile
   for (int it = 0; it < items; ++it) {
-    const int buf = it & 1, gi = it / q_tiles, m0 = qr.lo + (it % q_tiles) * BM;
+    const int buf = it & 1;
+    const bool last_tile = m0 + BM >= q_end;
+    const int gi_next = last_tile ? gi + 1 : gi, m0_next = last_tile ? qr.lo : m0 + BM;
     if (it + 1 < items) {
-      dkdv_issue<T, D, BM, NT>(p, si, b, hk, qr.lo, q_tiles, it + 1, sQ + (buf ^ 1) * BM * SD, sdO + (buf ^ 1) * BM * SD,
+      dkdv_issue<T, D, BM, NT>(p, si, b, hk, gi_next, m0_next, sQ + (buf ^ 1) * BM * SD, sdO + (buf ^ 1) * BM * SD,
                                sL + (buf ^ 1) * BM, sDl + (buf ^ 1) * BM, tid);
       ptx::cp_async_commit();
       ptx::cp_async_wait<1>();
@@ -190,6 +194,8 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params
       dkdv_tile<false, T, D, DC, BM>(p, si, sc, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM, m0, col_lo, c0,
                                      dk, dv, lane);
     __syncthreads();
+    gi = gi_next;
+    m0 = m0_next;
   }
   ptx::cp_async_wait<0>();   // no query tile: K / V copies must land before the epilogue reuses sK / sV
   __syncthreads();
@@ -205,8 +211,8 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params
   const int64_t row_stride = int64_t(p.hkv) * p.head_dim;
   const int64_t base = (p.varlen ? 0 : int64_t(b) * p.max_k * row_stride) + (si.k_start + n0 + 16 * warp) * row_stride +
                        hk * p.head_dim + c0;
-  store_rows16<DC, SD, T>(static_cast<T*>(p.dk) + base, row_stride, sdKw, rows_left, p.head_dim - c0, lane);
-  store_rows16<DC, SD, T>(static_cast<T*>(p.dv) + base, row_stride, sdVw, rows_left, p.head_dim - c0, lane);
+  store_rows16<DC, SD, T>(gcast<T>(p.dk) + base, row_stride, sdKw, rows_left, p.head_dim - c0, lane);
+  store_rows16<DC, SD, T>(gcast<T>(p.dv) + base, row_stride, sdVw, rows_left, p.head_dim - c0, lane);
 }
 
 template <int D, int BM, int BN>
@@ -280,20 +286,20 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dq_kernel(const Params p
 
   const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * BM;
   const SeqInfo si = seq_info(p, b);
-  if (m0 >= si.seqlen_q) return;
+  if (m0 >= si.rows_q) return;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t b64 = p.varlen ? 0 : b, hk = h / p.group, tok = si.q_start + m0;
-  const T* Q = static_cast<const T*>(p.q) + b64 * p.stride_qb + h * p.stride_qh + tok * p.stride_qm;
-  const T* dO = static_cast<const T*>(p.dout) + b64 * p.stride_dob + h * p.stride_doh + tok * p.stride_dom;
-  const T* K = static_cast<const T*>(p.k) + b64 * p.stride_kb + hk * p.stride_kh + si.k_start * p.stride_kn;
-  const T* V = static_cast<const T*>(p.v) + b64 * p.stride_vb + hk * p.stride_vh + si.k_start * p.stride_vn;
+  const gptr<const T> Q = gcast<const T>(p.q) + b64 * p.stride_qb + h * p.stride_qh + tok * p.stride_qm;
+  const gptr<const T> dO = gcast<const T>(p.dout) + b64 * p.stride_dob + h * p.stride_doh + tok * p.stride_dom;
+  const gptr<const T> K = gcast<const T>(p.k) + b64 * p.stride_kb + hk * p.stride_kh + si.k_start * p.stride_kn;
+  const gptr<const T> V = gcast<const T>(p.v) + b64 * p.stride_vb + hk * p.stride_vh + si.k_start * p.stride_vn;
   const Scale sc = make_scale(p, b, h);
-  const int m_last = imin(m0 + BM, si.seqlen_q) - 1;
+  const int m_last = imin(m0 + BM, si.rows_q) - 1;
   const Range kr = key_range(p, si, m0, m_last, BN);
   const int n_tiles = (kr.hi - kr.lo + BN - 1) / BN;
 
-  load_tile<BM, D, NT>(sQ, Q, p.stride_qm, si.seqlen_q - m0, p.head_dim, tid);
-  load_tile<BM, D, NT>(sdO, dO, p.stride_dom, si.seqlen_q - m0, p.head_dim, tid);
+  load_tile<BM, D, NT>(sQ, Q, p.stride_qm, si.rows_q - m0, p.head_dim, tid);
+  load_tile<BM, D, NT>(sdO, dO, p.stride_dom, si.rows_q - m0, p.head_dim, tid);
   if (n_tiles > 0) {
     load_tile<BN, D, NT>(sK, K + int64_t(kr.lo) * p.stride_kn, p.stride_kn, si.seqlen_k - kr.lo, p.head_dim, tid);
     load_tile<BN, D, NT>(sV, V + int64_t(kr.lo) * p.stride_vn, p.stride_vn, si.seqlen_k - kr.lo, p.head_dim, tid);
@@ -305,7 +311,7 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dq_kernel(const Params p
   float lse2[2], delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const bool ok = row_lo + 8 * r < si.seqlen_q;
+    const bool ok = row_lo + 8 * r < si.rows_q;
     lse2[r] = ok ? lse2_of(p.lse[lrow + row_lo + 8 * r]) : INFINITY;
     delta[r] = ok ? p.delta[lrow + row_lo + 8 * r] : 0.f;
   }
@@ -348,18 +354,23 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dq_kernel(const Params p
   const int64_t row_stride = int64_t(p.hq) * p.head_dim;   // dq is contiguous like q
   const int64_t base = (p.varlen ? 0 : int64_t(b) * p.max_q * row_stride) + (tok + 16 * warp) * row_stride +
                        h * p.head_dim;
-  store_rows16<D, SD, T>(static_cast<T*>(p.dq) + base, row_stride, sdQw, si.seqlen_q - m0 - 16 * warp, p.head_dim,
-                     lane);
+  store_rows16<D, SD, T>(gcast<T>(p.dq) + base, row_stride, sdQw, si.rows_q - m0 - 16 * warp, p.head_dim, lane);
 }
 
-// x (and y) [total, heads, head_dim] contiguous: rows of tokens cu[n_seqs] <= t < total set to 0; lse
-// [heads, total] (if not null) to -inf. Grid (cdiv(total, 16)), 128 threads.
+// x (and y) [total, heads, head_dim] contiguous: rows of tokens t < clamp(cu[0], 0, total) or
+// t >= clamp(cu[n_seqs], 0, total) set to 0; lse [heads, total] (if not null) to -inf. Every token in no
+// sequence is among them (sequence b is [s_b, max(s_b, s_{b+1})) with s_b = clamp(cu[b], 0, total): a token
+// t >= s_0 with t < s_{n_seqs} lies in the sequence whose start steps over it). Grid (cdiv(total, 16)), 128
+// threads.
 template <typename T>
-__global__ void __launch_bounds__(128) attn_zero_tail_kernel(T* x, T* y, float* lse, const int* cu, int n_seqs,
-                                                             int64_t total, int heads, int head_dim) {
-  const int64_t start = cu[n_seqs], t0 = int64_t(blockIdx.x) * 16;
+__global__ void __launch_bounds__(128) attn_zero_tail_kernel(gptr<T> x, gptr<T> y, gptr<float> lse,
+                                                             gptr<const int> cu, int n_seqs, int64_t total,
+                                                             int heads, int head_dim) {
+  const int64_t first = lmin(lmax(int64_t(cu[0]), 0), total), last = lmin(lmax(int64_t(cu[n_seqs]), 0), total);
+  const int64_t t0 = int64_t(blockIdx.x) * 16;
   const int64_t row = int64_t(heads) * head_dim;
-  for (int64_t t = lmax(t0, start); t < lmin(t0 + 16, total); ++t) {
+  for (int64_t t = t0; t < lmin(t0 + 16, total); ++t) {
+    if (t >= first && t < last) continue;
     for (int64_t i = threadIdx.x; i < row; i += 128) {
       x[t * row + i] = from_float<T>(0.f);
       if (y) y[t * row + i] = from_float<T>(0.f);

@@ -24,19 +24,29 @@ TF_DEVICE int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
 TF_DEVICE int64_t lmax(int64_t a, int64_t b) { return a > b ? a : b; }
 TF_DEVICE int64_t lcdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }   // a >= 0
 
-// One (query sequence, key sequence) pair: packed token offsets (varlen), lengths, alignment offset.
+// One (query sequence, key sequence) pair: packed token offsets (varlen; 0 dense), lengths, alignment offset,
+// and the queries computed: rows [0, rows_q), rows_q = min(seqlen_q, max_q) (varlen: queries past max_q are
+// not computed; dense: every query). Varlen token indices fit in 32 bits: total <= kMaxTokens (the bindings
+// check it), so start + index < 2^31 for every index inside a sequence.
 struct SeqInfo {
-  int64_t q_start, k_start;
-  int seqlen_q, seqlen_k, off;
+  int q_start, k_start;
+  int seqlen_q, seqlen_k, off, rows_q;
 };
+
+// Sequence b of a packed batch: [clamp(cu[b], 0, total), clamp(cu[b + 1], start, total)), for any cu values.
+TF_DEVICE void varlen_span(gptr<const int> cu, int b, int64_t total, int& start, int& len) {
+  const int t = int(total);
+  const int s = imin(imax(cu[b], 0), t);
+  const int e = imin(imax(cu[b + 1], s), t);
+  start = s;
+  len = e - s;
+}
 
 TF_DEVICE SeqInfo seq_info(const Params& p, int b) {
   SeqInfo s;
   if (p.varlen) {
-    s.q_start = p.cu_q[b];
-    s.k_start = p.cu_k[b];
-    s.seqlen_q = int(p.cu_q[b + 1] - s.q_start);
-    s.seqlen_k = int(p.cu_k[b + 1] - s.k_start);
+    varlen_span(p.cu_q, b, p.total_q, s.q_start, s.seqlen_q);
+    varlen_span(p.cu_k, b, p.total_k, s.k_start, s.seqlen_k);
   } else {
     s.q_start = 0;
     s.k_start = 0;
@@ -44,6 +54,7 @@ TF_DEVICE SeqInfo seq_info(const Params& p, int b) {
     s.seqlen_k = p.max_k;
   }
   s.off = p.bottom_right ? s.seqlen_k - s.seqlen_q : 0;
+  s.rows_q = imin(s.seqlen_q, p.max_q);
   return s;
 }
 
@@ -71,12 +82,13 @@ TF_DEVICE Range key_range(const Params& p, const SeqInfo& s, int m0, int m_last,
   return {int(lo), int(full_lo), int(full_hi), int(hi)};
 }
 
-// Query tiles (BM queries) that see the keys n0..n_last (as attention_bwd.py::_query_range). Query rows past
-// seqlen_q need no mask: their lse is read as +inf, so their P is 0.
+// Query tiles (BM queries) among the computed rows [0, rows_q) that see the keys n0..n_last (as
+// attention_bwd.py::_query_range). Query rows past rows_q need no mask: their lse is read as +inf, so their P
+// is 0.
 TF_DEVICE Range query_range(const Params& p, const SeqInfo& s, int n0, int n_last, int BM) {
-  int64_t lo = 0, hi = s.seqlen_q;
+  int64_t lo = 0, hi = s.rows_q;
   if (p.mask_right) lo = lmax(int64_t(n0) - s.off - p.win_right, 0);          // i >= j - off - right
-  if (p.mask_left) hi = lmin(int64_t(n_last) - s.off + p.win_left + 1, s.seqlen_q);   // i <= j - off + left
+  if (p.mask_left) hi = lmin(int64_t(n_last) - s.off + p.win_left + 1, s.rows_q);   // i <= j - off + left
   lo = (lo / BM) * BM;
   hi = lmax(hi, lo);
   int64_t full_lo = lo;
@@ -159,7 +171,7 @@ TF_DEVICE float score(float qk, const Scale& sc, int row, int col, int off, floa
 // cp.async ROWS x D tile rows [0, rows_valid) x columns [0, cols_valid) of g (row stride `stride` elements)
 // into s ([ROWS][D + 8]); the rest is zero-filled. Every thread of the block (NT) takes part.
 template <int ROWS, int D, int NT, typename T>
-TF_DEVICE void load_tile(T* s, const T* g, int64_t stride, int rows_valid, int cols_valid, int tid) {
+TF_DEVICE void load_tile(T* s, gptr<const T> g, int64_t stride, int rows_valid, int cols_valid, int tid) {
   constexpr int CH = D / 8;   // 16-byte chunks per row
 #pragma unroll
   for (int i = 0; i < (ROWS * CH + NT - 1) / NT; ++i) {
@@ -176,7 +188,7 @@ TF_DEVICE void load_tile(T* s, const T* g, int64_t stride, int rows_valid, int c
 // memory (row stride `stride`, 16-byte aligned rows), one warp, 16-byte stores. NC = D, or the DC-wide column
 // slice of a column-split kernel (s and g then point at the slice's first column).
 template <int NC, int SD, typename T>
-TF_DEVICE void store_rows16(T* g, int64_t stride, const T* s, int rows_valid, int cols_valid, int lane) {
+TF_DEVICE void store_rows16(gptr<T> g, int64_t stride, const T* s, int rows_valid, int cols_valid, int lane) {
   constexpr int CH = NC / 8;
 #pragma unroll
   for (int i = 0; i < (16 * CH + 31) / 32; ++i) {
@@ -184,7 +196,7 @@ TF_DEVICE void store_rows16(T* g, int64_t stride, const T* s, int rows_valid, in
     if (16 * CH % 32 == 0 || c < 16 * CH) {
       const int r = c / CH, ch = c % CH;
       if (r < rows_valid && ch * 8 < cols_valid)
-        *reinterpret_cast<uint4*>(g + r * stride + ch * 8) = *reinterpret_cast<const uint4*>(s + r * SD + ch * 8);
+        *gcast<uint4>(g + r * stride + ch * 8) = *reinterpret_cast<const uint4*>(s + r * SD + ch * 8);
     }
   }
 }

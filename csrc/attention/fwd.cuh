@@ -114,19 +114,19 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_fwd_kernel(const Params p) {
 
   const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * BM;
   const SeqInfo si = seq_info(p, b);
-  if (m0 >= si.seqlen_q) return;
+  if (m0 >= si.rows_q) return;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t b64 = p.varlen ? 0 : b, hk = h / p.group;
-  const T* Q = static_cast<const T*>(p.q) + b64 * p.stride_qb + h * p.stride_qh + (si.q_start + m0) * p.stride_qm;
-  const T* K = static_cast<const T*>(p.k) + b64 * p.stride_kb + hk * p.stride_kh + si.k_start * p.stride_kn;
-  const T* V = static_cast<const T*>(p.v) + b64 * p.stride_vb + hk * p.stride_vh + si.k_start * p.stride_vn;
+  const gptr<const T> Q = gcast<const T>(p.q) + b64 * p.stride_qb + h * p.stride_qh + (si.q_start + m0) * p.stride_qm;
+  const gptr<const T> K = gcast<const T>(p.k) + b64 * p.stride_kb + hk * p.stride_kh + si.k_start * p.stride_kn;
+  const gptr<const T> V = gcast<const T>(p.v) + b64 * p.stride_vb + hk * p.stride_vh + si.k_start * p.stride_vn;
   const Scale sc = make_scale(p, b, h);
 
-  const int m_last = imin(m0 + BM, si.seqlen_q) - 1;
+  const int m_last = imin(m0 + BM, si.rows_q) - 1;
   const Range kr = key_range(p, si, m0, m_last, BN);
   const int n_tiles = (kr.hi - kr.lo + BN - 1) / BN;
 
-  load_tile<BM, D, NT>(sQ, Q, p.stride_qm, si.seqlen_q - m0, p.head_dim, tid);
+  load_tile<BM, D, NT>(sQ, Q, p.stride_qm, si.rows_q - m0, p.head_dim, tid);
   ptx::cp_async_commit();   // Q alone in the first group: QREG waits for it while the first K/V tile streams in
   if (n_tiles > 0) {
     load_tile<BN, D, NT>(sK, K + int64_t(kr.lo) * p.stride_kn, p.stride_kn, si.seqlen_k - kr.lo, p.head_dim, tid);
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_fwd_kernel(const Params p) {
     for (int i = 0; i < 4; ++i) o[j][i] = 0.f;
   const int row_lo = m0 + 16 * warp + (lane >> 2);
   const T* sQw = sQ + 16 * warp * SD;
-  const bool active = m0 + 16 * warp < si.seqlen_q;   // warp-uniform
+  const bool active = m0 + 16 * warp < si.rows_q;   // warp-uniform
   uint32_t qf[QREG ? D / 16 : 1][4];
   if constexpr (QREG) {
     ptx::cp_async_wait<1>();   // the Q group has landed (the K/V tile after it may still be in flight)
@@ -191,13 +191,13 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_fwd_kernel(const Params p) {
   T* sOw = const_cast<T*>(sQw);   // this warp's 16 rows of the Q tile, read only by this warp
   acc_to_smem<D, SD, T>(sOw, o, inv[0], inv[1], lane);
   __syncwarp();
-  const int rows_left = si.seqlen_q - m0 - 16 * warp;
-  T* O = static_cast<T*>(p.out) + b64 * p.stride_ob + h * p.stride_oh +
-         (si.q_start + m0 + 16 * warp) * p.stride_om;
+  const int rows_left = si.rows_q - m0 - 16 * warp;
+  const gptr<T> O = gcast<T>(p.out) + b64 * p.stride_ob + h * p.stride_oh +
+                    (si.q_start + m0 + 16 * warp) * p.stride_om;
   store_rows16<D, SD, T>(O, p.stride_om, sOw, rows_left, p.head_dim, lane);
   if ((lane & 3) == 0) {
     // lse [B, Hq, Nq] or varlen [Hq, Tq], contiguous
-    float* L = p.lse + (p.varlen ? h * p.total_q + si.q_start : (int64_t(b) * p.hq + h) * p.max_q);
+    const gptr<float> L = p.lse + (p.varlen ? h * p.total_q + si.q_start : (int64_t(b) * p.hq + h) * p.max_q);
     const int r = row_lo - m0 - 16 * warp;   // = g
     if (r < rows_left) L[row_lo] = lse[0];
     if (r + 8 < rows_left) L[row_lo + 8] = lse[1];

@@ -74,13 +74,16 @@ template <typename T, int D>
 void run_attn_bwd(const Params& p, cudaStream_t stream) {
   if constexpr (headdim_enabled(D)) {
     using C = Config<D>;
-    launch(attn_bwd_preprocess_kernel<T>, dim3(grid_dim(p.max_q, 8), p.hq, p.batch), dim3(256), 0, stream, p);
+    // max_q = 0 computes no query (dq rows unwritten, dk = dv = 0); max_k = 0 writes no dk / dv row.
+    if (p.max_q > 0)
+      launch(attn_bwd_preprocess_kernel<T>, dim3(grid_dim(p.max_q, 8), p.hq, p.batch), dim3(256), 0, stream, p);
     if (p.max_k > 0)
       launch(attn_bwd_dkdv_kernel<T, D, C::kDkdvC, C::kDkdvM, C::kDkdvN, C::kWarps>,
              dim3(grid_dim(p.max_k, C::kDkdvN) * (D / C::kDkdvC), p.hkv, p.batch), dim3(32 * C::kWarps),
              dkdv_smem_bytes<D, C::kDkdvM, C::kDkdvN>(), stream, p);
-    launch(attn_bwd_dq_kernel<T, D, C::kDqM, C::kDqN, C::kWarps>, dim3(grid_dim(p.max_q, C::kDqM), p.hq, p.batch),
-           dim3(32 * C::kWarps), dq_smem_bytes<D, C::kDqM, C::kDqN>(), stream, p);
+    if (p.max_q > 0)
+      launch(attn_bwd_dq_kernel<T, D, C::kDqM, C::kDqN, C::kWarps>, dim3(grid_dim(p.max_q, C::kDqM), p.hq, p.batch),
+             dim3(32 * C::kWarps), dq_smem_bytes<D, C::kDqM, C::kDqN>(), stream, p);
   } else {
     throw std::invalid_argument("attention: head dim " + std::to_string(D) + " was not compiled in (build with "
                                 "TILEFORMER_CUDA_HEADDIMS naming it)");

@@ -15,7 +15,11 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <optional>
 #include <limits>
+#include <utility>
+#include <vector>
 
 #include "common/types.h"
 
@@ -100,5 +104,59 @@ inline at::Tensor empty(at::IntArrayRef shape, at::ScalarType dtype, const at::T
   if (poisoning() && at::isFloatingType(dtype)) t.fill_(std::numeric_limits<float>::quiet_NaN());
   return t;
 }
+
+// The tensors an op call's kernels may touch, named as the op's arguments. Create one after allocating the
+// outputs and workspaces, before the first launch, listing every tensor whose pointer reaches a kernel (the
+// tensor actually passed: a contiguous copy, not the argument it was made from).
+// Emulated build with TILEFORMER_EMU_CHECK_BOUNDS=1: while it lives, every global-memory access of the
+// kernels (common/gmem.h) must lie inside one of these tensors' extents (the bytes from the lowest to the
+// highest element of the view, not the whole storage), else the launch fails with a RuntimeError naming the
+// kernel and the address. TILEFORMER_EMU_CHECK_BOUNDS_EXCLUDE=<name> leaves that tensor out (tests use it
+// to prove an op's accesses are checked). GPU build, or the variable unset: nothing.
+class KernelMemory {
+ public:
+  using Entry = std::pair<const char*, const at::Tensor*>;   // (name, tensor or null for an absent optional)
+
+#ifdef TILEFORMER_EMULATE
+  explicit KernelMemory(std::initializer_list<Entry> tensors) {
+    const char* on = std::getenv("TILEFORMER_EMU_CHECK_BOUNDS");
+    if (!on || std::strcmp(on, "1") != 0) return;
+    const char* exclude = std::getenv("TILEFORMER_EMU_CHECK_BOUNDS_EXCLUDE");
+    for (const Entry& e : tensors) {
+      const at::Tensor* t = e.second;
+      if (!t || !t->defined() || t->numel() == 0) continue;
+      if (exclude && std::strcmp(exclude, e.first) == 0) continue;
+      int64_t lo = 0, hi = 0;   // element offsets of the lowest and highest element from data_ptr
+      for (int64_t d = 0; d < t->dim(); ++d) {
+        const int64_t span = (t->size(d) - 1) * t->stride(d);
+        (span < 0 ? lo : hi) += span;
+      }
+      const uintptr_t base = reinterpret_cast<uintptr_t>(t->data_ptr());
+      const int64_t item = int64_t(t->element_size());
+      ranges_.push_back({base + uintptr_t(lo * item), base + uintptr_t((hi + 1) * item), e.first});
+    }
+    prev_ = emu::g_mem_ranges;
+    emu::g_mem_ranges = &ranges_;
+    active_ = true;
+  }
+  ~KernelMemory() {
+    if (active_) emu::g_mem_ranges = prev_;
+  }
+
+ private:
+  std::vector<emu::MemRange> ranges_;
+  const std::vector<emu::MemRange>* prev_ = nullptr;
+  bool active_ = false;
+
+ public:
+#else
+  explicit KernelMemory(std::initializer_list<Entry>) {}
+#endif
+  KernelMemory(const KernelMemory&) = delete;
+  KernelMemory& operator=(const KernelMemory&) = delete;
+};
+
+// Entry of an optional tensor (absent: null).
+inline const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
 
 }  // namespace tf::bind

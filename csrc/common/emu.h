@@ -19,6 +19,9 @@
 //     (TF_DYNAMIC_SMEM) is one buffer per launch, filled with 0xFF bytes (NaN in fp32/fp16/bf16)
 //     before every block, so reads of shared memory nobody wrote show up.
 //   * __trap() and errors in the emulator end the launch with std::runtime_error.
+//   * Global memory: kernels reach it only through tf::gptr (common/gmem.h) and cp.async; with
+//     TILEFORMER_EMU_CHECK_BOUNDS=1 every access must lie inside a tensor the op call registered
+//     (tf::bind::KernelMemory), else the launch fails naming the kernel and the address.
 #pragma once
 #ifndef TILEFORMER_EMULATE
 #error "common/emu.h is the host emulation; build with -DTILEFORMER_EMULATE=1 (the _C_emu extension only)"
@@ -47,6 +50,8 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#include "common/gmem.h"
 
 // ---- CUDA keywords on the host ---------------------------------------------------------------
 #undef __global__
@@ -523,7 +528,9 @@ inline uint32_t activemask() {
 }
 
 // ---- cp.async (deferred until the wait, so a missing wait reads stale shared memory) --------------
+// The global source is bounds-checked when the copy is issued (common/gmem.h), if it reads anything.
 inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  if (src_bytes > 0) check_access(src, size_t(src_bytes), "cp.async global read");
   cur().cp_groups.back().push_back({dst, src, bytes, src_bytes});
 }
 inline void cp_async_commit() { cur().cp_groups.emplace_back(); }

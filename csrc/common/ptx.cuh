@@ -258,9 +258,9 @@ TF_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
 // ---------------------------------------------------------------------------------------------
 
 // 16 bytes, L2 only (.cg); both addresses 16-byte aligned.
-TF_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src) {
+TF_DEVICE void cp_async_16(void* smem_dst, gptr<const void> gmem_src) {
 #ifdef TILEFORMER_EMULATE
-  emu::cp_async(smem_dst, gmem_src, 16, 16);
+  emu::cp_async(smem_dst, gmem_src.get(), 16, 16);
 #else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem_dst)), "l"(gmem_src));
 #endif
@@ -268,9 +268,9 @@ TF_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src) {
 
 // As cp_async_16, but when !pred nothing is read (gmem_src may be out of bounds) and the 16
 // destination bytes are zero-filled (src-size 0).
-TF_DEVICE void cp_async_16_zfill(void* smem_dst, const void* gmem_src, bool pred) {
+TF_DEVICE void cp_async_16_zfill(void* smem_dst, gptr<const void> gmem_src, bool pred) {
 #ifdef TILEFORMER_EMULATE
-  emu::cp_async(smem_dst, gmem_src, 16, pred ? 16 : 0);
+  emu::cp_async(smem_dst, gmem_src.get(), 16, pred ? 16 : 0);
 #else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                ::"r"(smem_u32(smem_dst)), "l"(gmem_src), "r"(pred ? 16 : 0));

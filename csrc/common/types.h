@@ -1,9 +1,12 @@
 // Plain types shared by the torch bindings (g++) and the launchers (.cu): no torch, no device code.
+// Parameter structs hold global memory as tf::gptr<T> (common/gmem.h).
 #pragma once
 
 #include <driver_types.h>  // cudaStream_t
 
 #include <cstdint>
+
+#include "common/gmem.h"
 
 namespace tf {
 

@@ -1,8 +1,9 @@
 // The two small decode kernels around the split kernel:
 //
 //   decode_append_kernel   writes the new k/v [B, Sq, Hkv, D] into the cache at positions cache_seqlens[b] + s
-//                          (through the block table when paged); positions outside the capacity are dropped
-//                          (they cannot be checked on the host without a sync; validate=True does).
+//                          (through the block table when paged); positions outside [0, capacity) and pages
+//                          outside [0, num_pages) are dropped (they cannot be checked on the host without a
+//                          sync; validate=True does).
 //   decode_combine_kernel  merges the split partials of one (b, query head, query) row per warp: reads the
 //                          split log-sum-exps, then every partial output exactly once (float4), in split order
 //                          (deterministic): out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max).
@@ -15,19 +16,24 @@ namespace tf::decode {
 // Grid (B * Sq, Hkv); bit-exact 16-bit copies (one kernel serves fp16 and bf16).
 __global__ void __launch_bounds__(kThreads) decode_append_kernel(AppendParams p) {
   const int b = blockIdx.x / p.sq, s = blockIdx.x % p.sq, h = blockIdx.y;
-  const int pos = p.cache_seqlens[b] + s;
-  if (pos < 0 || pos >= p.capacity) return;   // no barrier in this kernel
+  const int64_t pos64 = int64_t(p.cache_seqlens[b]) + s;   // any int32 value: no overflow
+  if (pos64 < 0 || pos64 >= p.capacity) return;   // no barrier in this kernel
+  const int pos = int(pos64);
   int64_t page = b, slot = pos;
   if (p.block_table) {
-    page = p.block_table[int64_t(b) * p.stride_btb + pos / p.page_size];
+    const int id = p.block_table[int64_t(b) * p.stride_btb + pos / p.page_size];
+    if (unsigned(id) >= unsigned(p.num_pages)) return;   // a page id outside [0, num_pages): dropped
+    page = id;
     slot = pos % p.page_size;
   }
-  const uint16_t* k = static_cast<const uint16_t*>(p.k) + int64_t(b) * p.stride_kb + int64_t(s) * p.stride_ks +
-                      int64_t(h) * p.stride_kh;
-  const uint16_t* v = static_cast<const uint16_t*>(p.v) + int64_t(b) * p.stride_vb + int64_t(s) * p.stride_vs +
-                      int64_t(h) * p.stride_vh;
-  uint16_t* kc = static_cast<uint16_t*>(p.k_cache) + page * p.stride_kcb + slot * p.stride_kcs + int64_t(h) * p.stride_kch;
-  uint16_t* vc = static_cast<uint16_t*>(p.v_cache) + page * p.stride_vcb + slot * p.stride_vcs + int64_t(h) * p.stride_vch;
+  const gptr<const uint16_t> k = gcast<const uint16_t>(p.k) + int64_t(b) * p.stride_kb + int64_t(s) * p.stride_ks +
+                                 int64_t(h) * p.stride_kh;
+  const gptr<const uint16_t> v = gcast<const uint16_t>(p.v) + int64_t(b) * p.stride_vb + int64_t(s) * p.stride_vs +
+                                 int64_t(h) * p.stride_vh;
+  const gptr<uint16_t> kc = gcast<uint16_t>(p.k_cache) + page * p.stride_kcb + slot * p.stride_kcs +
+                            int64_t(h) * p.stride_kch;
+  const gptr<uint16_t> vc = gcast<uint16_t>(p.v_cache) + page * p.stride_vcb + slot * p.stride_vcs +
+                            int64_t(h) * p.stride_vch;
   for (int d = threadIdx.x; d < p.head_dim; d += kThreads) {
     kc[d] = k[d];
     vc[d] = v[d];
@@ -42,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) decode_combine_kernel(Params p, int 
   const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + warp;
   if (row >= int64_t(p.batch) * p.hq * p.sq) return;   // warp-level work only: no block barrier
   const int splits = p.num_splits;
-  const float* lse = p.lse_part + row * splits;
+  const gptr<const float> lse = p.lse_part + row * splits;
   float mx = kNegInf;
   for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, lse[s]);
 #pragma unroll
@@ -59,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) decode_combine_kernel(Params p, int 
   __syncwarp();
 
   // Lane owns float4 columns lane and lane + 32 (d_pad <= 256).
-  const float* part = p.out_part + row * splits * d_pad;
+  const gptr<const float> part = p.out_part + row * splits * d_pad;
   float4 acc[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
   const int d4_count = ceil_div(p.head_dim, 4);
   for (int s = 0; s < splits; ++s) {
@@ -68,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) decode_combine_kernel(Params p, int 
     for (int k = 0; k < 2; ++k) {
       const int d4 = lane + 32 * k;
       if (d4 < d4_count) {
-        const float4 o = *reinterpret_cast<const float4*>(part + int64_t(s) * d_pad + 4 * d4);
+        const float4 o = *gcast<const float4>(part + int64_t(s) * d_pad + 4 * d4);
         acc[k].x += w * o.x;
         acc[k].y += w * o.y;
         acc[k].z += w * o.z;
@@ -79,7 +85,8 @@ __global__ void __launch_bounds__(kThreads) decode_combine_kernel(Params p, int 
   const bool empty = !(den > 0.f);
   const float inv = empty ? 0.f : 1.f / den;
   const int qi = int(row % p.sq), hq = int((row / p.sq) % p.hq), b = int(row / (int64_t(p.sq) * p.hq));
-  T* out = static_cast<T*>(p.out) + int64_t(b) * p.stride_ob + int64_t(qi) * p.stride_os + int64_t(hq) * p.stride_oh;
+  const gptr<T> out = gcast<T>(p.out) + int64_t(b) * p.stride_ob + int64_t(qi) * p.stride_os +
+                      int64_t(hq) * p.stride_oh;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     const int d4 = lane + 32 * k;

@@ -3,7 +3,9 @@
 //   TileConfig / SmemLayout  tile sizes per padded head dim and the dynamic shared memory map
 //   BlockCtx                 which (sequence, KV head, row block, split) a block serves and its KV range
 //   KvPipe                   the K/V tile pipeline: page-table lookups one tile ahead into a small ring,
-//                            16-byte cp.async copies (zero-filled past the range) in kStages stages
+//                            16-byte cp.async copies (zero-filled past the range and for invalid pages) in
+//                            kStages stages, and per tile a 64-bit mask of its keys that are visible at all
+//                            (inside the block's range, on a valid page)
 //   RowInfo / score()        per query row: position, ALiBi slope; score transform and visibility
 //   merge_and_store()        merges the per-warp (or per-lane-group) partial softmax states through shared
 //                            memory and writes out/lse, or the split partials for the combine kernel
@@ -34,8 +36,8 @@ struct TileConfig {
   static constexpr int kMaxWarpsM = D_PAD <= 128 ? 4 : 2;  // tensor-core kernel: at most 16 * this rows per block
 };
 
-// Dynamic shared memory: K stages | V stages | Q tile (tensor-core kernel) | row ring | (m, l) of partials.
-// After the main loop the K/V stages are reused as the fp32 merge buffer [parts][rows][D_PAD].
+// Dynamic shared memory: K stages | V stages | Q tile (tensor-core kernel) | row ring | (m, l) of partials |
+// key masks. After the main loop the K/V stages are reused as the fp32 merge buffer [parts][rows][D_PAD].
 template <int D_PAD>
 struct SmemLayout {
   using Cfg = TileConfig<D_PAD>;
@@ -44,9 +46,13 @@ struct SmemLayout {
   static constexpr size_t kV = kK + Cfg::kStages * kStageBytes;
   static constexpr size_t kQ = kV + Cfg::kStages * kStageBytes;
   static constexpr int kMlFloats = 2 * 64;  // parts * rows <= 64 in both kernels
+  static constexpr int kMaskSlots = 4;      // key masks of tiles t & 3: >= kStages + 1 (see run_pipeline)
+  static_assert(kMaskSlots >= Cfg::kStages + 1 && (kMaskSlots & (kMaskSlots - 1)) == 0 && Cfg::kBlockN == 64,
+                "one 64-bit key mask per tile, a power-of-two ring of them");
   TF_HOST_DEVICE static size_t ring(int q_rows) { return kQ + size_t(q_rows) * Cfg::kRow * 2; }
   TF_HOST_DEVICE static size_t ml(int q_rows) { return ring(q_rows) + size_t(Cfg::kStages) * Cfg::kBlockN * 8; }
-  TF_HOST_DEVICE static size_t bytes(int q_rows) { return ml(q_rows) + kMlFloats * 4; }
+  TF_HOST_DEVICE static size_t masks(int q_rows) { return ml(q_rows) + kMlFloats * 4; }
+  TF_HOST_DEVICE static size_t bytes(int q_rows) { return masks(q_rows) + kMaskSlots * 8; }
   static_assert(2 * Cfg::kStages * kStageBytes >= size_t(64) * D_PAD * 4, "merge buffer fits in the K/V stages");
 };
 
@@ -71,8 +77,8 @@ TF_DEVICE BlockCtx block_ctx(const Params& p, int m_blocks, int rows_per_block) 
   c.rows = c.group * p.sq;
   c.row0 = m_blk * rows_per_block;
   c.split = blockIdx.y;
-  int n = p.cache_seqlens[c.b] + p.num_appended;
-  n = n < 0 ? 0 : (n > p.capacity ? p.capacity : n);
+  const int64_t n64 = int64_t(p.cache_seqlens[c.b]) + p.num_appended;   // any int32 value: no overflow
+  const int n = n64 < 0 ? 0 : (n64 > p.capacity ? p.capacity : int(n64));
   c.n = n;
   int lo = 0;
   if (p.window_left >= 0) {
@@ -91,49 +97,76 @@ TF_DEVICE BlockCtx block_ctx(const Params& p, int m_blocks, int rows_per_block) 
 // ---------------------------------------------------------------------------------------------
 // K/V tile pipeline. Tile t holds keys start + t * BLOCK_N + [0, BLOCK_N) in stage t % kStages. The
 // (page or batch, slot) pair of each key is looked up one tile ahead of its copy into ring[t % kStages]
-// (a key past `end` gets page -1: its 16-byte chunks are zero-filled, never read), so page-table loads
-// are off the copy path and each tile's lookups happen once per block, not once per chunk.
+// (a key past `end`, or on a page id outside [0, num_pages), gets page -1: its 16-byte chunks are
+// zero-filled, never read), so page-table loads are off the copy path and each tile's lookups happen once
+// per block, not once per chunk. Bit i of the tile's key mask (masks[t % kMaskSlots], a ballot of the
+// lookups) is set iff key i has a page: the kernels' visibility test (score()) reads it, so keys past the
+// range and keys of invalid pages are masked alike.
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, int D_PAD>
 struct KvPipe {
   using Cfg = TileConfig<D_PAD>;
+  static constexpr int kMaskSlots = SmemLayout<D_PAD>::kMaskSlots;
   T* ks;                 // [kStages][BLOCK_N][kRow]
   T* vs;
   int2* ring;            // [kStages][BLOCK_N]
-  const T* kc;           // cache + h_kv * stride_kh
-  const T* vc;
-  const int* bt_row;     // block_table[b] or null
+  uint2* masks;          // [kMaskSlots]: 64-bit key masks (x: keys 0..31, y: keys 32..63)
+  gptr<const T> kc;      // cache + h_kv * stride_kh
+  gptr<const T> vc;
+  gptr<const int> bt_row;   // block_table[b] or null
   int64_t skb, sks, svb, svs;
-  int b, start, end, page_size, head_dim;
+  int b, start, end, page_size, num_pages, head_dim;
   bool vec;
 
-  TF_DEVICE void init(const Params& p, const BlockCtx& c, unsigned char* smem) {
+  TF_DEVICE void init(const Params& p, const BlockCtx& c, unsigned char* smem, int q_rows) {
     using L = SmemLayout<D_PAD>;
     ks = reinterpret_cast<T*>(smem + L::kK);
     vs = reinterpret_cast<T*>(smem + L::kV);
-    kc = static_cast<const T*>(p.k_cache) + int64_t(c.h_kv) * p.stride_kh;
-    vc = static_cast<const T*>(p.v_cache) + int64_t(c.h_kv) * p.stride_vh;
+    ring = reinterpret_cast<int2*>(smem + L::ring(q_rows));
+    masks = reinterpret_cast<uint2*>(smem + L::masks(q_rows));
+    kc = gcast<const T>(p.k_cache) + int64_t(c.h_kv) * p.stride_kh;
+    vc = gcast<const T>(p.v_cache) + int64_t(c.h_kv) * p.stride_vh;
     bt_row = p.block_table ? p.block_table + int64_t(c.b) * p.stride_btb : nullptr;
     skb = p.stride_kb; sks = p.stride_ks; svb = p.stride_vb; svs = p.stride_vs;
-    b = c.b; start = c.start; end = c.end; page_size = p.page_size; head_dim = p.head_dim;
+    b = c.b; start = c.start; end = c.end; page_size = p.page_size; num_pages = p.num_pages; head_dim = p.head_dim;
     vec = p.vec_loads;
   }
 
-  // (page or batch, slot) of key i of tile t; page -1 past the block's range. Reads block_table when paged.
+  // (page or batch, slot) of key i of tile t; page -1 past the block's range or on a page id outside
+  // [0, num_pages). Reads block_table (a column < ceil(end / page_size)) when paged.
   TF_DEVICE int2 lookup(int t, int i) const {
     const int key = start + t * Cfg::kBlockN + i;
     if (key >= end) return make_int2(-1, 0);
-    if (bt_row) return make_int2(bt_row[key / page_size], key % page_size);
+    if (bt_row) {
+      const int page = bt_row[key / page_size];
+      return make_int2(unsigned(page) < unsigned(num_pages) ? page : -1, key % page_size);
+    }
     return make_int2(b, key);
+  }
+
+  // Threads 0..BLOCK_N-1 (warps 0 and 1, whole): store key tid's entry of tile t into ring slot `slot`, and
+  // the tile's key mask into masks[t % kMaskSlots].
+  TF_DEVICE void publish(int t, int slot, int2 e) {
+    const int tid = threadIdx.x;
+    ring[slot * Cfg::kBlockN + tid] = e;
+    const unsigned m = __ballot_sync(kFullMask, e.x >= 0);
+    if (tid % 32 == 0) reinterpret_cast<unsigned*>(masks + (t & (kMaskSlots - 1)))[tid / 32] = m;
+  }
+
+  // Key mask of tile t (bit i: key i of the tile is in the range, on a valid page). Written one tile ahead
+  // (run_pipeline): read it in compute(t).
+  TF_DEVICE uint64_t key_mask(int t) const {
+    const uint2 m = masks[t & (kMaskSlots - 1)];
+    return uint64_t(m.x) | (uint64_t(m.y) << 32);
   }
 
   // Every thread: look up the first kStages tiles (threads < BLOCK_N), barrier, issue kStages - 1 tiles.
   TF_DEVICE void prologue(int ntiles) {
     const int tid = threadIdx.x;
-    if (tid < Cfg::kBlockN) {
+    if (tid < Cfg::kBlockN) {   // warps 0 and 1, whole (the ballot in publish)
 #pragma unroll
-      for (int s = 0; s < Cfg::kStages; ++s) ring[s * Cfg::kBlockN + tid] = lookup(s, tid);
+      for (int s = 0; s < Cfg::kStages; ++s) publish(s, s, lookup(s, tid));
     }
     __syncthreads();
 #pragma unroll
@@ -181,8 +214,10 @@ struct KvPipe {
 };
 
 // The main loop of both kernels: for each tile t, wait for it, issue tile t + kStages - 1, prefetch the
-// page ids of tile t + kStages, run compute(t) on the tile, publish the prefetched ids. Ends with every
-// copy retired and a barrier, so the caller may reuse the stages.
+// page ids of tile t + kStages, run compute(t) on the tile, publish the prefetched ids and key mask. Ends
+// with every copy retired and a barrier, so the caller may reuse the stages. The mask of tile t + kStages
+// goes to slot (t + kStages) % kMaskSlots, which held the mask of a tile <= t - 1 (kMaskSlots >= kStages + 1):
+// every thread finished reading it before this iteration's barrier.
 template <typename T, int D_PAD, typename F>
 TF_DEVICE void run_pipeline(KvPipe<T, D_PAD>& pipe, int ntiles, F&& compute) {
   using Cfg = TileConfig<D_PAD>;
@@ -196,7 +231,7 @@ TF_DEVICE void run_pipeline(KvPipe<T, D_PAD>& pipe, int ntiles, F&& compute) {
     if (tid < Cfg::kBlockN) next = pipe.lookup(t + Cfg::kStages, tid);
     compute(t);
     // Slot t % kStages held tile t's rows, whose copies were issued an iteration ago: free.
-    if (tid < Cfg::kBlockN) pipe.ring[(t % Cfg::kStages) * Cfg::kBlockN + tid] = next;
+    if (tid < Cfg::kBlockN) pipe.publish(t + Cfg::kStages, t % Cfg::kStages, next);
   }
   ptx::cp_async_wait_all();
   __syncthreads();
@@ -243,9 +278,9 @@ TF_DEVICE RowInfo row_info(const Params& p, const BlockCtx& c, int m) {
 TF_DEVICE float tanh_ex2(float x) { return 1.f - 2.f / (ptx::ex2_approx(x * (2.f * kLog2e)) + 1.f); }
 
 // Score of (row, key) in log2 units, or -inf where the key is not visible. `dot` is q.k already multiplied
-// by qk_scale; `end` bounds the block's keys.
-TF_DEVICE float score(float dot, const ScoreParams& sp, const RowInfo& r, int key, int end) {
-  bool vis = r.ok && key < end;
+// by qk_scale; key_ok: the key's bit of its tile's key mask (in the block's range, on a valid page).
+TF_DEVICE float score(float dot, const ScoreParams& sp, const RowInfo& r, int key, bool key_ok) {
+  bool vis = r.ok && key_ok;
   if (sp.right >= 0) vis = vis && key <= r.q_pos + sp.right;
   if (sp.left >= 0) vis = vis && key >= r.q_pos - sp.left;
   float s = sp.cap2 > 0.f ? sp.cap2 * tanh_ex2(dot) : dot;
@@ -291,7 +326,7 @@ TF_DEVICE void merge_and_store(const Params& p, const BlockCtx& c, const float* 
       p.out_part[part * D_PAD + d] = o;
       if (d == 0) p.lse_part[part] = lse2;
     } else {
-      T* out = static_cast<T*>(p.out);
+      const gptr<T> out = gcast<T>(p.out);
       out[int64_t(c.b) * p.stride_ob + int64_t(qi) * p.stride_os + int64_t(hq) * p.stride_oh + d] = from_float<T>(o);
       if (d == 0) p.lse[flat] = empty ? kNegInf : lse2 * kLn2;
     }

@@ -1,10 +1,18 @@
 // GQA decode attention over a KV cache (decode/decode.cu): plain parameter structs, no torch, no device code.
 //
 // Semantics (transformer/decode.py, transformer.reference.decode_attention): q [B, Sq, Hq, D] (1 <= Sq <= 16)
-// attends over the first n_b = cache_seqlens[b] (+ Sq when k/v are appended) tokens of a contiguous cache
-// [B, S_max, Hkv, D] or a paged cache [num_pages, page_size, Hkv, D] addressed through block_table
-// [B, max_pages] int32. Query i of a sequence sits at position n_b - Sq + i (bottom-right alignment).
-// Query head h reads KV head h / (Hq / Hkv). Every tensor has a contiguous last dim; strides in elements.
+// attends over the first n_b = clamp(cache_seqlens[b] (+ Sq when k/v are appended), 0, capacity) tokens of a
+// contiguous cache [B, S_max, Hkv, D] or a paged cache [num_pages, page_size, Hkv, D] addressed through
+// block_table [B, max_pages] int32. Query i of a sequence sits at position n_b - Sq + i (bottom-right
+// alignment). Query head h reads KV head h / (Hq / Hkv). Every tensor has a contiguous last dim; strides in
+// elements.
+// Any index values are safe (nothing is read or written outside the tensors, no host sync):
+//   * appended token i of sequence b goes to position cache_seqlens[b] + i (64-bit sum); a position outside
+//     [0, capacity) is not written;
+//   * paged: token t of sequence b lives in page block_table[b, t / page_size]; a page id outside
+//     [0, num_pages) holds no visible token (it contributes nothing, as if masked) and appends into it are
+//     dropped; block_table[b, j] is read only for j = t / page_size of a visible position t < n_b or of an
+//     appended position inside [0, capacity), never for the columns past them.
 #pragma once
 
 #include "common/types.h"
@@ -15,32 +23,33 @@ namespace tf::decode {
 constexpr int kMaxSplits = 128;
 
 struct AppendParams {
-  const void* k;             // [B, Sq, Hkv, D] new keys
-  const void* v;             // [B, Sq, Hkv, D] new values
-  void* k_cache;             // contiguous [B, S_max, Hkv, D] or paged [num_pages, page_size, Hkv, D]
-  void* v_cache;
-  const int* cache_seqlens;  // [B]
-  const int* block_table;    // [B, max_pages] or null (contiguous)
+  gptr<const void> k;             // [B, Sq, Hkv, D] new keys
+  gptr<const void> v;             // [B, Sq, Hkv, D] new values
+  gptr<void> k_cache;             // contiguous [B, S_max, Hkv, D] or paged [num_pages, page_size, Hkv, D]
+  gptr<void> v_cache;
+  gptr<const int> cache_seqlens;  // [B]
+  gptr<const int> block_table;    // [B, max_pages] or null (contiguous)
   int64_t stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh;
   int64_t stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch;
   int64_t stride_btb;
   int batch, sq, hkv, head_dim;
-  int capacity;              // tokens one sequence can hold (S_max, or max_pages * page_size)
-  int page_size;             // 1 when contiguous
-  DType dtype;               // f16 or bf16
+  int capacity;                   // tokens one sequence can hold (S_max, or max_pages * page_size)
+  int page_size;                  // 1 when contiguous
+  int num_pages;                  // paged: k_cache.shape[0] (valid page ids 0..num_pages-1)
+  DType dtype;                    // f16 or bf16
 };
 
 struct Params {
-  const void* q;             // [B, Sq, Hq, D]
-  const void* k_cache;       // as AppendParams
-  const void* v_cache;
-  const int* cache_seqlens;  // [B]
-  const int* block_table;    // [B, max_pages] or null (contiguous)
-  const float* alibi;        // [Hq] (stride_ab = 0) or [B, Hq], or null
-  void* out;                 // [B, Sq, Hq, D] dtype
-  float* lse;                // [B, Hq, Sq] natural log; -inf for rows that see no key
-  float* out_part;           // [B * Hq * Sq, num_splits, partial_dim(D)] fp32 workspace (num_splits > 1)
-  float* lse_part;           // [B * Hq * Sq, num_splits] fp32 workspace, log2 units (num_splits > 1)
+  gptr<const void> q;             // [B, Sq, Hq, D]
+  gptr<const void> k_cache;       // as AppendParams
+  gptr<const void> v_cache;
+  gptr<const int> cache_seqlens;  // [B]
+  gptr<const int> block_table;    // [B, max_pages] or null (contiguous)
+  gptr<const float> alibi;        // [Hq] (stride_ab = 0) or [B, Hq], or null
+  gptr<void> out;                 // [B, Sq, Hq, D] dtype
+  gptr<float> lse;                // [B, Hq, Sq] natural log; -inf for rows that see no key
+  gptr<float> out_part;           // [B * Hq * Sq, num_splits, partial_dim(D)] fp32 workspace (num_splits > 1)
+  gptr<float> lse_part;           // [B * Hq * Sq, num_splits] fp32 workspace, log2 units (num_splits > 1)
   int64_t stride_qb, stride_qs, stride_qh;
   int64_t stride_kb, stride_ks, stride_kh;   // k cache: dim 0 is the batch (contiguous) or the page (paged)
   int64_t stride_vb, stride_vs, stride_vh;
@@ -49,6 +58,7 @@ struct Params {
   int64_t stride_ob, stride_os, stride_oh;
   int batch, sq, hq, hkv, head_dim;
   int capacity, page_size;
+  int num_pages;                  // paged: k_cache.shape[0] (valid page ids 0..num_pages-1)
   int num_appended;          // Sq when k/v were appended before this call, else 0
   float softmax_scale;
   float softcap;             // 0: none

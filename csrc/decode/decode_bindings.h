@@ -7,7 +7,10 @@
 // window_* = -1 is unbounded (causal is window_right = 0); a window wider than the cache plus the new tokens
 // sees every token, so sizes are clamped to that before they are narrowed to 32 bits.
 // With k/v the new tokens are written into the caches in place first. num_splits = 0 picks a count on the host
-// from shapes and the (cached) SM count: nothing here reads device memory on the host.
+// from shapes and the (cached) SM count: nothing here reads device memory on the host. Any values of
+// cache_seqlens and block_table are safe (decode/decode.h: clamped lengths, invalid pages hold no visible
+// token). cache_seqlens may have any stride and block_table any strides (cache_seqlens, and a block_table whose
+// columns are not contiguous, are read through a contiguous copy; block_table's row stride is passed as is).
 #pragma once
 
 #include <algorithm>
@@ -39,6 +42,8 @@ inline bool rows_aligned16(const at::Tensor& t) {
     if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
   return true;
 }
+
+constexpr int64_t kMaxCapacity = (int64_t(1) << 31) - 1024;
 
 inline std::tuple<at::Tensor, at::Tensor> decode_attention(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
@@ -81,7 +86,10 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
     TORCH_CHECK_VALUE(k_cache.size(0) == B, "k_cache must have shape [B=", B,
                       ", S_max, Hkv, D] (or pass block_table for a paged cache), got ", k_cache.sizes());
   }
-  TORCH_CHECK_VALUE(capacity <= 2147483647, "the cache capacity per sequence must be < 2^31, got ", capacity);
+  // 32-bit token indices in the kernels, with room for the tiles past the end of a range.
+  TORCH_CHECK_VALUE(capacity <= kMaxCapacity, "the cache capacity per sequence must be at most 2^31 - 1024, got ",
+                    capacity);
+  const int num_pages = int(std::min<int64_t>(k_cache.size(0), std::numeric_limits<int>::max()));
   check_device(cache_seqlens, "cache_seqlens", &q);
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32, got ",
                    cache_seqlens.scalar_type());
@@ -124,6 +132,18 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
   at::Tensor lse = empty({B, Hq, Sq}, at::kFloat, q);
   if (B == 0) return {out, lse};
 
+  const int group = int(Hq / Hkv);
+  int splits = int(num_splits);
+  if (splits == 0) splits = tf::decode::plan_num_splits(int(B), int(Hkv), group, int(Sq), int(D), int(capacity), stream);
+  const int d_pad = tf::decode::partial_dim(int(D));
+  const int64_t part_rows = splits > 1 ? B * Hq * Sq * splits : 0;
+  at::Tensor out_part = empty({part_rows * d_pad}, at::kFloat, q);
+  at::Tensor lse_part = empty({part_rows}, at::kFloat, q);
+  const KernelMemory memory({{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"cache_seqlens", &lens},
+                             {"k", opt(k)}, {"v", opt(v)}, {"block_table", paged ? &bt : nullptr},
+                             {"alibi_slopes", opt(alibi_slopes)}, {"out", &out}, {"lse", &lse},
+                             {"out_part", &out_part}, {"lse_part", &lse_part}});
+
   if (k) {
     tf::decode::AppendParams a{};
     a.k = k->data_ptr();
@@ -140,17 +160,10 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
     a.batch = int(B); a.sq = int(Sq); a.hkv = int(Hkv); a.head_dim = int(D);
     a.capacity = int(capacity);
     a.page_size = int(page_size);
+    a.num_pages = num_pages;
     a.dtype = dt;
     tf::decode::decode_append(a, stream);
   }
-
-  const int group = int(Hq / Hkv);
-  int splits = int(num_splits);
-  if (splits == 0) splits = tf::decode::plan_num_splits(int(B), int(Hkv), group, int(Sq), int(D), int(capacity), stream);
-  const int d_pad = tf::decode::partial_dim(int(D));
-  const int64_t part_rows = splits > 1 ? B * Hq * Sq * splits : 0;
-  at::Tensor out_part = empty({part_rows * d_pad}, at::kFloat, q);
-  at::Tensor lse_part = empty({part_rows}, at::kFloat, q);
 
   tf::decode::Params p{};
   p.q = q.data_ptr();
@@ -173,6 +186,7 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
   p.batch = int(B); p.sq = int(Sq); p.hq = int(Hq); p.hkv = int(Hkv); p.head_dim = int(D);
   p.capacity = int(capacity);
   p.page_size = int(page_size);
+  p.num_pages = num_pages;
   p.num_appended = k ? int(Sq) : 0;
   p.softmax_scale = float(softmax_scale);
   p.softcap = float(softcap);

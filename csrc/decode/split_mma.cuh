@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(Params p, int warp
   // Q tile [rows_blk][kRow]: zeros past the head dim and for rows past group * Sq.
   T* qs = reinterpret_cast<T*>(smem + L::kQ);
   {
-    const T* q = static_cast<const T*>(p.q) + int64_t(c.b) * p.stride_qb;
+    const gptr<const T> q = gcast<const T>(p.q) + int64_t(c.b) * p.stride_qb;
     for (int e = tid; e < rows_blk * D_PAD; e += kThreads) {
       const int m = e / D_PAD, d = e % D_PAD, row = c.row0 + m;
       T v = from_float<T>(0.f);
@@ -38,8 +38,7 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(Params p, int warp
     }
   }
   KvPipe<T, D_PAD> pipe;
-  pipe.init(p, c, smem);
-  pipe.ring = reinterpret_cast<int2*>(smem + L::ring(rows_blk));
+  pipe.init(p, c, smem, rows_blk);
   float* ml = reinterpret_cast<float*>(smem + L::ml(rows_blk));
 
   const ScoreParams sp = score_params(p);
@@ -57,9 +56,12 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(Params p, int warp
     const T* kt = pipe.k_tile(t);
     const T* vt = pipe.v_tile(t);
     const int tile_key0 = c.start + t * Cfg::kBlockN;
+    const uint64_t tile_mask = pipe.key_mask(t);
     for (int ch = wn; ch < kChunks16; ch += warps_n) {
       const int key0 = tile_key0 + ch * 16;
       if (key0 >= c.end) break;   // warp-uniform: the rest of the tile is past the range
+      // Bits 0, 1 (n-tile 0) and 8, 9 (n-tile 1) of `vis`: this lane's keys in the tile's key mask.
+      const uint32_t vis = uint32_t(tile_mask >> (ch * 16 + 2 * t4));
       // S = Q K^T for 16 rows x 16 keys.
       float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
       const T* k_rows = kt + (ch * 16 + (lane / 16) * 8 + lane % 8) * kRow + ((lane / 8) & 1) * 8;
@@ -77,7 +79,8 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(Params p, int warp
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          s[nt][i] = score(s[nt][i] * sp.qk_scale, sp, ri[i >> 1], key0 + 8 * nt + 2 * t4 + (i & 1), c.end);
+          s[nt][i] = score(s[nt][i] * sp.qk_scale, sp, ri[i >> 1], key0 + 8 * nt + 2 * t4 + (i & 1),
+                           (vis >> (8 * nt + (i & 1))) & 1u);
       // Online softmax: the 4 lanes of a quad share each row.
 #pragma unroll
       for (int r = 0; r < 2; ++r) {

@@ -43,20 +43,19 @@ __global__ void __launch_bounds__(kThreads) decode_simt_kernel(Params p) {
   const int nrows = c.rows < R ? c.rows : R;
 
   KvPipe<T, D_PAD> pipe;
-  pipe.init(p, c, smem);
-  pipe.ring = reinterpret_cast<int2*>(smem + L::ring(0));
+  pipe.init(p, c, smem, 0);
   float* ml = reinterpret_cast<float*>(smem + L::ml(0));
 
   const ScoreParams sp = score_params(p);
   RowInfo ri[R];
   float q[R][8], acc[R][8], m_run[R], l_run[R];
   {
-    const T* qb = static_cast<const T*>(p.q) + int64_t(c.b) * p.stride_qb;
+    const gptr<const T> qb = gcast<const T>(p.q) + int64_t(c.b) * p.stride_qb;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       ri[r] = row_info(p, c, r);
       const int hq = c.h_kv * c.group + r / p.sq;
-      const T* qr = qb + int64_t(r % p.sq) * p.stride_qs + int64_t(hq) * p.stride_qh;
+      const gptr<const T> qr = qb + int64_t(r % p.sq) * p.stride_qs + int64_t(hq) * p.stride_qh;
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const int d = ci * 8 + e;
@@ -72,6 +71,7 @@ __global__ void __launch_bounds__(kThreads) decode_simt_kernel(Params p) {
     const T* kt = pipe.k_tile(t) + ci * 8;
     const T* vt = pipe.v_tile(t) + ci * 8;
     const int tile_key0 = c.start + t * Cfg::kBlockN;
+    const uint64_t vis = pipe.key_mask(t) >> kg;   // bit j * KG: key kg + j * KG of the tile
 #pragma unroll
     for (int jb = 0; jb < KPG / KB; ++jb) {
       float s[KB][R];
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) decode_simt_kernel(Params p) {
             for (int e = 0; e < 8; ++e) dot = fmaf(q[r][e], kf[e], dot);
 #pragma unroll
             for (int off = LG / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(kFullMask, dot, off);
-            s[j][r] = score(dot, sp, ri[r], tile_key0 + jl, c.end);
+            s[j][r] = score(dot, sp, ri[r], tile_key0 + jl, (vis >> ((jb * KB + j) * KG)) & 1u);
           }
         }
       }

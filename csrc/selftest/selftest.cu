@@ -30,6 +30,10 @@ void divergent(int* out, int threads, int mode) {
   launch(divergent_kernel, dim3(1), dim3(threads), 0, nullptr, out, mode);
 }
 
+void bounds(gptr<const float> x, gptr<float> out, int64_t offset, int mode) {
+  launch(bounds_kernel, dim3(1), dim3(32), 0, nullptr, x, out, offset, mode);
+}
+
 void emu_set_schedule(bool random, uint64_t seed) { emu::set_schedule(random, seed); }
 #endif
 

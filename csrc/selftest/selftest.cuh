@@ -134,6 +134,24 @@ __global__ void divergent_kernel(int* __restrict__ out, int mode) {
   }
   out[t] = t;
 }
+
+// One access at x + offset / out + offset (elements), by thread 0 of one warp: mode 0 loads x[offset] into
+// out[0]; 1 stores x[0] to out[offset]; 2 copies x[offset .. offset + 3] by a 16-byte cp.async into out[0..3].
+// With the bounds check on (TILEFORMER_EMU_CHECK_BOUNDS=1) an offset outside the tensors fails the launch.
+__global__ void bounds_kernel(gptr<const float> x, gptr<float> out, int64_t offset, int mode) {
+  __shared__ float s[4];
+  if (threadIdx.x != 0) return;
+  if (mode == 0) {
+    out[0] = x[offset];
+  } else if (mode == 1) {
+    out[offset] = x[0];
+  } else {
+    ptx::cp_async_16(s, x + offset);
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<0>();
+    for (int i = 0; i < 4; ++i) out[i] = s[i];
+  }
+}
 #endif
 
 }  // namespace tf::selftest

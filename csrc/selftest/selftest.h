@@ -14,6 +14,8 @@ void warp_ops(const int* x, int* out, int n, int width, cudaStream_t stream);
 #ifdef TILEFORMER_EMULATE
 void neighbour(float* out, int blocks, int threads, bool with_barrier, float base);
 void divergent(int* out, int threads, int mode);
+// bounds_kernel (selftest/selftest.cuh): one load / store / cp.async at an element offset.
+void bounds(gptr<const float> x, gptr<float> out, int64_t offset, int mode);
 // Scheduling of the emulated threads for the next launches (common/emu.h): random order or in order.
 void emu_set_schedule(bool random, uint64_t seed);
 #endif

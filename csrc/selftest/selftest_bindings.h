@@ -66,6 +66,16 @@ inline at::Tensor divergent(int64_t threads, int64_t mode) {
 }
 
 inline void set_schedule(bool random, int64_t seed) { tf::selftest::emu_set_schedule(random, uint64_t(seed)); }
+
+// x: float32 (any view); returns out (4 float32, zeros unless written). See bounds_kernel.
+inline at::Tensor bounds(const at::Tensor& x, int64_t offset, int64_t mode) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "mode must be 0, 1 or 2, got ", mode);
+  at::Tensor out = at::zeros({4}, x.options());
+  const KernelMemory memory({{"x", &x}, {"out", &out}});
+  tf::selftest::bounds(x.data_ptr<float>(), out.data_ptr<float>(), offset, int(mode));
+  return out;
+}
 #endif
 
 inline void define(torch::Library& m) {
@@ -76,12 +86,16 @@ inline void define(torch::Library& m) {
   m.def("selftest_neighbour(int blocks, int threads, bool with_barrier, float base) -> Tensor", &neighbour);
   m.def("selftest_divergent(int threads, int mode) -> Tensor", &divergent);
   m.def("emu_set_schedule(bool random, int seed) -> ()", &set_schedule);
+  m.def("selftest_bounds(Tensor x, int offset, int mode) -> Tensor");
 #endif
 }
 
 inline void impl(torch::Library& m) {
   m.impl("selftest_mma", &mma);
   m.impl("selftest_warp_ops", &warp_ops);
+#ifdef TILEFORMER_EMULATE
+  m.impl("selftest_bounds", &bounds);
+#endif
 }
 
 }  // namespace tf::selftest_bindings

@@ -76,12 +76,20 @@ def flash_attention(fwd, q, k, v, *, causal, softmax_scale, window_size, alibi_s
     return (out, lse) if return_lse else out
 
 
+def monotone_cu_seqlens(cu, total):
+    """cu_seqlens as every backend takes them (transformer/_checks.py), without a device-to-host copy: each entry
+    clamped into 0..total, then the running max, so sequences lie inside the tokens and never overlap. Valid
+    cu_seqlens come back unchanged (int32, contiguous)."""
+    return torch.cummax(cu.clamp(0, total), dim=0).values.to(torch.int32)
+
+
 def flash_attention_varlen(fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
                            softmax_scale, window_size, alibi_slopes, softcap, deterministic, return_lse,
                            causal_align):
     """Packed variable-length flash attention through the forward op `fwd`; lse is [Hq, total_q]."""
     left, right = window(causal, window_size, max_seqlen_q, max_seqlen_k)
-    out, lse = fwd(q, k, v, alibi_slopes, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), int(max_seqlen_q),
+    cu_q, cu_k = monotone_cu_seqlens(cu_seqlens_q, q.shape[0]), monotone_cu_seqlens(cu_seqlens_k, k.shape[0])
+    out, lse = fwd(q, k, v, alibi_slopes, cu_q, cu_k, int(max_seqlen_q),
                    int(max_seqlen_k), float(softmax_scale), left, right, float(softcap), causal_align == "bottom_right")
     return (out, lse) if return_lse else out
 
