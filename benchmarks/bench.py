@@ -24,6 +24,11 @@ from .harness import Timing, csv_row, time_cpu, time_gpu
 REFERENCE_MEMORY_FRACTION = 0.25     # skip the fp32 reference when its intermediates exceed this of free memory
 
 
+class Unavailable(RuntimeError):
+    """Raised by a provider's callable when it finds out only at the call that it cannot serve the case
+    (reported as "not available: <reason>", not as an error)."""
+
+
 @dataclasses.dataclass
 class Measurement:
     case: Case
@@ -95,10 +100,14 @@ def measure(case: Case, provider, inp, device, *, cpu_budget_s=0.4) -> Measureme
             m.note = skip
             return m
         fn = timed_callable(case, provider.build(case, inp), inp)
+        if hasattr(provider, "wrap"):        # a variant: its knob set for the backward too
+            fn = provider.wrap(fn)
         if torch.device(device).type == "cuda":
             m.timing = time_gpu(fn)
         else:
             m.timing = time_cpu(fn, budget_s=cpu_budget_s, min_reps=3)
+    except Unavailable as e:         # found out only by calling it (e.g. SDPA: "No available kernel")
+        m.note = f"not available: {e}"
     except torch.cuda.OutOfMemoryError:
         m.note = "skipped: out of GPU memory"
     except Exception as e:  # a kernel failing must not stop the sweep
@@ -145,9 +154,20 @@ def run_case(case: Case, provs, device, *, seed=0, cpu_budget_s=0.4):
 # Metrics and CSV rows
 # ---------------------------------------------------------------------------------------------
 
-def metrics(m: Measurement, peak):
+def _roofline_row(metric, c, t, peak, what):
+    flops, nbytes = c.flops(), c.bytes()
+    floor = formulas.roofline_floor_s(flops, nbytes, peak, c.dtype)
+    if not floor:
+        return None
+    return (metric, "x", formulas.time_over_floor(t.median, floor), formulas.time_over_floor(t.p20, floor),
+            formulas.time_over_floor(t.p80, floor),
+            f"floor {floor * 1e3:.4g} ms, {formulas.bound_by(flops, nbytes, peak, c.dtype)}-bound on {what}")
+
+
+def metrics(m: Measurement, peak, measured=None):
     """[(metric, unit, median, p20, p80, note)] of one measurement; p20/p80 of a throughput come from
-    the p80/p20 times (a slower time is a lower throughput)."""
+    the p80/p20 times (a slower time is a lower throughput). `peak`: the data-sheet peaks
+    (time_over_roofline); `measured`: the ceilings measured on this GPU (time_over_measured_roofline)."""
     c, t = m.case, m.timing
     if t is None:
         return [("time", "ms", None, None, None, m.note)]
@@ -158,12 +178,13 @@ def metrics(m: Measurement, peak):
                      formulas.tflops(flops, t.p20), ""))
     rows.append(("bandwidth", "GB/s", formulas.gbps(nbytes, t.median), formulas.gbps(nbytes, t.p80),
                  formulas.gbps(nbytes, t.p20), ""))
-    floor = formulas.roofline_floor_s(flops, nbytes, peak, c.dtype)
-    if floor:
-        rows.append(("time_over_roofline", "x", formulas.time_over_floor(t.median, floor),
-                     formulas.time_over_floor(t.p20, floor), formulas.time_over_floor(t.p80, floor),
-                     f"floor {floor * 1e3:.4g} ms, "
-                     f"{formulas.bound_by(flops, nbytes, peak, c.dtype)}-bound on {peak.name}"))
+    for metric, pk, what in (("time_over_roofline", peak, peak and peak.name),
+                             ("time_over_measured_roofline", measured,
+                              measured and f"{measured.name} ({measured.tflops_16:.4g} TFLOP/s, "
+                                           f"{measured.gbps:.4g} GB/s)")):
+        row = _roofline_row(metric, c, t, pk, what) if pk is not None else None
+        if row:
+            rows.append(row)
     if m.speedup_vs_torch is not None and m.provider != "torch":
         rows.append(("speedup_vs_torch", "x", m.speedup_vs_torch, None, None, ""))
     if m.speedup_vs_peer is not None:
@@ -171,10 +192,10 @@ def metrics(m: Measurement, peak):
     return rows
 
 
-def csv_rows(measurements, info, peak):
+def csv_rows(measurements, info, peak, measured=None):
     out = []
     for m in measurements:
-        for metric, unit, med, p20, p80, note in metrics(m, peak):
+        for metric, unit, med, p20, p80, note in metrics(m, peak, measured):
             out.append(csv_row(info, op=m.case.op, backend=m.provider, mode=m.case.mode, shape=m.case.shape,
                                dtype=m.case.dtype, metric=metric, unit=unit, median=med, p20=p20, p80=p80,
                                note=note))
@@ -186,14 +207,15 @@ def csv_rows(measurements, info, peak):
 # ---------------------------------------------------------------------------------------------
 
 HEADER = (f"    {'provider':<12} {'median ms':>10} {'p20-p80 ms':>19} {'TFLOP/s':>8} {'GB/s':>8} "
-          f"{'x floor':>8} {'vs torch':>9} {'vs peer':>8}")
+          f"{'x floor':>8} {'x meas':>7} {'vs torch':>9} {'vs peer':>8}")
 
 
 def _fmt(x, spec, width):
     return f"{x:{width}{spec}}" if x is not None else " " * (width - 1) + "-"
 
 
-def format_measurement(m: Measurement, peak) -> str:
+def format_measurement(m: Measurement, peak, measured=None) -> str:
+    """One table row; `x floor` over the data-sheet roofline, `x meas` over the measured one."""
     if not m.ok:
         return f"    {m.provider:<12} {m.note[:150]}"
     c, t = m.case, m.timing
@@ -201,14 +223,16 @@ def format_measurement(m: Measurement, peak) -> str:
     tf = formulas.tflops(flops, t.median) if flops else None
     floor = formulas.roofline_floor_s(flops, nbytes, peak, c.dtype)
     over = formulas.time_over_floor(t.median, floor) if floor else None
+    mfloor = formulas.roofline_floor_s(flops, nbytes, measured, c.dtype)
+    over_m = formulas.time_over_floor(t.median, mfloor) if mfloor else None
     vs_t = f"{m.speedup_vs_torch:8.2f}x" if m.speedup_vs_torch is not None else "        -"
     vs_p = f"{m.speedup_vs_peer:7.2f}x" if m.speedup_vs_peer is not None else "       -"
     spread = f"{t.p20:.4g}-{t.p80:.4g}"
     return (f"    {m.provider:<12} {t.median:>10.4g} {spread:>19} {_fmt(tf, '.3g', 8)} "
-            f"{formulas.gbps(nbytes, t.median):>8.3g} {_fmt(over, '.3g', 8)} {vs_t} {vs_p}")
+            f"{formulas.gbps(nbytes, t.median):>8.3g} {_fmt(over, '.3g', 8)} {_fmt(over_m, '.3g', 7)} {vs_t} {vs_p}")
 
 
-def run_sweep(cases, provs, device, peak, *, out=None, deadline=None, cpu_budget_s=0.4):
+def run_sweep(cases, provs, device, peak, *, out=None, deadline=None, cpu_budget_s=0.4, measured=None):
     """Measure every case, printing the case and one row per provider as it goes (stdout), with a progress
     bar and the time left (stderr).
 
@@ -227,7 +251,7 @@ def run_sweep(cases, provs, device, peak, *, out=None, deadline=None, cpu_budget
             progress.write(f"[{i + 1}/{len(cases)}] {name}", file=out)
             ms = run_case(case, provs, device, seed=i, cpu_budget_s=cpu_budget_s)
             for m in ms:
-                progress.write(format_measurement(m, peak), file=out)
+                progress.write(format_measurement(m, peak, measured), file=out)
             results.extend(ms)
             bar.update()
     return results

@@ -21,9 +21,15 @@ Bytes are the minimum an op must move between HBM and the chip, each tensor read
 Roofline floor of a measurement: max(FLOPs / peak FLOP/s, bytes / peak bandwidth), from the table below
 (dense tensor-core peak for fp16/bf16, non-tensor peak for fp32). An unknown GPU has no entry: roofline
 metrics are then left out, unless peaks are given (TILEFORMER_PEAK_TFLOPS, TILEFORMER_PEAK_GBPS).
+
+Measured ceilings (``ceilings.csv``, written by benchmarks/ceilings.py on the GPU of the run): the rate of a
+large torch.matmul (bf16 and fp32) and of a device-to-device copy (bytes read + written). ``measured_peak``
+turns them into a Peak, used next to the data-sheet one: a second roofline (``time_over_measured_roofline``)
+that says how far a kernel is from what this card, as found, delivers to a library matmul or a copy.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 import os
@@ -157,6 +163,63 @@ def lookup_peak(gpu_name, env=None) -> Optional[Peak]:
         if re.search(pattern, gpu_name, re.IGNORECASE):
             return peak
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured ceilings (ceilings.csv)
+# ---------------------------------------------------------------------------------------------
+
+CEILINGS_FILE = "ceilings.csv"
+CEILING_COLUMNS = ("gpu", "metric", "unit", "value", "datasheet", "how", "timestamp")
+# metric -> (unit, the Peak field it supplies)
+CEILING_METRICS = {"matmul_bf16": ("TFLOP/s", "tflops_16"), "matmul_fp32": ("TFLOP/s", "tflops_32"),
+                   "copy": ("GB/s", "gbps")}
+
+
+def write_ceilings(path, rows):
+    """rows: dicts with CEILING_COLUMNS (numbers as floats or None)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CEILING_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else f"{r[k]:.6g}" if isinstance(r.get(k), float) else r[k])
+                        for k in CEILING_COLUMNS})
+
+
+def read_ceilings(path):
+    """Rows of a ceilings.csv ("value"/"datasheet" as floats or None); [] when the file does not exist.
+    Raises ValueError for another header."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != CEILING_COLUMNS:
+            raise ValueError(f"{path}: columns {reader.fieldnames} differ from {CEILING_COLUMNS}")
+        rows = []
+        for r in reader:
+            for k in ("value", "datasheet"):
+                r[k] = float(r[k]) if r[k] not in ("", None) else None
+            rows.append(r)
+    return rows
+
+
+def measured_peak(rows, gpu_name) -> Optional[Peak]:
+    """A Peak from the measured ceilings of `gpu_name` (rows of another GPU are ignored); None unless both
+    the bf16 matmul rate and the copy bandwidth were measured. A missing fp32 rate falls back to the
+    data-sheet one (or the bf16 rate / 16 for a GPU not in the table)."""
+    got = {r["metric"]: r["value"] for r in rows if r.get("gpu") == gpu_name and r.get("value")}
+    if not got.get("matmul_bf16") or not got.get("copy"):
+        return None
+    sheet = lookup_peak(gpu_name, env={})
+    fp32 = got.get("matmul_fp32") or (sheet.tflops_32 if sheet else got["matmul_bf16"] / 16)
+    return Peak(f"{sheet.name if sheet else gpu_name} measured", got["matmul_bf16"], fp32, got["copy"],
+                "ceilings.csv: torch.matmul and a device-to-device copy on this GPU")
+
+
+def pct_of_peak(rate, peak_rate):
+    """Percent of a peak rate (None without one)."""
+    return None if not peak_rate else 100.0 * rate / peak_rate
 
 
 def unknown_gpu_message(gpu_name):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import importlib
 import os
 import platform
 import subprocess
@@ -97,7 +98,7 @@ def results_dirname(gpu: Optional[str]) -> str:
 
 def _module_version(name):
     try:
-        mod = __import__(name)
+        mod = importlib.import_module(name)
         return getattr(mod, "__version__", "?")
     except Exception:
         return None
@@ -107,7 +108,8 @@ def versions() -> str:
     """"python=3.11.7 torch=2.14.1 cuda=13.0 triton=3.8.0 tileformer=0.1.0 [peers...]" (only what imports)."""
     parts = [f"python={platform.python_version()}", f"torch={torch.__version__}", f"cuda={torch.version.cuda}"]
     for name, label in (("triton", "triton"), ("transformer", "tileformer"), ("flash_attn", "flash_attn"),
-                        ("flash_attn_interface", "flash_attn3"), ("flashinfer", "flashinfer"),
+                        ("flash_attn_interface", "flash_attn3"), ("flash_attn.cute", "flash_attn4"),
+                        ("flashinfer", "flashinfer"),
                         ("liger_kernel", "liger_kernel"), ("apex", "apex")):
         v = _module_version(name)
         if v is not None:

@@ -45,8 +45,52 @@ MARKERS = {  # name -> regex over PTX (Triton) text
     "tma": r"\bcp\.async\.bulk\.tensor",
     "cp.async": r"\bcp\.async\.(ca|cg)\.shared",
     "ldmatrix": r"\bldmatrix\.sync",
+    "setmaxnreg": r"\bsetmaxnreg\.",      # warp specialization moving registers between warpgroups
 }
-SASS_MARKERS = {"HMMA": r"\bHMMA\.", "HGMMA": r"\bHGMMA\.", "UTMALDG": r"\bUTMALDG", "LDSM": r"\bLDSM\b"}
+# wgmma instruction shapes in PTX: each adds an "wgmma.m64nNk16"-style entry (count) to a Triton kernel's
+# instructions, so the table shows the N of every product.
+WGMMA_SHAPE = re.compile(r"\bwgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)")
+
+
+def wgmma_shapes(ptx):
+    """{"wgmma.m64nNkK": count} of the wgmma shapes in PTX text."""
+    out = {}
+    for shape in WGMMA_SHAPE.findall(ptx):
+        out[f"wgmma.{shape}"] = out.get(f"wgmma.{shape}", 0) + 1
+    return out
+
+
+SASS_MARKERS = {"HMMA": r"\bHMMA\.", "HGMMA": r"\bHGMMA\.", "UTMALDG": r"\bUTMALDG", "LDSM": r"\bLDSM\b",
+                "USETMAXREG": r"\bUSETMAXREG\b"}
+# HGMMA shapes in SASS ("HGMMA.64x128x16.F32.BF16"): an "HGMMA.64xNx16" entry (count) per shape, as wgmma_shapes.
+HGMMA_SHAPE = re.compile(r"\bHGMMA\.(\d+x\d+x\d+)")
+STATS_VERSION = 2       # part of the static report's cache key: bump when what KernelStats holds changes
+
+
+def hgmma_shapes(sass):
+    """{"HGMMA.64xNxK": count} of the warpgroup MMA shapes in SASS text."""
+    out = {}
+    for shape in HGMMA_SHAPE.findall(sass):
+        out[f"HGMMA.{shape}"] = out.get(f"HGMMA.{shape}", 0) + 1
+    return out
+
+
+def sass_counts(body):
+    """SASS_MARKERS counts and HGMMA shapes of one kernel's SASS."""
+    out = {k: len(re.findall(p, body)) for k, p in SASS_MARKERS.items()}
+    out.update(hgmma_shapes(body))
+    return out
+
+
+def mma_n_widths(instructions):
+    """Sorted N widths of the warpgroup MMAs named in a KernelStats.instructions dict ("wgmma.m64nNk16" from
+    PTX, "HGMMA.64xNx16" from SASS); [] when there are none."""
+    widths = set()
+    for key, count in instructions.items():
+        m = re.match(r"wgmma\.m\d+n(\d+)k\d+$|HGMMA\.\d+x(\d+)x\d+$", key)
+        if m and count:
+            widths.add(int(m.group(1) or m.group(2)))
+    return sorted(widths)
 
 
 @dataclasses.dataclass
@@ -135,7 +179,7 @@ def sass_markers_by_kernel(binary_path):
     out = {}
     for chunk in re.split(r"^\s*Function : ", res.stdout, flags=re.M)[1:]:
         name, _, body = chunk.partition("\n")
-        out[name.strip()] = {k: len(re.findall(p, body)) for k, p in SASS_MARKERS.items()}
+        out[name.strip()] = sass_counts(body)
     return out
 
 
@@ -174,7 +218,9 @@ def compile_triton(cfg, arch):
         return st
     ptx = k.asm["ptx"]
     st.smem = int(k.metadata.shared)
+    st.num_warps = getattr(k.metadata, "num_warps", cfg.num_warps)   # warp specialization adds warps
     st.instructions = {name: len(re.findall(p, ptx)) for name, p in MARKERS.items()}
+    st.instructions.update(wgmma_shapes(ptx))
     sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
@@ -273,12 +319,12 @@ def _cuobjdump_sections(text):
     return out
 
 
-def extension_report(binary_path, sass_kernels=()):
+def extension_report(binary_path, sass_kernels=(), archs=None):
     """KernelStats of every kernel embedded in a built extension (.so) or object, per arch, without
     recompiling: registers / stack / shared / local from ``cuobjdump -res-usage`` (triton wheel's
     cuobjdump); spills show up as stack or local memory (local_bytes). SASS markers (HMMA, LDSM, ...)
     are read only for kernels whose demangled name contains one of ``sass_kernels`` (disassembling a
-    whole extension takes minutes)."""
+    whole extension takes minutes), and only for `archs` (all when None)."""
     res = subprocess.run([_triton_bin("cuobjdump"), "-res-usage", binary_path], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"cuobjdump -res-usage {binary_path} failed: {res.stderr[-1000:]}")
@@ -297,6 +343,8 @@ def extension_report(binary_path, sass_kernels=()):
     names = _demangle_many([r[2] for r in rows])
     markers = {}
     for arch in sorted({r[0] for r in rows}):
+        if archs is not None and arch not in archs:
+            continue
         wanted = sorted({r[2] for r, short in zip(rows, names) if r[0] == arch
                          and any(k in short for k in sass_kernels)})
         if not wanted:
@@ -306,7 +354,7 @@ def extension_report(binary_path, sass_kernels=()):
                               capture_output=True, text=True).stdout
         for chunk in re.split(r"^\s*Function : ", sass, flags=re.M)[1:]:
             fname, _, body = chunk.partition("\n")
-            markers[(arch, fname.strip())] = {k: len(re.findall(p, body)) for k, p in SASS_MARKERS.items()}
+            markers[(arch, fname.strip())] = sass_counts(body)
     out = []
     for (arch, ident, name, (regs, stack, shared, local)), short in zip(rows, names):
         out.append(KernelStats(name=f"{os.path.basename(ident)}:{short}", arch=arch, registers=regs,

@@ -5,7 +5,8 @@
 One PNG per (op, dtype); one panel per (mode, fixed parameters), the swept size on a log2 x axis.
 flash_attention is plotted in TFLOP/s, the memory-bound ops in GB/s. The roofline of a point is its
 FLOPs (or bytes) divided by its roofline floor for the GPU of the run; without a peak (CPU, unknown GPU)
-the panel says so instead.
+the panel says so instead. With measured ceilings (ceilings.csv of the run) a second roofline, dashed grey,
+is drawn from them.
 """
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ def _roofline(op, mode, dtype, fixed, xs, rows, peak):
     return ys
 
 
-def plot_csv_rows(rows, out_dir, peak=None, gpu="cpu"):
-    """Write one PNG per (op, dtype) into out_dir; returns the paths."""
+def plot_csv_rows(rows, out_dir, peak=None, gpu="cpu", measured=None):
+    """Write one PNG per (op, dtype) into out_dir; returns the paths. `peak`: the data-sheet roofline (dotted
+    black); `measured`: the roofline of the measured ceilings (dashed grey)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -90,6 +92,10 @@ def plot_csv_rows(rows, out_dir, peak=None, gpu="cpu"):
                     ax.errorbar(xs, ys, yerr=[lo, hi], label=backend, color=color, marker=marker,
                                 linestyle="--" if backend not in STYLE else "-", capsize=2)
                 roof = _roofline(op, mode, dtype, fixed, xs_all, sel, peak)
+                mroof = _roofline(op, mode, dtype, fixed, xs_all, sel, measured)
+                if mroof is not None:
+                    ax.plot(xs_all, mroof, color="gray", linestyle="--", linewidth=1.2,
+                            label=f"roofline ({measured.name})")
                 if roof is not None:
                     ax.plot(xs_all, roof, color="black", linestyle=":", linewidth=1.5, label=f"roofline ({peak.name})")
                 else:
@@ -120,7 +126,9 @@ def main(argv=None):
         return 2
     rows = read_csv(argv[0])
     gpu = rows[0]["gpu"] if rows else "cpu"
-    for p in plot_csv_rows(rows, os.path.dirname(os.path.abspath(argv[0])), formulas.lookup_peak(gpu), gpu):
+    folder = os.path.dirname(os.path.abspath(argv[0]))
+    measured = formulas.measured_peak(formulas.read_ceilings(os.path.join(folder, formulas.CEILINGS_FILE)), gpu)
+    for p in plot_csv_rows(rows, folder, formulas.lookup_peak(gpu), gpu, measured):
         print(p)
     return 0
 

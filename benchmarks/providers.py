@@ -6,11 +6,19 @@ found through transformer.backends: explain() says whether a backend serves a ca
 is missing or rejects a shape shows up as "not available: <reason>" and never as a crash.
 
 Peers (each optional, imported lazily; never a dependency):
+    sdpa-flash    torch's F.scaled_dot_product_attention pinned to SDPBackend.FLASH_ATTENTION
+    sdpa-cudnn    the same pinned to SDPBackend.CUDNN_ATTENTION (torch.nn.attention.sdpa_kernel)
     flash-attn    flash_attn_func, flash_attn_with_kvcache, flash_attn.ops.triton.layer_norm
     flash-attn3   flash_attn_interface.flash_attn_func (Hopper)
+    flash-attn4   flash_attn.cute.flash_attn_func (CuTe DSL; Hopper/Blackwell)
     flashinfer    BatchPrefillWithRaggedKVCacheWrapper (fwd), BatchDecodeWithPagedKVCacheWrapper
     liger         LigerLayerNormFunction, LigerRMSNormFunction
     apex          fused_layer_norm_affine, fused_rms_norm_affine
+
+Tuning variants of our backends (``BackendVariant``): ``VARIANTS`` below (CUDA knobs), plus whatever a Triton
+kernel module declares in a module-level ``BENCH_VARIANTS = {name: {env var: value}}`` (the launcher reads
+the variables at every call): each becomes a provider of the module's op(s), timed and profiled next to
+the default path.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import torch
 import transformer
 from transformer import backends
 
+from .bench import Unavailable
 from .cases import NORM_EPS, Case
 
 OUR_BACKENDS = tuple(backends.BACKENDS)
@@ -56,7 +65,9 @@ def backend_reason(op: str, backend: str, args, kwargs) -> Optional[str]:
         name, _, status = line.strip().partition(":")
         if name == backend:
             status = status.strip()
-            if status == "selected":
+            if status.startswith("selected (the call raises"):          # a forced kernel path that cannot run
+                return status[len("selected ("):].rstrip(")")
+            if status == "selected" or status.startswith("selected "):    # "selected (<which kernel>)"
                 return None
             return status.split("rejected -- ", 1)[-1]
     return f"explain() did not mention {backend}"
@@ -91,16 +102,19 @@ class BackendVariant(Backend):
     def unavailable(self, case: Case, inp: dict, device) -> Optional[str]:
         if case.op not in self.ops:
             return f"{self.name} is a variant of {self.backend} for {', '.join(self.ops)} only"
-        return super().unavailable(case, inp, device)
+        return self.wrap(super().unavailable)(case, inp, device)     # the dispatcher sees the knob too
 
     def build(self, case: Case, inp: dict) -> Callable:
-        fn = super().build(case, inp)
+        return self.wrap(super().build(case, inp))
 
-        def run():
+    def wrap(self, fn: Callable) -> Callable:
+        """fn with this variant's environment set during each call (the timed callable of a backward, which
+        runs outside build()'s forward, is wrapped too)."""
+        def run(*args, **kwargs):
             old = {k: os.environ.get(k) for k in self.env}
             os.environ.update(self.env)
             try:
-                return fn()
+                return fn(*args, **kwargs)
             finally:
                 for k, v in old.items():
                     if v is None:
@@ -113,6 +127,28 @@ class BackendVariant(Backend):
 # The CUDA forward's first tiles (csrc/attention/launch.cuh FwdTiles: 4 warps, 64-query blocks, Q re-read
 # from shared memory), against which the default 8-warp tiles were chosen without a GPU.
 VARIANTS = (BackendVariant("cuda-fwd-w4", "cuda", {"TILEFORMER_CUDA_ATTN_FWD_TILES": "w4"}, ("flash_attention",)),)
+# Triton kernel modules whose BENCH_VARIANTS become providers, and the ops they serve.
+VARIANT_MODULES = {"triton_kernels.attention": ("flash_attention",), "triton_kernels.decode": ("decode_attention",),
+                   "triton_kernels.norms": ("layer_norm", "rms_norm")}
+
+
+def module_variants(modules=None):
+    """BackendVariants declared by the Triton kernel modules (BENCH_VARIANTS = {name: {env var: value}}); a
+    module with a forward-path switch (FWD_PATH_ENV, its values in _FWD_PATHS) and no BENCH_VARIANTS gets one
+    variant per forced path, "triton-fwd-<path>". A module that does not import (no triton) declares none."""
+    out = []
+    for mod, ops in (modules or VARIANT_MODULES).items():
+        try:
+            m = importlib.import_module(mod)
+        except Exception:  # no triton here: the triton backend is unavailable anyway
+            continue
+        declared = dict(getattr(m, "BENCH_VARIANTS", None) or {})
+        env = getattr(m, "FWD_PATH_ENV", None)
+        if not declared and env:
+            declared = {f"triton-fwd-{p}": {env: p} for p in getattr(m, "_FWD_PATHS", ()) if p != "auto"}
+        for name, values in declared.items():
+            out.append(BackendVariant(name, "triton", dict(values), ops))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +213,43 @@ class FlashAttn(Peer):
         return lambda: rms_norm_fn(inp["x"], inp["weight"], None, eps=NORM_EPS)
 
 
+class Sdpa(Peer):
+    """torch's F.scaled_dot_product_attention pinned to one backend by torch.nn.attention.sdpa_kernel. q, k, v
+    are passed as [B, H, N, D] views of the [B, N, H, D] inputs (no copy; the flash backend's own layout);
+    GQA through enable_gqa. A backend that rejects the call ("No available kernel", "No viable backend") is
+    not available."""
+    module = "torch.nn.attention"
+    ops = ("flash_attention",)
+
+    def __init__(self, name, backend):
+        self.name, self.sdp_backend = name, backend
+
+    def extra_reason(self, case):
+        from torch.nn.attention import SDPBackend
+        if not hasattr(SDPBackend, self.sdp_backend):
+            return f"this torch has no SDPBackend.{self.sdp_backend}"
+        return None
+
+    def build(self, case, inp):
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = getattr(SDPBackend, self.sdp_backend)
+        kwargs = dict(is_causal=bool(case.p["causal"]))
+        if case.p["Hq"] != case.p["Hkv"]:
+            kwargs["enable_gqa"] = True
+        q, k, v = (inp[n].transpose(1, 2) for n in ("q", "k", "v"))
+
+        def run():
+            try:
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+            except RuntimeError as e:
+                if "No available kernel" in str(e) or "No viable backend" in str(e):
+                    raise Unavailable(f"SDPBackend.{self.sdp_backend} does not serve this call") from e
+                raise
+        return run
+
+
 class FlashAttn3(Peer):
     name, module = "flash-attn3", "flash_attn_interface"
     ops = ("flash_attention",)
@@ -188,6 +261,20 @@ class FlashAttn3(Peer):
         def run():
             out = flash_attn_func(inp["q"], inp["k"], inp["v"], causal=causal)
             return out[0] if isinstance(out, tuple) else out   # some versions return (out, lse)
+        return run
+
+
+class FlashAttn4(Peer):
+    name, module = "flash-attn4", "flash_attn.cute"
+    ops = ("flash_attention",)
+
+    def build(self, case, inp):
+        from flash_attn.cute import flash_attn_func
+        causal = bool(case.p["causal"])
+
+        def run():
+            out = flash_attn_func(inp["q"], inp["k"], inp["v"], causal=causal)
+            return out[0] if isinstance(out, tuple) else out   # (out, lse)
         return run
 
 
@@ -271,13 +358,14 @@ class Apex(Peer):
         return lambda: fused_rms_norm_affine(inp["x"], inp["weight"], n, NORM_EPS)
 
 
-PEERS = (FlashAttn(), FlashAttn3(), FlashInfer(), Liger(), Apex())
+PEERS = (Sdpa("sdpa-flash", "FLASH_ATTENTION"), Sdpa("sdpa-cudnn", "CUDNN_ATTENTION"), FlashAttn(), FlashAttn3(),
+         FlashAttn4(), FlashInfer(), Liger(), Apex())
 
 
 def providers(names=None, *, peers=True):
-    """Our backends (reference, torch, triton, cuda), their tuning variants, then the peers; `names` filters
-    by name."""
-    out = [Backend(b) for b in ("reference", "torch", "triton", "cuda")] + list(VARIANTS)
+    """Our backends (reference, torch, triton, cuda), their tuning variants (VARIANTS and the Triton modules'
+    BENCH_VARIANTS), then the peers; `names` filters by name."""
+    out = [Backend(b) for b in ("reference", "torch", "triton", "cuda")] + list(VARIANTS) + module_variants()
     if peers:
         out += list(PEERS)
     if names:

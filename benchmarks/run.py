@@ -13,10 +13,16 @@ Sections (--sections, comma-separated; default all):
                only: interpreted/emulated kernels are not timed). A live table, then CSV + PNGs.
   correctness  every backend once on small inputs vs transformer.reference (transformer.testing.assert_close);
                without a GPU in a subprocess with TRITON_INTERPRET=1 and TILEFORMER_EMULATE_CUDA=1.
+  work         the counted work of our kernels (benchmarks/work.py): each Triton path run once under the
+               interpreter at one size per op and mode, its tensor-core FLOPs executed / ideal and bytes
+               moved / minimum per kernel, with each kernel's sm_90 static facts (instruction, wgmma N, TMA,
+               setmaxnreg, registers, spills, occupancy); the CUDA kernels' static facts. Default without a
+               GPU (the counts do not depend on one); on a GPU only when named.
   report       the static kernel report (registers, spills, smem, occupancy, tensor-core instructions
                per Triton config and CUDA kernel for sm_80/sm_90), no GPU needed.
 Output under benchmarks/results/<gpu or "cpu">/ (or --out): bench.csv, <op>_<dtype>.png,
-correctness.csv, kernel_report.txt/.json, run.log (the output on stdout). The run writes into a fresh folder
+correctness.csv, work.txt/.csv/.png, kernel_report.txt/.json, ceilings.csv (GPU: the measured matmul and copy
+rates, benchmarks/ceilings.py, a second roofline), run.log (the output on stdout). The run writes into a fresh folder
 next to it (.<name>.partial-<pid>) and moves its files into place only when it completes: an interrupted or
 failed run leaves the folder as it was and says where its partial output is. Files the run does not write
 (e.g. correctness.csv of a --sections timing run) are kept. Tables go to stdout, progress bars with the time
@@ -42,10 +48,12 @@ import torch
 from . import bench, cases, formulas, harness, plots, progress, providers
 
 ROOT = harness.ROOT
-SECTIONS = ("timing", "correctness", "report")
+SECTIONS = ("timing", "correctness", "work", "report")
 KERNEL_BACKENDS = ("triton", "cuda")
 CPU_BUDGET_S = 500            # make bench on a CPU machine must finish within 10 minutes (startup included)
-SECTION_CAP_S = {"correctness": 900, "report": 1800}   # without a budget: a hung kernel cannot hang make bench
+SECTION_CAP_S = {"correctness": 900, "work": 600, "report": 1800}   # without a budget: a hung kernel cannot hang
+WORK_S = 170                  # the work section's share under a budget (about 100 s with a warm static cache)
+REPORT_RESERVE_S = 120        # left for the kernel report under a budget
 
 
 class Tee:
@@ -178,14 +186,24 @@ def describe_machine(gpu, peak):
         say(f"  peer    {name:<10} {status}")
 
 
-def section_timing(args, gpu, peak, out, deadline):
+def timing_providers(names, gpu):
+    """The providers the timing section runs: every one (`names` empty) or those named. Without a GPU the kernel
+    backends are left out (interpreted / emulated kernels are for correctness only); on a GPU the fp32
+    reference is left out unless named (it only spends device time)."""
+    provs = providers.providers(names or None, peers=bool(gpu))
+    if not gpu:
+        return [p for p in provs if p.backend not in KERNEL_BACKENDS]
+    if not names:
+        provs = [p for p in provs if p.name != "reference"]
+    return provs
+
+
+def section_timing(args, gpu, peak, out, deadline, measured=None):
     device = "cuda" if gpu else "cpu"
     kind = args.sweep if args.sweep != "auto" else ("quick" if args.quick else "gpu") if gpu else "cpu"
     ops = args.ops.split(",") if args.ops else cases.OPS
     sweep = cases.sweep(kind, dtype=args.dtype, ops=ops)
-    provs = providers.providers(args.providers.split(",") if args.providers else None, peers=bool(gpu))
-    if not gpu:   # interpreted / emulated kernels are for correctness only: their timings would mean nothing
-        provs = [p for p in provs if p.backend not in KERNEL_BACKENDS]
+    provs = timing_providers(args.providers.split(",") if args.providers else None, gpu)
     if out is None:                  # --list
         say(f"\n== Timing ({kind} sweep, {len(sweep)} cases; providers {', '.join(p.name for p in provs)}):")
         for c in sweep:
@@ -201,11 +219,12 @@ def section_timing(args, gpu, peak, out, deadline):
                           "interpreter/emulator runs are checked in the correctness section)")
         + (" -- triton.testing.do_bench: CUDA events, L2 cleared before each repetition; median and p20/p80"
            if gpu else " -- torch.utils.benchmark.Timer.blocked_autorange; median and p20/p80"))
-    results = bench.run_sweep(sweep, provs, device, peak, deadline=deadline, cpu_budget_s=args.cpu_budget)
+    results = bench.run_sweep(sweep, provs, device, peak, deadline=deadline, cpu_budget_s=args.cpu_budget,
+                              measured=measured)
     say("\nSummary (cases measured, geometric mean speed-up vs torch):")
     say(bench.summary(results))
     info = harness.RunInfo.collect()
-    rows = bench.csv_rows(results, info, peak)
+    rows = bench.csv_rows(results, info, peak, measured)
     csv_path = out.path("bench.csv")        # with --append: a copy of the earlier bench.csv (main)
     kept = []
     if args.append and os.path.exists(csv_path):   # keep the earlier rows of the (op, mode)s not re-measured
@@ -215,7 +234,7 @@ def section_timing(args, gpu, peak, out, deadline):
     say(f"\nwrote {out.shown('bench.csv')} ({len(rows)} rows" + (f", {len(kept)} kept from before)" if kept else ")"))
     if not args.no_plots:
         try:
-            for p in plots.plot_csv_rows(harness.read_csv(csv_path), out.tmp, peak, info.gpu):
+            for p in plots.plot_csv_rows(harness.read_csv(csv_path), out.tmp, peak, info.gpu, measured):
                 say(f"wrote {out.shown(os.path.basename(p))}")
         except Exception as e:  # plotting must not lose the measurements
             say(f"plotting failed: {type(e).__name__}: {e}")
@@ -262,6 +281,26 @@ def section_correctness(args, gpu, out, deadline, reserve_s):
     return not any(r["backend"] in KERNEL_BACKENDS for r in bad)
 
 
+def section_work(out, deadline, reserve_s=0):
+    """benchmarks.work in a subprocess (it starts the interpreter's own subprocess), under its time share."""
+    timeout = SECTION_CAP_S["work"] if deadline is None else max(30.0, min(WORK_S, _remaining(deadline) - reserve_s))
+    say("\n== Work: the Triton kernels counted under the interpreter (tensor-core FLOPs executed / ideal, bytes "
+        "moved / minimum) with their sm_90 static facts; the CUDA kernels' static facts"
+        + f"; budget {timeout:.0f} s")
+    cmd = [sys.executable, "-m", "benchmarks.work", "--out", out.tmp, "--deadline", str(time.time() + timeout - 15)]
+    earlier = os.path.join(out.dest, "kernel_report.json")      # the CUDA facts when the extension is stale
+    if os.path.exists(earlier):
+        cmd += ["--report-json", earlier]
+    rc, _, timed_out = run_streaming(cmd, env=dict(os.environ), timeout=timeout)
+    if timed_out:
+        say("  work section stopped at its time budget (work.csv / work.png not written)")
+    elif rc:
+        say(f"  a Triton kernel raised under the interpreter (status {rc}; see above)")
+    for name in ("work.txt", "work.csv", "work.png"):
+        if os.path.exists(out.path(name)):
+            say(f"wrote {out.shown(name)}")
+
+
 def section_report(out, deadline):
     timeout = SECTION_CAP_S["report"] if deadline is None else _remaining(deadline)
     say("\n== Kernel report: Triton configs and CUDA kernels compiled for sm_80/sm_90 (no GPU needed)"
@@ -283,7 +322,8 @@ def section_report(out, deadline):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument("--sections", default="", help=f"comma-separated subset of {SECTIONS} (default: all; on a "
+                                                   "GPU all but work)")
     ap.add_argument("--quick", action="store_true", help="GPU: a short sweep (3 sizes per curve)")
     ap.add_argument("--sweep", default="auto", choices=("auto", "gpu", "quick", "cpu"),
                     help="which sweep to time (auto: gpu, or quick with --quick, on a GPU; cpu without one). "
@@ -304,6 +344,8 @@ def parse_args(argv=None):
                          "append to run.log")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
+    if not args.sections:
+        args.sections = ",".join(s for s in SECTIONS if s != "work" or not harness.gpu_name())
     bad = set(args.sections.split(",")) - set(SECTIONS)
     if bad:
         ap.error(f"--sections: unknown {sorted(bad)}; choose from {SECTIONS}")
@@ -314,16 +356,21 @@ def parse_args(argv=None):
     return args
 
 
-def run_sections(args, gpu, peak, out, started, deadline):
+def run_sections(args, gpu, peak, out, started, deadline, measured=None):
     """The sections asked for, writing into out.tmp; returns False when a kernel backend failed correctness."""
     sections = args.sections.split(",")
     ok = True
+    report_reserve = REPORT_RESERVE_S if "report" in sections else 0
+    work_reserve = WORK_S if "work" in sections else 0
     if "timing" in sections:
         # Under a budget the timing sweep gets at most 25% (CPU) / 60% (GPU) of it; the rest is for the others.
         t_deadline = None if deadline is None else time.time() + (0.6 if gpu else 0.25) * _remaining(deadline)
-        section_timing(args, gpu, peak, out, t_deadline if "correctness" in sections else deadline)
+        later = {"correctness", "work"} & set(sections)
+        section_timing(args, gpu, peak, out, t_deadline if later else deadline, measured)
     if "correctness" in sections:
-        ok = section_correctness(args, gpu, out, deadline, reserve_s=120 if "report" in sections else 0)
+        ok = section_correctness(args, gpu, out, deadline, reserve_s=report_reserve + work_reserve)
+    if "work" in sections:
+        section_work(out, deadline, reserve_s=report_reserve)
     if "report" in sections:
         section_report(out, deadline)
     say(f"\nbenchmarks.run finished in {time.time() - started:.0f} s; results in {out.shown()}/"
@@ -360,7 +407,11 @@ def main(argv=None):
     sys.stdout = tee
     try:
         describe_machine(gpu, peak)
-        ok = run_sections(args, gpu, peak, out, started, deadline)
+        measured = None
+        if gpu and "timing" in args.sections.split(","):
+            from . import ceilings
+            measured = ceilings.load_or_measure(out.dest, gpu, write_to=out.path(formulas.CEILINGS_FILE), log=say)
+        ok = run_sections(args, gpu, peak, out, started, deadline, measured)
     except BaseException as e:
         sys.stdout = tee.stream
         tee.close()

@@ -56,7 +56,7 @@ def _cache_path(cfg, arch):
     import triton
     h = hashlib.sha1(_kernel_sources_digest().encode())
     h.update(repr((cfg.name, arch, sorted(cfg.signature.items()), sorted(map(repr, cfg.constexprs.items())),
-                   cfg.num_warps, cfg.num_stages, triton.__version__)).encode())
+                   cfg.num_warps, cfg.num_stages, triton.__version__, kr.STATS_VERSION)).encode())
     return os.path.join(CACHE_DIR, h.hexdigest() + ".json")
 
 

@@ -3,6 +3,8 @@
 Every entry of ``triton_kernels.attention.aot_configs()`` is compiled ahead of time for its arch
 (sm_80 / sm_90) by ``benchmarks.kernel_report.triton_report``: it must compile, spill no register, fit the
 arch's shared memory, and use the expected tensor-core instructions (wgmma on sm_90, mma.sync on sm_80).
+The sm_90 descriptor forward (attn_fwd_tma) must also load through TMA, run wgmma with N >= 64 only, and
+use setmaxnreg where its key loop is warp-specialized.
 
 Runtime specialisation: on a GPU, Triton compiles each kernel for 16-byte aligned pointers and strides
 divisible by 16 (torch allocations, head dims that are multiples of 8). Without those hints the compiler
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -33,7 +36,8 @@ from triton_kernels.attention import aot_configs
 configs = aot_configs()
 stats = triton_report(configs=configs)
 # keyed by name@arch: the same tile can be shipped for both archs (with a different expected instruction)
-meta = {f"{c.name}@{a}": dict(num_stages=c.num_stages, archs=[a], expect={str(a): list(m) for a, m in c.expect.items()})
+meta = {f"{c.name}@{a}": dict(num_stages=c.num_stages, archs=[a], expect={str(a): list(m) for a, m in c.expect.items()},
+                              block_n=c.constexprs["BLOCK_N"], block_d=c.constexprs["BLOCK_D"])
         for c in configs for a in c.archs}
 json.dump(dict(stats=[dataclasses.asdict(s) for s in stats], configs=meta), sys.stdout)
 """
@@ -59,7 +63,7 @@ def test_every_config_is_reported(report):
     expected = {(key.rsplit("@", 1)[0], a) for key, c in configs.items() for a in c["archs"]}
     assert {(s.name, s.arch) for _, s in pairs} == expected
     assert {s.arch for _, s in pairs} == {80, 90}
-    assert {name.split()[0] for name in configs} == {"attn_fwd", "attn_dkdv", "attn_dq"}
+    assert {name.split()[0] for name in configs} == {"attn_fwd", "attn_dkdv", "attn_dq", "attn_fwd_tma"}
 
 
 def test_compiles(report):
@@ -94,7 +98,44 @@ def test_tensor_core_instructions(report):
 
 
 def test_pipelined(report):
-    """The K/V (forward, dQ) and Q/dO (dK/dV) tiles stream through cp.async: the loops are pipelined."""
-    bad = [f"{s.name} sm_{s.arch}" for cfg, s in report[0]
-           if not s.error and cfg["num_stages"] > 1 and not s.instructions.get("cp.async")]
+    """The K/V (forward, dQ) and Q/dO (dK/dV) tiles stream through cp.async: the loops are pipelined. The
+    descriptor forward streams K/V through TMA instead (test_descriptor_forward)."""
+    bad = [f"{s.name} sm_{s.arch}" for cfg, s in report[0] if not s.error and cfg["num_stages"] > 1
+           and not s.name.startswith("attn_fwd_tma ") and not s.instructions.get("cp.async")]
     assert not bad, "not software-pipelined (no cp.async):\n" + "\n".join(bad)
+
+
+def _wgmma_n(instructions):
+    """N of every wgmma shape in a kernel's instructions ({"wgmma.m64nNk16": count, ...})."""
+    return [int(re.fullmatch(r"wgmma\.m\d+n(\d+)k\d+", k).group(1)) for k, v in instructions.items()
+            if k.startswith("wgmma.m") and v]
+
+
+def test_descriptor_forward(report):
+    """Every shipped config of the sm_90 descriptor forward (triton_kernels.attention._TMA_FWD_CONFIGS) is
+    compiled, loads/stores through TMA (cp.async.bulk.tensor), keeps num_stages K and V tiles in shared memory
+    (the key loop is multi-buffered), runs every product as wgmma with N >= 64, and, warp-specialized, moves
+    registers with setmaxnreg (the expected markers, test_tensor_core_instructions)."""
+    from triton_kernels.attention import _TMA_FWD_CONFIGS
+
+    tma = [(cfg, s) for cfg, s in report[0] if s.name.startswith("attn_fwd_tma ")]
+    assert tma and all(s.arch == 90 for _, s in tma)
+    shipped = {f"M{bm}xN{bn} w{w}s{st}{' ws' if ws else ''}" for per_causal in _TMA_FWD_CONFIGS.values()
+               for entries in per_causal.values() for bm, bn, w, st, ws in entries}
+    assert shipped <= {s.name.split(" ", 4)[4] for _, s in tma}
+    bad = []
+    for cfg, s in tma:
+        if s.error:
+            continue
+        ns = _wgmma_n(s.instructions)
+        if not ns or min(ns) < 64:
+            bad.append(f"{s.name}: wgmma N {sorted(set(ns))} (need >= 64)")
+        if not s.instructions.get("tma"):
+            bad.append(f"{s.name}: no cp.async.bulk.tensor")
+        if ("setmaxnreg" in cfg["expect"]["90"]) != bool(s.instructions.get("setmaxnreg")):
+            bad.append(f"{s.name}: setmaxnreg {s.instructions.get('setmaxnreg', 0)}, expected "
+                       f"{'some' if 'setmaxnreg' in cfg['expect']['90'] else 'none'}")
+        kv_stages = cfg["num_stages"] * 2 * cfg["block_n"] * cfg["block_d"] * 2
+        if s.smem < kv_stages:
+            bad.append(f"{s.name}: {s.smem} B of shared memory < {cfg['num_stages']} stages of K and V tiles")
+    assert not bad, "\n".join(bad)

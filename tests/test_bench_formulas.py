@@ -1,7 +1,9 @@
 """The benchmark suite's arithmetic and plumbing: FLOP/byte formulas against hand-computed values, the peak
-table and roofline (including the unknown-GPU path), the timers and their statistics, the CSV schema, sweeps,
-the plot writer, the kernel report's table, progress bars, and benchmarks.run's output folder (--list writes
-nothing; results are moved into place only when a run completes)."""
+table and roofline (including the unknown-GPU path), the measured ceilings and their roofline, the timers and
+their statistics, the CSV schema, sweeps, the providers (SDPA peers, variants), the per-kernel profile, the
+interpreter's work counter and the work section, the plot writer, the kernel report's table, progress bars,
+gpu_session.sh's test selection, and benchmarks.run's output folder (--list writes nothing; results are moved
+into place only when a run completes)."""
 import io
 import os
 import random
@@ -498,7 +500,7 @@ def fake_timing(monkeypatch):
     """benchmarks.run with a timing section that writes bench.csv (+1 row each call) and can fail."""
     calls = []
 
-    def section_timing(args, gpu, peak, out, deadline):
+    def section_timing(args, gpu, peak, out, deadline, measured=None):
         path = out.path("bench.csv")
         rows = harness.read_csv(path) if args.append and os.path.exists(path) else []
         for r in rows:
@@ -551,3 +553,443 @@ def test_run_interrupted_or_failed_leaves_the_destination_untouched(tmp_path, fa
     assert sorted(os.listdir(tmp_path / partial[0])) == ["bench.csv", "run.log"]
     err = capsys.readouterr().err
     assert "left as it was" in err and partial[0] in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured ceilings (ceilings.csv) and the second roofline
+# ---------------------------------------------------------------------------------------------
+
+def _ceiling_rows(gpu="NVIDIA H200", bf16=790.0, fp32=50.0, copy=4300.0):
+    return [dict(gpu=gpu, metric="matmul_bf16", unit="TFLOP/s", value=bf16, datasheet=989.0, how="x", timestamp="t"),
+            dict(gpu=gpu, metric="matmul_fp32", unit="TFLOP/s", value=fp32, datasheet=67.0, how="x", timestamp="t"),
+            dict(gpu=gpu, metric="copy", unit="GB/s", value=copy, datasheet=4800.0, how="x", timestamp="t")]
+
+
+def test_ceilings_csv_round_trip_and_measured_peak(tmp_path):
+    path = tmp_path / formulas.CEILINGS_FILE
+    assert formulas.read_ceilings(str(path)) == []
+    formulas.write_ceilings(str(path), _ceiling_rows() + _ceiling_rows(gpu="other", bf16=1.0, copy=1.0))
+    rows = formulas.read_ceilings(str(path))
+    assert [r["metric"] for r in rows[:3]] == ["matmul_bf16", "matmul_fp32", "copy"] and rows[0]["value"] == 790.0
+    peak = formulas.measured_peak(rows, "NVIDIA H200")
+    assert (peak.tflops_16, peak.tflops_32, peak.gbps) == (790.0, 50.0, 4300.0)   # the other GPU's rows ignored
+    assert peak.name == "H200 SXM measured"
+    # fp32 not measured: the data sheet's; bf16 or copy missing: no measured peak
+    assert formulas.measured_peak(_ceiling_rows()[::2], "NVIDIA H200").tflops_32 == 67
+    assert formulas.measured_peak(_ceiling_rows()[:2], "NVIDIA H200") is None
+    assert formulas.measured_peak(rows, "NVIDIA H100 80GB HBM3") is None
+    path.write_text("gpu,metric,value\n")
+    with pytest.raises(ValueError, match="columns"):
+        formulas.read_ceilings(str(path))
+    assert formulas.pct_of_peak(395.0, 790.0) == pytest.approx(50.0) and formulas.pct_of_peak(1.0, None) is None
+
+
+def test_measured_roofline_metric_and_column():
+    """time_over_measured_roofline next to time_over_roofline: same case, the measured rates as the floor."""
+    case = cases.attention_case("fwd", 1, 16384, 16384, 16, 16, 128, False)
+    m = _measured(case, "triton", "backend", 4.0, 3.9, 4.2)
+    sheet = formulas.lookup_peak("NVIDIA H200", env={})
+    measured = formulas.measured_peak(_ceiling_rows(), "NVIDIA H200")
+    got = {r[0]: r for r in bench.metrics(m, sheet, measured)}
+    flops = case.flops()
+    assert got["time_over_roofline"][2] == pytest.approx(4e-3 / (flops / 989e12))
+    assert got["time_over_measured_roofline"][2] == pytest.approx(4e-3 / (flops / 790e12))
+    assert "compute-bound" in got["time_over_measured_roofline"][5] and "790" in got["time_over_measured_roofline"][5]
+    assert "time_over_measured_roofline" not in {r[0] for r in bench.metrics(m, sheet)}
+    row = bench.format_measurement(m, sheet, measured)
+    assert "x meas" in bench.HEADER
+    over, over_m = (float(x) for x in row.split()[5:7])
+    assert over == pytest.approx(4e-3 / (flops / 989e12), rel=1e-2)
+    assert over_m == pytest.approx(4e-3 / (flops / 790e12), rel=1e-2)
+    rows = bench.csv_rows([m], _info(), sheet, measured)
+    assert {"time_over_roofline", "time_over_measured_roofline"} <= {r["metric"] for r in rows}
+
+
+def test_ceilings_measure_on_the_cpu_and_rows(tmp_path):
+    """The measuring code path at small sizes on the CPU: positive rates; rows carry the data sheet's numbers."""
+    from benchmarks import ceilings
+    got = ceilings.measure("cpu", matmul_n=64, copy_bytes=1 << 20, rep_ms=5.0)
+    assert [g[0] for g in got] == ["matmul_bf16", "matmul_fp32", "copy"] and all(g[2] > 0 for g in got)
+    rows = ceilings.rows_for("NVIDIA H200", got)
+    assert [r["datasheet"] for r in rows] == [989.0, 67.0, 4800.0]
+    assert "of sheet" in ceilings.format_rows(rows)
+    formulas.write_ceilings(str(tmp_path / "ceilings.csv"), rows)
+    # load_or_measure reads this GPU's ceilings from the folder instead of measuring
+    peak = ceilings.load_or_measure(str(tmp_path), "NVIDIA H200", log=lambda s: None)
+    assert peak.tflops_16 == pytest.approx(got[0][2], rel=1e-4)
+    assert ceilings.main(["--dry", "--out", str(tmp_path / "dry"), "--rep-ms", "5"]) == 0
+    assert formulas.read_ceilings(str(tmp_path / "dry" / "ceilings.csv"))[0]["gpu"] == "cpu"
+
+
+def test_plots_draw_the_measured_roofline(tmp_path, monkeypatch):
+    calls = []
+    real = plots._roofline
+    monkeypatch.setattr(plots, "_roofline", lambda *a: calls.append(a[-1]) or real(*a))
+    c = cases.attention_case("fwd", 16, 1024, 1024, 16, 16, 128, True)
+    rows = bench.csv_rows([_measured(c, "triton", "backend", 1.0, 0.9, 1.1)], _info(), None)
+    harness.write_csv(str(tmp_path / "b.csv"), rows)
+    measured = formulas.measured_peak(_ceiling_rows(), "NVIDIA H200")
+    plots.plot_csv_rows(harness.read_csv(str(tmp_path / "b.csv")), str(tmp_path), None, "NVIDIA H200", measured)
+    assert measured in calls
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers: SDPA peers, variants, "not available" found at the call
+# ---------------------------------------------------------------------------------------------
+
+def test_sdpa_peers_pin_one_backend():
+    import torch.nn.functional as F
+    case = cases.attention_case("fwd", 1, 16, 16, 4, 2, 8, True, "fp32")
+    inp = cases.make_inputs(case, "cpu")
+    flash, cudnn = (p for p in providers.PEERS if p.name in ("sdpa-flash", "sdpa-cudnn"))
+    assert "needs a CUDA GPU" in flash.unavailable(case, inp, "cpu")
+    out = flash.build(case, inp)()                    # torch's CPU flash kernel serves it (GQA through enable_gqa)
+    ref = F.scaled_dot_product_attention(*(inp[n].transpose(1, 2) for n in "qkv"), is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(bench.Unavailable, match="CUDNN_ATTENTION"):
+        cudnn.build(case, inp)()                      # no cuDNN kernel on the CPU: not available, not an error
+
+    class Raises:
+        name, kind = "late", "peer"
+
+        def unavailable(self, case, inp, device):
+            return None
+
+        def build(self, case, inp):
+            def run():
+                raise bench.Unavailable("found out at the call")
+            return run
+    m = bench.measure(case, Raises(), inp, "cpu", cpu_budget_s=0.01)
+    assert m.note == "not available: found out at the call"
+
+
+def test_variant_knob_is_set_during_the_backward_too(monkeypatch):
+    seen = []
+
+    def fake(*a, **kw):
+        x = a[0]
+        return x * 1.0
+    monkeypatch.setattr(providers.transformer, "rms_norm", fake)
+    var = providers.BackendVariant("torch-knob", "torch", {"TILEFORMER_TEST_KNOB": "on"}, ("rms_norm",))
+    monkeypatch.setattr(var, "unavailable", lambda *a: None)
+    case = cases.norm_case("rms_norm", "bwd", 4, 32, dtype="fp32")
+    inp = cases.make_inputs(case, "cpu", requires_grad=True)
+    fn = var.wrap(bench.timed_callable(case, var.build(case, inp), inp))
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: seen.append(os.environ.get("TILEFORMER_TEST_KNOB")))
+    fn()
+    assert seen == ["on"] and "TILEFORMER_TEST_KNOB" not in os.environ
+
+
+def test_module_variants_from_bench_variants_or_a_path_switch(monkeypatch):
+    import types
+    declared = types.ModuleType("fake_declared")
+    declared.BENCH_VARIANTS = {"triton-x": {"KNOB": "x"}}
+    switch = types.ModuleType("fake_switch")
+    switch.FWD_PATH_ENV, switch._FWD_PATHS = "PATH_KNOB", ("auto", "portable", "tma")
+    monkeypatch.setitem(sys.modules, "fake_declared", declared)
+    monkeypatch.setitem(sys.modules, "fake_switch", switch)
+    got = providers.module_variants({"fake_declared": ("flash_attention",), "fake_switch": ("flash_attention",),
+                                     "no_such_module_here": ("rms_norm",)})
+    assert [(v.name, v.backend, v.env) for v in got] == [
+        ("triton-x", "triton", {"KNOB": "x"}), ("triton-fwd-portable", "triton", {"PATH_KNOB": "portable"}),
+        ("triton-fwd-tma", "triton", {"PATH_KNOB": "tma"})]
+
+
+def test_backend_reason_accepts_a_selected_line_with_the_kernel_named(monkeypatch):
+    text = "flash_attention -> triton\n  call: ...\n  triton: selected (portable forward (pointer loads))\n"
+    monkeypatch.setattr(providers.backends, "explain", lambda *a, **k: text)
+    assert providers.backend_reason("flash_attention", "triton", (), {}) is None
+    monkeypatch.setattr(providers.backends, "explain", lambda *a, **k: text.replace(
+        "selected (portable forward (pointer loads))", "rejected -- head dim 300 > 256"))
+    assert providers.backend_reason("flash_attention", "triton", (), {}) == "head dim 300 > 256"
+
+
+def test_timing_providers_leave_out_the_reference_on_a_gpu_and_kernels_on_the_cpu():
+    on_gpu = [p.name for p in bench_run.timing_providers(None, "NVIDIA H200")]
+    assert "reference" not in on_gpu and {"torch", "triton", "cuda", "sdpa-flash"} <= set(on_gpu)
+    assert [p.name for p in bench_run.timing_providers(["reference", "torch"], "NVIDIA H200")] == ["reference", "torch"]
+    on_cpu = [p.name for p in bench_run.timing_providers(None, None)]
+    assert on_cpu == ["reference", "torch"]
+
+
+def test_run_default_sections(monkeypatch):
+    monkeypatch.setattr(harness, "gpu_name", lambda: None)
+    assert bench_run.parse_args([]).sections == "timing,correctness,work,report"
+    monkeypatch.setattr(harness, "gpu_name", lambda: "NVIDIA H200")
+    assert bench_run.parse_args([]).sections == "timing,correctness,report"
+    assert bench_run.parse_args(["--sections", "work"]).sections == "work"
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-kernel profile: FLOP multiples of our kernels and the peers', fused dQ, the dry run
+# ---------------------------------------------------------------------------------------------
+
+def test_profile_multiples_of_peer_kernels_and_fused_dq():
+    from benchmarks.profile_kernels import kernel_flop_multiple, kernel_rows
+    assert kernel_flop_multiple("void flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>") == 2.5
+    assert kernel_flop_multiple("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<...>>") == 1.0
+    assert kernel_flop_multiple("void flash::flash_bwd_dot_do_o_kernel<true, ...>") is None
+    assert kernel_flop_multiple("void flash::flash_bwd_convert_dq_kernel<...>") is None
+    assert kernel_flop_multiple("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3") == 1.0
+    assert kernel_flop_multiple("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_7") == 2.5
+    assert kernel_flop_multiple("_attn_bwd_dq_convert") is None and kernel_flop_multiple("_attn_fwd_tma") == 1.0
+    assert kernel_flop_multiple("_attn_bwd_dkdv", fused_dq=True) == 2.5
+    peak = formulas.lookup_peak("NVIDIA H200", env={})
+    measured = formulas.measured_peak(_ceiling_rows(), "NVIDIA H200")
+    # no dQ kernel in the step: the dK/dV kernel did dQ too (2.5 x the forward's 1e12 FLOPs in 5 ms = 500 TFLOP/s)
+    rows = kernel_rows([("_attn_bwd_dkdv", 5.0, 1), ("_attn_bwd_dq_convert", 0.1, 1), ("_attn_fwd", 2.0, 1)],
+                       1e12, "fwd+bwd", peak, measured)
+    assert rows[0][3] == 2.5 and rows[0][4] == pytest.approx(500.0)
+    assert rows[0][5] == pytest.approx(100 * 500 / 989) and rows[0][6] == pytest.approx(100 * 500 / 790)
+    assert rows[1][3] is None and rows[2][4] == pytest.approx(500.0)
+    rows = kernel_rows([("_attn_bwd_dkdv", 5.0, 1), ("_attn_bwd_dq", 3.0, 1)], 1e12, "fwd+bwd", None, None)
+    assert rows[0][3] == 2.0 and rows[1][3] == 1.5 and rows[0][5] is None
+
+
+def test_profile_dry_run_writes_its_files(tmp_path, capsys):
+    from benchmarks import profile_kernels
+    assert profile_kernels.main(["--dry", "--out", str(tmp_path), "--providers", "torch,sdpa-cudnn",
+                                 "--causal", "1", "--reps", "1"]) == 0
+    text = (tmp_path / "kernels.txt").read_text()
+    assert "sdpa-cudnn" in text and "not run: sdpa-cudnn needs a CUDA GPU" in text and "total (fwd+bwd" in text
+    import csv as _csv
+    rows = list(_csv.DictReader(open(tmp_path / "kernels.csv")))
+    assert rows and {r["provider"] for r in rows} == {"torch"} and tuple(rows[0]) == profile_kernels.CSV_COLUMNS
+    # --append continues both files
+    assert profile_kernels.main(["--dry", "--out", str(tmp_path), "--providers", "torch", "--causal", "0",
+                                 "--reps", "1", "--append"]) == 0
+    assert (tmp_path / "kernels.txt").read_text().startswith(text.rstrip("\n"))
+    assert len(list(_csv.DictReader(open(tmp_path / "kernels.csv")))) > len(rows)
+    names = [p.name for p in profile_kernels.attention_providers()]
+    assert {"triton", "cuda", "cuda-fwd-w4", "sdpa-flash", "sdpa-cudnn", "flashinfer"} <= set(names)
+    assert not {"reference", "torch", "liger", "apex"} & set(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# The interpreter's work counter (benchmarks/interp_count.py)
+# ---------------------------------------------------------------------------------------------
+
+interpret_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                    reason="counts what Triton's interpreter executes (TRITON_INTERPRET=1)")
+
+
+@interpret_only
+def test_counter_counts_dots_loads_stores_atomics_per_kernel():
+    import triton
+    import triton.language as tl
+    from benchmarks.interp_count import Counter
+
+    @triton.jit
+    def kern(A, B, C, Acc, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+        rm, rn, rk = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+        a = tl.load(A + rm[:, None] * K + rk[None, :])
+        b = tl.load(B + rk[:, None] * N + rn[None, :], mask=rk[:, None] < 8, other=0.0)   # 8 of 32 rows
+        c = tl.dot(a, b)
+        c = tl.dot(a, b, c)
+        tl.store(C + rm[:, None] * N + rn[None, :], c, mask=rm[:, None] < 4)               # 4 of 16 rows
+        tl.atomic_add(Acc + rn, tl.sum(c, 0), mask=rn < 10)
+
+    @triton.jit
+    def other(X):
+        tl.store(X + tl.arange(0, 8), tl.load(X + tl.arange(0, 8)) + 1)
+
+    a, b, c, acc, x = torch.randn(16, 32), torch.randn(32, 64), torch.zeros(16, 64), torch.zeros(64), torch.zeros(8)
+    with Counter() as cnt:
+        kern[(3,)](a, b, c, acc, 16, 64, 32)
+        other[(2,)](x)
+    k = cnt.kernels["kern"]
+    assert (k.launches, k.programs, k.dots) == (1, 3, 6)
+    assert k.dot_flops == 3 * 2 * (2 * 16 * 64 * 32) and k.dot_shapes == {"16x64x32": 6}
+    assert k.load_bytes == 3 * (16 * 32 + 8 * 64) * 4 and k.store_bytes == 3 * 4 * 64 * 4
+    assert k.atomic_bytes == 3 * 2 * 10 * 4 and k.constexprs == {"M": 16, "N": 64, "K": 32}
+    assert k.tiles() == "" and "16x64x32 x6" == k.shapes()
+    o = cnt.kernels["other"]
+    assert (o.programs, o.dots, o.load_bytes, o.store_bytes) == (2, 0, 64, 64)
+    assert cnt.total().dot_flops == k.dot_flops and torch.equal(x, torch.full((8,), 2.0))
+
+
+@interpret_only
+def test_counter_puts_the_interpreter_back_even_after_an_error():
+    from triton.runtime import interpreter as interp
+
+    from benchmarks.interp_count import Counter
+    before = (interp.InterpreterBuilder.create_dot, interp.InterpreterBuilder.create_masked_load,
+              interp.GridExecutor.__call__)
+    with pytest.raises(RuntimeError, match="boom"):
+        with Counter():
+            assert interp.InterpreterBuilder.create_dot is not before[0]
+            raise RuntimeError("boom")
+    assert (interp.InterpreterBuilder.create_dot, interp.InterpreterBuilder.create_masked_load,
+            interp.GridExecutor.__call__) == before
+
+
+@interpret_only
+def test_counter_agrees_with_the_kernels_own_dot_count():
+    """triton_kernels/_count.py (the kernels' own dot counter), where it exists, sees the same multiply-adds."""
+    count = pytest.importorskip("triton_kernels._count")
+    import transformer
+    from benchmarks.interp_count import Counter
+    q, k, v = (torch.randn(1, 80, 2, 32, dtype=torch.float16) for _ in range(3))
+    with Counter() as mine, count.count_dots() as theirs:
+        transformer.flash_attention(q, k, v, causal=True, backend="triton")
+    assert mine.total().dot_flops == theirs.flops > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The work section (benchmarks/work.py)
+# ---------------------------------------------------------------------------------------------
+
+@interpret_only
+@pytest.mark.parametrize("causal", [False, True])
+def test_work_counts_attention_with_the_gpu_tiles(causal):
+    """At N = 256 (a multiple of the sm_90 tiles) the non-causal forward executes exactly the ideal FLOPs; the
+    causal one computes whole diagonal tiles, so more; the K/V re-reads make the bytes exceed the minimum."""
+    from benchmarks import work
+    case = cases.attention_case("fwd", 1, 256, 256, 2, 2, 64, causal)
+    rec = work.count_one(case, providers.Backend("triton"))
+    assert rec["status"] == "ok", rec
+    flops, ideal, ratio, moved, mn, bratio = work.summarize(rec)
+    assert ideal == formulas.attention_flops(1, 2, 256, 256, 64, causal)
+    if causal:
+        assert 1.0 < ratio < 1.6
+    else:
+        assert ratio == pytest.approx(1.0)
+    assert bratio > 1.0 and mn == case.bytes()
+    assert "sm_90" in rec["tiles_note"]
+    fwd = next(k for k in rec["kernels"] if k["dot_flops"])
+    from triton_kernels import attention as A
+    bm, bn = A._GPU_CONFIGS[90]["fwd"][64][0][:2]
+    assert (fwd["constexprs"]["BLOCK_M"], fwd["constexprs"]["BLOCK_N"]) == (bm, bn)
+    assert A._INTERPRET_CONFIG["fwd"][:2] != (bm, bn) or bm == 64       # the interpreter's own tiles restored
+
+
+def _rec(path="triton", kernels=None, status="ok"):
+    return dict(path=path, op="flash_attention", mode="fwd", shape="B=1 Nq=8 Nk=8 Hq=1 Hkv=1 D=4 causal=0",
+                dtype="bf16", ideal_flops=1000.0, min_bytes=400.0, status=status, note="", tiles_note="t",
+                kernels=kernels if kernels is not None else [
+                    dict(kernel="_k1", launches=1, programs=2, dots=4, dot_flops=1500, load_bytes=600, store_bytes=100,
+                         atomic_bytes=100, constexprs={"BLOCK_M": 16}, dot_shapes={"16x16x16": 4}),
+                    dict(kernel="_k2", launches=1, programs=1, dots=0, dot_flops=0, load_bytes=0, store_bytes=0,
+                         atomic_bytes=0, constexprs={}, dot_shapes={})])
+
+
+def test_work_tables_and_csv_from_records(tmp_path):
+    from benchmarks import work
+    rec = _rec()
+    assert work.summarize(rec) == (1500, 1000.0, 1.5, 800, 400.0, 2.0)
+    facts = {("_k1", '{"BLOCK_M": 16}'): work.Facts(source="cfg", mma="wgmma", wgmma_n="64,128", tma=2,
+                                                    registers=168, smem=4096, occupancy=0.25)}
+    case = cases.attention_case("fwd", 1, 8, 8, 1, 1, 4, False)
+    cpat = work.cuda_patterns(case)
+    cfacts = {cpat[0]: work.Facts(source="ext", mma="HMMA", registers=135, occupancy=0.23)}
+    text = work.format_tables([rec, _rec("triton-x", status="n/a")], facts, cfacts, {(case, "cuda"): cpat})
+    summary = text.split("Summary")[1]
+    line = next(ln for ln in summary.splitlines() if " triton " in ln)
+    assert "1.5x" in line and "2x" in line and "wgmma" in line and "64,128" in line and "168" in line
+    assert "n/a" in next(ln for ln in summary.splitlines() if "triton-x" in ln)
+    assert "HMMA" in next(ln for ln in summary.splitlines() if " cuda " in ln)
+    rows = work.build_rows([rec], facts, cfacts, {(case, "cuda"): cpat})
+    total = next(r for r in rows if r["kernel"] == "total")
+    assert total["flops_over_ideal"] == "1.5" and total["bytes_over_min"] == "2"
+    k1 = next(r for r in rows if r["kernel"] == "_k1")
+    assert k1["mma"] == "wgmma" and k1["wgmma_n"] == "64,128" and k1["tiles"] == "M16"
+    assert any(r["path"] == "cuda" and r["note"] == work.CUDA_NOTE for r in rows)
+    assert work.plot([rec], str(tmp_path / "w.png")) and os.path.getsize(tmp_path / "w.png") > 5000
+
+
+def test_work_main_writes_its_files(tmp_path, monkeypatch):
+    from benchmarks import work
+    monkeypatch.setattr(work, "run_counts", lambda deadline, log: [_rec()])
+    assert work.main(["--out", str(tmp_path), "--no-static"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["work.csv", "work.png", "work.txt"]
+    assert "Summary" in (tmp_path / "work.txt").read_text()
+    monkeypatch.setattr(work, "run_counts", lambda deadline, log: [_rec(status="error")])
+    assert work.main(["--out", str(tmp_path), "--no-static"]) == 1      # a kernel that raised fails the section
+
+
+def test_work_matches_the_shipped_config():
+    import types
+
+    from benchmarks import work
+
+    def fn():
+        pass
+    fn.__name__ = "_kern"
+    cfg = lambda name, **c: types.SimpleNamespace(name=name, kernel=types.SimpleNamespace(fn=fn),  # noqa: E731
+                                                  archs=(90,), constexprs=c)
+    cfgs = [cfg("a", BLOCK_M=64, BLOCK_N=64, MASK_RIGHT=True, HAS_ALIBI=True),
+            cfg("b", BLOCK_M=128, BLOCK_N=64, MASK_RIGHT=True, HAS_ALIBI=True),
+            cfg("c", BLOCK_M=128, BLOCK_N=64, MASK_RIGHT=True, HAS_ALIBI=False)]
+    best, exact = work.match_config("_kern", dict(BLOCK_M=128, BLOCK_N=64, MASK_RIGHT=True, HAS_ALIBI=False,
+                                                  UPCAST=True), cfgs)
+    assert best.name == "c" and exact
+    best, exact = work.match_config("_kern", dict(BLOCK_M=32, BLOCK_N=32, MASK_RIGHT=True, HAS_ALIBI=True), cfgs)
+    assert not exact
+    assert work.match_config("_other", {}, cfgs) == (None, False)
+
+
+def test_work_cuda_kernels_per_case():
+    from benchmarks import work
+    dec1 = cases.decode_case(2, 64, 8, 8, 64, 0)       # group 1: the CUDA-core kernel
+    dec8 = cases.decode_case(2, 64, 8, 1, 64, 16)      # group 8: the mma kernel
+    assert work.cuda_patterns(dec1)[0].startswith("decode_simt_kernel<__nv_bfloat16, 64>")
+    assert work.cuda_patterns(dec8)[0].startswith("decode_mma_kernel<__nv_bfloat16, 64>")
+    fwd = cases.attention_case("fwd", 1, 8, 8, 1, 1, 128, False)
+    import re as _re
+    name = "void tf::attention::attn_fwd_kernel<__nv_bfloat16, 128, 128, 64, 8, true>(tf::attention::Params)"
+    assert _re.search(work.cuda_patterns(fwd)[0], name)
+    assert not _re.search(work.cuda_patterns(fwd, "cuda-fwd-w4")[0], name)
+    assert _re.search(work.cuda_patterns(fwd, "cuda-fwd-w4")[0], name.replace(", 8, true", ", 4, false"))
+    assert work.short_shape("B=1 Nq=8 Nk=8 Hq=2 Hkv=2 D=4 causal=1") == "B=1 Nq=8 Hq=2 D=4 causal=1"
+
+
+def test_kernel_report_warpgroup_mma_widths():
+    sass = "HGMMA.64x128x16.F32.BF16 R0, gdesc[UR4], R0 ;\nHGMMA.64x64x16.F32.BF16 R0 ;\nUSETMAXREG.DEALLOC 24 ;"
+    got = kernel_report.sass_counts(sass)
+    assert got["HGMMA"] == 2 and got["USETMAXREG"] == 1 and got["HGMMA.64x128x16"] == 1
+    ins = {"wgmma": 3, "wgmma.m64n256k16": 1, "wgmma.m64n64k16": 2, "HGMMA.64x128x16": 1, "wgmma.m64n32k16": 0}
+    assert kernel_report.mma_n_widths(ins) == [64, 128, 256] and kernel_report.mma_n_widths({}) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# gpu_session.sh: the CUDA-test selection holds the emulator's GPU halves
+# ---------------------------------------------------------------------------------------------
+
+def test_gpu_session_cuda_tests_select_the_emulator_gpu_halves():
+    import re as _re
+    import subprocess
+    script = open(os.path.join(harness.ROOT, "benchmarks", "gpu_session.sh")).read()
+    part = script[script.index("tests_cuda"):]
+    expr = _re.search(r'-k "([^"]+)"', part).group(1)
+    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "-m", "not slow and not static", "-k", expr, "tests/test_emulator.py"],
+                         cwd=harness.ROOT, capture_output=True, text=True, timeout=300)
+    ids = [ln for ln in res.stdout.splitlines() if ln.startswith("tests/test_emulator.py::")]
+    assert ids and all(ln.endswith("-gpu]") for ln in ids), res.stdout[-2000:]
+    assert any("test_mma_tile_equals_matmul" in ln for ln in ids) and any("test_shuffles" in ln for ln in ids)
+
+
+def test_a_forced_kernel_path_that_cannot_run_is_not_available(monkeypatch):
+    text = ("flash_attention -> triton\n  call: ...\n  triton: selected (the call raises: KNOB=tma_ws: the tma_ws "
+            "forward cannot run this call: no warp_specialize)\n")
+    seen = []
+
+    def explain(*a, **k):
+        seen.append(os.environ.get("KNOB"))
+        return text
+    monkeypatch.setattr(providers.backends, "explain", explain)
+    var = providers.BackendVariant("triton-fwd-tma_ws", "triton", {"KNOB": "tma_ws"}, ("flash_attention",))
+    case = cases.attention_case("fwd", 1, 8, 8, 1, 1, 8, False, "fp32")
+    reason = var.unavailable(case, cases.make_inputs(case, "cpu"), "cpu")
+    assert reason.startswith("the call raises: KNOB=tma_ws") and seen == ["tma_ws"]
+
+
+def test_profile_reports_a_backend_found_unavailable_at_the_call():
+    from benchmarks.profile_kernels import profile_case
+    cudnn = next(p for p in providers.PEERS if p.name == "sdpa-cudnn")
+    case = cases.attention_case("fwd+bwd", 1, 16, 16, 2, 2, 8, False, "fp32")
+    cudnn.unavailable = lambda *a: None               # on the CPU: the call itself finds no cuDNN kernel
+    try:
+        assert "does not serve this call" in profile_case(cudnn, case, reps=1, device="cpu")
+    finally:
+        del cudnn.unavailable

@@ -73,7 +73,9 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-
         window_size: (left, right) sliding window, -1 = unbounded, aligned like causal.
         alibi_slopes: fp32 [Hq] or [B, Hq]; adds -slope * |i + Nk - Nq - j| to the scores.
         softcap: if > 0, scores become softcap * tanh(scores / softcap) (before ALiBi).
-        deterministic: bit-identical gradients run to run.
+        deterministic: bit-identical gradients run to run. False (the default, as flash-attn) lets a backend
+            accumulate dq with atomic adds (the Triton backend does: 5 matrix products per tile pair instead of
+            7), so dq may differ in its last bits between runs.
         return_lse: also return the log-sum-exp [B, Hq, Nq] (fp32, natural log).
         backend: "auto", "cuda", "triton", "torch" or "reference" (see transformer.backends).
 

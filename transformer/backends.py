@@ -200,6 +200,12 @@ _TABLE = {
     "decode_attention": (_DECODE_ORDER, _impls(_DECODE, "decode_attention", _DECODE_SUPPORTS)),
 }
 
+# Optional details for explain(): per op and backend, "module:function"(call) -> str or None, e.g. which of the
+# backend's kernels serves the call. Imported on first use, like the implementations.
+_ATTN_DETAILS = {"triton": _target("transformer._triton.attention:describe_path")}
+_DETAILS = {"flash_attention": _ATTN_DETAILS, "flash_attention_varlen": _ATTN_DETAILS,
+            "padded_attention": _ATTN_DETAILS}
+
 
 @_constant_under_compile
 def _load_target(name: str) -> bool:
@@ -323,14 +329,21 @@ def explain(op_name: str, *args, backend: str = "auto", **kwargs) -> str:
         reason = _reject_reason(op, b, call, auto=auto)
         if reason is None and chosen is None:
             chosen = b
-            lines.append(f"  {b}: selected")
+            lines.append(f"  {b}: selected{_detail(op_name, b, call)}")
         elif reason is None:
-            lines.append(f"  {b}: would also work (lower priority)")
+            lines.append(f"  {b}: would also work (lower priority){_detail(op_name, b, call)}")
         else:
             lines.append(f"  {b}: rejected -- {reason}")
     head = f"{op_name} -> {chosen}" if chosen else f"{op_name} -> no backend can serve this call"
     facts = ", ".join(f"{k}={v}" for k, v in call.items())
     return "\n".join([head, f"  call: {facts}"] + lines)
+
+
+def _detail(op_name, backend, call):
+    """The backend's explain detail for the op (_DETAILS) as " (detail)"; an empty string if it has none."""
+    target = _DETAILS.get(op_name, {}).get(backend)
+    text = target.load()(call) if target is not None else None
+    return f" ({text})" if text else ""
 
 
 def _load_public_ops():

@@ -3,20 +3,27 @@
 * ``_attn_bwd_preprocess``: delta = rowsum(dO * O) (minus dLSE when the log-sum-exp itself receives a
   gradient: d lse / d s = p, so it folds into the same term).
 * ``_attn_bwd_dkdv``: one program per BLOCK_N keys of one KV head; it loops over the query heads of its
-  GQA group and over the query tiles that see these keys, accumulating dK and dV in registers.
-* ``_attn_bwd_dq``: one program per BLOCK_M queries of one query head, looping over the visible keys.
+  GQA group and over the query tiles that see these keys, accumulating dK and dV in registers. With
+  ``ATOMIC_DQ`` (the default, non-deterministic backward) it also adds each tile pair's dS K into a zeroed
+  fp32 dQ accumulator with atomic adds, so S, P, dP and dS are computed once per tile pair: 5 products
+  (S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ^T += K^T dS^T);
+  ``_attn_bwd_dq_convert`` then writes dq = accumulator * scale in the inputs' dtype.
+* ``_attn_bwd_dq`` (deterministic backward): one program per BLOCK_M queries of one query head, looping over
+  the visible keys; it recomputes S, P, dP and dS (7 products per tile pair in all).
 
-No program writes what another writes and there are no atomics, so gradients are bit-identical from run
-to run (``deterministic=True`` costs nothing). P is recomputed from the stored log-sum-exp; a row that
-saw no key (lse = -inf) is treated as lse = +inf, so its P, and its gradients, are exactly 0.
-``_zero_tail`` writes the outputs of packed varlen tokens past ``cu_seqlens[-1]`` (out/grads 0, lse -inf).
+Without ``ATOMIC_DQ`` no program writes what another writes and there are no atomics, so gradients are
+bit-identical from run to run. With it, the order of the fp32 adds into a dQ row varies between runs (dq may
+differ in its last bits); dk and dv are still written by one program each. P is recomputed from the stored
+log-sum-exp; a row that saw no key (lse = -inf) is treated as lse = +inf, so its P, and its gradients, are
+exactly 0. ``_zero_tail`` writes the outputs of packed varlen tokens past ``cu_seqlens[-1]`` (out/grads 0,
+lse -inf).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._device import K_LOG2E
+from ._device import K_LOG2E, tanh
 from .attention_fwd import _key_range, _load, _round_to, _scores, _seq_info, _visible
 
 
@@ -58,8 +65,7 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _query_range(n0, n_last, seqlen_q, off, win_left, win_right, BLOCK_M: tl.constexpr,
                  MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
-    """Query tiles that see keys n0..n_last: [lo, full_lo) masked, [full_lo, full_hi) no mask, [full_hi, hi)
-    masked. Rows past seqlen_q need no score mask here: their P is 0 (lse read as +inf)."""
+    """[lo, hi): the query tiles (lo a multiple of BLOCK_M) that see any of the keys n0..n_last."""
     lo = n0 * 0
     hi = seqlen_q
     if MASK_RIGHT:   # j <= i + off + right  <=>  i >= j - off - right
@@ -68,52 +74,75 @@ def _query_range(n0, n_last, seqlen_q, off, win_left, win_right, BLOCK_M: tl.con
         hi = tl.minimum(n_last - off + win_left + 1, seqlen_q)
     lo = (lo // BLOCK_M) * BLOCK_M
     hi = tl.maximum(hi, lo)
-    full_lo = lo
-    if MASK_RIGHT:
-        full_lo = tl.maximum(full_lo, tl.cdiv(tl.maximum(n_last - off - win_right, 0), BLOCK_M) * BLOCK_M)
-    full_lo = tl.minimum(full_lo, hi)
-    full_hi = hi
-    if MASK_LEFT:
-        full_hi = tl.minimum((tl.maximum(n0 - off + win_left + 1, 0) // BLOCK_M) * BLOCK_M, hi)
-    full_hi = tl.maximum(full_hi, full_lo)
-    return lo, full_lo, full_hi, hi
+    return lo, hi
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, cols, offs_m, offs_d, lo, hi,
-                seqlen_q, seqlen_k, off, qk_scale, softcap2, slope2, win_left, win_right,
-                stride_qm, stride_dom, stride_lm,
-                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, DQ_head, cols, offs_m, offs_d, lo, hi,
+                seqlen_q, off, qk_scale, softcap2, slope2, win_left, win_right,
+                stride_qm, stride_dom, stride_lm, stride_dqm,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr):
-    """Accumulate dK, dV of one key tile over query tiles lo, lo+BLOCK_M, ... < hi of one query head."""
-    qt_offs = offs_m[None, :] * stride_qm + offs_d[:, None]      # Q^T tile [BLOCK_D, BLOCK_M]
+                HAS_ALIBI: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the query tiles lo, lo+BLOCK_M, ... < hi of one query head;
+    ATOMIC_DQ: also add each tile's (dS K)^T = K^T dS^T into the fp32 dQ accumulator.
+
+    Works on transposed tiles (keys are rows: S^T, P^T, dP^T, dS^T are [BLOCK_N, BLOCK_M]), so P^T and dS^T
+    feed the dV and dK products straight from registers. Register budget: per-query values (lse, delta)
+    span the tile's columns, so they are folded into the accumulators the products start from (S^T starts
+    at -lse / scale, dP^T at -delta), and the window test reads per-key offsets against the loop-invariant
+    column index; one loop for every tile (the window test is a compare and a select per element) keeps
+    fewer values live than separate masked and unmasked loops. Keys past the sequence (zero rows of K, V)
+    have P clamped to <= 1 (exp2 of min(s, 0); every real P is <= 1 already), so their dS stays finite and
+    their zero K rows add nothing to dQ; their dK, dV rows are never stored."""
+    q_offs = offs_m[:, None] * stride_qm + offs_d[None, :]       # Q tile [BLOCK_M, BLOCK_D]
     do_offs = offs_m[:, None] * stride_dom + offs_d[None, :]     # dO tile [BLOCK_M, BLOCK_D]
     Q_tile = Q_head + lo.to(tl.int64) * stride_qm               # scalar 64-bit tile pointers
     DO_tile = DO_head + lo.to(tl.int64) * stride_dom
+    if ATOMIC_DQ:
+        dqt_offs = offs_d[:, None] + offs_m[None, :] * stride_dqm    # dQ^T tile [BLOCK_D, BLOCK_M]
+        DQ_tile = DQ_head + lo.to(tl.int64) * stride_dqm
     d_ok = offs_d < HEAD_DIM
     for m0 in range(lo, hi, BLOCK_M):
+        row_ok = offs_m < seqlen_q - m0
+        io_mask = row_ok[:, None] & d_ok[None, :]
+        q = _load(Q_tile + q_offs, io_mask, True, UPCAST)
+        do = _load(DO_tile + do_offs, io_mask, True, UPCAST)
         rows = m0 + offs_m
-        row_ok = rows < seqlen_q
-        qt = _load(Q_tile + qt_offs, row_ok[None, :] & d_ok[:, None], True, UPCAST)
         lse = tl.load(L_head + rows * stride_lm, mask=row_ok, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * K_LOG2E
-        qkt = tl.dot(k, qt)                                                  # [BLOCK_N, BLOCK_M]
-        st, tt = _scores(qkt, rows[None, :], cols[:, None], off, qk_scale, softcap2, slope2,
-                         HAS_SOFTCAP, HAS_ALIBI)
-        if MASKED:
-            vis = _visible(rows[None, :], cols[:, None], seqlen_k, off, win_left, win_right,
-                           MASK_LEFT, MASK_RIGHT)
-            st = tl.where(vis, st, float("-inf"))
-        pt = tl.math.exp2(st - lse2[None, :])
-        do = _load(DO_tile + do_offs, row_ok[:, None] & d_ok[None, :], True, UPCAST)
-        dv = tl.dot(_round_to(pt, DO_head.dtype.element_ty, UPCAST), do, dv)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * K_LOG2E   # empty / padded rows: P = 0
         delta = tl.load(D_head + rows * stride_lm, mask=row_ok, other=0.0)
-        dpt = tl.dot(v, tl.trans(do))
-        dst = pt * (dpt - delta[None, :])
+        dpt = tl.dot(v, tl.trans(do), tl.broadcast_to(-delta[None, :], (BLOCK_N, BLOCK_M)))  # dP^T - delta
+        rel = cols - off - m0    # key j, query m0 + i: i + off - j = offs_m - rel
         if HAS_SOFTCAP:
-            dst = dst * (1.0 - tt * tt)
-        dk = tl.dot(_round_to(dst, Q_head.dtype.element_ty, UPCAST), tl.trans(qt), dk)
+            init = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        else:
+            init = tl.broadcast_to(-lse2[None, :] / qk_scale, (BLOCK_N, BLOCK_M))
+        if MASK_RIGHT:           # j <= i + off + right
+            init = tl.where((rel - win_right)[:, None] <= offs_m[None, :], init, float("-inf"))
+        if MASK_LEFT:            # j >= i + off - left
+            init = tl.where((rel + win_left)[:, None] >= offs_m[None, :], init, float("-inf"))
+        qkt = tl.dot(k, tl.trans(q), init)                    # S^T (minus lse), -inf outside the window
+        if HAS_SOFTCAP:
+            tt = tanh(qkt * qk_scale)
+            st = tt * softcap2 - lse2[None, :]
+            if MASK_LEFT or MASK_RIGHT:
+                st = tl.where(qkt == float("-inf"), float("-inf"), st)
+        else:
+            st = qkt * qk_scale
+        if HAS_ALIBI:
+            st = st - slope2 * tl.abs((offs_m[None, :] - rel[:, None]).to(tl.float32))
+        pt = tl.math.exp2(tl.minimum(st, 0.0))                              # P^T
+        pt16 = _round_to(pt, DO_head.dtype.element_ty, UPCAST)
+        if HAS_SOFTCAP:
+            pt = pt * (1.0 - tt * tt)
+        dst = _round_to(pt * dpt, Q_head.dtype.element_ty, UPCAST)          # dS^T
+        dv = tl.dot(pt16, do, dv)                                           # P^T dO
+        dk = tl.dot(dst, q, dk)                                             # dS^T Q
+        if ATOMIC_DQ:
+            dqt = tl.dot(tl.trans(k), dst)                                  # (dS K)^T = K^T dS^T
+            tl.atomic_add(DQ_tile + dqt_offs, dqt, sem="relaxed")   # no mask: DQAcc is padded (see kernel)
+            DQ_tile += BLOCK_M * stride_dqm
         Q_tile += BLOCK_M * stride_qm
         DO_tile += BLOCK_M * stride_dom
     return dk, dv
@@ -122,6 +151,8 @@ def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, cols, offs_m, off
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV,   # dk/dv laid out like k/v (own strides); delta like lse
+    DQAcc,                             # ATOMIC_DQ: zeroed fp32 dQ accumulator, [B, Nq + BLOCK_M, Hq, BLOCK_D] or
+                                       # [Tq + BLOCK_M, Hq, BLOCK_D] (varlen): padded so tiles add unmasked
     Alibi, CuQ, CuK,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
@@ -129,15 +160,19 @@ def _attn_bwd_dkdv(
     stride_dob, stride_dom, stride_doh,
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
+    stride_dqab, stride_dqam, stride_dqah,
     stride_lb, stride_lh, stride_lm,
     stride_ab, stride_ah,
     Nq, Nk, qk_scale, softcap2, sm_scale, win_left, win_right, tune_key,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One program = BLOCK_N keys of one (batch, KV head). Grid (cdiv(max Nk, BLOCK_N), Hkv, B)."""
+    """One program = BLOCK_N keys of one (batch, KV head). Grid (cdiv(max Nk, BLOCK_N), Hkv, B).
+    ATOMIC_DQ: the program also adds dS K of every tile pair it visits into DQAcc (unscaled). A tile's rows
+    past its sequence (and columns past HEAD_DIM) add exact zeros (their dS and K columns are 0), into the
+    padding or the next packed sequence, so the adds need no mask."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -159,8 +194,7 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     n_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
-    lo, full_lo, full_hi, hi = _query_range(n0, n_last, seqlen_q, off, win_left, win_right, BLOCK_M,
-                                            MASK_LEFT, MASK_RIGHT)
+    lo, hi = _query_range(n0, n_last, seqlen_q, off, win_left, win_right, BLOCK_M, MASK_LEFT, MASK_RIGHT)
     slope2 = 0.0
     for g in range(GROUP):  # the query heads sharing this KV head: GQA reduction stays in registers
         h64 = hk64 * GROUP + g
@@ -168,20 +202,13 @@ def _attn_bwd_dkdv(
         DO_head = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
         L_head = Lse + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
         D_head = Delta + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
+        DQ_head = DQAcc + b64 * stride_dqab + h64 * stride_dqah + q_start * stride_dqam
         if HAS_ALIBI:
             slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah) * K_LOG2E
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, cols, offs_m, offs_d, lo, full_lo,
-                             seqlen_q, seqlen_k, off, qk_scale, softcap2, slope2, win_left, win_right,
-                             stride_qm, stride_dom, stride_lm, True, HEAD_DIM, BLOCK_M,
-                             MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, cols, offs_m, offs_d, full_lo,
-                             full_hi, seqlen_q, seqlen_k, off, qk_scale, softcap2, slope2, win_left, win_right,
-                             stride_qm, stride_dom, stride_lm, False, HEAD_DIM, BLOCK_M,
-                             MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, cols, offs_m, offs_d, full_hi, hi,
-                             seqlen_q, seqlen_k, off, qk_scale, softcap2, slope2, win_left, win_right,
-                             stride_qm, stride_dom, stride_lm, True, HEAD_DIM, BLOCK_M,
-                             MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, DQ_head, cols, offs_m, offs_d, lo, hi,
+                             seqlen_q, off, qk_scale, softcap2, slope2, win_left, win_right,
+                             stride_qm, stride_dom, stride_lm, stride_dqam, HEAD_DIM, BLOCK_M, BLOCK_N,
+                             MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ATOMIC_DQ, UPCAST)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + tok * stride_dkn
              + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -287,6 +314,23 @@ def _attn_bwd_dq(
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + tok * stride_dqm
              + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_convert(DQAcc, DQ, n_rows, sm_scale,
+                         stride_ab, stride_at, stride_ah, stride_db, stride_dt, stride_dh,
+                         HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DQ[b, t, h, :HEAD_DIM] = DQAcc[b, t, h, :HEAD_DIM] * sm_scale in DQ's dtype for t < n_rows (Nq; varlen:
+    Tq with one batch). Grid (cdiv(n_rows, BLOCK_T), heads, batch)."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (t < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    acc = tl.load(DQAcc + b * stride_ab + h * stride_ah + t[:, None] * stride_at + offs_d[None, :], mask=mask,
+                  other=0.0)
+    tl.store(DQ + b * stride_db + h * stride_dh + t[:, None] * stride_dt + offs_d[None, :],
+             (acc * sm_scale).to(DQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit

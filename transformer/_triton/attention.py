@@ -1,6 +1,8 @@
 """Triton flash attention as torch custom ops (torch.ops.tileformer_triton.attn_fwd / attn_bwd) and the
 backend's entry functions. Kernels and launchers: triton_kernels/attention.py; the op schemas, fakes and
-autograd: the shared contract, transformer/ops/attention.py."""
+autograd: the shared contract, transformer/ops/attention.py. Both ops end in `deterministic` (the contract's
+deterministic_arg): False (the default) accumulates dQ with atomic adds, True runs the bit-reproducible
+two-kernel backward; attn_fwd only carries it to the backward."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -12,14 +14,14 @@ from triton_kernels import attention as kernels
 from .. import _checks
 from ..ops import attention as contract
 
-__all__ = ["flash_attention", "flash_attention_varlen", "padded_attention", "supports"]
+__all__ = ["flash_attention", "flash_attention_varlen", "padded_attention", "supports", "describe_path"]
 
 
 @torch.library.custom_op("tileformer_triton::attn_fwd", mutates_args=())
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
              cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
              max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int, softcap: float,
-             bottom_right: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+             bottom_right: bool, deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     return kernels.forward(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            softmax_scale, window_left, window_right, softcap, bottom_right)
 
@@ -29,12 +31,13 @@ def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              lse: torch.Tensor, dlse: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
              cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
              max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int, softcap: float,
-             bottom_right: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             bottom_right: bool, deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return kernels.backward(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                            max_seqlen_k, softmax_scale, window_left, window_right, softcap, bottom_right)
+                            max_seqlen_k, softmax_scale, window_left, window_right, softcap, bottom_right,
+                            deterministic=deterministic)
 
 
-contract.register("tileformer_triton")
+contract.register("tileformer_triton", deterministic_arg=True)
 
 
 def supports(call):
@@ -47,6 +50,13 @@ def supports(call):
     return None
 
 
+def describe_path(call):
+    """Which Triton forward kernel serves the call (shown by transformer.backends.explain): the portable one, or
+    on sm_90 the tensor-descriptor (TMA) one, warp-specialized where the installed Triton can
+    (triton_kernels.attention.forward_path)."""
+    return kernels.describe_forward_path(call["device"])
+
+
 def _check(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in _checks.HALF_DTYPES:
@@ -57,12 +67,13 @@ def _check(q, k, v):
 
 def flash_attention(q, k, v, **kw):
     _check(q, k, v)
-    return contract.flash_attention(torch.ops.tileformer_triton.attn_fwd, q, k, v, **kw)
+    return contract.flash_attention(torch.ops.tileformer_triton.attn_fwd, q, k, v, deterministic_arg=True, **kw)
 
 
 def flash_attention_varlen(q, k, v, *args, **kw):
     _check(q, k, v)
-    return contract.flash_attention_varlen(torch.ops.tileformer_triton.attn_fwd, q, k, v, *args, **kw)
+    return contract.flash_attention_varlen(torch.ops.tileformer_triton.attn_fwd, q, k, v, *args,
+                                           deterministic_arg=True, **kw)
 
 
 def padded_attention(q, k, v, key_start, key_end, **kw):

@@ -9,7 +9,11 @@ Every kernel backend defines the same two ops in its namespace (torch.ops.<ns>.a
 
 q [B, Nq, Hq, D] (varlen [Tq, Hq, D] with int32 cu_seqlens), k / v [B, Nk, Hkv, D]; window_* = -1 means
 unbounded (causal is window_right = 0); lse is fp32 [B, Hq, Nq] (varlen [Hq, Tq]), natural log; dlse (the
-gradient of lse) may be None. `register` gives a namespace's ops their fakes and autograd;
+gradient of lse) may be None. A namespace whose backward also has a non-deterministic variant declares a
+last argument `bool deterministic=False` on both ops (`register(ns, deterministic_arg=True)`): attn_fwd
+ignores it but the autograd hands it to attn_bwd, and the entry functions pass the caller's flag
+(`deterministic_arg=True`); the other namespaces' backward is always deterministic and never sees the flag.
+`register` gives a namespace's ops their fakes and autograd;
 `flash_attention` / `flash_attention_varlen` are the canonical entry functions over a forward op and
 `padded_attention` the padded-batch entry over a backend's varlen entry.
 """
@@ -19,7 +23,7 @@ import torch
 
 
 def _fwd_fake(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-              window_left, window_right, softcap, bottom_right):
+              window_left, window_right, softcap, bottom_right, deterministic=False):
     if cu_seqlens_q is not None:
         lse_shape = (q.shape[1], q.shape[0])
     else:
@@ -28,7 +32,7 @@ def _fwd_fake(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 
 
 def _bwd_fake(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-              softmax_scale, window_left, window_right, softcap, bottom_right):
+              softmax_scale, window_left, window_right, softcap, bottom_right, deterministic=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -36,7 +40,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, alibi, cu_q, cu_k, *params = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi, cu_q, cu_k)
-    ctx.params = params
+    ctx.params = params          # max lengths ... bottom_right (and deterministic, where the op declares it)
     ctx.set_materialize_grads(False)
 
 
@@ -46,12 +50,23 @@ def _make_backward(ns):
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
         dq, dk, dv = getattr(torch.ops, ns).attn_bwd(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, *ctx.params)
-        return (dq, dk, dv) + (None,) * 10
+        return (dq, dk, dv) + (None,) * (3 + len(ctx.params))   # alibi, cu_q, cu_k, params
     return backward
 
 
-def register(ns: str):
-    """Fakes and autograd of torch.ops.<ns>.attn_fwd / attn_bwd (call once per namespace)."""
+def _declares_deterministic(op) -> bool:
+    args = op.default._schema.arguments
+    return bool(args) and args[-1].name == "deterministic"
+
+
+def register(ns: str, deterministic_arg: bool = False):
+    """Fakes and autograd of torch.ops.<ns>.attn_fwd / attn_bwd (call once per namespace). deterministic_arg:
+    both ops end in `bool deterministic` (checked against their schemas)."""
+    ops = getattr(torch.ops, ns)
+    for name in ("attn_fwd", "attn_bwd"):
+        if _declares_deterministic(getattr(ops, name)) != deterministic_arg:
+            raise RuntimeError(f"{ns}::{name}: register(deterministic_arg={deterministic_arg}) but the schema is "
+                               f"{getattr(ops, name).default._schema}")
     torch.library.register_fake(f"{ns}::attn_fwd")(_fwd_fake)
     torch.library.register_fake(f"{ns}::attn_bwd")(_bwd_fake)
     torch.library.register_autograd(f"{ns}::attn_fwd", _make_backward(ns), setup_context=_setup_context)
@@ -67,12 +82,14 @@ def window(causal, window_size, max_q, max_k):
 
 
 def flash_attention(fwd, q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, deterministic,
-                    return_lse, causal_align):
-    """Dense flash attention through the forward op `fwd`. deterministic: both backends always are (no atomics)."""
+                    return_lse, causal_align, deterministic_arg=False):
+    """Dense flash attention through the forward op `fwd`. deterministic reaches the backward only where the op
+    declares it (deterministic_arg=True, see the module doc); other backwards always are deterministic."""
     nq, nk = q.shape[1], k.shape[1]
     left, right = window(causal, window_size, nq, nk)
+    extra = (bool(deterministic),) if deterministic_arg else ()
     out, lse = fwd(q, k, v, alibi_slopes, None, None, nq, nk, float(softmax_scale), left, right, float(softcap),
-                   causal_align == "bottom_right")
+                   causal_align == "bottom_right", *extra)
     return (out, lse) if return_lse else out
 
 
@@ -85,12 +102,14 @@ def monotone_cu_seqlens(cu, total):
 
 def flash_attention_varlen(fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
                            softmax_scale, window_size, alibi_slopes, softcap, deterministic, return_lse,
-                           causal_align):
+                           causal_align, deterministic_arg=False):
     """Packed variable-length flash attention through the forward op `fwd`; lse is [Hq, total_q]."""
     left, right = window(causal, window_size, max_seqlen_q, max_seqlen_k)
+    extra = (bool(deterministic),) if deterministic_arg else ()
     cu_q, cu_k = monotone_cu_seqlens(cu_seqlens_q, q.shape[0]), monotone_cu_seqlens(cu_seqlens_k, k.shape[0])
     out, lse = fwd(q, k, v, alibi_slopes, cu_q, cu_k, int(max_seqlen_q),
-                   int(max_seqlen_k), float(softmax_scale), left, right, float(softcap), causal_align == "bottom_right")
+                   int(max_seqlen_k), float(softmax_scale), left, right, float(softcap), causal_align == "bottom_right",
+                   *extra)
     return (out, lse) if return_lse else out
 
 
