@@ -11,6 +11,8 @@ Public API (all ops take ``backend="auto" | "cuda" | "triton" | "torch" | "refer
     transformer.MultiheadAttention / transformer.Attention                # modules; transformer.models: the models
     transformer.LayerNorm / transformer.RMSNorm                           # drop-ins for torch.nn's (+ residual=, prenorm=)
     transformer.generate(model, input_ids, max_new_tokens, ...)          # KV-cache generation
+    transformer.distributed.context_parallel_attention(q, k, v, group, scheme="ring" | "zigzag" | "ulysses")
+                                                                          # sequence sharded over torch.distributed ranks
 
 Importing this package never touches a GPU, Triton or the compiled extension.
 """
@@ -25,6 +27,16 @@ from .nn.norms import LayerNorm, RMSNorm
 from .generate import generate
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # transformer.distributed (context parallelism) is imported on first use: it initialises nothing, but
+    # `import transformer` stays free of it.
+    if name == "distributed":
+        import importlib
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["backends", "reference", "flash_attention", "flash_attention_varlen", "decode_attention",
            "layer_norm", "rms_norm", "scaled_dot_product_attention", "Attention", "MultiheadAttention", "KVCache",

@@ -15,6 +15,7 @@ import dataclasses
 from typing import Optional
 
 import torch
+import torch.distributed
 from torch import nn
 
 from ..kv_cache import KVCache
@@ -111,21 +112,34 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.dim, cfg.hidden_dim, cfg.mlp, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, hidden, residual, layer, **attn_kw):
+    def forward(self, hidden, residual, layer, context_parallel=None, **attn_kw):
         x, residual = norm(self.attn_norm, hidden, residual, prenorm=True)
-        hidden = self.drop(self.attn(x, layer=layer, **attn_kw))
+        if context_parallel is not None:
+            hidden = self.drop(context_parallel(self.attn, x))
+        else:
+            hidden = self.drop(self.attn(x, layer=layer, **attn_kw))
         x, residual = norm(self.mlp_norm, hidden, residual, prenorm=True)
         return self.drop(self.mlp(x)), residual
 
 
 class DecoderOnly(nn.Module):
-    """Decoder-only Transformer LM. forward(input_ids) -> logits; see `hidden_states` for the other inputs."""
+    """Decoder-only Transformer LM. forward(input_ids) -> logits; see `hidden_states` for the other inputs.
 
-    def __init__(self, config: DecoderOnlyConfig, backend: str = "auto"):
+    ``context_parallel_group`` (a torch.distributed process group, or True for the default group): the model
+    runs on a sequence sharded over the group's ranks. Each rank passes its shard of the token ids,
+    ``transformer.distributed.shard_sequence(ids, context_parallel_scheme)`` ([B, N / P]), and gets the logits of
+    its shard; positions (RoPE, learned) are the tokens' global positions and every attention layer runs
+    ``transformer.distributed.context_parallel_attention`` with ``context_parallel_scheme`` ("zigzag", "ring" or
+    "ulysses"). Every rank must call forward (and backward) together; no KV cache, padding or packing.
+    """
+
+    def __init__(self, config: DecoderOnlyConfig, backend: str = "auto", *, context_parallel_group=None,
+                 context_parallel_scheme: str = "zigzag"):
         super().__init__()
         if not isinstance(config, DecoderOnlyConfig):
             raise TypeError(f"config must be a DecoderOnlyConfig, got {type(config).__name__}")
         self.config = config
+        self.context_parallel = _context_parallel_option(context_parallel_group, context_parallel_scheme)
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.pos_embed = nn.Embedding(config.max_seq_len, config.dim) if config.positions == "learned" else None
         self.drop = nn.Dropout(config.dropout)
@@ -146,21 +160,26 @@ class DecoderOnly(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def make_cache(self, batch_size, capacity, *, page_size=None, dtype=None, device=None) -> KVCache:
-        """An empty KVCache sized for this model (contiguous, or paged with page_size)."""
+    def make_cache(self, batch_size, capacity, *, page_size=None, dtype=None, device=None, kv_dtype=None) -> KVCache:
+        """An empty KVCache sized for this model (contiguous, or paged with page_size; kv_dtype "int8" /
+        "fp8_e4m3": quantized)."""
         c = self.config
         p = self.embed.weight
         return KVCache(c.n_layers, batch_size, capacity, c.n_kv_heads, c.head_dim, dtype=dtype or p.dtype,
-                       device=device or p.device, page_size=page_size)
+                       device=device or p.device, page_size=page_size, kv_dtype=kv_dtype)
 
     def hidden_states(self, input_ids, *, key_lengths=None, cu_seqlens=None, max_seqlen=None, cache=None):
         """Final hidden states [B, N, dim] (or [T, dim] packed).
 
         input_ids: [B, N] (``key_lengths`` [B] for right padding), or packed [T] with ``cu_seqlens`` [B + 1]
         int32 and ``max_seqlen``. With ``cache`` (from make_cache): an empty cache is filled (prefill); a
-        non-empty one is extended by N <= 16 tokens per sequence (decode). The cache is advanced here.
+        non-empty one is extended by N tokens per sequence through decode_attention (decode; N > 16 causal
+        chunks of 16: chunked prefill). The cache is advanced here.
         """
         packed = cu_seqlens is not None
+        if self.context_parallel is not None and (packed or key_lengths is not None or cache is not None):
+            raise ValueError("a context-parallel model (context_parallel_group) takes input_ids [B, N / P] only: "
+                             "no key_lengths, cu_seqlens or cache")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError("input_ids must be an int64/int32 tensor of token ids")
         if input_ids.dim() != (1 if packed else 2):
@@ -181,9 +200,15 @@ class DecoderOnly(nn.Module):
         if self.pos_embed is not None and not packed and input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens per sequence, more than max_seq_len "
                              f"({self.config.max_seq_len}) learned positions")
+        cp_positions = None
+        if self.context_parallel is not None:
+            cp_positions = _context_parallel_positions(self.context_parallel, input_ids,
+                                                       self.config.max_seq_len if self.pos_embed is not None else None)
         h = self.embed(input_ids)
         if self.pos_embed is not None:
-            if packed:
+            if cp_positions is not None:
+                pos = cp_positions
+            elif packed:
                 pos = packed_positions(cu_seqlens, input_ids.shape[0])[1]
             elif cache is not None and not cache.empty:
                 pos = cache.seqlens.long()[:, None] + torch.arange(input_ids.shape[1], device=h.device)
@@ -196,6 +221,8 @@ class DecoderOnly(nn.Module):
             kw.update(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         elif key_lengths is not None:
             kw.update(key_lengths=key_lengths)
+        if cp_positions is not None:
+            kw = dict(context_parallel=_ContextParallelAttention(self.context_parallel, cp_positions))
         residual = None
         for i, layer in enumerate(self.layers):
             h, residual = layer(h, residual, i, **kw)
@@ -206,3 +233,48 @@ class DecoderOnly(nn.Module):
     def forward(self, input_ids, **kw):
         """Logits [B, N, vocab] (or [T, vocab] packed); keywords as `hidden_states`."""
         return self.lm_head(self.hidden_states(input_ids, **kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# Context parallelism (DecoderOnly(..., context_parallel_group=...)): each rank holds a shard of the sequence
+# ---------------------------------------------------------------------------------------------
+
+def _context_parallel_option(group, scheme):
+    """(group, scheme) or None. group True means the default process group."""
+    if group is None or group is False:
+        return None
+    from .. import distributed
+    if scheme not in distributed.SCHEMES:
+        raise ValueError(f"context_parallel_scheme must be one of {distributed.SCHEMES}, got {scheme!r}")
+    return (None if group is True else group), scheme
+
+
+def _context_parallel_positions(option, input_ids, max_positions):
+    """Global positions of this rank's tokens; ValueError if the whole sequence has more than max_positions."""
+    from .. import distributed
+    group, scheme = option
+    total = input_ids.shape[1] * torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 0
+    if max_positions is not None and total > max_positions:
+        raise ValueError(f"input_ids holds {input_ids.shape[1]} tokens per rank, {total} per sequence: more than "
+                         f"max_seq_len ({max_positions}) learned positions")
+    return distributed.sequence_positions(input_ids.shape[1], scheme, group, device=input_ids.device)
+
+
+class _ContextParallelAttention:
+    """The attention of a Block over the sharded sequence: the module's projections and RoPE (on the global
+    positions), then context_parallel_attention with the module's causal / window / ALiBi / softcap / backend."""
+
+    def __init__(self, option, positions):
+        self.group, self.scheme = option
+        self.positions = positions
+
+    def __call__(self, attn, x):
+        from ..distributed import context_parallel_attention
+        if x.dim() != 3 or x.shape[-1] != attn.dim:
+            raise ValueError(f"x must have shape [B, N / P, dim={attn.dim}], got {tuple(x.shape)}")
+        q, k, v = attn._qkv(x)
+        q, k = attn._rotate(q, k, self.positions)
+        out = context_parallel_attention(q, k, v, self.group, scheme=self.scheme, causal=attn.causal,
+                                         window_size=attn.window_size, alibi_slopes=attn.alibi_slopes,
+                                         softcap=attn.softcap, backend=attn.backend)
+        return attn.wo(out.flatten(-2))
