@@ -17,7 +17,8 @@ reads or writes outside its tensors for any of them:
   end = clamp(end, start, Nk).
 * decode ``cache_seqlens``: the visible length is clamp(cache_seqlens[b] + appended, 0, capacity); an
   appended token at a position outside 0..capacity-1 is not written. ``block_table``: a page id outside
-  0..num_pages-1 holds no visible token (it contributes nothing) and appends into it are dropped.
+  0..num_pages-1 holds no visible token (it contributes nothing) and appends into it are dropped. A quantized
+  cache follows the same rules for its 8-bit values and its scales alike (a dropped append writes neither).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import torch
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Quantized KV-cache formats (kv_dtype names) -> storage dtype; K/V carry one fp32 scale per (token, kv head).
+KV_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 MAX_HEAD_DIM = 256
 MAX_DECODE_QUERIES = 16
 
@@ -142,6 +145,42 @@ def check_alibi(alibi_slopes, batch, hq, ref):
     return alibi_slopes
 
 
+def check_kv_dtype(kv_dtype, name="kv_dtype", allow_none=True):
+    """A quantized KV-cache format name ("int8", "fp8_e4m3"), or None (unquantized) where allowed."""
+    if kv_dtype is None and allow_none:
+        return None
+    if not isinstance(kv_dtype, str) or kv_dtype not in KV_DTYPES:
+        allowed = ", ".join(repr(k) for k in KV_DTYPES) + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be one of {allowed}, got {kv_dtype!r}")
+    return kv_dtype
+
+
+def kv_dtype_of(t):
+    """The kv_dtype name of a quantized cache tensor's dtype, or None."""
+    return next((n for n, dt in KV_DTYPES.items() if dt == t.dtype), None)
+
+
+def check_kv_scales(k_cache, v_cache, k_scale, v_scale):
+    """Scales of a quantized cache: fp32 [dims of the cache without D] on its device; none for a 16/32-bit cache.
+    Returns the kv_dtype name (None: unquantized)."""
+    kv_dtype = kv_dtype_of(k_cache)
+    for name, s, cache in (("k_scale", k_scale, k_cache), ("v_scale", v_scale, v_cache)):
+        if kv_dtype is None:
+            if s is not None:
+                raise ValueError(f"{name} is only for a quantized cache (int8 / float8_e4m3fn k_cache and v_cache), "
+                                 f"but the cache is {k_cache.dtype}")
+            continue
+        if s is None:
+            raise ValueError(f"{name} is required with a quantized ({kv_dtype}) cache: fp32 {name} of shape "
+                             f"{tuple(cache.shape[:-1])} (one scale per token and kv head)")
+        check_tensor(name, s, ndim=cache.dim() - 1, dtypes=(torch.float32,))
+        check_same_device(name, s, "k_cache", k_cache)
+        if tuple(s.shape) != tuple(cache.shape[:-1]):
+            raise ValueError(f"{name} must have shape {tuple(cache.shape[:-1])} (the cache's without D), "
+                             f"got {tuple(s.shape)}")
+    return kv_dtype
+
+
 def check_heads(hq, hkv, what="k"):
     if hkv < 1 or hq % hkv != 0:
         raise ValueError(f"the number of query heads (q: {hq}) must be a multiple of the number of "
@@ -251,17 +290,22 @@ def check_norm(x, weight, bias, eps, residual, *, has_bias=True):
 
 def check_decode(q, k_cache, v_cache, cache_seqlens, k=None, v=None, block_table=None,
                  window_size=(-1, -1), softcap=0.0, softmax_scale=None, alibi_slopes=None,
-                 dtypes=FLOAT_DTYPES):
+                 dtypes=FLOAT_DTYPES, k_scale=None, v_scale=None):
     check_tensor("q", q, ndim=4, dtypes=dtypes, last_dim_contiguous=True)
     b, sq, hq, d = q.shape
     if sq < 1 or sq > MAX_DECODE_QUERIES:
         raise ValueError(f"q must have 1..{MAX_DECODE_QUERIES} queries per sequence (q.shape[1]), got {sq}")
     if d < 1 or d > MAX_HEAD_DIM:
         raise ValueError(f"head dim (q.shape[-1]) must be in 1..{MAX_HEAD_DIM}, got {d}")
+    quantized = isinstance(k_cache, torch.Tensor) and kv_dtype_of(k_cache) is not None
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(name, t, ndim=4, dtypes=dtypes, last_dim_contiguous=True)
+        check_tensor(name, t, ndim=4, dtypes=tuple(KV_DTYPES.values()) if quantized else dtypes,
+                     last_dim_contiguous=True)
         check_same_device(name, t, "q", q)
-        check_same_dtype(name, t, "q", q)
+        if quantized:   # 8-bit caches of one format, read with q's dtype
+            check_same_dtype(name, t, "k_cache", k_cache)
+        else:
+            check_same_dtype(name, t, "q", q)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
                          f"and {tuple(v_cache.shape)}")
@@ -302,8 +346,9 @@ def check_decode(q, k_cache, v_cache, cache_seqlens, k=None, v=None, block_table
     cap = check_softcap(softcap)
     scale = check_scale(softmax_scale, d)
     check_alibi(alibi_slopes, b, hq, q)
+    kv_dtype = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     return dict(batch=b, sq=sq, hq=hq, hkv=hkv, head_dim=d, paged=paged, page_size=page_size,
-                capacity=capacity, window=window, softcap=cap, scale=scale)
+                capacity=capacity, window=window, softcap=cap, scale=scale, kv_dtype=kv_dtype)
 
 
 def check_decode_values(cache_seqlens, block_table, num_pages, page_size, capacity, appended):

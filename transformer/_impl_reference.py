@@ -56,11 +56,11 @@ def rms_norm(x, weight, eps, *, residual, prenorm, residual_in_fp32):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, softmax_scale, causal,
-                     window_size, alibi_slopes, softcap, num_splits, return_lse):
+                     window_size, alibi_slopes, softcap, num_splits, return_lse, k_scale=None, v_scale=None):
     res = reference.decode_attention(q, k_cache, v_cache, cache_seqlens, k=k, v=v, block_table=block_table,
                                      softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                                      alibi_slopes=alibi_slopes, softcap=softcap, return_lse=return_lse,
-                                     validate=False)
+                                     validate=False, k_scale=k_scale, v_scale=v_scale)
     if return_lse:
         return res[0].to(q.dtype), res[1].float()
     return res.to(q.dtype)

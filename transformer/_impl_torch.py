@@ -185,10 +185,13 @@ def decode_supports(call):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, softmax_scale, causal,
-                     window_size, alibi_slopes, softcap, num_splits, return_lse):
+                     window_size, alibi_slopes, softcap, num_splits, return_lse, k_scale=None, v_scale=None):
     """Vectorised over the batch (no host sync): gather the cache, mask by length, one SDPA call. Index values
     are taken as the kernels take them (transformer/_checks.py): lengths clamped to 0..capacity, appends outside
-    the cache or into invalid pages dropped, tokens of invalid pages not visible."""
+    the cache or into invalid pages dropped, tokens of invalid pages not visible. A quantized cache (k_scale /
+    v_scale given) stores appends as reference.quantize_kv and is read as reference.dequantize_kv in q's dtype."""
+    from . import reference
+    kv_dtype = None if k_scale is None else ("int8" if k_cache.dtype == torch.int8 else "fp8_e4m3")
     b, sq = q.shape[0], q.shape[1]
     dev = q.device
     paged = block_table is not None
@@ -211,16 +214,25 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, s
             else:
                 keep = keep & page_ok.gather(1, pos // page_size)
                 rows = (pages.gather(1, pos // page_size)[keep], (pos % page_size)[keep])
-            k_cache[rows] = k[keep]
-            v_cache[rows] = v[keep]
+            if kv_dtype is None:
+                k_cache[rows] = k[keep]
+                v_cache[rows] = v[keep]
+            else:
+                k_cache[rows], k_scale[rows] = reference.quantize_kv(k[keep], kv_dtype)
+                v_cache[rows], v_scale[rows] = reference.quantize_kv(v[keep], kv_dtype)
         lens = lens + sq
     lens = lens.clamp(0, capacity)
     if not paged:
         keys, vals = k_cache, v_cache                                             # (B, S, Hkv, D)
         token_ok = None
+        if kv_dtype is not None:
+            keys, vals = (reference.dequantize_kv(c, sc).to(q.dtype) for c, sc in ((keys, k_scale), (vals, v_scale)))
     else:
         keys = k_cache[pages].flatten(1, 2)                                       # (B, P*page, Hkv, D)
         vals = v_cache[pages].flatten(1, 2)
+        if kv_dtype is not None:
+            keys = reference.dequantize_kv(keys, k_scale[pages].flatten(1, 2)).to(q.dtype)
+            vals = reference.dequantize_kv(vals, v_scale[pages].flatten(1, 2)).to(q.dtype)
         token_ok = page_ok.repeat_interleave(page_size, dim=1)                    # (B, P*page)
     nk = keys.shape[1]
     j = torch.arange(nk, device=dev)

@@ -3,7 +3,8 @@
 Canonical backend signature (validated arguments, softmax_scale a float):
 
     decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, softmax_scale, causal,
-                     window_size, alibi_slopes, softcap, num_splits, return_lse) -> out | (out, lse)
+                     window_size, alibi_slopes, softcap, num_splits, return_lse, k_scale, v_scale)
+        -> out | (out, lse)
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ __all__ = ["decode_attention"]
 
 
 def _describe(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None, softmax_scale=None,
-              causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, num_splits=0, return_lse=False):
+              causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, num_splits=0, return_lse=False,
+              k_scale=None, v_scale=None):
     info = _checks.check_decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, window_size=window_size,
-                                softcap=softcap, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes)
+                                softcap=softcap, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes,
+                                k_scale=k_scale, v_scale=v_scale)
     if not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 0 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be an int in 0..{MAX_SPLITS} (0 = choose automatically), got {num_splits!r}")
     _checks.check_bool("causal", causal)
@@ -27,7 +30,7 @@ def _describe(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table
                 group=info["hq"] // info["hkv"], sq=info["sq"], paged=info["paged"], page_size=info["page_size"],
                 capacity=info["capacity"], append=k is not None, causal=causal, window=info["window"],
                 alibi=alibi_slopes is not None, softcap=info["softcap"], num_splits=num_splits, return_lse=return_lse,
-                scale=info["scale"],
+                scale=info["scale"], kv_dtype=info["kv_dtype"],
                 requires_grad=torch.is_grad_enabled() and any(
                     t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)))
 
@@ -37,7 +40,7 @@ backends.register_op("decode_attention", _describe)
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None, softmax_scale=None,
                      causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0, num_splits=0,
-                     return_lse=False, validate=None, backend="auto"):
+                     return_lse=False, validate=None, backend="auto", k_scale=None, v_scale=None):
     """Attention of Sq new queries per sequence over a KV cache (flash-attn's flash_attn_with_kvcache).
 
     Args:
@@ -51,6 +54,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, bloc
         window_size, alibi_slopes, softcap, softmax_scale: as `flash_attention`.
         num_splits: split-KV chunks per sequence; 0 picks a count on the host (no device sync).
         return_lse: also return lse [B, Hq, Sq] (fp32, natural log).
+        k_scale, v_scale: the fp32 scales of a quantized cache (k_cache / v_cache int8 or float8_e4m3fn, e.g. a
+            ``KVCache(kv_dtype=...)``), shaped like the cache without D ([B, S_max, Hkv] or
+            [num_pages, page_size, Hkv]): token t, head h holds k_cache[..., t, h, :] * k_scale[..., t, h]
+            (``reference.dequantize_kv``). The kernels read 8 bits per element plus the scales and dequantize in
+            registers to q's dtype; appended k / v (q's dtype) are quantized in place like
+            ``reference.quantize_kv`` (values and scales, bit for bit), under the same index rules.
         validate: check the cache_seqlens / block_table values (lengths within the capacity, the pages a
             sequence uses within 0..num_pages-1), which costs a device-to-host copy; None (default) checks CPU
             tensors only. Unchecked values never make a kernel read or write outside its tensors: lengths are
@@ -60,7 +69,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, bloc
     """
     kw = dict(k=k, v=v, block_table=block_table, softmax_scale=softmax_scale, causal=causal,
               window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap, num_splits=num_splits,
-              return_lse=return_lse)
+              return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
     call = _describe(q, k_cache, v_cache, cache_seqlens, **kw)
     if _checks.check_validate(validate, q):
         _checks.check_decode_values(cache_seqlens, block_table, k_cache.shape[0], call["page_size"],

@@ -22,7 +22,7 @@ import torch
 from . import _checks
 
 __all__ = ["attention", "attention_varlen", "attention_mask", "layer_norm", "rms_norm",
-           "decode_attention"]
+           "decode_attention", "quantize_kv", "dequantize_kv"]
 
 
 def _cast(t, dtype):
@@ -189,6 +189,45 @@ def rms_norm(x, weight=None, eps=1e-6, *, residual=None, prenorm=False, residual
 
 
 # ---------------------------------------------------------------------------------------------
+# Quantized KV cache: 8-bit values with one fp32 scale per (token, kv head)
+# ---------------------------------------------------------------------------------------------
+
+KV_QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}   # largest stored magnitude per format
+
+
+def quantize_kv(x, kv_dtype):
+    """Symmetric 8-bit quantization of keys or values x [..., Hkv, D] (any leading dims, any float dtype).
+
+    Returns (xq, scale): xq of x's shape in torch.int8 ("int8") or torch.float8_e4m3fn ("fp8_e4m3"), scale fp32
+    [..., Hkv], one per (token, head). In fp32: scale = amax over D of |x| / 127 (int8) or / 448 (fp8 e4m3), and
+    1 where that is 0 (a zero row); xq = x / scale (IEEE division) rounded to nearest, ties to even, saturated
+    to +-127 / +-448. The kernels' in-place append computes exactly this (bit for bit) for finite inputs.
+    """
+    _checks.check_kv_dtype(kv_dtype, allow_none=False)
+    _checks.check_tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
+    if x.dim() < 2 or x.shape[-1] < 1:
+        raise ValueError(f"x must have shape [..., Hkv, D] with D >= 1, got {tuple(x.shape)}")
+    qmax = KV_QMAX[kv_dtype]
+    xf = x.detach().float()
+    scale = xf.abs().amax(dim=-1) / qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    y = (xf / scale[..., None]).clamp(-qmax, qmax)
+    xq = y.round().to(torch.int8) if kv_dtype == "int8" else y.to(torch.float8_e4m3fn)   # both round half to even
+    return xq, scale
+
+
+def dequantize_kv(xq, scale):
+    """fp32 values xq * scale of a quantized cache: xq [..., D] int8 / float8_e4m3fn, scale fp32 [...]."""
+    _checks.check_tensor("xq", xq, dtypes=tuple(_checks.KV_DTYPES.values()))
+    _checks.check_tensor("scale", scale, ndim=max(xq.dim() - 1, 0), dtypes=(torch.float32,))
+    _checks.check_same_device("scale", scale, "xq", xq)
+    if tuple(scale.shape) != tuple(xq.shape[:-1]):
+        raise ValueError(f"scale must have shape {tuple(xq.shape[:-1])} (xq's without the last dim), "
+                         f"got {tuple(scale.shape)}")
+    return xq.float() * scale[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
 # Decode attention over a KV cache
 # ---------------------------------------------------------------------------------------------
 
@@ -202,7 +241,7 @@ def cache_positions(cache_seqlens_b, n, block_table_b, page_size):
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None,
                      softmax_scale=None, causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0,
-                     return_lse=False, compute_dtype=torch.float32, validate=True):
+                     return_lse=False, compute_dtype=torch.float32, validate=True, k_scale=None, v_scale=None):
     """Attention of q [B, Sq, Hq, D] over a KV cache.
 
     Contiguous cache: k_cache/v_cache [B, S_max, Hkv, D]. Paged cache: [num_pages, page_size, Hkv, D]
@@ -212,9 +251,14 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, bloc
     first. The Sq queries sit at the end of their sequence (bottom-right causal alignment).
     Returns out [B, Sq, Hq, D] (and lse [B, Hq, Sq]). validate=False takes cache_seqlens and block_table
     values as the kernels do (transformer/_checks.py: clamped lengths, invalid pages hold no visible token).
+    Quantized cache: int8 / float8_e4m3fn k_cache, v_cache with fp32 k_scale, v_scale shaped like the cache
+    without D; appended tokens are stored as ``quantize_kv(k, kv_dtype)`` (values and scales), and attention
+    reads ``dequantize_kv(cache, scale)`` rounded to q's dtype when compute_dtype is None.
     """
     info = _checks.check_decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, window_size=window_size,
-                                softcap=softcap, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes)
+                                softcap=softcap, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes,
+                                k_scale=k_scale, v_scale=v_scale)
+    kv_dtype = info["kv_dtype"]
     b, sq, hq, d = info["batch"], info["sq"], info["hq"], info["head_dim"]
     capacity, page_size, num_pages = info["capacity"], info["page_size"], k_cache.shape[0]
     appended = sq if k is not None else 0
@@ -239,23 +283,28 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, bloc
             valid, page, slot = locate(pos.clamp(0, capacity - 1))
             keep = (inside & valid).nonzero().flatten()
             with torch.no_grad():
-                if page is None:
-                    k_cache[i, slot[keep]] = k[i, keep]
-                    v_cache[i, slot[keep]] = v[i, keep]
+                rows = (i, slot[keep]) if page is None else (page[keep], slot[keep])
+                if kv_dtype is None:
+                    k_cache[rows] = k[i, keep]
+                    v_cache[rows] = v[i, keep]
                 else:
-                    k_cache[page[keep], slot[keep]] = k[i, keep]
-                    v_cache[page[keep], slot[keep]] = v[i, keep]
+                    (k_cache[rows], k_scale[rows]), (v_cache[rows], v_scale[rows]) = (
+                        quantize_kv(k[i, keep], kv_dtype), quantize_kv(v[i, keep], kv_dtype))
         n = min(max(lens[i] + appended, 0), capacity)
         if n == 0:
             continue
         valid, page, slot = locate(torch.arange(n, device=q.device))
-        ki = k_cache[i, :n] if page is None else k_cache[page, slot]
-        vi = v_cache[i, :n] if page is None else v_cache[page, slot]
+        rows = (i, slice(0, n)) if page is None else (page, slot)
+        ki, vi = k_cache[rows], v_cache[rows]
+        if kv_dtype is not None:   # the dequantized cache, in the dtype the attention computes in
+            ki = dequantize_kv(ki, k_scale[rows]).to(compute_dtype or q.dtype)
+            vi = dequantize_kv(vi, v_scale[rows]).to(compute_dtype or q.dtype)
         if not bool(valid.all()):   # tokens of invalid pages: not visible, and their (garbage) values not read
             ki = torch.where(valid[:, None, None], ki, torch.zeros((), dtype=ki.dtype, device=ki.device))
             vi = torch.where(valid[:, None, None], vi, torch.zeros((), dtype=vi.dtype, device=vi.device))
         slopes = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-        o, l = attention(q[i:i + 1], ki[None], vi[None], causal=causal, softmax_scale=info["scale"],
+        qi = q[i:i + 1] if kv_dtype is None else q[i:i + 1].to(ki.dtype)
+        o, l = attention(qi, ki[None], vi[None], causal=causal, softmax_scale=info["scale"],
                          window_size=window_size, alibi_slopes=slopes, softcap=softcap, key_padding_mask=valid[None],
                          return_lse=True, compute_dtype=compute_dtype)
         out = out.index_put((torch.tensor([i], device=q.device),), o)

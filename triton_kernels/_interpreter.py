@@ -20,6 +20,13 @@ which rounds to nearest even already. Conversions with an explicit rounding mode
 already converts like the GPU it changes nothing; if the wrapped function is missing or the check still
 fails (a Triton whose interpreter converts elsewhere), it raises, so bf16 results under the interpreter
 are never silently truncated.
+
+fp8 e4m3 (``tl.float8e4nv``, stored as uint8 bits): every cast to or from it goes through
+``InterpreterBuilder.create_fp_to_fp``, whose ``_convert_float`` truncates fp32 -> e4m3 and loses the carry
+of the rounding into the exponent (31.7 gives 16, the GPU 32) and reads the NaN codes 0x7F / 0xFF as +-480.
+``patch()`` wraps ``create_fp_to_fp`` as well: fp32 / fp16 / bf16 -> e4m3 rounds to nearest even and
+saturates like sm_90's ``cvt.rn.satfinite.e4m3x2.f32`` (NaN -> 0x7F, +-inf and magnitudes past 448 -> +-448),
+e4m3 -> fp32 / fp16 / bf16 is exact with 0x7F / 0xFF NaN, checked the same way (``_FP8_PROBE``).
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ import functools
 
 import numpy as np
 
-__all__ = ["bf16_bits_to_f32", "f32_to_bf16_bits", "patch"]
+__all__ = ["bf16_bits_to_f32", "f32_to_bf16_bits", "f32_to_e4m3_bits", "e4m3_bits_to_f32", "patch"]
 
 _state = None   # None: not checked yet; "native": the interpreter already rounds; "patched"
 
@@ -47,6 +54,75 @@ def f32_to_bf16_bits(x) -> np.ndarray:
 def bf16_bits_to_f32(b) -> np.ndarray:
     """bf16 bits (uint16) -> fp32 values, exactly (the bits become the top half of the fp32)."""
     return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_e4m3_bits(x) -> np.ndarray:
+    """fp32 values -> fp8 e4m3 bits (uint8) as cvt.rn.satfinite.e4m3x2.f32: round to nearest even; magnitudes
+    past 448 (and inf) saturate to +-448; NaN gives 0x7F. Below 2^-6 a subnormal m * 2^-9, m = rint(|x| * 512)."""
+    x = np.asarray(x, dtype=np.float32)
+    a = np.abs(x)
+    sign = np.where(np.signbit(x), 0x80, 0).astype(np.int64)
+    ab = np.minimum(a, np.float32(448.0)).view(np.uint32).astype(np.int64)
+    normal = ((ab + 0x7FFFF + ((ab >> 20) & 1)) >> 20) - (120 << 3)
+    sub = np.rint(np.where(a < 0.015625, a, 0).astype(np.float64) * 512.0).astype(np.int64)
+    code = np.minimum(np.where(a < 0.015625, sub, normal), 0x7E) | sign
+    return np.where(np.isnan(x), 0x7F, code).astype(np.uint8)
+
+
+def e4m3_bits_to_f32(b) -> np.ndarray:
+    """fp8 e4m3 bits (uint8) -> fp32 values, exactly; 0x7F and 0xFF are NaN."""
+    b = np.asarray(b, dtype=np.uint8).astype(np.int64)
+    e, m = (b >> 3) & 0xF, b & 7
+    mag = np.where(e == 0, m * 2.0 ** -9, (8 + m) * np.exp2(e - 10.0))
+    val = np.where(b & 0x80, -mag, mag)
+    return np.where((b & 0x7F) == 0x7F, np.nan, val).astype(np.float32)
+
+
+def _wrap_fp_to_fp(original, tl, TensorHandle):
+    floats = (tl.float32, tl.float16, tl.bfloat16)
+
+    def to_f32(data, ty):
+        return bf16_bits_to_f32(data) if ty == tl.bfloat16 else np.asarray(data).astype(np.float32)
+
+    @functools.wraps(original)
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if dst_ty == tl.float8e4nv and src_ty in floats:
+            return TensorHandle(f32_to_e4m3_bits(to_f32(src.data, src_ty)), dst_ty)
+        if src_ty == tl.float8e4nv and dst_ty in floats:
+            f = e4m3_bits_to_f32(np.asarray(src.data).view(np.uint8))
+            data = f32_to_bf16_bits(f) if dst_ty == tl.bfloat16 else f.astype(np.float16 if dst_ty == tl.float16
+                                                                                 else np.float32)
+            return TensorHandle(data, dst_ty)
+        return original(self, src, dst_type, rounding_mode)
+    return create_fp_to_fp
+
+
+# fp32 -> e4m3 bits: a carry into the exponent (31.675 -> 32), ties to even (down, up, negative), subnormals
+# (0.75 ulp up to the smallest, ties 1.5 and 2.5 ulp to 2), one rounding up to the smallest normal, 448,
+# saturation (464), -inf, NaN.
+_FP8_PROBE = ((0x41FD6666, 0x60), (0x41880000, 0x58), (0x41980000, 0x5A), (0xC1880000, 0xD8), (0x3AC00000, 0x01),
+              (0x3B400000, 0x02), (0x3BA00000, 0x02), (0x3C7C0000, 0x08), (0x43E00000, 0x7E), (0x43E80000, 0x7E), (0xFF800000, 0xFE),
+              (0x7FC00000, 0x7F))
+
+
+def _fp8_like_gpu(interp, tl):
+    """True when the interpreter's semantic casts fp32 -> e4m3 -> fp32 match _FP8_PROBE and every e4m3 value."""
+    sem = interp.TritonSemantic(interp.InterpreterBuilder())
+
+    def cast(data, src_ty, dst_ty):
+        x = tl.tensor(interp.TensorHandle(data, src_ty), tl.block_type(src_ty, [data.size]))
+        return np.asarray(sem.cast(x, dst_ty).handle.data)
+
+    probe = np.zeros(16, dtype=np.uint32)
+    probe[:len(_FP8_PROBE)] = [a for a, _ in _FP8_PROBE]
+    down = cast(probe.view(np.float32), tl.float32, tl.float8e4nv)[:len(_FP8_PROBE)]
+    if down.view(np.uint8).tolist() != [b for _, b in _FP8_PROBE]:
+        return False
+    codes = np.arange(256, dtype=np.uint8)
+    up = cast(codes, tl.float8e4nv, tl.float32).astype(np.float32)
+    want = e4m3_bits_to_f32(codes)
+    return bool(np.array_equal(up, want, equal_nan=True) and up[1] == 2.0 ** -9 and up[0x7E] == 448.0)
 
 
 def _wrap_cast_impl(original, tl, TensorHandle):
@@ -115,6 +191,7 @@ def patch():
             f"Triton {triton.__version__} round to nearest even ({why}). Under TRITON_INTERPRET=1 bf16 kernel "
             f"results would be truncated where the GPU rounds; update triton_kernels/_interpreter.py for this Triton.")
 
+    _patch_fp8(interp, tl)
     try:
         if _converts_like_gpu(interp, tl):
             _state = "native"
@@ -136,3 +213,32 @@ def patch():
         raise fail("fp32 <-> bf16 casts no longer go through InterpreterBuilder.cast_impl alone")
     _state = "patched"
     return _state
+
+
+def _patch_fp8(interp, tl):
+    """fp8 e4m3 casts of the interpreter as sm_90's (module docstring); nothing when they already are."""
+    import triton
+
+    def fail(why):
+        return RuntimeError(
+            f"triton_kernels/_interpreter.py: cannot make the fp8 e4m3 casts of the interpreter of Triton "
+            f"{triton.__version__} convert like sm_90 ({why}). Under TRITON_INTERPRET=1 fp8 KV caches would be "
+            f"quantized differently from the GPU; update triton_kernels/_interpreter.py for this Triton.")
+    try:
+        if _fp8_like_gpu(interp, tl):
+            return
+    except Exception as e:
+        raise fail(f"probing the interpreter's fp8 cast failed: {type(e).__name__}: {e}") from e
+    builder = getattr(interp, "InterpreterBuilder", None)
+    original = getattr(builder, "create_fp_to_fp", None)
+    if original is None:
+        raise fail("triton.runtime.interpreter has no InterpreterBuilder.create_fp_to_fp")
+    builder.create_fp_to_fp = _wrap_fp_to_fp(original, tl, interp.TensorHandle)
+    try:
+        ok = _fp8_like_gpu(interp, tl)
+    except Exception as e:
+        builder.create_fp_to_fp = original
+        raise fail(f"the patched cast failed: {type(e).__name__}: {e}") from e
+    if not ok:
+        builder.create_fp_to_fp = original
+        raise fail("fp8 e4m3 casts no longer go through InterpreterBuilder.create_fp_to_fp alone")

@@ -24,6 +24,16 @@ count and the reduction order depend only on the arguments' shapes and ``num_spl
 so results are bit-identical run to run. ``num_splits=0`` picks a count on the host from (batch, Hkv,
 M-blocks, cache capacity, SM count); the SM count is read lazily at the first call and cached.
 
+Quantized caches (int8 or fp8 e4m3 K/V with one fp32 scale per (token, KV head), ``k_scale`` / ``v_scale``
+shaped like the cache without D): the split kernel loads the 8-bit tiles and their scales, dequantizes in
+registers to q's dtype (x * scale, rounded once) and runs the same dot products; the append kernel quantizes
+the new tokens in the same launch as ``transformer.reference.quantize_kv`` (amax over D / 127 or / 448, IEEE
+division, round to nearest even, saturation), bit for bit. fp8 conversions use the hardware instructions on
+sm_90+ (``cvt.rn.satfinite.e4m3x2.f32`` / ``cvt.rn.f16x2.e4m3x2``; Triton has no fp8e4nv below sm_89 and
+rounds fp32 -> e4m3 through fp16 with rz on sm_89) and a bit-exact integer conversion elsewhere
+(``_e4m3_bits`` / ``_e4m3_value``). Under the interpreter ``FP8_CONVERSION`` picks either path ("hw" runs
+the interpreter's fp8 casts, made exact by triton_kernels/_interpreter.py).
+
 Inference only: no backward.
 """
 from __future__ import annotations
@@ -37,9 +47,84 @@ import triton.language as tl
 from ._device import K_LN2, K_LOG2E, tanh
 from ._utils import LOG2E, AotConfig, empty, interpreting, sm_count
 
-__all__ = ["decode", "pick_num_splits", "aot_configs", "MAX_SPLITS"]
+__all__ = ["decode", "pick_num_splits", "aot_configs", "MAX_SPLITS", "KV_FORMATS"]
 
 MAX_SPLITS = 128
+
+# Cache formats (the KV_QUANT constexpr): 0 = 16-bit (q's dtype), 1 = int8, 2 = fp8 e4m3; largest magnitudes.
+KV_FORMATS = {torch.int8: 1, torch.float8_e4m3fn: 2}
+_QMAX = {1: 127.0, 2: 448.0}
+
+# fp8 conversions under the interpreter: "hw" (Triton's fp8e4nv casts, the sm_90 path) or "sw" (the integer
+# conversion of sm_80 / sm_89). On a GPU the device's capability decides (hw from sm_90).
+FP8_CONVERSION = "hw"
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit (de)quantization helpers
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _rint(x):
+    """fp32 round to nearest integer, ties to even (exact: floor, differences and halvings of fp32 integers)."""
+    f = tl.floor(x)
+    d = x - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _e4m3_bits(y):
+    """Bits (uint8) of fp32 y, |y| <= 448, as fp8 e4m3 rounded to nearest even (cvt.rn.satfinite of sm_90):
+    below 2^-6 a subnormal m * 2^-9 (m = rint(|y| * 512), 8 being the smallest normal); above, the fp32 bits
+    rounded to 3 mantissa bits (a carry moves to the next binade) with the exponent re-biased 127 -> 7."""
+    bits = y.to(tl.int32, bitcast=True)
+    a = tl.abs(y)
+    ab = a.to(tl.int32, bitcast=True)
+    normal = ((ab + 0x7FFFF + ((ab >> 20) & 1)) >> 20) - (120 << 3)
+    code = tl.where(a < 0.015625, _rint(a * 512.0).to(tl.int32), normal)
+    code = tl.minimum(code, 0x7E) | ((bits >> 24) & 0x80)
+    return code.to(tl.uint8)
+
+
+@triton.jit
+def _e4m3_value(u):
+    """fp32 value of fp8 e4m3 bits u (uint8), exactly: the bits placed in an fp16 (exponent field 4 -> 5 bits,
+    so the fp16 is the value * 2^-8, subnormals included) times 256; 0x7F / 0xFF are NaN."""
+    w = u.to(tl.uint16)
+    h = (((w & 0x7F) << 7) | ((w & 0x80) << 8)).to(tl.float16, bitcast=True)
+    return tl.where((w & 0x7F) == 0x7F, float("nan"), h.to(tl.float32) * 256.0)
+
+
+@triton.jit
+def _dequant(xq, scale, KV_QUANT: tl.constexpr, FP8_HW: tl.constexpr):
+    """fp32 x * scale of an 8-bit tile [N, D] and its per-row scales [N]."""
+    if KV_QUANT == 1:
+        x = xq.to(tl.float32)
+    elif FP8_HW:
+        x = xq.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        x = _e4m3_value(xq)
+    return x * scale[:, None]
+
+
+@triton.jit
+def _quant(x, mask, KV_QUANT: tl.constexpr, FP8_HW: tl.constexpr):
+    """(8-bit values, scales) of x [H, D] fp32 (masked elements ignored), as reference.quantize_kv: per row
+    scale = amax / qmax (IEEE division), 1 where that is 0; x / scale (IEEE), clamped, rounded to nearest even."""
+    QMAX: tl.constexpr = 127.0 if KV_QUANT == 1 else 448.0
+    amax = tl.max(tl.where(mask, tl.abs(x), 0.0), 1)
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
+    scale = tl.where(scale == 0.0, 1.0, scale)
+    y = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    if KV_QUANT == 1:
+        xq = _rint(y).to(tl.int8)
+    elif FP8_HW:
+        xq = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        xq = _e4m3_bits(y)
+    return xq, scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,20 +133,25 @@ MAX_SPLITS = 128
 
 @triton.jit
 def _decode_append(
-    K, V, KCache, VCache, CacheSeqlens, BlockTable,
+    K, V, KCache, VCache, CacheSeqlens, BlockTable, KScale, VScale,
     stride_kb, stride_ks, stride_kh,          # new k [B, Sq, Hkv, D]
     stride_vb, stride_vs, stride_vh,          # new v [B, Sq, Hkv, D]
     stride_kcb, stride_kcs, stride_kch,       # k cache: dim 0 is the batch (contiguous) or the page (paged)
     stride_vcb, stride_vcs, stride_vch,
+    stride_ksb, stride_kss, stride_ksh,       # k_scale [B or pages, S_max or page_size, Hkv] (quantized caches)
+    stride_vsb, stride_vss, stride_vsh,
     stride_cs,                                # cache_seqlens [B]
     stride_btb, stride_btp,                   # block_table [B, max_pages]
     Sq, Hkv, D,
     capacity,                                 # tokens per sequence the cache can hold
     page_size, num_pages,
     PAGED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    KV_QUANT: tl.constexpr,                   # 0: copy (16-bit cache); 1 / 2: quantize to int8 / fp8 e4m3
+    FP8_HW: tl.constexpr,
 ):
-    """Program (b * Sq + s, head block): copy token s of sequence b, BLOCK_H KV heads, into the cache.
-    A position outside 0..capacity-1, or in a page outside 0..num_pages-1, is not written."""
+    """Program (b * Sq + s, head block): copy (or quantize, with its scale) token s of sequence b, BLOCK_H KV
+    heads, into the cache. A position outside 0..capacity-1, or in a page outside 0..num_pages-1, is not
+    written (neither values nor scales)."""
     pid = tl.program_id(0)
     b = pid // Sq
     s = pid % Sq
@@ -74,28 +164,36 @@ def _decode_append(
         page = tl.load(BlockTable + b.to(tl.int64) * stride_btb + (pos // page_size) * stride_btp, mask=in_cache,
                        other=-1)
         in_cache = in_cache & (page >= 0) & (page < num_pages)
-        row_kc = page.to(tl.int64) * stride_kcb + (pos % page_size).to(tl.int64) * stride_kcs
-        row_vc = page.to(tl.int64) * stride_vcb + (pos % page_size).to(tl.int64) * stride_vcs
+        outer, slot = page.to(tl.int64), (pos % page_size).to(tl.int64)
     else:
-        row_kc = b.to(tl.int64) * stride_kcb + pos * stride_kcs
-        row_vc = b.to(tl.int64) * stride_vcb + pos * stride_vcs
+        outer, slot = b.to(tl.int64), pos
+    row_kc = outer * stride_kcb + slot * stride_kcs
+    row_vc = outer * stride_vcb + slot * stride_vcs
     mask = in_cache & (offs_h[:, None] < Hkv) & (offs_d[None, :] < D)
     hd_k = offs_h[:, None] * stride_kh + offs_d[None, :]
     hd_v = offs_h[:, None] * stride_vh + offs_d[None, :]
     kn = tl.load(K + b.to(tl.int64) * stride_kb + s * stride_ks + hd_k, mask=mask, other=0.0)
     vn = tl.load(V + b.to(tl.int64) * stride_vb + s * stride_vs + hd_v, mask=mask, other=0.0)
+    if KV_QUANT != 0:
+        head_ok = in_cache & (offs_h < Hkv)
+        kn, k_sc = _quant(kn.to(tl.float32), mask, KV_QUANT, FP8_HW)
+        vn, v_sc = _quant(vn.to(tl.float32), mask, KV_QUANT, FP8_HW)
+        tl.store(KScale + outer * stride_ksb + slot * stride_kss + offs_h * stride_ksh, k_sc, mask=head_ok)
+        tl.store(VScale + outer * stride_vsb + slot * stride_vss + offs_h * stride_vsh, v_sc, mask=head_ok)
     tl.store(KCache + row_kc + offs_h[:, None] * stride_kch + offs_d[None, :], kn, mask=mask)
     tl.store(VCache + row_vc + offs_h[:, None] * stride_vch + offs_d[None, :], vn, mask=mask)
 
 
 @triton.jit
 def _decode_split_kv(
-    Q, KCache, VCache, CacheSeqlens, BlockTable, Alibi,
+    Q, KCache, VCache, CacheSeqlens, BlockTable, Alibi, KScale, VScale,
     Out, Lse,                                 # final out [B, Sq, Hq, D], lse [B, Hq, Sq] (when not SPLIT)
     OutPart, LsePart,                         # partials [B, Hq, Sq, splits, D], [B, Hq, Sq, splits] fp32
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,          # k cache: dim 0 is the batch (contiguous) or the page (paged)
     stride_vb, stride_vs, stride_vh,
+    stride_ksb, stride_kss, stride_ksh,       # k_scale (quantized caches): the cache's dims without D
+    stride_vsb, stride_vss, stride_vsh,
     stride_cs,                                # cache_seqlens [B]
     stride_btb, stride_btp,                   # block_table [B, max_pages]
     stride_ab, stride_ah,                     # alibi slopes [Hq] (stride_ab = 0) or [B, Hq]
@@ -114,6 +212,8 @@ def _decode_split_kv(
     SPLIT: tl.constexpr,                      # write partials (num_splits > 1) or the final result
     UPCAST: tl.constexpr,                     # interpreter only: bf16 -> fp32 right after loads
     M_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    KV_QUANT: tl.constexpr = 0,               # cache format: 0 16-bit (q's dtype), 1 int8, 2 fp8 e4m3 (+ scales)
+    FP8_HW: tl.constexpr = False,             # fp8 conversions by cvt (sm_90+), else the integer conversion
 ):
     pid = tl.program_id(0)                    # (b, h_kv, M-block), M-block fastest
     split = tl.program_id(1)
@@ -162,19 +262,22 @@ def _decode_split_kv(
             page = tl.load(BlockTable + b.to(tl.int64) * stride_btb + (cols // page_size) * stride_btp, mask=col_ok,
                            other=-1)
             col_ok = col_ok & (page >= 0) & (page < num_pages)
-            slot = (cols % page_size).to(tl.int64)
-            k_row = page.to(tl.int64) * stride_kb + slot * stride_ks
-            v_row = page.to(tl.int64) * stride_vb + slot * stride_vs
+            outer, slot = page.to(tl.int64), (cols % page_size).to(tl.int64)
         else:
-            k_row = b.to(tl.int64) * stride_kb + cols.to(tl.int64) * stride_ks
-            v_row = b.to(tl.int64) * stride_vb + cols.to(tl.int64) * stride_vs
+            outer, slot = b.to(tl.int64), cols.to(tl.int64)
+        k_row = outer * stride_kb + slot * stride_ks
+        v_row = outer * stride_vb + slot * stride_vs
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k_ptrs = KCache + k_row[:, None] + k_head + offs_d[None, :]
         v_ptrs = VCache + v_row[:, None] + v_head + offs_d[None, :]
-        if ALIGNED:
-            k_ptrs = tl.max_contiguous(tl.multiple_of(k_ptrs, [1, 16]), [1, 8])
-            v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 16]), [1, 8])
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        if ALIGNED:   # 16 bytes: 8 16-bit or 16 8-bit elements
+            k_ptrs = tl.max_contiguous(tl.multiple_of(k_ptrs, [1, 16]), [1, 16 if KV_QUANT != 0 else 8])
+            v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 16]), [1, 16 if KV_QUANT != 0 else 8])
+        k = tl.load(k_ptrs, mask=kv_mask, other=0)
+        if KV_QUANT != 0:   # dequantize in registers: x * scale rounded to q's dtype, as the cache would hold it
+            k_sc = tl.load(KScale + outer * stride_ksb + slot * stride_kss + h_kv * stride_ksh, mask=col_ok,
+                           other=0.0)
+            k = _dequant(k, k_sc, KV_QUANT, FP8_HW).to(Q.dtype.element_ty)
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale                     # (BLOCK_M, BLOCK_N), log2 units
@@ -193,10 +296,14 @@ def _decode_split_kv(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0)
+        if KV_QUANT != 0:
+            v_sc = tl.load(VScale + outer * stride_vsb + slot * stride_vss + h_kv * stride_vsh, mask=col_ok,
+                           other=0.0)
+            v = _dequant(v, v_sc, KV_QUANT, FP8_HW).to(Q.dtype.element_ty)
         if UPCAST:
             v = v.to(tl.float32)
-        acc = tl.dot(p.to(VCache.dtype.element_ty).to(v.dtype), v, acc * alpha[:, None])   # p rounded as on a GPU
+        acc = tl.dot(p.to(Q.dtype.element_ty).to(v.dtype), v, acc * alpha[:, None])   # p rounded as on a GPU
         m_i = m_new
 
     empty_row = l_i == 0.0
@@ -277,19 +384,61 @@ def pick_num_splits(batch, hkv, m_blocks, capacity, block_n, num_sms):
 # ---------------------------------------------------------------------------------------------
 
 def _aligned(head_dim, *caches):
-    """True when every cache row (head_dim contiguous halves) starts on 16 bytes: 128-bit loads are safe."""
-    return head_dim % 8 == 0 and all(c.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in c.stride()[:-1])
-                                     for c in caches)
+    """True when every cache row (head_dim contiguous elements) starts on 16 bytes: 128-bit loads are safe."""
+    per = 16 // caches[0].element_size()
+    return head_dim % per == 0 and all(c.data_ptr() % 16 == 0 and all(st % per == 0 for st in c.stride()[:-1])
+                                       for c in caches)
+
+
+_CAPABILITY = {}
+
+
+def _fp8_hw(device):
+    """Whether fp8 conversions use Triton's fp8e4nv casts: sm_90+ on a GPU (cvt.rn.satfinite.e4m3x2.f32, exact),
+    FP8_CONVERSION under the interpreter."""
+    if device.type != "cuda":
+        if FP8_CONVERSION not in ("hw", "sw"):
+            raise ValueError(f"triton_kernels.decode.FP8_CONVERSION must be 'hw' or 'sw', got {FP8_CONVERSION!r}")
+        return FP8_CONVERSION == "hw"
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx] >= (9, 0)
+
+
+def _check_scales(k_cache, v_cache, k_scale, v_scale):
+    """KV_QUANT of the caches (0, 1, 2); scales fp32 [dims of the cache without D] of a quantized cache."""
+    quant = KV_FORMATS.get(k_cache.dtype, 0)
+    if quant == 0:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale / v_scale are only for int8 / float8_e4m3fn caches, got a {k_cache.dtype} cache")
+        return 0
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache must have k_cache's dtype {k_cache.dtype}, got {v_cache.dtype}")
+    for name, sc, cache in (("k_scale", k_scale, k_cache), ("v_scale", v_scale, v_cache)):
+        if sc is None:
+            raise ValueError(f"{name} is required with a {k_cache.dtype} cache")
+        if sc.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {sc.dtype}")
+        if tuple(sc.shape) != tuple(cache.shape[:-1]) or sc.device != cache.device:
+            raise ValueError(f"{name} must have shape {tuple(cache.shape[:-1])} on {cache.device}, got "
+                             f"{tuple(sc.shape)} on {sc.device}")
+    return quant
 
 
 def decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, softmax_scale, window_left,
-           window_right, softcap, num_splits):
+           window_right, softcap, num_splits, k_scale=None, v_scale=None):
     """(out [B, Sq, Hq, D], lse [B, Hq, Sq] fp32, natural log); appends k / v into the caches first when given.
 
     window_left / window_right: -1 unbounded (causal is window_right = 0); softcap 0 = off; num_splits 0 picks
-    a count from the shapes and the SM count."""
+    a count from the shapes and the SM count. k_scale / v_scale: the fp32 scales of an int8 / float8_e4m3fn
+    cache (the cache's shape without D), written with the quantized appends."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q must be float16 or bfloat16 for the triton decode kernel, got {q.dtype}")
+    quant = _check_scales(k_cache, v_cache, k_scale, v_scale)
+    fp8_hw = quant == 2 and _fp8_hw(q.device)
+    if quant == 2:   # fp8 bits as uint8: the kernels convert them (Triton has no fp8e4nv below sm_89)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     batch, sq, hq, d = q.shape
     hkv = k_cache.shape[2]
     group = hq // hkv
@@ -306,19 +455,23 @@ def decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, 
     bt = block_table if paged else cache_seqlens                   # placeholder pointer when not paged
     bt_strides = (block_table.stride(0), block_table.stride(1)) if paged else (0, 0)
     num_pages = k_cache.shape[0]
+    out = empty((batch, sq, hq, d), q.dtype, dev)
+    lse = empty((batch, hq, sq), torch.float32, dev)
+    if quant:
+        scales, scale_strides = (k_scale, v_scale), (*k_scale.stride(), *v_scale.stride())
+    else:
+        scales, scale_strides = (lse, lse), (0,) * 6               # placeholder pointers, never read
 
     if k is not None:
         block_h = min(triton.next_power_of_2(hkv), max(1, 4096 // block_d))
         _decode_append[(batch * sq, triton.cdiv(hkv, block_h))](
-            k, v, k_cache, v_cache, cache_seqlens, bt,
+            k, v, k_cache, v_cache, cache_seqlens, bt, *scales,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cache_seqlens.stride(0), *bt_strides,
-            sq, hkv, d, capacity, page_size, num_pages,
-            PAGED=paged, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides, cache_seqlens.stride(0),
+            *bt_strides, sq, hkv, d, capacity, page_size, num_pages,
+            PAGED=paged, BLOCK_H=block_h, BLOCK_D=block_d, KV_QUANT=quant, FP8_HW=fp8_hw, num_warps=4)
 
-    out = empty((batch, sq, hq, d), q.dtype, dev)
-    lse = empty((batch, hq, sq), torch.float32, dev)
     split = num_splits > 1
     if split:
         out_part = empty((batch, hq, sq, num_splits, d), torch.float32, dev)
@@ -331,17 +484,18 @@ def decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, 
     has_softcap = softcap > 0
     qk_scale = softmax_scale if has_softcap else softmax_scale * LOG2E
     _decode_split_kv[(batch * hkv * m_blocks, num_splits)](
-        q, k_cache, v_cache, cache_seqlens, bt, alibi, out, lse, out_part, lse_part,
+        q, k_cache, v_cache, cache_seqlens, bt, alibi, *scales, out, lse, out_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cache_seqlens.stride(0), *bt_strides,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides, cache_seqlens.stride(0),
+        *bt_strides,
         stride_ab, stride_ah, out.stride(0), out.stride(1), out.stride(2),
         qk_scale, softcap if has_softcap else 1.0, max(window_left, 0), max(window_right, 0),
         sq, hkv, group, sq if k is not None else 0, capacity, page_size, num_pages, num_splits,
         HEAD_DIM=d, PAGED=paged, MASK_LEFT=window_left >= 0, MASK_RIGHT=window_right >= 0,
         HAS_SOFTCAP=has_softcap, HAS_ALIBI=alibi_slopes is not None, ALIGNED=_aligned(d, k_cache, v_cache),
         SPLIT=split, UPCAST=upcast,
-        M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, KV_QUANT=quant, FP8_HW=fp8_hw,
         num_warps=num_warps, num_stages=num_stages)
     if split:
         _decode_combine[(batch * hq * sq,)](
@@ -355,12 +509,18 @@ def decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, 
 # Shipped configurations for the static report (benchmarks/kernel_report.py)
 # ---------------------------------------------------------------------------------------------
 
-def _split_signature(dtype, paged):
+_CACHE_PTR = {0: None, 1: "*i8", 2: "*u8"}    # the cache pointer type per KV_QUANT (None: q's dtype)
+
+
+def _split_signature(dtype, paged, quant=0):
     t = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    sig = {"Q": f"*{t}", "KCache": f"*{t}", "VCache": f"*{t}", "CacheSeqlens": "*i32", "BlockTable": "*i32",
-           "Alibi": "*fp32", "Out": f"*{t}", "Lse": "*fp32", "OutPart": "*fp32", "LsePart": "*fp32"}
+    kv = _CACHE_PTR[quant] or f"*{t}"
+    sig = {"Q": f"*{t}", "KCache": kv, "VCache": kv, "CacheSeqlens": "*i32", "BlockTable": "*i32",
+           "Alibi": "*fp32", "KScale": "*fp32", "VScale": "*fp32", "Out": f"*{t}", "Lse": "*fp32",
+           "OutPart": "*fp32", "LsePart": "*fp32"}
     for name in ("stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb",
-                 "stride_vs", "stride_vh", "stride_cs", "stride_btb", "stride_btp", "stride_ab", "stride_ah",
+                 "stride_vs", "stride_vh", "stride_ksb", "stride_kss", "stride_ksh", "stride_vsb", "stride_vss",
+                 "stride_vsh", "stride_cs", "stride_btb", "stride_btp", "stride_ab", "stride_ah",
                  "stride_ob", "stride_os", "stride_oh"):
         sig[name] = "i32"
     sig.update(qk_scale="fp32", softcap="fp32")
@@ -368,13 +528,24 @@ def _split_signature(dtype, paged):
                  "num_pages", "num_splits"):
         sig[name] = "i32"
     for name in ("HEAD_DIM", "PAGED", "MASK_LEFT", "MASK_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "ALIGNED", "SPLIT",
-                 "UPCAST", "M_BLOCKS", "BLOCK_M", "BLOCK_N", "BLOCK_D"):
+                 "UPCAST", "M_BLOCKS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "KV_QUANT", "FP8_HW"):
         sig[name] = "constexpr"
     return sig
 
 
+def _quant_variants(quant):
+    """(name suffix, FP8_HW, archs) of a cache format: fp8 converts by cvt on sm_90 and in software on sm_80."""
+    if quant == 2:
+        return [(" fp8-sw", False, (80,)), (" fp8-hw", True, (90,))]
+    return [(" int8", False, (80, 90))] if quant == 1 else [("", False, (80, 90))]
+
+
 def aot_configs():
-    """Split kernel for D in {64, 128, 256, 80} x group sizes x paged/contiguous, plus append and combine."""
+    """Split kernel for D in {64, 128, 256, 80} x group sizes x paged/contiguous, the 8-bit caches (int8, fp8
+    e4m3: software conversions on sm_80, cvt on sm_90) at the decode shapes that matter, plus append (16-bit
+    and quantizing) and combine. Interpreter byte counts (tests/test_kv_quant.py): an int8 / fp8 cache makes
+    the split kernel load 0.52x the bytes of a 16-bit one at D 128, group 8, 4k tokens (8 bits per element
+    plus a 4-byte scale per token and head)."""
     cfgs = []
     cases = [(128, 8, 1, torch.bfloat16, paged, True) for paged in (False, True)]
     cases += [(128, 1, 1, torch.float16, False, False), (128, 16, 4, torch.bfloat16, True, True),
@@ -385,7 +556,7 @@ def aot_configs():
         block_m, m_blocks, block_n, block_d, warps, stages = _blocks(d, group, sq)
         consts = dict(HEAD_DIM=d, PAGED=paged, MASK_LEFT=False, MASK_RIGHT=True, HAS_SOFTCAP=False,
                       HAS_ALIBI=False, ALIGNED=d % 8 == 0, SPLIT=split, UPCAST=False, M_BLOCKS=m_blocks,
-                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, KV_QUANT=0, FP8_HW=False)
         name = (f"decode_split_kv d{d} g{group} sq{sq} {str(dtype)[6:]} {'paged' if paged else 'contig'}"
                 f"{' split' if split else ''} M{block_m}xN{block_n}")
         cfgs.append(AotConfig(name=name, kernel=_decode_split_kv, signature=_split_signature(dtype, paged),
@@ -394,10 +565,26 @@ def aot_configs():
     block_m, m_blocks, block_n, block_d, warps, stages = _blocks(256, 8, 4)
     consts = dict(HEAD_DIM=256, PAGED=True, MASK_LEFT=True, MASK_RIGHT=True, HAS_SOFTCAP=True,
                   HAS_ALIBI=True, ALIGNED=True, SPLIT=True, UPCAST=False, M_BLOCKS=m_blocks,
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, KV_QUANT=0, FP8_HW=False)
     cfgs.append(AotConfig(name=f"decode_split_kv d256 g8 sq4 bf16 paged all-features M{block_m}xN{block_n}",
                           kernel=_decode_split_kv, signature=_split_signature(torch.bfloat16, True),
                           constexprs=consts, num_warps=warps, num_stages=stages))
+    # 8-bit caches: the long-context decode shapes (group 8, D 128 paged), a CUDA-core-like small group, D 256
+    for quant in (1, 2):
+        for d, group, sq, dtype, paged, split in ((128, 8, 1, torch.bfloat16, True, True),
+                                                  (128, 8, 4, torch.float16, False, False),
+                                                  (64, 1, 1, torch.float16, True, True),
+                                                  (256, 8, 1, torch.bfloat16, True, True)):
+            block_m, m_blocks, block_n, block_d, warps, stages = _blocks(d, group, sq)
+            for suffix, hw, archs in _quant_variants(quant):
+                consts = dict(HEAD_DIM=d, PAGED=paged, MASK_LEFT=False, MASK_RIGHT=True, HAS_SOFTCAP=False,
+                              HAS_ALIBI=False, ALIGNED=d % 16 == 0, SPLIT=split, UPCAST=False, M_BLOCKS=m_blocks,
+                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, KV_QUANT=quant, FP8_HW=hw)
+                name = (f"decode_split_kv d{d} g{group} sq{sq} {str(dtype)[6:]} {'paged' if paged else 'contig'}"
+                        f"{' split' if split else ''}{suffix} M{block_m}xN{block_n}")
+                cfgs.append(AotConfig(name=name, kernel=_decode_split_kv,
+                                      signature=_split_signature(dtype, paged, quant), constexprs=consts,
+                                      num_warps=warps, num_stages=stages, archs=archs))
     for d, dtype in ((128, torch.bfloat16), (256, torch.float16)):
         t = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
         sig = {"OutPart": "*fp32", "LsePart": "*fp32", "Out": f"*{t}", "Lse": "*fp32", "stride_ob": "i32",
@@ -406,15 +593,20 @@ def aot_configs():
         cfgs.append(AotConfig(name=f"decode_combine d{d} {t} S<={MAX_SPLITS}", kernel=_decode_combine,
                               signature=sig, constexprs=dict(BLOCK_S=MAX_SPLITS, BLOCK_D=d), num_warps=1,
                               num_stages=1))
-    for paged in (False, True):
-        sig = {"K": "*bf16", "V": "*bf16", "KCache": "*bf16", "VCache": "*bf16", "CacheSeqlens": "*i32",
-               "BlockTable": "*i32"}
+    for paged, quant in ((False, 0), (True, 0), (True, 1), (True, 2)):
+        kv = _CACHE_PTR[quant] or "*bf16"
+        sig = {"K": "*bf16", "V": "*bf16", "KCache": kv, "VCache": kv, "CacheSeqlens": "*i32",
+               "BlockTable": "*i32", "KScale": "*fp32", "VScale": "*fp32"}
         for name in ("stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_kcb",
-                     "stride_kcs", "stride_kch", "stride_vcb", "stride_vcs", "stride_vch", "stride_cs", "stride_btb",
+                     "stride_kcs", "stride_kch", "stride_vcb", "stride_vcs", "stride_vch", "stride_ksb", "stride_kss",
+                     "stride_ksh", "stride_vsb", "stride_vss", "stride_vsh", "stride_cs", "stride_btb",
                      "stride_btp", "Sq", "Hkv", "D", "capacity", "page_size", "num_pages"):
             sig[name] = "i32"
-        sig.update(PAGED="constexpr", BLOCK_H="constexpr", BLOCK_D="constexpr")
-        cfgs.append(AotConfig(name=f"decode_append d128 {'paged' if paged else 'contig'}", kernel=_decode_append,
-                              signature=sig, constexprs=dict(PAGED=paged, BLOCK_H=8, BLOCK_D=128), num_warps=4,
-                              num_stages=1))
+        sig.update(PAGED="constexpr", BLOCK_H="constexpr", BLOCK_D="constexpr", KV_QUANT="constexpr",
+                   FP8_HW="constexpr")
+        for suffix, hw, archs in _quant_variants(quant):
+            cfgs.append(AotConfig(name=f"decode_append d128 {'paged' if paged else 'contig'}{suffix}",
+                                  kernel=_decode_append, signature=sig,
+                                  constexprs=dict(PAGED=paged, BLOCK_H=8, BLOCK_D=128, KV_QUANT=quant, FP8_HW=hw),
+                                  num_warps=4, num_stages=1, archs=archs))
     return cfgs

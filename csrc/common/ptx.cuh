@@ -82,6 +82,67 @@ TF_DEVICE float rcp_approx(float x) {
 #endif
 }
 
+// a / b rounded to nearest even (IEEE, div.rn.f32: no flush to zero, unaffected by --use_fast_math, which
+// turns the / operator into an approximate division); exact division when emulated.
+TF_DEVICE float div_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+#else
+  return a / b;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp8 e4m3 (OCP e4m3fn: bias 7, no infinities, 0x7F / 0xFF NaN, largest 448) <-> fp32. sm_89+: cvt;
+// sm_80 and the emulator: the integer conversions below, bit for bit the same results.
+// ---------------------------------------------------------------------------------------------
+
+// The value of e4m3 bits b (exact): e == 0 -> m * 2^-9 (subnormal), else 2^(e - 7) * (1 + m / 8).
+TF_DEVICE float e4m3_to_float_sw(uint32_t b) {
+  const uint32_t e = (b >> 3) & 15u, m = b & 7u;
+  float mag = e == 0 ? float(m) * 0.001953125f : __int_as_float(int(((e + 120u) << 23) | (m << 20)));
+  if ((b & 0x7Fu) == 0x7Fu) mag = __int_as_float(0x7FC00000);
+  return (b & 0x80u) ? -mag : mag;
+}
+
+// e4m3 bits of x rounded to nearest even, saturated to +-448 (as cvt.rn.satfinite.e4m3x2.f32; x finite): below
+// 2^-6 a subnormal rint(|x| * 512) (8 being the smallest normal), above, the fp32 bits rounded to 3 mantissa
+// bits (a carry moves to the next binade) with the exponent re-biased 127 -> 7.
+TF_DEVICE uint32_t float_to_e4m3_sw(float x) {
+  const uint32_t bits = uint32_t(__float_as_int(x)), ab = bits & 0x7FFFFFFFu;
+  uint32_t code;
+  if (ab < 0x3C800000u) code = uint32_t(rintf(__int_as_float(int(ab)) * 512.f));   // |x| < 2^-6
+  else code = ((ab + 0x7FFFFu + ((ab >> 20) & 1u)) >> 20) - (120u << 3);
+  code = code < 0x7Eu ? code : 0x7Eu;
+  return code | ((bits >> 24) & 0x80u);
+}
+
+// Two e4m3 values (bits 0-7 and 8-15 of v) as fp32 (exact).
+TF_DEVICE float2 e4m3x2_to_float2(uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint32_t h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(static_cast<unsigned short>(v & 0xFFFFu)));
+  __half2 h;
+  std::memcpy(static_cast<void*>(&h), &h2, 4);
+  return __half22float2(h);
+#else
+  return make_float2(e4m3_to_float_sw(v & 0xFFu), e4m3_to_float_sw((v >> 8) & 0xFFu));
+#endif
+}
+
+// e4m3 bits of lo (bits 0-7) and hi (bits 8-15), rounded to nearest even and saturated (lo, hi finite).
+TF_DEVICE uint32_t float2_to_e4m3x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  return float_to_e4m3_sw(lo) | (float_to_e4m3_sw(hi) << 8);
+#endif
+}
+
 #ifndef TILEFORMER_EMULATE
 TF_DEVICE uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 #endif

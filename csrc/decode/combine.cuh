@@ -4,6 +4,8 @@
 //                          (through the block table when paged); positions outside [0, capacity) and pages
 //                          outside [0, num_pages) are dropped (they cannot be checked on the host without a
 //                          sync; validate=True does).
+//   decode_append_quant_kernel  the same for an int8 / fp8 e4m3 cache: one warp per (token, KV head) quantizes
+//                          the row (transformer.reference.quantize_kv, bit for bit) and writes values and scale.
 //   decode_combine_kernel  merges the split partials of one (b, query head, query) row per warp: reads the
 //                          split log-sum-exps, then every partial output exactly once (float4), in split order
 //                          (deterministic): out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max).
@@ -37,6 +39,70 @@ __global__ void __launch_bounds__(kThreads) decode_append_kernel(AppendParams p)
   for (int d = threadIdx.x; d < p.head_dim; d += kThreads) {
     kc[d] = k[d];
     vc[d] = v[d];
+  }
+}
+
+// Grid (B * Sq, ceil(Hkv / 4)); warp w of block y serves KV head 4 y + w, lane l elements 8 l .. 8 l + 7 (D <= 256).
+// scale = amax / qmax (div.rn), 1 where 0; value = x / scale (div.rn) clamped to +-qmax, rounded to nearest even.
+// The early returns are warp-uniform (position, page, head): the shuffles see whole warps.
+template <typename T, int KV>
+__global__ void __launch_bounds__(kThreads) decode_append_quant_kernel(AppendParams p) {
+  constexpr float kQmax = KV == int(KvFormat::int8) ? 127.f : 448.f;
+  const int b = blockIdx.x / p.sq, s = blockIdx.x % p.sq;
+  const int h = blockIdx.y * (kThreads / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (h >= p.hkv) return;
+  const int64_t pos64 = int64_t(p.cache_seqlens[b]) + s;   // any int32 value: no overflow
+  if (pos64 < 0 || pos64 >= p.capacity) return;
+  const int pos = int(pos64);
+  int64_t page = b, slot = pos;
+  if (p.block_table) {
+    const int id = p.block_table[int64_t(b) * p.stride_btb + pos / p.page_size];
+    if (unsigned(id) >= unsigned(p.num_pages)) return;   // a page id outside [0, num_pages): dropped
+    page = id;
+    slot = pos % p.page_size;
+  }
+#pragma unroll 1
+  for (int which = 0; which < 2; ++which) {   // k, then v
+    const gptr<const T> src = which == 0
+        ? gcast<const T>(p.k) + int64_t(b) * p.stride_kb + int64_t(s) * p.stride_ks + int64_t(h) * p.stride_kh
+        : gcast<const T>(p.v) + int64_t(b) * p.stride_vb + int64_t(s) * p.stride_vs + int64_t(h) * p.stride_vh;
+    const gptr<uint8_t> dst = which == 0
+        ? gcast<uint8_t>(p.k_cache) + page * p.stride_kcb + slot * p.stride_kcs + int64_t(h) * p.stride_kch
+        : gcast<uint8_t>(p.v_cache) + page * p.stride_vcb + slot * p.stride_vcs + int64_t(h) * p.stride_vch;
+    float x[8];
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int d = lane * 8 + e;
+      x[e] = d < p.head_dim ? to_float(src[d]) : 0.f;
+      amax = fmaxf(amax, fabsf(x[e]));
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, off));
+    float scale = ptx::div_rn(amax, kQmax);
+    scale = scale == 0.f ? 1.f : scale;
+    float y[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) y[e] = fminf(fmaxf(ptx::div_rn(x[e], scale), -kQmax), kQmax);
+    uint32_t q[8];
+#pragma unroll
+    for (int e = 0; e < 8; e += 2) {
+      if constexpr (KV == int(KvFormat::int8)) {
+        q[e] = uint32_t(int(rintf(y[e]))) & 0xFFu;
+        q[e + 1] = uint32_t(int(rintf(y[e + 1]))) & 0xFFu;
+      } else {
+        const uint32_t two = ptx::float2_to_e4m3x2(y[e], y[e + 1]);
+        q[e] = two & 0xFFu;
+        q[e + 1] = two >> 8;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      if (lane * 8 + e < p.head_dim) dst[lane * 8 + e] = uint8_t(q[e]);
+    if (lane == 0) {
+      if (which == 0) p.k_scale[page * p.stride_ksb + slot * p.stride_kss + int64_t(h) * p.stride_ksh] = scale;
+      else p.v_scale[page * p.stride_vsb + slot * p.stride_vss + int64_t(h) * p.stride_vsh] = scale;
+    }
   }
 }
 

@@ -5,7 +5,11 @@
 //   KvPipe                   the K/V tile pipeline: page-table lookups one tile ahead into a small ring,
 //                            16-byte cp.async copies (zero-filled past the range and for invalid pages) in
 //                            kStages stages, and per tile a 64-bit mask of its keys that are visible at all
-//                            (inside the block's range, on a valid page)
+//                            (inside the block's range, on a valid page). Quantized caches (KV != 0): the
+//                            stages hold the 8-bit rows, the ring also the rows' K and V scales (loaded with
+//                            the page ids), and dequant(t) turns tile t into one 16-bit K and V tile of q's
+//                            dtype (x * scale, rounded once), which the kernels read as they read a 16-bit
+//                            cache's tiles
 //   RowInfo / score()        per query row: position, ALiBi slope; score transform and visibility
 //   merge_and_store()        merges the per-warp (or per-lane-group) partial softmax states through shared
 //                            memory and writes out/lse, or the split partials for the combine kernel
@@ -13,6 +17,8 @@
 // Scores live in log2 units: s2 = q.k * scale * log2(e) (or softcap * log2(e) * tanh(q.k * scale / softcap)),
 // minus slope * log2(e) * |q_pos - key| with ALiBi, so every exponential is one ex2.
 #pragma once
+
+#include <type_traits>
 
 #include "common/device.cuh"
 #include "common/ptx.cuh"
@@ -36,24 +42,37 @@ struct TileConfig {
   static constexpr int kMaxWarpsM = D_PAD <= 128 ? 4 : 2;  // tensor-core kernel: at most 16 * this rows per block
 };
 
-// Dynamic shared memory: K stages | V stages | Q tile (tensor-core kernel) | row ring | (m, l) of partials |
-// key masks. After the main loop the K/V stages are reused as the fp32 merge buffer [parts][rows][D_PAD].
-template <int D_PAD>
+// Dynamic shared memory: K stages | V stages | (quantized: 8-bit K stages | 8-bit V stages) | Q tile (tensor-core
+// kernel) | row ring | (quantized: scale ring) | (m, l) of partials | key masks. A 16-bit cache has kStages
+// 16-bit K/V stages, a quantized one a single 16-bit K/V tile (the dequantized tile being computed on) and
+// kStages 8-bit stages. After the main loop the K/V region (up to the Q tile) is reused as the fp32 merge
+// buffer [parts][rows][D_PAD].
+template <int D_PAD, int KV = 0>
 struct SmemLayout {
   using Cfg = TileConfig<D_PAD>;
+  static constexpr bool kQuant = KV != 0;
+  static constexpr int kRawRow = D_PAD + 16;             // 8-bit stage row pitch (bytes): +16 B as kRow
   static constexpr size_t kStageBytes = size_t(Cfg::kBlockN) * Cfg::kRow * 2;
+  static constexpr size_t kRawStageBytes = size_t(Cfg::kBlockN) * kRawRow;
+  static constexpr int kTiles = kQuant ? 1 : Cfg::kStages;   // 16-bit K (and V) tiles
   static constexpr size_t kK = 0;
-  static constexpr size_t kV = kK + Cfg::kStages * kStageBytes;
-  static constexpr size_t kQ = kV + Cfg::kStages * kStageBytes;
+  static constexpr size_t kV = kK + kTiles * kStageBytes;
+  static constexpr size_t kKRaw = kV + kTiles * kStageBytes;
+  static constexpr size_t kVRaw = kKRaw + (kQuant ? Cfg::kStages * kRawStageBytes : 0);
+  static constexpr size_t kQ = kVRaw + (kQuant ? Cfg::kStages * kRawStageBytes : 0);
   static constexpr int kMlFloats = 2 * 64;  // parts * rows <= 64 in both kernels
   static constexpr int kMaskSlots = 4;      // key masks of tiles t & 3: >= kStages + 1 (see run_pipeline)
   static_assert(kMaskSlots >= Cfg::kStages + 1 && (kMaskSlots & (kMaskSlots - 1)) == 0 && Cfg::kBlockN == 64,
                 "one 64-bit key mask per tile, a power-of-two ring of them");
   TF_HOST_DEVICE static size_t ring(int q_rows) { return kQ + size_t(q_rows) * Cfg::kRow * 2; }
-  TF_HOST_DEVICE static size_t ml(int q_rows) { return ring(q_rows) + size_t(Cfg::kStages) * Cfg::kBlockN * 8; }
+  TF_HOST_DEVICE static size_t scales(int q_rows) { return ring(q_rows) + size_t(Cfg::kStages) * Cfg::kBlockN * 8; }
+  TF_HOST_DEVICE static size_t ml(int q_rows) {
+    return scales(q_rows) + (kQuant ? size_t(Cfg::kStages) * Cfg::kBlockN * 8 : 0);
+  }
   TF_HOST_DEVICE static size_t masks(int q_rows) { return ml(q_rows) + kMlFloats * 4; }
   TF_HOST_DEVICE static size_t bytes(int q_rows) { return masks(q_rows) + kMaskSlots * 8; }
-  static_assert(2 * Cfg::kStages * kStageBytes >= size_t(64) * D_PAD * 4, "merge buffer fits in the K/V stages");
+  static_assert(kQ >= size_t(64) * D_PAD * 4, "merge buffer fits in the K/V region");
+  static_assert(kRawStageBytes % 16 == 0 && kStageBytes % 16 == 0, "16-byte aligned stages");
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -101,56 +120,95 @@ TF_DEVICE BlockCtx block_ctx(const Params& p, int m_blocks, int rows_per_block) 
 // zero-filled, never read), so page-table loads are off the copy path and each tile's lookups happen once
 // per block, not once per chunk. Bit i of the tile's key mask (masks[t % kMaskSlots], a ballot of the
 // lookups) is set iff key i has a page: the kernels' visibility test (score()) reads it, so keys past the
-// range and keys of invalid pages are masked alike.
+// range and keys of invalid pages are masked alike. Quantized caches: the lookup also loads the key's K and V
+// scales into scale_ring (0 for a key without a page: its zero-filled row dequantizes to 0).
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int D_PAD>
+template <typename T, int D_PAD, int KV = 0>
 struct KvPipe {
   using Cfg = TileConfig<D_PAD>;
-  static constexpr int kMaskSlots = SmemLayout<D_PAD>::kMaskSlots;
-  T* ks;                 // [kStages][BLOCK_N][kRow]
+  using L = SmemLayout<D_PAD, KV>;
+  static constexpr bool kQuant = KV != 0;
+  using Elem = std::conditional_t<kQuant, uint8_t, T>;   // a cache element
+  static constexpr int kElems16 = 16 / int(sizeof(Elem));  // elements per 16-byte chunk
+  static constexpr int kChunks = D_PAD / kElems16;         // 16-byte chunks per row
+  static constexpr int kStagePitch = kQuant ? L::kRawRow : Cfg::kRow;   // stage row pitch (elements)
+  static constexpr int kMaskSlots = L::kMaskSlots;
+  T* ks;                 // 16-bit: [kStages][BLOCK_N][kRow]; quantized: the dequantized tile [BLOCK_N][kRow]
   T* vs;
+  Elem* kst;             // the stages the copies land in: ks / vs, or the 8-bit stages [kStages][BLOCK_N][kRawRow]
+  Elem* vst;
   int2* ring;            // [kStages][BLOCK_N]
+  float2* scale_ring;    // quantized: [kStages][BLOCK_N] (k scale, v scale)
   uint2* masks;          // [kMaskSlots]: 64-bit key masks (x: keys 0..31, y: keys 32..63)
-  gptr<const T> kc;      // cache + h_kv * stride_kh
-  gptr<const T> vc;
+  gptr<const Elem> kc;   // cache + h_kv * stride_kh
+  gptr<const Elem> vc;
   gptr<const int> bt_row;   // block_table[b] or null
-  int64_t skb, sks, svb, svs;
+  gptr<const float> ksc;    // quantized: k_scale + h_kv * stride_ksh
+  gptr<const float> vsc;
+  int64_t skb, sks, svb, svs, sksb, skss, svsb, svss;
   int b, start, end, page_size, num_pages, head_dim;
   bool vec;
 
+  struct Entry {
+    int2 row;      // (page or batch, slot), page -1: no row
+    float2 scale;  // quantized: (k scale, v scale) of the row, 0 without a row
+  };
+
   TF_DEVICE void init(const Params& p, const BlockCtx& c, unsigned char* smem, int q_rows) {
-    using L = SmemLayout<D_PAD>;
     ks = reinterpret_cast<T*>(smem + L::kK);
     vs = reinterpret_cast<T*>(smem + L::kV);
+    if constexpr (kQuant) {
+      kst = reinterpret_cast<Elem*>(smem + L::kKRaw);
+      vst = reinterpret_cast<Elem*>(smem + L::kVRaw);
+    } else {
+      kst = ks;
+      vst = vs;
+    }
     ring = reinterpret_cast<int2*>(smem + L::ring(q_rows));
+    scale_ring = reinterpret_cast<float2*>(smem + L::scales(q_rows));
     masks = reinterpret_cast<uint2*>(smem + L::masks(q_rows));
-    kc = gcast<const T>(p.k_cache) + int64_t(c.h_kv) * p.stride_kh;
-    vc = gcast<const T>(p.v_cache) + int64_t(c.h_kv) * p.stride_vh;
+    kc = gcast<const Elem>(p.k_cache) + int64_t(c.h_kv) * p.stride_kh;
+    vc = gcast<const Elem>(p.v_cache) + int64_t(c.h_kv) * p.stride_vh;
     bt_row = p.block_table ? p.block_table + int64_t(c.b) * p.stride_btb : nullptr;
+    if constexpr (kQuant) {
+      ksc = p.k_scale + int64_t(c.h_kv) * p.stride_ksh;
+      vsc = p.v_scale + int64_t(c.h_kv) * p.stride_vsh;
+      sksb = p.stride_ksb; skss = p.stride_kss; svsb = p.stride_vsb; svss = p.stride_vss;
+    }
     skb = p.stride_kb; sks = p.stride_ks; svb = p.stride_vb; svs = p.stride_vs;
     b = c.b; start = c.start; end = c.end; page_size = p.page_size; num_pages = p.num_pages; head_dim = p.head_dim;
     vec = p.vec_loads;
   }
 
   // (page or batch, slot) of key i of tile t; page -1 past the block's range or on a page id outside
-  // [0, num_pages). Reads block_table (a column < ceil(end / page_size)) when paged.
-  TF_DEVICE int2 lookup(int t, int i) const {
+  // [0, num_pages). Reads block_table (a column < ceil(end / page_size)) when paged, and the key's scales
+  // when quantized (only for a key with a row).
+  TF_DEVICE Entry lookup(int t, int i) const {
+    Entry e{make_int2(-1, 0), make_float2(0.f, 0.f)};
     const int key = start + t * Cfg::kBlockN + i;
-    if (key >= end) return make_int2(-1, 0);
+    if (key >= end) return e;
     if (bt_row) {
       const int page = bt_row[key / page_size];
-      return make_int2(unsigned(page) < unsigned(num_pages) ? page : -1, key % page_size);
+      e.row = make_int2(unsigned(page) < unsigned(num_pages) ? page : -1, key % page_size);
+    } else {
+      e.row = make_int2(b, key);
     }
-    return make_int2(b, key);
+    if constexpr (kQuant) {
+      if (e.row.x >= 0)
+        e.scale = make_float2(ksc[int64_t(e.row.x) * sksb + int64_t(e.row.y) * skss],
+                              vsc[int64_t(e.row.x) * svsb + int64_t(e.row.y) * svss]);
+    }
+    return e;
   }
 
   // Threads 0..BLOCK_N-1 (warps 0 and 1, whole): store key tid's entry of tile t into ring slot `slot`, and
   // the tile's key mask into masks[t % kMaskSlots].
-  TF_DEVICE void publish(int t, int slot, int2 e) {
+  TF_DEVICE void publish(int t, int slot, const Entry& e) {
     const int tid = threadIdx.x;
-    ring[slot * Cfg::kBlockN + tid] = e;
-    const unsigned m = __ballot_sync(kFullMask, e.x >= 0);
+    ring[slot * Cfg::kBlockN + tid] = e.row;
+    if constexpr (kQuant) scale_ring[slot * Cfg::kBlockN + tid] = e.scale;
+    const unsigned m = __ballot_sync(kFullMask, e.row.x >= 0);
     if (tid % 32 == 0) reinterpret_cast<unsigned*>(masks + (t & (kMaskSlots - 1)))[tid / 32] = m;
   }
 
@@ -179,29 +237,27 @@ struct KvPipe {
     if (t < ntiles) {
       const int stage = t % Cfg::kStages;
       const int2* rows = ring + stage * Cfg::kBlockN;
-      T* kd = ks + stage * Cfg::kBlockN * Cfg::kRow;
-      T* vd = vs + stage * Cfg::kBlockN * Cfg::kRow;
-      constexpr int kTotal = Cfg::kBlockN * Cfg::kChunks;
-      static_assert(kTotal % kThreads == 0, "whole chunks per thread");
+      Elem* kd = kst + stage * Cfg::kBlockN * kStagePitch;
+      Elem* vd = vst + stage * Cfg::kBlockN * kStagePitch;
+      constexpr int kTotal = Cfg::kBlockN * kChunks;
 #pragma unroll 1   // unrolled, ptxas spilled one register of the d80 CUDA-core kernel on sm_80
-      for (int it = 0; it < kTotal / kThreads; ++it) {
-        const int c = threadIdx.x + it * kThreads;
-        const int r = c / Cfg::kChunks, col = (c % Cfg::kChunks) * 8;
+      for (int c = threadIdx.x; c < kTotal; c += kThreads) {
+        const int r = c / kChunks, col = (c % kChunks) * kElems16;
         const int2 rp = rows[r];
         const bool ok = rp.x >= 0 && col < head_dim;
         const int64_t ko = ok ? int64_t(rp.x) * skb + int64_t(rp.y) * sks + col : 0;
         const int64_t vo = ok ? int64_t(rp.x) * svb + int64_t(rp.y) * svs + col : 0;
-        T* kdst = kd + r * Cfg::kRow + col;
-        T* vdst = vd + r * Cfg::kRow + col;
+        Elem* kdst = kd + r * kStagePitch + col;
+        Elem* vdst = vd + r * kStagePitch + col;
         if (vec) {
           ptx::cp_async_16_zfill(kdst, kc + ko, ok);
           ptx::cp_async_16_zfill(vdst, vc + vo, ok);
         } else {  // rows not 16-byte aligned (odd strides or head dims): element loads, zeros past the row
 #pragma unroll
-          for (int e = 0; e < 8; ++e) {
+          for (int e = 0; e < kElems16; ++e) {
             const bool in = ok && col + e < head_dim;
-            kdst[e] = in ? kc[ko + e] : from_float<T>(0.f);
-            vdst[e] = in ? vc[vo + e] : from_float<T>(0.f);
+            kdst[e] = in ? kc[ko + e] : Elem{};
+            vdst[e] = in ? vc[vo + e] : Elem{};
           }
         }
       }
@@ -209,26 +265,77 @@ struct KvPipe {
     ptx::cp_async_commit();
   }
 
-  TF_DEVICE const T* k_tile(int t) const { return ks + (t % Cfg::kStages) * Cfg::kBlockN * Cfg::kRow; }
-  TF_DEVICE const T* v_tile(int t) const { return vs + (t % Cfg::kStages) * Cfg::kBlockN * Cfg::kRow; }
+  // Quantized: the 8-bit stage of tile t (landed, every thread past a barrier) -> the 16-bit K and V tiles,
+  // x * scale rounded to T; the caller puts a barrier between this and the reads of the tiles.
+  TF_DEVICE void dequant(int t) {
+    if constexpr (kQuant) {
+      const int stage = t % Cfg::kStages;
+      const Elem* kr = kst + stage * Cfg::kBlockN * kStagePitch;
+      const Elem* vr = vst + stage * Cfg::kBlockN * kStagePitch;
+      const float2* sc = scale_ring + stage * Cfg::kBlockN;
+      constexpr int kTotal = 2 * Cfg::kBlockN * kChunks;   // 16-value chunks of K, then V
+#pragma unroll 1
+      for (int c = threadIdx.x; c < kTotal; c += kThreads) {
+        const bool is_v = c >= Cfg::kBlockN * kChunks;
+        const int cc = is_v ? c - Cfg::kBlockN * kChunks : c;
+        const int r = cc / kChunks, col = (cc % kChunks) * 16;
+        const uint4 raw = *reinterpret_cast<const uint4*>((is_v ? vr : kr) + r * kStagePitch + col);
+        const float2 s2 = sc[r];
+        const float s = is_v ? s2.y : s2.x;
+        const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+        uint32_t out[8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t two = w[i] >> (16 * h);   // bytes 2h, 2h + 1 of word i
+            float2 f;
+            if constexpr (KV == int(KvFormat::int8))
+              f = make_float2(float(int8_t(two & 0xFFu)), float(int8_t((two >> 8) & 0xFFu)));
+            else
+              f = ptx::e4m3x2_to_float2(two);
+            out[2 * i + h] = ptx::pack2<T>(f.x * s, f.y * s);
+          }
+        }
+        uint4* dst = reinterpret_cast<uint4*>((is_v ? vs : ks) + r * Cfg::kRow + col);
+        dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
+        dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
+      }
+    }
+  }
+
+  TF_DEVICE const T* k_tile(int t) const {
+    return kQuant ? ks : ks + (t % Cfg::kStages) * Cfg::kBlockN * Cfg::kRow;
+  }
+  TF_DEVICE const T* v_tile(int t) const {
+    return kQuant ? vs : vs + (t % Cfg::kStages) * Cfg::kBlockN * Cfg::kRow;
+  }
 };
 
 // The main loop of both kernels: for each tile t, wait for it, issue tile t + kStages - 1, prefetch the
-// page ids of tile t + kStages, run compute(t) on the tile, publish the prefetched ids and key mask. Ends
-// with every copy retired and a barrier, so the caller may reuse the stages. The mask of tile t + kStages
-// goes to slot (t + kStages) % kMaskSlots, which held the mask of a tile <= t - 1 (kMaskSlots >= kStages + 1):
-// every thread finished reading it before this iteration's barrier.
-template <typename T, int D_PAD, typename F>
-TF_DEVICE void run_pipeline(KvPipe<T, D_PAD>& pipe, int ntiles, F&& compute) {
+// page ids (and scales) of tile t + kStages, (quantized: dequantize tile t into the 16-bit tiles, barrier,)
+// run compute(t) on the tile, publish the prefetched entries and key mask. Ends with every copy retired and
+// a barrier, so the caller may reuse the stages. The mask of tile t + kStages goes to slot
+// (t + kStages) % kMaskSlots, which held the mask of a tile <= t - 1 (kMaskSlots >= kStages + 1): every
+// thread finished reading it before this iteration's barrier. Quantized: the first barrier also ends every
+// read of the 16-bit tiles by compute(t - 1), so dequant(t) may overwrite them; the scales of tile t in
+// ring slot t % kStages are read by dequant(t) before the second barrier, and replaced only after it.
+template <typename T, int D_PAD, int KV, typename F>
+TF_DEVICE void run_pipeline(KvPipe<T, D_PAD, KV>& pipe, int ntiles, F&& compute) {
   using Cfg = TileConfig<D_PAD>;
+  using Entry = typename KvPipe<T, D_PAD, KV>::Entry;
   const int tid = threadIdx.x;
   pipe.prologue(ntiles);
   for (int t = 0; t < ntiles; ++t) {
     ptx::cp_async_wait<Cfg::kStages - 2>();
     __syncthreads();  // tile t landed for every thread; everyone is done with tile t - 1's stage
     pipe.issue(t + Cfg::kStages - 1, ntiles);
-    int2 next = make_int2(-1, 0);
+    Entry next{make_int2(-1, 0), make_float2(0.f, 0.f)};
     if (tid < Cfg::kBlockN) next = pipe.lookup(t + Cfg::kStages, tid);
+    if constexpr (KV != 0) {
+      pipe.dequant(t);
+      __syncthreads();  // the 16-bit tiles of tile t are complete
+    }
     compute(t);
     // Slot t % kStages held tile t's rows, whose copies were issued an iteration ago: free.
     if (tid < Cfg::kBlockN) pipe.publish(t + Cfg::kStages, t % Cfg::kStages, next);

@@ -78,8 +78,23 @@ void decode_append(const AppendParams& p, cudaStream_t stream) {
   if (p.batch == 0) return;
   if (int64_t(p.batch) * p.sq > 2147483647 || p.hkv > 65535)
     throw std::invalid_argument("decode_append: B * Sq must be < 2^31 and Hkv <= 65535");
-  launch(decode_append_kernel, dim3(static_cast<unsigned>(p.batch * p.sq), static_cast<unsigned>(p.hkv)),
-         dim3(kThreads), 0, stream, p);
+  const dim3 rows(static_cast<unsigned>(p.batch * p.sq));
+  if (p.kv == KvFormat::same) {
+    launch(decode_append_kernel, dim3(rows.x, static_cast<unsigned>(p.hkv)), dim3(kThreads), 0, stream, p);
+    return;
+  }
+  if (!p.k_scale || !p.v_scale) throw std::invalid_argument("decode_append: a quantized cache needs k_scale / v_scale");
+  const dim3 grid(rows.x, static_cast<unsigned>(ceil_div(p.hkv, kThreads / 32)));   // a warp per KV head
+  const bool f16 = p.dtype == DType::f16;
+  if (p.kv == KvFormat::int8) {
+    if (f16) launch(decode_append_quant_kernel<__half, 1>, grid, dim3(kThreads), 0, stream, p);
+    else launch(decode_append_quant_kernel<__nv_bfloat16, 1>, grid, dim3(kThreads), 0, stream, p);
+  } else if (p.kv == KvFormat::fp8e4m3) {
+    if (f16) launch(decode_append_quant_kernel<__half, 2>, grid, dim3(kThreads), 0, stream, p);
+    else launch(decode_append_quant_kernel<__nv_bfloat16, 2>, grid, dim3(kThreads), 0, stream, p);
+  } else {
+    throw std::invalid_argument("decode_append: unknown KV cache format");
+  }
 }
 
 void decode_attention(const Params& p, cudaStream_t stream) {
@@ -91,6 +106,8 @@ void decode_attention(const Params& p, cudaStream_t stream) {
   if (p.page_size < 1) throw std::invalid_argument("decode_attention: page_size must be >= 1");
   if (p.num_splits > 1 && (!p.out_part || !p.lse_part))
     throw std::invalid_argument("decode_attention: num_splits > 1 needs the out_part / lse_part workspace");
+  if (p.kv != KvFormat::same && (!p.k_scale || !p.v_scale))
+    throw std::invalid_argument("decode_attention: a quantized cache needs k_scale / v_scale");
   if (p.batch == 0) return;
   switch (partial_dim(p.head_dim)) {
     case 64: launch_split_d64(p, stream); break;

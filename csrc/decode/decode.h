@@ -13,6 +13,11 @@
 //     [0, num_pages) holds no visible token (it contributes nothing, as if masked) and appends into it are
 //     dropped; block_table[b, j] is read only for j = t / page_size of a visible position t < n_b or of an
 //     appended position inside [0, capacity), never for the columns past them.
+// Quantized caches (KvFormat int8 / fp8e4m3): k_cache / v_cache hold 8-bit values and k_scale / v_scale one fp32
+// scale per (token, KV head), shaped like the cache without D; token t, head h is x[t, h, :] * scale[t, h]
+// (transformer.reference.dequantize_kv), dequantized to q's dtype in the kernel. An append quantizes the new
+// token as transformer.reference.quantize_kv (scale = amax / 127 or / 448 by IEEE division, 1 where 0; values
+// x / scale, IEEE, clamped, rounded to nearest even) and writes values and scale under the rules above.
 #pragma once
 
 #include "common/types.h"
@@ -22,6 +27,9 @@ namespace tf::decode {
 // Largest split count (the combine kernel keeps a sequence's split weights in shared memory).
 constexpr int kMaxSplits = 128;
 
+// Storage of the K/V cache: 16-bit values of q's dtype, or 8-bit values with fp32 scales per (token, KV head).
+enum class KvFormat : int { same = 0, int8 = 1, fp8e4m3 = 2 };
+
 struct AppendParams {
   gptr<const void> k;             // [B, Sq, Hkv, D] new keys
   gptr<const void> v;             // [B, Sq, Hkv, D] new values
@@ -29,14 +37,18 @@ struct AppendParams {
   gptr<void> v_cache;
   gptr<const int> cache_seqlens;  // [B]
   gptr<const int> block_table;    // [B, max_pages] or null (contiguous)
+  gptr<float> k_scale;            // quantized caches: [B, S_max, Hkv] or [num_pages, page_size, Hkv]; else null
+  gptr<float> v_scale;
   int64_t stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh;
   int64_t stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch;
+  int64_t stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh;
   int64_t stride_btb;
   int batch, sq, hkv, head_dim;
   int capacity;                   // tokens one sequence can hold (S_max, or max_pages * page_size)
   int page_size;                  // 1 when contiguous
   int num_pages;                  // paged: k_cache.shape[0] (valid page ids 0..num_pages-1)
-  DType dtype;                    // f16 or bf16
+  DType dtype;                    // of k / v: f16 or bf16
+  KvFormat kv;                    // of the caches: same (copy) or int8 / fp8e4m3 (quantize)
 };
 
 struct Params {
@@ -50,9 +62,12 @@ struct Params {
   gptr<float> lse;                // [B, Hq, Sq] natural log; -inf for rows that see no key
   gptr<float> out_part;           // [B * Hq * Sq, num_splits, partial_dim(D)] fp32 workspace (num_splits > 1)
   gptr<float> lse_part;           // [B * Hq * Sq, num_splits] fp32 workspace, log2 units (num_splits > 1)
+  gptr<const float> k_scale;      // quantized caches: as AppendParams; else null
+  gptr<const float> v_scale;
   int64_t stride_qb, stride_qs, stride_qh;
   int64_t stride_kb, stride_ks, stride_kh;   // k cache: dim 0 is the batch (contiguous) or the page (paged)
   int64_t stride_vb, stride_vs, stride_vh;
+  int64_t stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh;   // scales (quantized)
   int64_t stride_btb;
   int64_t stride_ab, stride_ah;
   int64_t stride_ob, stride_os, stride_oh;
@@ -66,7 +81,8 @@ struct Params {
   int window_right;          // -1: unbounded (causal is window_right = 0)
   int num_splits;            // >= 1 (resolve 0 with plan_num_splits first)
   bool vec_loads;            // every cache row starts on 16 bytes: 16-byte cp.async (else element loads)
-  DType dtype;               // f16 or bf16
+  DType dtype;               // of q (and of a 16-bit cache): f16 or bf16
+  KvFormat kv;               // of the caches
 };
 
 // Padded head dim of the kernel instance serving head_dim (64, 80, 96, 128 or 256): the last dim of

@@ -2,8 +2,11 @@
 // backend, and the fake, are in transformer/ops/decode.py.
 //
 //   decode_attention(q, k_cache!, v_cache!, cache_seqlens, k?, v?, block_table?, alibi_slopes?, softmax_scale,
-//                    window_left, window_right, softcap, num_splits) -> (out [B, Sq, Hq, D], lse [B, Hq, Sq])
+//                    window_left, window_right, softcap, num_splits, k_scale!?=None, v_scale!?=None)
+//       -> (out [B, Sq, Hq, D], lse [B, Hq, Sq])
 //
+// k_cache / v_cache: q's dtype, or int8 / float8_e4m3fn with fp32 k_scale / v_scale (the cache's shape without D,
+// any strides), written with the quantized appends (decode/decode.h).
 // window_* = -1 is unbounded (causal is window_right = 0); a window wider than the cache plus the new tokens
 // sees every token, so sizes are clamped to that before they are narrowed to 32 bits.
 // With k/v the new tokens are written into the caches in place first. num_splits = 0 picks a count on the host
@@ -37,10 +40,32 @@ inline void check_rank4(const at::Tensor& t, const char* name) {
 
 // 16-byte cp.async is legal when every row of the cache starts on 16 bytes.
 inline bool rows_aligned16(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || t.size(3) % 8 != 0) return false;
+  const int64_t per = 16 / int64_t(t.element_size());   // elements per 16 bytes
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || t.size(3) % per != 0) return false;
   for (int i = 0; i < 3; ++i)
-    if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
+    if (t.size(i) > 1 && t.stride(i) % per != 0) return false;
   return true;
+}
+
+inline tf::decode::KvFormat kv_format(const at::Tensor& cache) {
+  if (cache.scalar_type() == at::kChar) return tf::decode::KvFormat::int8;
+  if (cache.scalar_type() == at::kFloat8_e4m3fn) return tf::decode::KvFormat::fp8e4m3;
+  return tf::decode::KvFormat::same;
+}
+
+// The scales of a quantized cache: fp32, the cache's shape without D, on q's device; absent for a 16-bit cache.
+inline void check_scale(const std::optional<at::Tensor>& sc, const at::Tensor& cache, bool quantized, const char* name,
+                        const at::Tensor& q) {
+  if (!quantized) {
+    TORCH_CHECK_VALUE(!sc.has_value(), name, " is only for a quantized (int8 / float8_e4m3fn) cache, got a ",
+                      cache.scalar_type(), " cache");
+    return;
+  }
+  TORCH_CHECK_VALUE(sc.has_value(), name, " is required with a quantized (", cache.scalar_type(), ") cache");
+  check_device(*sc, name, &q);
+  TORCH_CHECK_TYPE(sc->scalar_type() == at::kFloat, name, " must be float32, got ", sc->scalar_type());
+  TORCH_CHECK_VALUE(sc->dim() == 3 && sc->sizes() == cache.sizes().slice(0, 3), name, " must have shape ",
+                    cache.sizes().slice(0, 3), " (the cache's without D), got ", sc->sizes());
 }
 
 constexpr int64_t kMaxCapacity = (int64_t(1) << 31) - 1024;
@@ -50,21 +75,30 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
     const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
     const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& alibi_slopes,
     double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
-    int64_t num_splits) {
+    int64_t num_splits, const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   check_device(q, "q");
   check_half(q, "q");
   check_rank4(q, "q");
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
   TORCH_CHECK_VALUE(Sq >= 1 && Sq <= 16, "q must have 1..16 queries per sequence (q.shape[1]), got ", Sq);
   TORCH_CHECK_VALUE(D >= 1 && D <= 256, "head dim (q.shape[-1]) must be in 1..256, got ", D);
+  const tf::decode::KvFormat kv = kv_format(k_cache);
+  const bool quantized = kv != tf::decode::KvFormat::same;
   for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}}) {
     check_device(*t, name, &q);
     check_rank4(*t, name);
-    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
-                     t->scalar_type());
+    if (quantized) {
+      TORCH_CHECK_TYPE(t->scalar_type() == k_cache.scalar_type(), name, " must have k_cache's dtype ",
+                       k_cache.scalar_type(), ", got ", t->scalar_type());
+    } else {
+      TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(),
+                       " (or be int8 / float8_e4m3fn with k_scale / v_scale), got ", t->scalar_type());
+    }
   }
   TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape, got ",
                     k_cache.sizes(), " and ", v_cache.sizes());
+  check_scale(k_scale, k_cache, quantized, "k_scale", q);
+  check_scale(v_scale, v_cache, quantized, "v_scale", q);
   TORCH_CHECK_VALUE(k_cache.size(3) == D, "k_cache head dim must equal q's (", D, "), got ", k_cache.size(3));
   const int64_t Hkv = k_cache.size(2);
   TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "the number of query heads (q: ", Hq,
@@ -142,7 +176,13 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
   const KernelMemory memory({{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"cache_seqlens", &lens},
                              {"k", opt(k)}, {"v", opt(v)}, {"block_table", paged ? &bt : nullptr},
                              {"alibi_slopes", opt(alibi_slopes)}, {"out", &out}, {"lse", &lse},
-                             {"out_part", &out_part}, {"lse_part", &lse_part}});
+                             {"out_part", &out_part}, {"lse_part", &lse_part}, {"k_scale", opt(k_scale)},
+                             {"v_scale", opt(v_scale)}});
+  const auto scale_strides = [&](const std::optional<at::Tensor>& sc, int64_t& sb, int64_t& ss, int64_t& sh) {
+    sb = sc ? sc->stride(0) : 0;
+    ss = sc ? sc->stride(1) : 0;
+    sh = sc ? sc->stride(2) : 0;
+  };
 
   if (k) {
     tf::decode::AppendParams a{};
@@ -157,11 +197,16 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
     a.stride_kcb = k_cache.stride(0); a.stride_kcs = k_cache.stride(1); a.stride_kch = k_cache.stride(2);
     a.stride_vcb = v_cache.stride(0); a.stride_vcs = v_cache.stride(1); a.stride_vch = v_cache.stride(2);
     a.stride_btb = paged ? bt.stride(0) : 0;
+    a.k_scale = k_scale ? k_scale->data_ptr<float>() : nullptr;
+    a.v_scale = v_scale ? v_scale->data_ptr<float>() : nullptr;
+    scale_strides(k_scale, a.stride_ksb, a.stride_kss, a.stride_ksh);
+    scale_strides(v_scale, a.stride_vsb, a.stride_vss, a.stride_vsh);
     a.batch = int(B); a.sq = int(Sq); a.hkv = int(Hkv); a.head_dim = int(D);
     a.capacity = int(capacity);
     a.page_size = int(page_size);
     a.num_pages = num_pages;
     a.dtype = dt;
+    a.kv = kv;
     tf::decode::decode_append(a, stream);
   }
 
@@ -180,6 +225,10 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
   p.stride_kb = k_cache.stride(0); p.stride_ks = k_cache.stride(1); p.stride_kh = k_cache.stride(2);
   p.stride_vb = v_cache.stride(0); p.stride_vs = v_cache.stride(1); p.stride_vh = v_cache.stride(2);
   p.stride_btb = paged ? bt.stride(0) : 0;
+  p.k_scale = k_scale ? k_scale->data_ptr<float>() : nullptr;
+  p.v_scale = v_scale ? v_scale->data_ptr<float>() : nullptr;
+  scale_strides(k_scale, p.stride_ksb, p.stride_kss, p.stride_ksh);
+  scale_strides(v_scale, p.stride_vsb, p.stride_vss, p.stride_vsh);
   p.stride_ab = alibi_slopes && alibi_slopes->dim() == 2 ? alibi_slopes->stride(0) : 0;
   p.stride_ah = alibi_slopes ? alibi_slopes->stride(-1) : 0;
   p.stride_ob = out.stride(0); p.stride_os = out.stride(1); p.stride_oh = out.stride(2);
@@ -196,6 +245,7 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
   p.num_splits = splits;
   p.vec_loads = rows_aligned16(k_cache) && rows_aligned16(v_cache);
   p.dtype = dt;
+  p.kv = kv;
   tf::decode::decode_attention(p, stream);
   return {out, lse};
 }
@@ -203,7 +253,8 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
 inline void define(torch::Library& m) {
   m.def("decode_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, "
         "Tensor? v, Tensor? block_table, Tensor? alibi_slopes, float softmax_scale, int window_left, "
-        "int window_right, float softcap, int num_splits) -> (Tensor, Tensor)");
+        "int window_right, float softcap, int num_splits, Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None) "
+        "-> (Tensor, Tensor)");
 }
 
 inline void impl(torch::Library& m) { m.impl("decode_attention", &decode_attention); }

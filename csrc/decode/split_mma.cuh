@@ -8,16 +8,17 @@
 // the fp32 accumulator [16 x D] of the warp. The WN warps sharing rows each keep their own softmax
 // state; merge_and_store() combines them at the end. K/V come through the cp.async pipeline of
 // decode/common.cuh: each tile is read from global memory once and serves every row of the block.
+// KV: the cache format (KvFormat); an 8-bit cache's tiles arrive dequantized to T (KvPipe::dequant).
 #pragma once
 
 #include "decode/common.cuh"
 
 namespace tf::decode {
 
-template <typename T, int D_PAD>
+template <typename T, int D_PAD, int KV>
 __global__ void __launch_bounds__(kThreads) decode_mma_kernel(Params p, int warps_m, int m_blocks) {
   using Cfg = TileConfig<D_PAD>;
-  using L = SmemLayout<D_PAD>;
+  using L = SmemLayout<D_PAD, KV>;
   constexpr int kRow = Cfg::kRow, kNt = D_PAD / 8, kKs = D_PAD / 16, kChunks16 = Cfg::kBlockN / 16;
   TF_DYNAMIC_SMEM(unsigned char, smem);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t4 = lane & 3;
@@ -37,7 +38,7 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(Params p, int warp
       qs[m * kRow + d] = v;
     }
   }
-  KvPipe<T, D_PAD> pipe;
+  KvPipe<T, D_PAD, KV> pipe;
   pipe.init(p, c, smem, rows_blk);
   float* ml = reinterpret_cast<float*>(smem + L::ml(rows_blk));
 

@@ -6,7 +6,8 @@
 // 8 elements of every query row of the block (pre-scaled, fp32) and of the output accumulator; q.k is a
 // sum over the group's lanes by xor shuffles, so every lane of the group sees the score and updates its
 // own slice of the online softmax. The KG groups' partial states are merged at the end by
-// merge_and_store(). K/V come through the cp.async pipeline of decode/common.cuh.
+// merge_and_store(). K/V come through the cp.async pipeline of decode/common.cuh (KV: the cache format; an
+// 8-bit cache's tiles arrive dequantized to T).
 #pragma once
 
 #include "decode/common.cuh"
@@ -25,10 +26,10 @@ TF_DEVICE void load8(const T* src, float (&v)[8]) {
   }
 }
 
-template <typename T, int D_PAD>
+template <typename T, int D_PAD, int KV>
 __global__ void __launch_bounds__(kThreads) decode_simt_kernel(Params p) {
   using Cfg = TileConfig<D_PAD>;
-  using L = SmemLayout<D_PAD>;
+  using L = SmemLayout<D_PAD, KV>;
   constexpr int R = kSimtRows, kRow = Cfg::kRow, NCH = Cfg::kChunks;
   constexpr int LG = NCH <= 8 ? 8 : (NCH <= 16 ? 16 : 32);
   constexpr int KG = kThreads / LG;                 // key groups per block
@@ -42,7 +43,7 @@ __global__ void __launch_bounds__(kThreads) decode_simt_kernel(Params p) {
   const BlockCtx c = block_ctx<Cfg::kBlockN>(p, 1, R);
   const int nrows = c.rows < R ? c.rows : R;
 
-  KvPipe<T, D_PAD> pipe;
+  KvPipe<T, D_PAD, KV> pipe;
   pipe.init(p, c, smem, 0);
   float* ml = reinterpret_cast<float*>(smem + L::ml(0));
 

@@ -14,13 +14,15 @@ from ..ops import decode as contract
 __all__ = ["decode_attention", "supports"]
 
 
-@torch.library.custom_op("tileformer_triton::decode_attention", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("tileformer_triton::decode_attention",
+                         mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
               k: Optional[torch.Tensor], v: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
               alibi_slopes: Optional[torch.Tensor], softmax_scale: float, window_left: int, window_right: int,
-              softcap: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+              softcap: float, num_splits: int, k_scale: Optional[torch.Tensor] = None,
+              v_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     return kernels.decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, softmax_scale,
-                          window_left, window_right, softcap, num_splits)
+                          window_left, window_right, softcap, num_splits, k_scale, v_scale)
 
 
 contract.register("tileformer_triton")

@@ -76,8 +76,9 @@ class Attention(nn.Module):
         * x [B, N, dim] (optionally ``key_lengths`` [B]: right-padded batch, position j >= length is padding);
         * x [T, dim] packed sequences with ``cu_seqlens`` [B + 1] int32 and ``max_seqlen`` (host int);
         * either of those with ``cache`` (a KVCache) and ``layer`` to fill an empty cache (prefill), or
-          x [B, S, dim] with S <= 16 and a non-empty cache: decode step(s) through ``decode_attention``,
-          which appends the new keys/values in place. The caller advances the cache (``cache.advance``)
+          x [B, S, dim] with a non-empty cache: decode step(s) through ``decode_attention`` (S > 16: causal
+          chunks of 16 queries, chunked prefill; a quantized cache passes its scales), which appends the new
+          keys/values in place. The caller advances the cache (``cache.advance``)
           once all layers have run.
     """
 
@@ -171,8 +172,14 @@ class Attention(nn.Module):
             raise ValueError(f"x has batch {b} but the cache holds {cache.batch_size} sequences")
         positions = cache.seqlens.long()[:, None] + torch.arange(s, device=q.device)      # (B, S)
         q, k = self._rotate(q, k, positions)
-        out = decode_attention(q, cache.k[layer], cache.v[layer], cache.seqlens, k=k, v=v,
-                               block_table=cache.block_table, causal=self.causal, **self._kw())
+        # Causal: queries i.. of a chunk see the cache, the earlier chunks (appended by then) and their own
+        # chunk up to themselves, as in one call; decode_attention takes at most MAX_DECODE_QUERIES queries.
+        step = _checks.MAX_DECODE_QUERIES if self.causal else s
+        outs = [decode_attention(q[:, i:i + step], cache.k[layer], cache.v[layer], cache.seqlens + i,
+                                 k=k[:, i:i + step], v=v[:, i:i + step], block_table=cache.block_table,
+                                 causal=self.causal, **cache.scales(layer), **self._kw())
+                for i in range(0, s, step)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return self.wo(out.flatten(-2))
 
     def extra_repr(self):
