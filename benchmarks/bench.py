@@ -39,6 +39,7 @@ class Measurement:
     speedup_vs_torch: Optional[float] = None
     speedup_vs_peer: Optional[float] = None
     best_peer: str = ""
+    speedup_vs_16bit_cache: Optional[float] = None   # decode over a quantized cache: time of the 16-bit twin / this
 
     @property
     def ok(self):
@@ -137,6 +138,18 @@ def add_speedups(ms):
             m.best_peer = best.provider
 
 
+def add_kv_speedups(results):
+    """Decode over an int8 / fp8 cache (a case with "kv"): speed-up over the same provider on the same case with
+    a 16-bit cache, where both were measured in this run."""
+    plain = {(m.provider, m.case.params, m.case.dtype): m for m in results
+             if m.ok and m.case.op == "decode_attention" and "kv" not in m.case.p}
+    for m in results:
+        if m.ok and m.case.op == "decode_attention" and "kv" in m.case.p:
+            twin = plain.get((m.provider, tuple(kv for kv in m.case.params if kv[0] != "kv"), m.case.dtype))
+            if twin is not None:
+                m.speedup_vs_16bit_cache = twin.timing.median / m.timing.median
+
+
 def run_case(case: Case, provs, device, *, seed=0, cpu_budget_s=0.4):
     """All providers on one case (inputs drawn once); returns the measurements with speed-ups."""
     try:
@@ -189,6 +202,9 @@ def metrics(m: Measurement, peak, measured=None):
         rows.append(("speedup_vs_torch", "x", m.speedup_vs_torch, None, None, ""))
     if m.speedup_vs_peer is not None:
         rows.append(("speedup_vs_best_peer", "x", m.speedup_vs_peer, None, None, m.best_peer))
+    if m.speedup_vs_16bit_cache is not None:
+        rows.append(("speedup_vs_16bit_cache", "x", m.speedup_vs_16bit_cache, None, None,
+                     f"the same case with a {c.dtype} cache"))
     return rows
 
 
@@ -254,6 +270,7 @@ def run_sweep(cases, provs, device, peak, *, out=None, deadline=None, cpu_budget
                 progress.write(format_measurement(m, peak, measured), file=out)
             results.extend(ms)
             bar.update()
+    add_kv_speedups(results)
     return results
 
 

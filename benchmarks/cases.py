@@ -5,7 +5,8 @@ the public functions: flash_attention, decode_attention, layer_norm, rms_norm. S
 
     gpu   attention Nq = Nk in 512..16k with B*N = 16k tokens, H*D = 2048, D in {64, 128}, causal on/off,
           GQA 8:1 (D = 128); decode B {1, 8, 64} x L {1k, 8k, 32k} x group {1, 4, 8} (Hq = 32, D = 128),
-          contiguous and paged (256-token pages); norms hidden 512..65536 at 16k rows
+          contiguous and paged (256-token pages), and group 8 over int8 / fp8 e4m3 caches (kv=..., per-token
+          scales) at B {8, 64} x L {8k, 32k} beside the same 16-bit cases; norms hidden 512..65536 at 16k rows
     quick a subset of gpu (3 points per curve)
     cpu   small sizes for the reference and torch backends on the CPU
 """
@@ -28,6 +29,7 @@ X_AXIS = {"flash_attention": ("Nq", ("B", "Nq", "Nk")), "decode_attention": ("L"
 MEMORY_BOUND = ("decode_attention", "layer_norm", "rms_norm")
 NORM_EPS = 1e-5
 PAGE_SIZE = 256          # flash-attn's paged KV cache needs a multiple of 256
+KV_FORMATS = ("int8", "fp8_e4m3")   # quantized decode caches (decode_case's kv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,7 @@ class Case:
                                             self.mode)
         if self.op == "decode_attention":
             return formulas.decode_bytes(p["B"], p["Sq"], p["Hq"], p["Hkv"], p["D"], p["L"], self.dtype,
-                                         p["page"])
+                                         p["page"], kv_dtype=p.get("kv"))
         return formulas.norm_bytes(p["M"], p["N"], self.dtype, bias=self.op == "layer_norm", mode=self.mode)
 
 
@@ -85,10 +87,13 @@ def attention_case(mode, B, Nq, Nk, Hq, Hkv, D, causal, dtype="bf16"):
                                           ("causal", int(causal))), dtype)
 
 
-def decode_case(B, L, Hq, Hkv, D, page, Sq=1, dtype="bf16"):
-    """page = 0: contiguous cache [B, L, Hkv, D]; page > 0: paged cache with page-token pages."""
-    return Case("decode_attention", "fwd", (("B", B), ("L", L), ("Hq", Hq), ("Hkv", Hkv), ("D", D), ("Sq", Sq),
-                                            ("page", page)), dtype)
+def decode_case(B, L, Hq, Hkv, D, page, Sq=1, dtype="bf16", kv=None):
+    """page = 0: contiguous cache [B, L, Hkv, D]; page > 0: paged cache with page-token pages. kv: None (a cache
+    of `dtype`) or a quantized format of KV_FORMATS (8-bit values + fp32 scales per token and kv head)."""
+    if kv is not None and kv not in KV_FORMATS:
+        raise ValueError(f"kv must be None or one of {KV_FORMATS}, got {kv!r}")
+    params = (("B", B), ("L", L), ("Hq", Hq), ("Hkv", Hkv), ("D", D), ("Sq", Sq), ("page", page))
+    return Case("decode_attention", "fwd", params + ((("kv", kv),) if kv else ()), dtype)
 
 
 def norm_case(op, mode, M, N, dtype="bf16"):
@@ -116,18 +121,22 @@ def sweep(kind="gpu", dtype="bf16", ops=OPS):
                                 (128, 16, 2, 0), (128, 16, 2, 1)], 16384, dtype, MODES["flash_attention"])
         dec = [decode_case(b, L, 32, 32 // g, 128, page, dtype=dtype)
                for page in (0, PAGE_SIZE) for g in (1, 4, 8) for b in (1, 8, 64) for L in (1024, 8192, 32768)]
+        dec += [decode_case(b, L, 32, 4, 128, page, dtype=dtype, kv=kv)
+                for kv in KV_FORMATS for page in (0, PAGE_SIZE) for b in (8, 64) for L in (8192, 32768)]
         hidden, rows = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536], 16384
     elif kind == "quick":
         att = _attention_sweep([1024, 4096, 16384], [(128, 16, 16, 0), (128, 16, 16, 1), (128, 16, 2, 1)],
                                16384, dtype, MODES["flash_attention"])
         dec = [decode_case(b, L, 32, 32 // g, 128, page, dtype=dtype)
                for page in (0, PAGE_SIZE) for g in (1, 8) for b in (1, 64) for L in (1024, 8192, 32768)]
+        dec += [decode_case(64, L, 32, 4, 128, 0, dtype=dtype, kv=kv) for kv in KV_FORMATS for L in (8192, 32768)]
         hidden, rows = [1024, 8192, 65536], 16384
     else:
         att = _attention_sweep([128, 256, 512], [(64, 4, 4, 0), (64, 4, 4, 1), (64, 8, 1, 1)], 1024, dtype,
                                MODES["flash_attention"])
         dec = [decode_case(2, L, 8, 8 // g, 64, page, dtype=dtype)
                for page in (0, PAGE_SIZE) for g in (1, 8) for L in (256, 1024, 4096)]
+        dec += [decode_case(2, 4096, 8, 1, 64, 0, dtype=dtype, kv=kv) for kv in KV_FORMATS]
         hidden, rows = [512, 2048, 8192], 256
     norms = [norm_case(op, m, rows, n, dtype) for op in ("layer_norm", "rms_norm") for m in MODES[op]
              for n in hidden]
@@ -148,12 +157,25 @@ def _randn(shape, dtype, device, gen, scale=1.0, requires_grad=False):
     return t.requires_grad_(requires_grad)
 
 
+def _quantize(cache, kv, rows=4096):
+    """reference.quantize_kv of cache [N, S, Hkv, D] in slices of `rows` (the fp32 intermediates of a whole
+    long-context cache would need several times its size)."""
+    from transformer import reference
+    vals = torch.empty(cache.shape, dtype=reference.quantize_kv(cache[:1, :1], kv)[0].dtype, device=cache.device)
+    scales = torch.empty(cache.shape[:-1], dtype=torch.float32, device=cache.device)
+    flat, fv, fs = cache.flatten(0, 1), vals.flatten(0, 1), scales.flatten(0, 1)
+    for i in range(0, flat.shape[0], rows):
+        fv[i:i + rows], fs[i:i + rows] = reference.quantize_kv(flat[i:i + rows], kv)
+    return vals, scales
+
+
 def make_inputs(case: Case, device, *, requires_grad=False, seed=0):
     """Random inputs (never zeros) for `case` on `device`: a dict of tensors and the grad leaves.
 
     flash_attention: q, k, v [B, N, H, D]; decode_attention: q [B, Sq, Hq, D], k_cache/v_cache
-    (contiguous [B, L, Hkv, D] or paged [B * L / page, page, Hkv, D] with a shuffled block_table),
-    cache_seqlens = L for every sequence; norms: x [M, N], weight (+ bias) [N] near 1 (resp. 0).
+    (contiguous [B, L, Hkv, D] or paged [B * L / page, page, Hkv, D] with a shuffled block_table; with kv,
+    reference.quantize_kv of a random cache: 8-bit values and k_scale/v_scale), cache_seqlens = L for every
+    sequence; norms: x [M, N], weight (+ bias) [N] near 1 (resp. 0).
     """
     device = torch.device(device)
     gen = torch.Generator(device=device)
@@ -177,8 +199,12 @@ def make_inputs(case: Case, device, *, requires_grad=False, seed=0):
             inp["block_table"] = perm.view(b, per_seq).to(torch.int32)
         else:
             shape = (b, L, hkv, d)
-        inp["k_cache"] = _randn(shape, dt, device, gen)
-        inp["v_cache"] = _randn(shape, dt, device, gen)
+        inp["k_scale"] = inp["v_scale"] = None
+        for name in ("k", "v"):
+            cache = _randn(shape, dt, device, gen)
+            if p.get("kv"):
+                cache, inp[f"{name}_scale"] = _quantize(cache, p["kv"])
+            inp[f"{name}_cache"] = cache
         inp["grad_inputs"] = ()
         return inp
     m, n = p["M"], p["N"]

@@ -61,6 +61,8 @@ CHECKS = (
                                       ("page", 0)), ("fp16",)),
     Check("decode_attention", "fwd", (("B", 3), ("Hq", 8), ("Hkv", 2), ("D", 64), ("lens", "1,113,203"),
                                       ("page", 16)), ("bf16",)),
+    Check("decode_attention", "fwd", (("B", 3), ("Hq", 8), ("Hkv", 1), ("D", 64), ("lens", "1,113,203"),
+                                      ("page", 16), ("kv", "int8")), ("fp16",)),
     Check("flash_attention", "fwd", _ATT1, ("fp16",)),
     Check("flash_attention", "fwd", _ATT2, ("bf16",)),
     Check("flash_attention", "fwd", _ATT3, ("bf16",)),
@@ -100,6 +102,12 @@ def _inputs(check: Check, dtype, device, seed=0):
             inp["block_table"] = None
             shape = (b, cap, hkv, d)
         inp["k_cache"], inp["v_cache"] = rnd(*shape), rnd(*shape)
+        inp["scales"] = {}
+        if p.get("kv"):   # a quantized cache: 8-bit values + per-(token, head) scales, dequantized by every side
+            from transformer import reference
+            (inp["k_cache"], ks), (inp["v_cache"], vs) = (reference.quantize_kv(inp[n], p["kv"])
+                                                          for n in ("k_cache", "v_cache"))
+            inp["scales"] = dict(k_scale=ks, v_scale=vs)
         return inp
     n = p["N"]
     inp = dict(x=rnd(p["M"], n), weight=(1 + rnd(n, scale=0.1).float()).to(dtype))
@@ -120,7 +128,7 @@ def _public_args(check, inp):
         return (inp["q"], inp["k"], inp["v"]), dict(causal=bool(p["causal"]))
     if check.op == "decode_attention":
         return ((inp["q"], inp["k_cache"], inp["v_cache"], inp["cache_seqlens"]),
-                dict(block_table=inp["block_table"]))
+                dict(block_table=inp["block_table"], **inp["scales"]))
     if check.op == "layer_norm":
         return (inp["x"], inp["weight"], inp["bias"], 1e-5), {}
     return (inp["x"], inp["weight"], 1e-6), {}
@@ -133,7 +141,7 @@ def _run_public(check, inp, backend):
         return transformer.flash_attention(inp["q"], inp["k"], inp["v"], causal=bool(p["causal"]), backend=backend)
     if check.op == "decode_attention":
         return transformer.decode_attention(inp["q"], inp["k_cache"], inp["v_cache"], inp["cache_seqlens"],
-                                            block_table=inp["block_table"], backend=backend)
+                                            block_table=inp["block_table"], backend=backend, **inp["scales"])
     if check.op == "layer_norm":
         return transformer.layer_norm(inp["x"], inp["weight"], inp["bias"], 1e-5, backend=backend)
     return transformer.rms_norm(inp["x"], inp["weight"], 1e-6, backend=backend)
@@ -147,7 +155,7 @@ def _run_reference(check, inp, compute_dtype):
         return reference.attention(inp["q"], inp["k"], inp["v"], causal=bool(p["causal"]), **kw)
     if check.op == "decode_attention":
         return reference.decode_attention(inp["q"], inp["k_cache"], inp["v_cache"], inp["cache_seqlens"],
-                                          block_table=inp["block_table"], **kw)
+                                          block_table=inp["block_table"], **inp["scales"], **kw)
     if check.op == "layer_norm":
         return reference.layer_norm(inp["x"], inp["weight"], inp["bias"], 1e-5, **kw)
     return reference.rms_norm(inp["x"], inp["weight"], 1e-6, **kw)

@@ -92,10 +92,12 @@ def attention_bytes(B, Nq, Nk, Hq, Hkv, D, dtype, mode="fwd"):
     raise ValueError(f"mode must be one of {tuple(MODE_FACTOR)}, got {mode!r}")
 
 
-def decode_bytes(B, Sq, Hq, Hkv, D, L, dtype, page_size=0):
-    """q and out, the L cached keys and values of each of the B sequences, cache_seqlens, block_table."""
+def decode_bytes(B, Sq, Hq, Hkv, D, L, dtype, page_size=0, kv_dtype=None):
+    """q and out, the L cached keys and values of each of the B sequences, cache_seqlens, block_table. kv_dtype
+    "int8" / "fp8_e4m3": the cache holds 1 byte per element plus an fp32 scale per (token, kv head) for K and V."""
     e = dtype_bytes(dtype)
-    total = 2 * B * Sq * Hq * D * e + 2 * B * L * Hkv * D * e + 4 * B
+    cache = 2 * B * L * Hkv * (D * e if kv_dtype is None else D + 4)
+    total = 2 * B * Sq * Hq * D * e + cache + 4 * B
     if page_size:
         total += 4 * B * math.ceil(L / page_size)
     return float(total)

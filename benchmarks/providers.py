@@ -48,8 +48,9 @@ def call_args(case: Case, inp: dict):
     if case.op == "flash_attention":
         return transformer.flash_attention, (inp["q"], inp["k"], inp["v"]), dict(causal=bool(p["causal"]))
     if case.op == "decode_attention":
+        scales = dict(k_scale=inp["k_scale"], v_scale=inp["v_scale"]) if inp.get("k_scale") is not None else {}
         return (transformer.decode_attention, (inp["q"], inp["k_cache"], inp["v_cache"], inp["cache_seqlens"]),
-                dict(block_table=inp["block_table"], causal=True))
+                dict(block_table=inp["block_table"], causal=True, **scales))
     if case.op == "layer_norm":
         return transformer.layer_norm, (inp["x"], inp["weight"], inp["bias"], NORM_EPS), {}
     return transformer.rms_norm, (inp["x"], inp["weight"], NORM_EPS), {}
@@ -178,6 +179,8 @@ class Peer:
             return f"{self.name} has no {case.mode} for {case.op}"
         if torch.device(device).type != "cuda":
             return f"{self.name} needs a CUDA GPU"
+        if case.p.get("kv"):
+            return f"{self.name} has no {case.p['kv']} KV cache with per-token scales"
         if case.dtype not in ("fp16", "bf16"):
             return f"{self.name} takes fp16/bf16"
         return _import(self.module)[1] or self.extra_reason(case)

@@ -65,12 +65,14 @@ CUDA_KERNELS = {
     ("rms_norm", "bwd"): (r"norm_bwd_kernel<{T}, ", r"norm_reduce_kernel"),
 }
 CUDA_TYPES = {"bf16": "__nv_bfloat16", "fp16": "__half"}
+CUDA_KV_FORMATS = {None: 0, "int8": 1, "fp8_e4m3": 2}     # the decode kernels' KV template argument (KvFormat)
 
 
 def work_cases():
     from . import cases
     att = [cases.attention_case(m, 1, 1024, 1024, 2, 2, 64, c) for c in (0, 1) for m in ("fwd", "bwd")]
-    dec = [cases.decode_case(2, 4096, 8, 8, 64, 0), cases.decode_case(2, 4096, 8, 1, 64, cases.PAGE_SIZE)]
+    dec = [cases.decode_case(2, 4096, 8, 8, 64, 0), cases.decode_case(2, 4096, 8, 1, 64, cases.PAGE_SIZE),
+           cases.decode_case(2, 4096, 8, 1, 64, cases.PAGE_SIZE, kv="int8")]
     norms = [cases.norm_case(op, m, 256, 2048) for op in ("layer_norm", "rms_norm") for m in ("fwd", "bwd")]
     return att + dec + norms
 
@@ -80,7 +82,8 @@ def cuda_patterns(case, path="cuda"):
     p = case.p
     if case.op == "decode_attention":
         rows = (p["Hq"] // p["Hkv"]) * p["Sq"]
-        pats = (r"decode_simt_kernel<{T}, {D}>" if rows <= 4 else r"decode_mma_kernel<{T}, {D}>",
+        kv = CUDA_KV_FORMATS[p.get("kv")]
+        pats = (rf"decode_simt_kernel<{{T}}, {{D}}, {kv}>" if rows <= 4 else rf"decode_mma_kernel<{{T}}, {{D}}, {kv}>",
                 r"decode_combine_kernel<{T}>")
     else:
         pats = CUDA_KERNELS[(case.op, case.mode)]

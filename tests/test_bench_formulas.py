@@ -52,6 +52,8 @@ def test_decode_bytes_by_hand():
     assert formulas.decode_bytes(2, 1, 4, 2, 8, 10, "fp16") == 1544
     # paged, 4-token pages: + block_table 2 sequences x ceil(10/4) = 3 pages x 4 B
     assert formulas.decode_bytes(2, 1, 4, 2, 8, 10, "fp16", page_size=4) == 1544 + 24
+    # int8 / fp8 cache: 2 (K, V) * 2 seqs * 10 tokens * 2 heads * (8 one-byte values + a 4-byte scale)
+    assert formulas.decode_bytes(2, 1, 4, 2, 8, 10, "fp16", kv_dtype="int8") == 256 + 960 + 8
 
 
 def test_norm_bytes_by_hand():
@@ -246,6 +248,18 @@ def _measured(case, provider, kind, median, p20, p80):
     return bench.Measurement(case, provider, kind, harness.Timing(median, p20, p80, 10))
 
 
+def test_quantized_decode_speedup_over_its_16bit_twin():
+    plain, q8 = (cases.decode_case(8, 8192, 32, 4, 128, 0, kv=kv) for kv in (None, "int8"))
+    other = cases.decode_case(64, 8192, 32, 4, 128, 0, kv="fp8_e4m3")            # no 16-bit twin measured
+    ms = [_measured(plain, "cuda", "backend", 2.0, 1.9, 2.1), _measured(q8, "cuda", "backend", 1.0, 0.9, 1.1),
+          _measured(q8, "triton", "backend", 1.0, 0.9, 1.1), _measured(other, "cuda", "backend", 1.0, 0.9, 1.1)]
+    bench.add_kv_speedups(ms)
+    assert [m.speedup_vs_16bit_cache for m in ms] == [None, 2.0, None, None]
+    rows = {r[0]: r for r in bench.metrics(ms[1], formulas.lookup_peak(_info().gpu, env={}))}
+    assert rows["speedup_vs_16bit_cache"][2] == 2.0
+    assert q8.bytes() < 0.53 * plain.bytes()     # 8-bit values + a 4-byte scale per (token, head) at D 128
+
+
 def test_csv_schema_and_metrics(tmp_path):
     assert harness.CSV_COLUMNS[:10] == ("op", "backend", "mode", "shape", "dtype", "metric", "unit", "median",
                                         "p20", "p80")
@@ -307,8 +321,12 @@ def test_gpu_sweep_is_the_issue_sweep():
     assert {p["D"] for p in att} == {64, 128} and {p["causal"] for p in att} == {0, 1}
     assert any(p["Hq"] == 8 * p["Hkv"] for p in att)
     assert {c.mode for c in sw if c.op == "flash_attention"} == {"fwd", "bwd", "fwd+bwd"}
-    dec = [c.p for c in sw if c.op == "decode_attention"]
+    dec = [c.p for c in sw if c.op == "decode_attention" and "kv" not in c.p]
     assert len(dec) == 54
+    quant = [c.p for c in sw if c.op == "decode_attention" and "kv" in c.p]   # B x L >= 64k tokens, group 8
+    assert len(quant) == 16 and {p["kv"] for p in quant} == set(cases.KV_FORMATS)
+    assert all(p["B"] * p["L"] >= 65536 and p["Hq"] == 8 * p["Hkv"] and p["D"] == 128 for p in quant)
+    assert all({k: v for k, v in p.items() if k != "kv"} in dec for p in quant)   # each has its 16-bit twin
     assert {p["B"] for p in dec} == {1, 8, 64} and {p["L"] for p in dec} == {1024, 8192, 32768}
     assert {p["Hq"] // p["Hkv"] for p in dec} == {1, 4, 8} and {p["page"] for p in dec} == {0, 256}
     norms = [c for c in sw if c.op in ("layer_norm", "rms_norm")]
@@ -326,6 +344,9 @@ def test_inputs_are_random_and_shaped():
     assert inp["k_cache"].shape == (2 * 3, 16, 2, 8) and inp["k_cache"].dtype == torch.float16
     assert sorted(inp["block_table"].flatten().tolist()) == list(range(6))
     assert inp["cache_seqlens"].tolist() == [40, 40]
+    qc = cases.make_inputs(cases.decode_case(2, 40, 4, 2, 8, page=16, dtype="fp16", kv="int8"), "cpu")
+    assert qc["k_cache"].dtype == torch.int8 and qc["v_scale"].shape == (6, 16, 2)
+    assert (qc["k_cache"].abs().amax(-1) == 127).all()      # every (token, head) row scaled to its amax
     a = cases.make_inputs(cases.attention_case("bwd", 1, 5, 7, 2, 1, 8, True), "cpu", requires_grad=True)
     assert a["q"].requires_grad and a["k"].shape == (1, 7, 1, 8)
     assert (a["q"] != 0).float().mean() > 0.9 and a["q"].float().std() > 0.5
@@ -932,10 +953,15 @@ def test_work_cuda_kernels_per_case():
     from benchmarks import work
     dec1 = cases.decode_case(2, 64, 8, 8, 64, 0)       # group 1: the CUDA-core kernel
     dec8 = cases.decode_case(2, 64, 8, 1, 64, 16)      # group 8: the mma kernel
-    assert work.cuda_patterns(dec1)[0].startswith("decode_simt_kernel<__nv_bfloat16, 64>")
-    assert work.cuda_patterns(dec8)[0].startswith("decode_mma_kernel<__nv_bfloat16, 64>")
-    fwd = cases.attention_case("fwd", 1, 8, 8, 1, 1, 128, False)
     import re as _re
+    simt = "void tf::decode::decode_simt_kernel<__nv_bfloat16, 64, 0>(tf::decode::Params)"
+    mma = "void tf::decode::decode_mma_kernel<__nv_bfloat16, 64, {}>(tf::decode::Params, int, int)"
+    assert _re.search(work.cuda_patterns(dec1)[0], simt) and not _re.search(work.cuda_patterns(dec8)[0], simt)
+    assert _re.search(work.cuda_patterns(dec8)[0], mma.format(0))
+    dec8q = cases.decode_case(2, 64, 8, 1, 64, 16, kv="int8")
+    assert _re.search(work.cuda_patterns(dec8q)[0], mma.format(1)) and not _re.search(work.cuda_patterns(dec8q)[0],
+                                                                                       mma.format(0))
+    fwd = cases.attention_case("fwd", 1, 8, 8, 1, 1, 128, False)
     name = "void tf::attention::attn_fwd_kernel<__nv_bfloat16, 128, 128, 64, 8, true>(tf::attention::Params)"
     assert _re.search(work.cuda_patterns(fwd)[0], name)
     assert not _re.search(work.cuda_patterns(fwd, "cuda-fwd-w4")[0], name)
