@@ -295,7 +295,9 @@ def test_cuda_decode_static(decode_report):
     for d in (64, 80, 96, 128, 256):
         for kind in ("mma", "simt"):
             for t in ("__half", "__nv_bfloat16"):
-                assert any(f"decode_{kind}_kernel<{t}, {d}>" in n for n in names), f"{kind} {t} d{d} missing\n{table}"
+                for kv in (0, 1, 2):     # KvFormat: 16-bit, int8, fp8 e4m3 caches
+                    assert any(f"decode_{kind}_kernel<{t}, {d}, {kv}>" in n for n in names), \
+                        f"{kind} {t} d{d} kv{kv} missing\n{table}"
     assert {s.arch for s in decode_report} == {80, 90}, table
     for s in decode_report:
         assert not s.error, f"{s.name} sm_{s.arch}: {s.error}"

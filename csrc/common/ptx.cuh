@@ -120,6 +120,14 @@ TF_DEVICE uint32_t float_to_e4m3_sw(float x) {
 }
 
 // Two e4m3 values (bits 0-7 and 8-15 of v) as fp32 (exact).
+// The int8 values of bytes 0 and 1 of v, exactly: (b ^ 0x80) is b + 128 as an unsigned byte; placed in the
+// low mantissa bits of 2^23 it reads 2^23 + b + 128, and subtracting 2^23 + 128 leaves b (no I2F).
+TF_DEVICE float2 s8x2_to_float2(uint32_t v) {
+  const uint32_t u = (v ^ 0x8080u);
+  return make_float2(__uint_as_float(0x4B000000u | (u & 0xFFu)) - 8388736.f,
+                     __uint_as_float(0x4B000000u | ((u >> 8) & 0xFFu)) - 8388736.f);
+}
+
 TF_DEVICE float2 e4m3x2_to_float2(uint32_t v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   uint32_t h2;

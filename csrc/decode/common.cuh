@@ -291,7 +291,7 @@ struct KvPipe {
             const uint32_t two = w[i] >> (16 * h);   // bytes 2h, 2h + 1 of word i
             float2 f;
             if constexpr (KV == int(KvFormat::int8))
-              f = make_float2(float(int8_t(two & 0xFFu)), float(int8_t((two >> 8) & 0xFFu)));
+              f = ptx::s8x2_to_float2(two);
             else
               f = ptx::e4m3x2_to_float2(two);
             out[2 * i + h] = ptx::pack2<T>(f.x * s, f.y * s);

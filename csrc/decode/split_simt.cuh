@@ -26,8 +26,13 @@ TF_DEVICE void load8(const T* src, float (&v)[8]) {
   }
 }
 
+// Blocks per SM the register budget is sized for: 3 (<= 168 registers); 2 at D_PAD 256, whose 8-bit caches'
+// pipeline does not fit in 168 registers without a spill (191 used at 2).
+template <int D_PAD>
+constexpr int kSimtMinBlocks = D_PAD >= 256 ? 2 : 3;
+
 template <typename T, int D_PAD, int KV>
-__global__ void __launch_bounds__(kThreads) decode_simt_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, kSimtMinBlocks<D_PAD>) decode_simt_kernel(Params p) {
   using Cfg = TileConfig<D_PAD>;
   using L = SmemLayout<D_PAD, KV>;
   constexpr int R = kSimtRows, kRow = Cfg::kRow, NCH = Cfg::kChunks;
