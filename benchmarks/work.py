@@ -25,8 +25,9 @@ shipped configs are compiled with their heaviest features on (e.g. causal + ALiB
 are upper bounds for a plainer call.
 
 The CUDA kernels get their static facts only (from the built extension when it is newer than csrc/, else
-from --report-json, an earlier kernel_report.json): the CUDA host emulation executes mma.sync through
-csrc/common/ptx.cuh and counts nothing.
+from --report-json, an earlier kernel_report.json). Their executed matrix work is counted by the emulator's
+mma counter in tests/test_cuda_attention_bwd_paths.py (backward: 5 products per tile pair by default, 7 with
+deterministic=True; 7 / 9 at D = 256, whose dK/dV blocks split the columns).
 
 Writes work.txt (this output), work.csv (one row per path x kernel, plus a "total" row per path) and
 work.png (FLOPs executed / ideal and bytes moved / minimum per op and path) under --out. --deadline: no
@@ -52,13 +53,13 @@ CSV_COLUMNS = ("path", "op", "mode", "shape", "dtype", "kernel", "launches", "pr
                "min_bytes", "bytes_over_min", "static_from", "mma", "wgmma_n", "tma", "setmaxnreg", "registers",
                "spills", "smem_bytes", "occupancy", "note")
 ARCH = 90
-CUDA_NOTE = "static facts only: the CUDA host emulation counts no mma"
+CUDA_NOTE = "static facts only (mma counts: tests/test_cuda_attention_bwd_paths.py)"
 # CUDA kernels serving each op for the work cases (demangled-name regexes; {T} the element type, {D} the head
 # dim): the default tiles (8-warp forward) or, with cuda-fwd-w4, the 4-warp forward.
 CUDA_KERNELS = {
     ("flash_attention", "fwd"): (r"attn_fwd_kernel<{T}, {D}, \d+, \d+, 8, ",),
-    ("flash_attention", "bwd"): (r"attn_bwd_preprocess_kernel<{T}>", r"attn_bwd_dkdv_kernel<{T}, {D}, ",
-                                 r"attn_bwd_dq_kernel<{T}, {D}, "),
+    ("flash_attention", "bwd"): (r"attn_bwd_preprocess_kernel<{T}>", r"attn_bwd_dkdvdq_kernel<{T}, {D}, ",
+                                 r"attn_bwd_dq_convert_kernel<{T}>"),   # the default (deterministic=False)
     ("layer_norm", "fwd"): (r"norm_fwd_kernel<{T}, ",),
     ("layer_norm", "bwd"): (r"norm_bwd_kernel<{T}, ", r"norm_reduce_kernel"),
     ("rms_norm", "fwd"): (r"norm_fwd_kernel<{T}, ",),

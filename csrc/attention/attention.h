@@ -10,8 +10,10 @@
 //   Score (natural log domain) s = scale * q.k, or softcap * tanh(scale * q.k / softcap), minus
 //   slope * |i + off - j| (ALiBi). Rows with no visible key: out 0, lse -inf, gradients 0.
 //   out like q (contiguous, dtype of q); lse fp32 [B, Hq, Nq] / [Hq, Tq], natural log.
-// The backward is deterministic (no atomics): dK/dV per key tile over the query tiles of every query head of
-// the GQA group, dQ per query tile over its key tiles.
+// The backward: dK/dV per key tile over the query tiles of every query head of the GQA group; dQ either per
+// query tile over its key tiles (dq_accum null: deterministic, no atomics) or, with dq_accum, added by the
+// dK/dV blocks with fp32 atomics into dq_accum and converted at the end (5 matrix products per tile pair
+// instead of 7; dq varies from run to run in its last bits). With dq_accum, rows of dq past max_q are 0.
 // Varlen index values (any int32, no host sync, nothing read or written outside the tensors): for q and k
 // separately, sequence b spans [s_b, e_b) with s_b = clamp(cu[b], 0, total), e_b = clamp(cu[b + 1], s_b, total).
 // Tokens in no sequence: out 0, lse -inf, gradients 0. Sequences that overlap (non-monotone cu_seqlens) give
@@ -44,6 +46,8 @@ struct Params {
   gptr<void> dq;             // contiguous like q, k, v
   gptr<void> dk;
   gptr<void> dv;
+  gptr<float> dq_accum;      // null: deterministic backward; else fp32 workspace of dq's shape (any contents,
+                             // zeroed by attn_bwd; 16-byte aligned)
 
   // element strides (batch, token, head); the batch stride is ignored for varlen
   int64_t stride_qb, stride_qm, stride_qh;

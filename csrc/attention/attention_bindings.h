@@ -1,4 +1,6 @@
-// Torch bindings of the flash-attention kernels: torch.ops.<ns>.attn_fwd / attn_bwd / attn_head_dims.
+// Torch bindings of the flash-attention kernels: torch.ops.<ns>.attn_fwd / attn_bwd / attn_head_dims. Both
+// attention ops end in `bool deterministic=False` (the contract's deterministic_arg): attn_fwd ignores it, attn_bwd
+// runs the atomic-dQ backward when it is false and the two-kernel deterministic one when it is true.
 // The op contract shared with the Triton backend, with the fakes and autograd, is transformer/ops/attention.py;
 // the head-dim padding is in transformer/_cuda/attention.py. Any cu_seqlens values and any max_seqlen in
 // 0..2^31-1024 are safe (attention/attention.h: clamped sequence bounds); nothing reads them on the host.
@@ -152,7 +154,8 @@ inline std::tuple<at::Tensor, at::Tensor> attn_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
-    double softcap, bool bottom_right) {
+    double softcap, bool bottom_right, bool deterministic) {
+  (void)deterministic;   // carried to the backward by the autograd
   Checked c = check_common(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            softmax_scale, window_left, window_right, softcap, bottom_right);
   DeviceGuard guard(q);
@@ -176,7 +179,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
-    double softcap, bool bottom_right) {
+    double softcap, bool bottom_right, bool deterministic) {
   Checked c = check_common(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            softmax_scale, window_left, window_right, softcap, bottom_right);
   auto& p = c.p;
@@ -204,6 +207,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   at::Tensor dk = empty(k.sizes(), k.scalar_type(), q);
   at::Tensor dv = empty(v.sizes(), v.scalar_type(), q);
   at::Tensor delta = empty(ls, at::kFloat, q);
+  // deterministic = false: dQ by fp32 atomics into this workspace (zeroed by the launcher)
+  at::Tensor dq_accum = deterministic ? at::Tensor() : empty(q.sizes(), at::kFloat, q);
   const int o = p.varlen ? 1 : 0;
   p.out = out_c.data_ptr();
   p.lse = lse_c.data_ptr<float>();
@@ -219,6 +224,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
+  p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
   if (!p.varlen && (p.max_q == 0 || p.max_k == 0)) {   // nothing attends: every gradient is 0
     dq.zero_();
     dk.zero_();
@@ -228,7 +234,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   const KernelMemory memory({{"q", &c.q}, {"k", &c.k}, {"v", &c.v}, {"alibi_slopes", &c.alibi},
                              {"cu_seqlens_q", &c.cu_q}, {"cu_seqlens_k", &c.cu_k}, {"dout", &dout_c}, {"out", &out_c},
                              {"lse", &lse_c}, {"dlse", dlse ? &dlse_c : nullptr}, {"delta", &delta}, {"dq", &dq},
-                             {"dk", &dk}, {"dv", &dv}});
+                             {"dk", &dk}, {"dv", &dv}, {"dq_accum", deterministic ? nullptr : &dq_accum}});
   tf::attention::attn_bwd(p, stream_for(q));
   return {dq, dk, dv};
 }
@@ -242,11 +248,11 @@ inline std::vector<int64_t> attn_head_dims() {
 inline void define(torch::Library& m) {
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, float softcap, "
-        "bool bottom_right) -> (Tensor, Tensor)");
+        "bool bottom_right, bool deterministic=False) -> (Tensor, Tensor)");
   m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
         "Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
-        "float softmax_scale, int window_left, int window_right, float softcap, bool bottom_right) "
-        "-> (Tensor, Tensor, Tensor)");
+        "float softmax_scale, int window_left, int window_right, float softcap, bool bottom_right, "
+        "bool deterministic=False) -> (Tensor, Tensor, Tensor)");
   // Tensor-less: which head dims this build instantiated (the dispatcher pads up to one of them).
   m.def("attn_head_dims() -> int[]", &attn_head_dims);
 }

@@ -1,6 +1,16 @@
-// Flash attention backward (deterministic: no atomics, no program writes what another writes), notation
-// in attention/common.cuh. P is recomputed from the stored lse; a row that saw no key (lse = -inf) is read as
-// lse = +inf, so its P, and its gradients, are exactly 0.
+// Flash attention backward, notation in attention/common.cuh. P is recomputed from the stored lse; a row that
+// saw no key (lse = -inf) is read as lse = +inf, so its P, and its gradients, are exactly 0. Two paths:
+//
+// * deterministic (Params::dq_accum null): preprocess, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel; no atomics,
+//   no block writes what another writes. Matrix products per (query tile, key tile) pair: 7 (dK/dV kernel:
+//   S^T, dP^T, dV, dK; dQ kernel: S, dP again, dQ), i.e. executed / counted FLOPs 7 / 5 = 1.4.
+// * atomic dQ (dq_accum: an fp32 [.., Hq, D] workspace like dq): preprocess, attn_bwd_dkdvdq_kernel (the
+//   dK/dV kernel that also adds dQ += dS K for its key tile into dq_accum with fp32 atomicAdd), then
+//   attn_bwd_dq_convert_kernel (dq = scale * dq_accum in dq's dtype). Products per tile pair: 5 (S^T, dP^T,
+//   dV, dK, dQ), executed / counted 1.0; with the column split (D = 256: two D/2-column blocks per key tile)
+//   S^T and dP^T are computed by both slices: 7 D-wide-equivalent products, 1.4 (the deterministic path
+//   runs 9 there: 1.8). The order in which blocks' atomics land varies from run to run, so dQ does too (in
+//   its last bits); dK, dV do not.
 //
 // * attn_bwd_preprocess_kernel: delta = rowsum(dO * O) - dlse (one warp per query row).
 // * attn_bwd_dkdv_kernel: one block = BN = 16 * NWARPS keys of one (batch, KV head); warp w owns keys
@@ -45,16 +55,18 @@ __global__ void __launch_bounds__(256) attn_bwd_preprocess_kernel(const Params p
 // lse (natural log, -inf for empty rows) -> log2 domain, +inf for empty rows and rows past the sequence.
 TF_DEVICE float lse2_of(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
-template <int D, int BM, int BN>
-constexpr size_t dkdv_smem_bytes() {   // K, V [BN][SD]; 2 x (Q, dO) [BM][SD]; 2 x (lse2, delta) [BM] fp32
-  return size_t(2 * BN + 4 * BM) * (D + 8) * 2 + 2 * 2 * BM * 4;
+// K, V [BN][SD]; 2 x (Q, dO) [BM][SD]; 2 x (lse2, delta) [BM] fp32; with DQ also dS^T [BN][BM + 8].
+template <int D, int BM, int BN, bool DQ = false>
+constexpr size_t dkdv_smem_bytes() {
+  return size_t(2 * BN + 4 * BM) * (D + 8) * 2 + 2 * 2 * BM * 4 + (DQ ? size_t(BN) * (BM + 8) * 2 : 0);
 }
 
-// One query tile for one warp's 16 keys: accumulate dK, dV.
-template <bool MASKED, typename T, int D, int DC, int BM>
+// One query tile for one warp's 16 keys: accumulate dK, dV. DQ: also store dS^T (as T, 0 for keys past the
+// sequence) into this warp's 16 rows of sdSw ([key][query], row stride BM + 8) for the block's dQ product.
+template <bool MASKED, bool DQ, typename T, int D, int DC, int BM>
 TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, const T* sKw, const T* sVw,
                          const T* sQb, const T* sdOb, const float* sL, const float* sDl, int m0, int col_lo, int c0,
-                         float (&dk)[DC / 8][4], float (&dv)[DC / 8][4], int lane) {
+                         float (&dk)[DC / 8][4], float (&dv)[DC / 8][4], T* sdSw, int lane) {
   constexpr int SD = D + 8;
   const int t = lane & 3;
   float s[BM / 8][4], dp[BM / 8][4];
@@ -94,6 +106,18 @@ TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, co
       s[j][i] = pt;
       dp[j][i] = ds;
     }
+  if constexpr (DQ) {   // dS^T rows g, g + 8 (keys col_lo, col_lo + 8), columns 2t, 2t + 1 of each 8-query tile
+    constexpr int SS = BM + 8;
+    const int g = lane >> 2;
+    const bool ok0 = col_lo < si.seqlen_k, ok1 = col_lo + 8 < si.seqlen_k;
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j) {
+      *reinterpret_cast<uint32_t*>(sdSw + g * SS + 8 * j + 2 * t) =
+          ok0 ? ptx::pack2<T>(dp[j][0], dp[j][1]) : 0u;
+      *reinterpret_cast<uint32_t*>(sdSw + (g + 8) * SS + 8 * j + 2 * t) =
+          ok1 ? ptx::pack2<T>(dp[j][2], dp[j][3]) : 0u;
+    }
+  }
   // dV += P^T dO and dK += dS^T Q over columns c0..c0+DC (dO, Q are [query][d] = B[k][n]: ldmatrix .trans)
 #pragma unroll
   for (int kk = 0; kk < BM / 16; ++kk) {
@@ -129,8 +153,65 @@ TF_DEVICE void dkdv_issue(const Params& p, const SeqInfo& si, int b, int hk, int
   }
 }
 
+// dQ += dS K for one query tile (rows m0..m0 + BM - 1 of query head h) and the block's BN keys, columns
+// c0..c0 + DC - 1, added with fp32 atomicAdd into dq_accum (unscaled; the convert kernel multiplies by the
+// softmax scale). dS^T is in sdS ([BN][BM + 8], all warps' keys; A fragments by ldmatrix .trans), K in sK
+// (B[k = key][n = d]: ldmatrix .trans). Warp w takes 16-row tile w % RT and the 16-column tiles w / RT,
+// w / RT + NWARPS / RT, ... (RT = BM / 16): (1 + NCW) ldmatrix.x4 per 2 NCW mma per key step.
 template <typename T, int D, int DC, int BM, int BN, int NWARPS>
-__global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params p) {
+TF_DEVICE void dq_atomic_tile(const Params& p, const SeqInfo& si, int b, int h, int m0, int c0, const T* sdS,
+                              const T* sK, int warp, int lane) {
+  constexpr int SD = D + 8, SS = BM + 8, RT = BM / 16, WPR = NWARPS / RT, CT = DC / 16;
+  constexpr int NCW = (CT + WPR - 1) / WPR;
+  static_assert(NWARPS % RT == 0, "query tile rows per warp");
+  const int r = warp % RT, w0 = warp / RT;
+  float acc[NCW][2][4];
+#pragma unroll
+  for (int jj = 0; jj < NCW; ++jj)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[jj][0][i] = acc[jj][1][i] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    uint32_t a[4];
+    ldm_a_trans<SS>(a, sdS, 16 * r, 16 * kk, lane);
+#pragma unroll
+    for (int jj = 0; jj < NCW; ++jj) {
+      const int j = w0 + jj * WPR;
+      if (CT % WPR == 0 || j < CT) {
+        uint32_t bf[4];
+        ldm_b_trans<SD>(bf, sK, 16 * kk, c0 + 16 * j, lane);
+        mma2<T>(acc[jj][0], acc[jj][1], a, bf);
+      }
+    }
+  }
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t row_stride = int64_t(p.hq) * p.head_dim;
+  const int64_t base = (p.varlen ? 0 : int64_t(b) * p.max_q * row_stride) + int64_t(h) * p.head_dim;
+  const gptr<float> dqa = p.dq_accum;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = m0 + 16 * r + g + 8 * half;
+    if (row >= si.rows_q) continue;
+    const gptr<float> dst = dqa + base + int64_t(si.q_start + row) * row_stride;
+#pragma unroll
+    for (int jj = 0; jj < NCW; ++jj) {
+      const int j = w0 + jj * WPR;
+      if (CT % WPR == 0 || j < CT) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = c0 + 16 * j + 8 * n + 2 * t + e;
+            if (col < p.head_dim) atomicAdd(dst + col, acc[jj][n][2 * half + e]);
+          }
+      }
+    }
+  }
+}
+
+// The dK/dV kernel (DQ = false) and the dK/dV + atomic dQ kernel (DQ = true) share this body.
+template <bool DQ, typename T, int D, int DC, int BM, int BN, int NWARPS>
+TF_DEVICE void dkdv_body(const Params& p) {
   static_assert(BN == 16 * NWARPS && BM % 16 == 0 && D % 16 == 0 && DC % 16 == 0 && D % DC == 0, "tile shapes");
   constexpr int SD = D + 8, NT = NWARPS * 32;
   TF_DYNAMIC_SMEM(T, smem);
@@ -140,6 +221,7 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params
   T* sdO = sQ + 2 * BM * SD;     // [2][BM][SD]
   float* sL = reinterpret_cast<float*>(sdO + 2 * BM * SD);   // [2][BM] lse2
   float* sDl = sL + 2 * BM;                                  // [2][BM] delta
+  T* sdS = reinterpret_cast<T*>(sDl + 2 * BM);               // DQ: [BN][BM + 8] dS^T
 
   const int b = blockIdx.z, hk = blockIdx.y, n0 = int(blockIdx.x / (D / DC)) * BN;
   const int c0 = int(blockIdx.x % (D / DC)) * DC;   // this block's column slice of dK, dV
@@ -187,12 +269,17 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params
     const Scale sc = make_scale(p, b, hk * p.group + gi);
     const T* sQb = sQ + buf * BM * SD;
     const T* sdOb = sdO + buf * BM * SD;
+    T* sdSw = sdS + 16 * warp * (BM + 8);
     if (m0 < qr.full_lo || m0 >= qr.full_hi)
-      dkdv_tile<true, T, D, DC, BM>(p, si, sc, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM, m0, col_lo, c0,
-                                    dk, dv, lane);
+      dkdv_tile<true, DQ, T, D, DC, BM>(p, si, sc, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM, m0, col_lo,
+                                        c0, dk, dv, sdSw, lane);
     else
-      dkdv_tile<false, T, D, DC, BM>(p, si, sc, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM, m0, col_lo, c0,
-                                     dk, dv, lane);
+      dkdv_tile<false, DQ, T, D, DC, BM>(p, si, sc, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM, m0, col_lo,
+                                         c0, dk, dv, sdSw, lane);
+    if constexpr (DQ) {
+      __syncthreads();   // every warp's dS^T rows are in sdS
+      dq_atomic_tile<T, D, DC, BM, BN, NWARPS>(p, si, b, hk * p.group + gi, m0, c0, sdS, sK, warp, lane);
+    }
     __syncthreads();
     gi = gi_next;
     m0 = m0_next;
@@ -213,6 +300,38 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params
                        hk * p.head_dim + c0;
   store_rows16<DC, SD, T>(gcast<T>(p.dk) + base, row_stride, sdKw, rows_left, p.head_dim - c0, lane);
   store_rows16<DC, SD, T>(gcast<T>(p.dv) + base, row_stride, sdVw, rows_left, p.head_dim - c0, lane);
+}
+
+template <typename T, int D, int DC, int BM, int BN, int NWARPS>
+__global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params p) {
+  dkdv_body<false, T, D, DC, BM, BN, NWARPS>(p);
+}
+
+template <typename T, int D, int DC, int BM, int BN, int NWARPS>
+__global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdvdq_kernel(const Params p) {
+  dkdv_body<true, T, D, DC, BM, BN, NWARPS>(p);
+}
+
+// x[0, 4 n4) = 0 (fp32, 16-byte aligned). Grid-stride, NT threads (a template: defined in every unit).
+template <int NT>
+__global__ void __launch_bounds__(NT) attn_fill_zero_kernel(gptr<float> x, int64_t n4) {
+  for (int64_t i = int64_t(blockIdx.x) * NT + threadIdx.x; i < n4; i += int64_t(gridDim.x) * NT)
+    *gcast<float4>(x + 4 * i) = make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// dq[0, 8 n8) = T(scale * acc) (acc fp32, 16-byte aligned; dq 16-byte aligned). Grid-stride, 256 threads.
+template <typename T>
+__global__ void __launch_bounds__(256) attn_bwd_dq_convert_kernel(gptr<const float> acc, gptr<T> dq, int64_t n8,
+                                                                  float scale) {
+  for (int64_t i = int64_t(blockIdx.x) * 256 + threadIdx.x; i < n8; i += int64_t(gridDim.x) * 256) {
+    const float4 a = *gcast<const float4>(acc + 8 * i), c = *gcast<const float4>(acc + 8 * i + 4);
+    uint4 o;
+    o.x = ptx::pack2<T>(a.x * scale, a.y * scale);
+    o.y = ptx::pack2<T>(a.z * scale, a.w * scale);
+    o.z = ptx::pack2<T>(c.x * scale, c.y * scale);
+    o.w = ptx::pack2<T>(c.z * scale, c.w * scale);
+    *gcast<uint4>(dq + 8 * i) = o;
+  }
 }
 
 template <int D, int BM, int BN>

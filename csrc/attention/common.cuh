@@ -220,6 +220,13 @@ TF_DEVICE void ldm_b_trans(uint32_t (&b)[4], const T* s, int k0, int n0, int lan
   ptx::ldmatrix_x4_trans(b, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * SD + n0 + (lane >> 4) * 8);
 }
 
+// A fragment (16 x 16: rows m0.., k columns k0..) of a tile stored transposed, At[k][m] (rows = k):
+// ldmatrix .trans; matrices in a[]'s order (m 0-7 / 8-15 x k 0-7, then k 8-15).
+template <int SD, typename T>
+TF_DEVICE void ldm_a_trans(uint32_t (&a)[4], const T* s, int m0, int k0, int lane) {
+  ptx::ldmatrix_x4_trans(a, s + (k0 + (lane & 7) + (lane >> 4) * 8) * SD + m0 + ((lane >> 3) & 1) * 8);
+}
+
 template <typename T>
 TF_DEVICE void mma2(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4], const uint32_t (&b)[4]) {
   const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};

@@ -3,7 +3,10 @@
 // directly: kernel headers include "common/device.cuh", which includes it under TILEFORMER_EMULATE.
 //
 // Execution model
-//   * A launch runs its blocks one after another; within a block every CUDA thread is a fiber
+//   * A launch runs its blocks one after another, in a random order under the random schedule (as
+//     blocks of a GPU grid run concurrently in no fixed order: fp32 atomic adds from different blocks
+//     then land in a different order from seed to seed), in grid order under "inorder";
+//     within a block every CUDA thread is a fiber
 //     (ucontext, its own stack) on the calling OS thread. Fibers run until they reach a barrier
 //     (__syncthreads) or a warp collective (shuffles, votes, __syncwarp, ldmatrix, mma), then yield.
 //   * __syncthreads releases when every thread of the block has arrived at the same barrier (same
@@ -130,11 +133,16 @@ struct Launch {
   ucontext_t sched;
 };
 
+constexpr uint64_t kBlockSeedSalt = 0x9e3779b97f4a7c15ull;
+
 struct Globals {
   std::mutex launch_mutex;                       // one emulated launch at a time per process
   std::vector<void*> stacks;                     // reused across launches
   bool random = true;
   std::mt19937_64 rng{0};
+  uint64_t mma_count = 0;                        // warp-level mma.sync executed since load (work counts)
+  std::mt19937_64 block_rng{kBlockSeedSalt};     // block order (a stream of its own: thread schedules
+                                                 // of one-block launches do not depend on it)
   Globals() {
     const char* s = std::getenv("TILEFORMER_EMU_SCHEDULE");
     if (s && std::string(s) == "inorder") random = false;
@@ -142,7 +150,10 @@ struct Globals {
       std::fprintf(stderr, "TILEFORMER_EMU_SCHEDULE must be 'random' or 'inorder', got '%s'; using random\n", s);
     }
     const char* seed = std::getenv("TILEFORMER_EMU_SEED");
-    if (seed && *seed) rng.seed(std::strtoull(seed, nullptr, 10));
+    if (seed && *seed) {
+      rng.seed(std::strtoull(seed, nullptr, 10));
+      block_rng.seed(std::strtoull(seed, nullptr, 10) ^ kBlockSeedSalt);
+    }
   }
 };
 
@@ -155,6 +166,7 @@ inline void set_schedule(bool random, uint64_t seed) {
   std::lock_guard<std::mutex> lock(globals().launch_mutex);
   globals().random = random;
   globals().rng.seed(seed);
+  globals().block_rng.seed(seed ^ kBlockSeedSalt);
 }
 
 inline Fiber& cur() {
@@ -351,12 +363,26 @@ inline void launch(const void* fn, dim3 grid, dim3 block, size_t smem, const std
   L.body = body;
   Launch* prev = g_launch;
   g_launch = &L;
-  for (unsigned z = 0; z < grid.z && L.error.empty(); ++z)
-    for (unsigned y = 0; y < grid.y && L.error.empty(); ++y)
-      for (unsigned x = 0; x < grid.x && L.error.empty(); ++x) {
-        L.block_idx = make_uint3(x, y, z);
-        run_block(L);
-      }
+  const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
+  // Block order: a random permutation (Fisher-Yates, drawn lazily) under the random schedule.
+  std::vector<uint64_t> order;
+  if (globals().random && nblocks > 1) {
+    if (nblocks > (uint64_t(1) << 28))
+      throw std::runtime_error("launch of " + name + ": grid of " + std::to_string(nblocks) +
+                               " blocks is too large for the emulator");
+    order.resize(nblocks);
+    for (uint64_t i = 0; i < nblocks; ++i) order[i] = i;
+  }
+  for (uint64_t i = 0; i < nblocks && L.error.empty(); ++i) {
+    uint64_t lin = i;
+    if (!order.empty()) {
+      std::swap(order[i], order[i + globals().block_rng() % (nblocks - i)]);
+      lin = order[i];
+    }
+    L.block_idx = make_uint3(unsigned(lin % grid.x), unsigned((lin / grid.x) % grid.y),
+                             unsigned(lin / (uint64_t(grid.x) * grid.y)));
+    run_block(L);
+  }
   g_launch = prev;
   if (!L.error.empty()) throw std::runtime_error("tileformer emu: " + L.error);
 }
@@ -573,7 +599,8 @@ inline unsigned char* dynamic_smem() { return g_launch->dyn_smem; }
 #define __threadfence_block() std::atomic_thread_fence(std::memory_order_seq_cst)
 
 // Atomics: blocks and threads run on one OS thread and switch only at barriers, so plain
-// read-modify-write is atomic here.
+// read-modify-write is atomic here. The order in which different blocks' atomics land follows the block
+// order (random under the random schedule). On global memory (tf::gptr) the access is bounds-checked.
 template <typename T> inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
 template <typename T> inline T atomicSub(T* p, T v) { T old = *p; *p = old - v; return old; }
 template <typename T> inline T atomicMax(T* p, T v) { T old = *p; *p = old < v ? v : old; return old; }
@@ -581,6 +608,12 @@ template <typename T> inline T atomicMin(T* p, T v) { T old = *p; *p = v < old ?
 template <typename T> inline T atomicExch(T* p, T v) { T old = *p; *p = v; return old; }
 template <typename T> inline T atomicCAS(T* p, T cmp, T v) { T old = *p; if (old == cmp) *p = v; return old; }
 inline unsigned atomicInc(unsigned* p, unsigned lim) { unsigned old = *p; *p = old >= lim ? 0 : old + 1; return old; }
+template <typename T> inline T atomicAdd(tf::emu::GPtr<T> p, T v) { return atomicAdd(&*p, v); }
+template <typename T> inline T atomicSub(tf::emu::GPtr<T> p, T v) { return atomicSub(&*p, v); }
+template <typename T> inline T atomicMax(tf::emu::GPtr<T> p, T v) { return atomicMax(&*p, v); }
+template <typename T> inline T atomicMin(tf::emu::GPtr<T> p, T v) { return atomicMin(&*p, v); }
+template <typename T> inline T atomicExch(tf::emu::GPtr<T> p, T v) { return atomicExch(&*p, v); }
+template <typename T> inline T atomicCAS(tf::emu::GPtr<T> p, T cmp, T v) { return atomicCAS(&*p, cmp, v); }
 
 // Math and bit intrinsics (the fast-math variants are exact here; tolerances cover the difference).
 inline float __expf(float x) { return std::exp(x); }

@@ -258,6 +258,7 @@ struct MmaIn { uint32_t a[4]; uint32_t b[2]; float c[4]; };
 
 template <typename T>
 inline void mma_fn(emu::WarpState& w, uint32_t) {
+  ++emu::globals().mma_count;
   float A[16][16], B[16][8], C[16][8];
   for (int lane = 0; lane < 32; ++lane) {
     const MmaIn& in = emu::slot_in<MmaIn>(w, lane);

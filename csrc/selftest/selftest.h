@@ -18,6 +18,8 @@ void divergent(int* out, int threads, int mode);
 void bounds(gptr<const float> x, gptr<float> out, int64_t offset, int mode);
 // Scheduling of the emulated threads for the next launches (common/emu.h): random order or in order.
 void emu_set_schedule(bool random, uint64_t seed);
+// Warp-level mma.sync m16n8k16 executed by emulated kernels since the extension was loaded.
+uint64_t emu_mma_count();
 #endif
 
 }  // namespace tf::selftest

@@ -4,15 +4,18 @@ Ops (both namespaces, see transformer/_cuda/__init__.py); their fakes and autogr
 contract shared with the Triton backend (transformer/ops/attention.py):
 
     attn_fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             window_left, window_right, softcap, bottom_right) -> (out, lse)
+             window_left, window_right, softcap, bottom_right, deterministic=False) -> (out, lse)
     attn_bwd(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-             max_seqlen_k, softmax_scale, window_left, window_right, softcap, bottom_right) -> (dq, dk, dv)
+             max_seqlen_k, softmax_scale, window_left, window_right, softcap, bottom_right,
+             deterministic=False) -> (dq, dk, dv)
     attn_head_dims() -> list[int]      # head dims compiled into this build (TILEFORMER_CUDA_HEADDIMS)
 
 window_* = -1 means unbounded (causal is window_right = 0); lse is fp32 [B, Hq, Nq] (varlen [Hq, Tq]), natural
 log. The kernels take head dims that are multiples of 8 up to a compiled one and round the tile up to it;
 other head dims are zero-padded here (F.pad, differentiable), which changes neither scores nor outputs.
-The backward is always deterministic (no atomics), so ``deterministic`` costs nothing.
+Both ops end in ``deterministic=False`` (the contract's deterministic_arg): False (the default) runs the
+backward that adds dQ with fp32 atomics inside the dK/dV kernel (5 matrix products per tile pair), True the
+bit-reproducible two-kernel backward (7); attn_fwd only carries it to the backward.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from . import namespace_name, ops
 __all__ = ["flash_attention", "flash_attention_varlen", "padded_attention", "head_dims", "head_dim_reason",
            "register", "supports"]
 
-register = contract.register     # fakes + autograd per namespace (called once per namespace by ops())
+def register(ns):
+    """Fakes + autograd of the namespace's attention ops (called once per namespace by ops())."""
+    contract.register(ns, deterministic_arg=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +72,7 @@ def supports(call):
     zero-padded to a multiple of 8 and runs with the smallest compiled head dim that holds it
     (TILEFORMER_CUDA_HEADDIMS at build time; default 64, 128 and 256, so any head dim up to 256); on a GPU,
     compute capability >= 8.0 (mma.sync bf16, cp.async, ldmatrix). Every other feature (GQA/MQA, causal either
-    alignment, windows, ALiBi, softcap, lse, varlen, strided inputs, deterministic backward) is served."""
+    alignment, windows, ALiBi, softcap, lse, varlen, strided inputs, either backward) is served."""
     if call["dtype"] not in _checks.HALF_DTYPES:
         return f"the CUDA kernel takes fp16/bf16 inputs, got {call['dtype']}"
     if call["device"].type == "cuda" and torch.cuda.get_device_capability(call["device"]) < (8, 0):
@@ -104,12 +109,12 @@ def _fwd(q, k, v, *args):
 
 def flash_attention(q, k, v, **kw):
     _check(q, k, v)
-    return contract.flash_attention(_fwd, q, k, v, **kw)
+    return contract.flash_attention(_fwd, q, k, v, deterministic_arg=True, **kw)
 
 
 def flash_attention_varlen(q, k, v, *args, **kw):
     _check(q, k, v)
-    return contract.flash_attention_varlen(_fwd, q, k, v, *args, **kw)
+    return contract.flash_attention_varlen(_fwd, q, k, v, *args, deterministic_arg=True, **kw)
 
 
 def padded_attention(q, k, v, key_start, key_end, **kw):

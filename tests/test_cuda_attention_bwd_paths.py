@@ -1,0 +1,304 @@
+"""The two backward paths of the CUDA C++ flash attention (csrc/attention/bwd.cuh), against the fp32 reference.
+
+* ``deterministic=False`` (the default): attn_bwd_dkdvdq_kernel, one block per key tile (and column slice)
+  computing S^T, P^T, dP^T, dS^T once per (query tile, key tile) pair, dK and dV in registers and dQ with fp32
+  atomicAdd into a zeroed fp32 accumulator, then a convert kernel: 5 matrix products per tile pair;
+* ``deterministic=True``: the dK/dV kernel and a separate dQ kernel (7 products), no atomics: bit-identical
+  gradients from run to run and across the emulator's schedules.
+
+Both are checked by the flash-attn rule (helpers.assert_close: the kernel's max error against the fp32 reference
+at most 3x that of the reference computed in the inputs' dtype) over odd sizes (1, 113, 239), GQA groups 1, 4
+and 5, head dims 40, 64, 111, 128, 256, causal either alignment, windows, ALiBi, softcap, dlse and varlen, both
+dtypes; outputs are NaN-poisoned and every global access is bounds-checked (conftest), so an element a path
+forgets to write, or an access outside the call's tensors, fails. Under the emulator the blocks of a launch run
+in a random order per seed (csrc/common/emu.h), so the atomic adds of different blocks land in different orders;
+the tests run both paths under several schedules. The executed tensor-core work is counted by the emulator's
+mma counter: 5 products per tile pair on the default path, 7 on the deterministic one. Larger grids run under
+``-m slow``.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import transformer
+from transformer import reference
+
+import helpers
+
+CUDA = helpers.kernel_backends("cuda")
+FP16, BF16 = torch.float16, torch.bfloat16
+MODES = [pytest.param(False, id="atomic"), pytest.param(True, id="deterministic")]
+
+
+@pytest.fixture(autouse=True)
+def _bounds_checked(monkeypatch):
+    monkeypatch.setenv("TILEFORMER_EMU_CHECK_BOUNDS", "1")
+
+
+def _emu_ops():
+    """The emulated extension's ops (schedule control, mma counter); skips on a GPU machine."""
+    if helpers.HAS_GPU:
+        pytest.skip("emulator schedules and counters: CPU tensors through transformer._C_emu only")
+    from transformer import _cuda
+    return _cuda.ops(torch.device("cpu"))
+
+
+def _inputs(b, nq, nk, hq, hkv, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n, h):
+        return torch.randn(b, n, h, d, generator=g).to(helpers.DEVICE, dtype).requires_grad_(True)
+
+    return make(nq, hq), make(nk, hkv), make(nk, hkv)
+
+
+def _alibi(kind, b, hq, seed=1):
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(*((hq,) if kind == "h" else (b, hq)), generator=g) * 0.5 + 0.05).to(helpers.DEVICE)
+
+
+def _grads(outs, inputs, gouts):
+    keep = [(o, g) for o, g in zip(outs, gouts) if g is not None]
+    return torch.autograd.grad([o for o, _ in keep], inputs, [g for _, g in keep])
+
+
+def _compare(got, want, base, config):
+    for name, a, r, rl in zip(("dq", "dk", "dv"), got, want, base):
+        assert not torch.isnan(a).any(), f"{name} has NaN (an unwritten element?) [{config}]"
+        helpers.assert_close(a, r, rl, factor=3.0, name=name, config=config)
+
+
+def _check_dense(q, k, v, *, deterministic, lse_grad=False, config="", **kw):
+    helpers.require_backend("cuda")
+    out, lse = transformer.attention.attention(q, k, v, return_lse=True, deterministic=deterministic,
+                                               backend="cuda", **kw)
+    ref, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
+    low, low_lse = reference.attention(q, k, v, return_lse=True, compute_dtype=None, **kw)
+    helpers.assert_close(out, ref, low, name="out", config=config)
+    g = torch.Generator().manual_seed(7)
+    dout = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    dlse = torch.randn(lse.shape, generator=g).to(lse.device) if lse_grad else None
+    got = _grads((out, lse), (q, k, v), (dout, dlse))
+    want = _grads((ref, ref_lse), (q, k, v), (dout.float(), dlse))
+    base = _grads((low, low_lse), (q, k, v), (dout, None if dlse is None else dlse.to(low_lse.dtype)))
+    _compare(got, want, base, config)
+    return got
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense: odd sizes x features x dtypes, both paths
+# ---------------------------------------------------------------------------------------------
+
+# (b, nq, nk, (hq, hkv), d, dtype, causal, align, window, softcap, alibi, lse_grad)
+CASES = [
+    (1, 1, 239, (4, 1), 64, FP16, True, "bottom_right", (-1, -1), 0.0, None, False),
+    (1, 113, 239, (5, 1), 40, BF16, False, "bottom_right", (-1, -1), 0.0, None, True),
+    (2, 239, 113, (8, 2), 111, FP16, True, "bottom_right", (-1, -1), 0.0, "h", False),   # rows that see no key
+    (1, 113, 113, (2, 2), 111, BF16, False, "bottom_right", (30, 7), 0.0, None, False),
+    (1, 97, 130, (10, 2), 128, FP16, False, "bottom_right", (-1, -1), 5.0, "h", True),
+    (1, 65, 70, (2, 2), 256, BF16, True, "bottom_right", (-1, -1), 0.0, "bh", False),
+    (1, 113, 239, (5, 1), 256, FP16, False, "bottom_right", (50, 20), 2.0, None, False),
+    (1, 113, 80, (4, 1), 64, BF16, True, "top_left", (-1, -1), 0.0, "h", False),       # SDPA's is_causal
+    (1, 70, 113, (8, 2), 40, FP16, True, "top_left", (20, -1), 3.0, None, True),
+    (1, 1, 1, (2, 2), 128, FP16, False, "bottom_right", (-1, -1), 0.0, None, False),
+    (2, 64, 128, (4, 1), 64, FP16, False, "bottom_right", (0, 40), 0.0, "bh", False),  # window right of diagonal
+    (1, 239, 239, (5, 1), 128, BF16, True, "bottom_right", (-1, -1), 0.0, None, False),
+]
+
+
+def _case_id(c):
+    b, nq, nk, (hq, hkv), d, dtype, causal, align, window, softcap, alibi, lse_grad = c
+    parts = [f"b{b}", f"{nq}x{nk}", f"h{hq}_{hkv}", f"d{d}", str(dtype)[6:]]
+    parts += [f"causal_{align}"] if causal else []
+    parts += [f"win{window[0]}_{window[1]}"] if window != (-1, -1) else []
+    parts += [f"cap{softcap:g}"] if softcap else []
+    parts += [f"alibi_{alibi}"] if alibi else []
+    parts += ["dlse"] if lse_grad else []
+    return "-".join(parts)
+
+
+def _run_case(case, deterministic):
+    b, nq, nk, (hq, hkv), d, dtype, causal, align, window, softcap, alibi, lse_grad = case
+    q, k, v = _inputs(b, nq, nk, hq, hkv, d, dtype, seed=nq + d)
+    return _check_dense(q, k, v, deterministic=deterministic, lse_grad=lse_grad, causal=causal, causal_align=align,
+                        window_size=window, softcap=softcap, alibi_slopes=_alibi(alibi, b, hq),
+                        config=_case_id(case) + f" deterministic={deterministic}")
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("deterministic", MODES)
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_dense(backend, case, deterministic):
+    _run_case(case, deterministic)
+
+
+# The larger grid: head dims x GQA groups x causal x sizes, both paths.
+SLOW_CASES = [
+    (1, nq, nk, (g * 2, 2), d, dtype, causal, "bottom_right", (-1, -1), 0.0, None, False)
+    for (d, dtype), g, causal, (nq, nk) in itertools.product(
+        [(40, FP16), (64, BF16), (111, FP16), (128, BF16), (256, FP16)], (1, 4, 5), (False, True),
+        [(1, 113), (113, 239), (239, 113), (239, 239)])
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("deterministic", MODES)
+@pytest.mark.parametrize("case", SLOW_CASES, ids=[_case_id(c) for c in SLOW_CASES])
+def test_dense_grid(backend, case, deterministic):
+    _run_case(case, deterministic)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("deterministic", MODES)
+def test_padded_batch(backend, deterministic):
+    """Per-batch key bounds (padded_attention: three varlen sequences per batch element, two of them without
+    queries; the last batch element sees no key) through both paths."""
+    helpers.require_backend(backend)
+    q, k, v = _inputs(3, 40, 57, 4, 1, 64, BF16, seed=2)
+    start = torch.tensor([0, 5, 57], device=helpers.DEVICE)
+    end = torch.tensor([57, 30, 57], device=helpers.DEVICE)
+    out = transformer.attention.attention(q, k, v, key_start=start, key_end=end, deterministic=deterministic,
+                                          backend="cuda")
+    mask = torch.zeros(3, 57, dtype=torch.bool, device=helpers.DEVICE)
+    for i, (s, e) in enumerate(zip(start.tolist(), end.tolist())):
+        mask[i, s:e] = True
+    ref = reference.attention(q, k, v, key_padding_mask=mask)
+    low = reference.attention(q, k, v, key_padding_mask=mask, compute_dtype=None)
+    helpers.assert_close(out, ref, low, name="out")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out.dtype)
+    _compare(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout.float()),
+             torch.autograd.grad(low, (q, k, v), dout), f"padded deterministic={deterministic}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Varlen: empty sequences, tokens in no sequence, both paths
+# ---------------------------------------------------------------------------------------------
+
+def _varlen(lens_q, lens_k, hq, hkv, d, dtype, *, head_q=0, tail_q=0, tail_k=0, seed=0):
+    """Packed q/k/v with head_q tokens before cu_seqlens_q[0] and tail_* tokens after the last sequence."""
+    g = torch.Generator().manual_seed(seed)
+    cu_q = torch.tensor([head_q] + [head_q + x for x in itertools.accumulate(lens_q)], dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
+
+    def make(n, h):
+        return torch.randn(n, h, d, generator=g).to(helpers.DEVICE, dtype).requires_grad_(True)
+
+    q = make(head_q + sum(lens_q) + tail_q, hq)
+    k, v = make(sum(lens_k) + tail_k, hkv), make(sum(lens_k) + tail_k, hkv)
+    return q, k, v, cu_q.to(helpers.DEVICE), cu_k.to(helpers.DEVICE), max(lens_q), max(lens_k)
+
+
+VARLEN_CASES = [
+    # (lens_q, lens_k, (hq, hkv), d, dtype, causal, window, softcap, alibi, (head_q, tail_q, tail_k), lse_grad)
+    ([1, 113, 0, 239], [239, 113, 5, 1], (4, 1), 64, FP16, True, (-1, -1), 0.0, "bh", (0, 3, 2), True),
+    ([113, 0, 1], [0, 40, 113], (5, 1), 111, BF16, False, (16, 16), 2.0, None, (2, 5, 0), False),
+    ([70, 33], [90, 0], (2, 2), 256, BF16, True, (-1, -1), 0.0, "h", (0, 0, 7), False),
+]
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("deterministic", MODES)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=["gqa4-causal-alibi-tails-dlse", "gqa5-window-softcap-head",
+                                                    "mha-d256-empty-keys"])
+def test_varlen(backend, case, deterministic):
+    helpers.require_backend(backend)
+    lens_q, lens_k, (hq, hkv), d, dtype, causal, window, softcap, alibi, (head_q, tail_q, tail_k), lse_grad = case
+    q, k, v, cu_q, cu_k, mq, mk = _varlen(lens_q, lens_k, hq, hkv, d, dtype, head_q=head_q, tail_q=tail_q,
+                                          tail_k=tail_k, seed=d)
+    kw = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=_alibi(alibi, len(lens_q), hq),
+              validate=head_q == 0)   # cu_seqlens_q[0] > 0 (tokens before the first sequence) is not "valid"
+    out, lse = transformer.flash_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_lse=True,
+                                                  deterministic=deterministic, backend=backend, **kw)
+    ref, ref_lse = reference.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_lse=True, **kw)
+    low, low_lse = reference.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_lse=True, compute_dtype=None,
+                                              **kw)
+    config = f"{case} deterministic={deterministic}"
+    helpers.assert_close(out, ref, low, config=config)
+    g = torch.Generator().manual_seed(3)
+    dout = torch.randn(out.shape, generator=g).to(out.dtype)
+    dlse = torch.randn(lse.shape, generator=g) if lse_grad else None
+    got = _grads((out, lse), (q, k, v), (dout, dlse))
+    _compare(got, _grads((ref, ref_lse), (q, k, v), (dout.float(), dlse)),
+             _grads((low, low_lse), (q, k, v), (dout, None if dlse is None else dlse.to(low_lse.dtype))), config)
+    dq, dk, dv = got
+    # tokens in no sequence: exactly zero gradients
+    assert not dq[:head_q].any() and not dq[q.shape[0] - tail_q:].any(), config
+    assert not dk[k.shape[0] - tail_k:].any() and not dv[k.shape[0] - tail_k:].any(), config
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules: bit-identical deterministic gradients, real interleavings of the atomic adds
+# ---------------------------------------------------------------------------------------------
+
+SCHEDULES = [(True, 0), (True, 1), (True, 12345), (False, 0)]   # (random, seed); False = in order
+
+
+def _grads_under(ops, schedule, q, k, v, dout, deterministic, **kw):
+    ops.emu_set_schedule(*schedule)
+    try:
+        out = transformer.flash_attention(q, k, v, deterministic=deterministic, backend="cuda", **kw)
+        return torch.autograd.grad(out, (q, k, v), dout)
+    finally:
+        ops.emu_set_schedule(True, 0)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_schedules(backend):
+    """deterministic=True: dq, dk, dv bit-identical over repeated runs and every emulator schedule (blocks and
+    threads in random orders of several seeds, and in order). deterministic=False: dk, dv (no atomics) are
+    bit-identical too; dq, added by the key-tile blocks with atomics, differs in its last bits between block
+    orders (4 key tiles per query row here; fp16, whose rounding keeps more of the fp32 sum's order than bf16)
+    and passes the tolerance rule under each of them."""
+    helpers.require_backend(backend)
+    ops = _emu_ops()
+    q, k, v = _inputs(1, 113, 239, 8, 2, 64, FP16, seed=5)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(FP16)
+    kw = dict(alibi_slopes=_alibi("h", 1, 8), softcap=4.0)
+    det = [_grads_under(ops, s, q, k, v, dout, True, **kw) for s in SCHEDULES + SCHEDULES[:1]]
+    for s, g in zip(SCHEDULES[1:] + SCHEDULES[:1], det[1:]):
+        for name, a, b in zip(("dq", "dk", "dv"), det[0], g):
+            assert torch.equal(a, b), f"deterministic {name} differs between schedules {SCHEDULES[0]} and {s}"
+    ref = reference.attention(q, k, v, **kw)
+    want = torch.autograd.grad(ref, (q, k, v), dout.float())
+    low = reference.attention(q, k, v, compute_dtype=None, **kw)
+    base = torch.autograd.grad(low, (q, k, v), dout)
+    atomic = [_grads_under(ops, s, q, k, v, dout, False, **kw) for s in SCHEDULES]
+    for s, g in zip(SCHEDULES, atomic):
+        _compare(g, want, base, f"atomic, schedule {s}")
+        assert torch.equal(g[1], det[0][1]) and torch.equal(g[2], det[0][2]), f"dk/dv differ, schedule {s}"
+    assert any(not torch.equal(atomic[0][0], g[0]) for g in atomic[1:]), \
+        "dq is bit-identical under every block order: the emulator did not reorder the atomic adds"
+
+
+# ---------------------------------------------------------------------------------------------
+# Counted work (the emulator's mma counter)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_matrix_products_per_tile_pair(backend, d):
+    """Warp-level mma.m16n8k16 executed by the backward (no mask: every tile pair is computed) over one matrix
+    product's worth, Nq * Nk * D / (16 * 8 * 16): 5 on the default path (S^T, dP^T, dV, dK, dQ once per tile
+    pair) and 7 on the deterministic one (its dQ kernel computes S and dP again). At D = 256 the dK/dV blocks
+    split the columns in two halves, each computing S^T and dP^T: 7 and 9."""
+    helpers.require_backend(backend)
+    ops = _emu_ops()
+    n = 128
+    q, k, v = _inputs(1, n, n, 1, 1, d, FP16, seed=d)
+    out = transformer.flash_attention(q, k, v, backend="cuda")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(FP16)
+    per_product = n * n * d // (16 * 8 * 16)
+    counts = {}
+    for deterministic in (False, True):
+        out = transformer.flash_attention(q, k, v, deterministic=deterministic, backend="cuda")
+        before = ops.emu_mma_count()
+        torch.autograd.grad(out, (q, k, v), dout)
+        counts[deterministic] = (ops.emu_mma_count() - before) / per_product
+    split = 2 if d == 256 else 0
+    assert counts == {False: 5 + split, True: 7 + split}, counts
