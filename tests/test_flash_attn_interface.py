@@ -371,7 +371,9 @@ def test_flash_attn_with_kvcache_kernels(backend, name):
     require_backend(backend)
     gen = torch.Generator().manual_seed(sorted(KV_CASES).index(name))
     call, expect = _kvcache_case(gen, **dict(KV_CASES[name], s_max=32, group=2))
-    _run_kvcache(backend, call, expect, f"{name} {backend}")
+    with transformer.backends.record_dispatches() as counts:
+        _run_kvcache(backend, call, expect, f"{name} {backend}")
+    assert counts and all(b == backend for _, b in counts), counts
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
