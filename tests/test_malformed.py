@@ -390,7 +390,7 @@ ROWS = [
     ("sdpa-query-rank1", sdpa(query=lambda: _t(16)), VE, r"\bquery\b"),
     ("sdpa-key-dtype", sdpa(key=lambda: _t(1, 4, 8, 16, dtype=torch.bfloat16)), TE, r"\bkey\b"),
     ("sdpa-value-length", sdpa(value=lambda: _t(1, 4, 9, 16)), VE, r"\bvalue\b"),
-    ("sdpa-mask-dtype", sdpa(attn_mask=lambda: torch.zeros(8, 8, dtype=torch.float64)), TE, r"\battn_mask\b"),
+    ("sdpa-mask-dtype", sdpa(attn_mask=lambda: torch.zeros(8, 8, dtype=torch.int64)), TE, r"\battn_mask\b"),
     ("sdpa-mask-shape", sdpa(attn_mask=lambda: torch.ones(8, 7, dtype=torch.bool)), VE, r"\battn_mask\b"),
     ("sdpa-mask-and-causal", sdpa(attn_mask=lambda: torch.ones(8, 8, dtype=torch.bool), is_causal=True), VE,
      r"\battn_mask\b"),

@@ -284,3 +284,26 @@ def test_padded_attention_bad_input():
     with pytest.raises(ValueError, match="causal_align"):
         padded_attention(q, k, k, torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long),
                          causal_align="middle")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_mask_with_half_query(dtype):
+    """PyTorch takes a float32 attn_mask with an fp16/bf16 query: so does the drop-in, on the kernel path (a 0/-inf
+    key-padding mask) and on the fallback (any values, the same call as PyTorch's)."""
+    b, h, l, s, e = 2, 3, 9, 11, 16
+    q, k, v = randn(b, h, l, e, dtype=dtype), randn(b, h, s, e, dtype=dtype), randn(b, h, s, e, dtype=dtype)
+    keep = torch.ones(b, 1, 1, s, dtype=torch.bool, device=q.device)
+    keep[1, ..., 7:] = False
+    pad = torch.zeros(keep.shape, device=q.device).masked_fill(~keep, float("-inf"))
+    with backends.record_dispatches() as counts:
+        out = transformer.scaled_dot_product_attention(q, k, v, attn_mask=pad)
+    assert sum(counts.values()) == 1, counts                      # served by padded_attention
+    ref, low, _ = _torch_ref(q, k, v, attn_mask=pad)
+    assert_close(out, ref, low)
+    bias = randn(l, s)                                            # float32, arbitrary values: fallback
+    assert torch.equal(transformer.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+                       F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    # another floating dtype (PyTorch refuses fp64 or the other half type): cast to float32
+    other = bias.to(torch.float64)
+    assert torch.equal(transformer.scaled_dot_product_attention(q, k, v, attn_mask=other),
+                       F.scaled_dot_product_attention(q, k, v, attn_mask=bias))

@@ -11,6 +11,7 @@ Public API (all ops take ``backend="auto" | "cuda" | "triton" | "torch" | "refer
     transformer.MultiheadAttention / transformer.Attention                # modules; transformer.models: the models
     transformer.LayerNorm / transformer.RMSNorm                           # drop-ins for torch.nn's (+ residual=, prenorm=)
     transformer.generate(model, input_ids, max_new_tokens, ...)          # KV-cache generation
+    transformer.flash_attn_interface.flash_attn_func(q, k, v, ...)       # flash-attn 2.8's interface, same calls
     transformer.distributed.context_parallel_attention(q, k, v, group, scheme="ring" | "zigzag" | "ulysses")
                                                                           # sequence sharded over torch.distributed ranks
 
@@ -25,6 +26,7 @@ from .kv_cache import KVCache
 from .nn.attention import Attention, MultiheadAttention
 from .nn.norms import LayerNorm, RMSNorm
 from .generate import generate
+from . import flash_attn_interface
 
 __version__ = "0.1.0"
 
@@ -40,4 +42,4 @@ def __getattr__(name):
 
 __all__ = ["backends", "reference", "flash_attention", "flash_attention_varlen", "decode_attention",
            "layer_norm", "rms_norm", "scaled_dot_product_attention", "Attention", "MultiheadAttention", "KVCache",
-           "generate", "LayerNorm", "RMSNorm"]
+           "generate", "LayerNorm", "RMSNorm", "flash_attn_interface"]

@@ -121,8 +121,8 @@ def _check_sdpa_args(query, key, value, dropout_p, is_causal, scale, enable_gqa,
         raise ValueError(f"scale must be finite and > 0, got {scale}")
     if attn_mask is not None:
         _checks.check_tensor("attn_mask", attn_mask)
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise TypeError(f"attn_mask must be bool or have query's dtype ({query.dtype}), got {attn_mask.dtype}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
         _checks.check_same_device("attn_mask", attn_mask, "query", query)
         if is_causal:
             raise ValueError("attn_mask must be None when is_causal=True (as in F.scaled_dot_product_attention)")
@@ -165,11 +165,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     query [..., Hq, L, E], key [..., Hkv, S, E], value [..., Hkv, S, Ev]; ``is_causal`` is top-left aligned
     (query i sees keys j <= i); ``attn_mask`` is boolean (True = take part) or additive, broadcastable to
-    [..., Hq, L, S]; ``enable_gqa`` allows Hq a multiple of Hkv. Returns [..., Hq, L, Ev].
+    [..., Hq, L, S]: a float mask of any floating dtype (PyTorch takes float32 or query's dtype as they are; any
+    other floating dtype is cast to float32 first); ``enable_gqa`` allows Hq a multiple of Hkv. Returns [..., Hq, L, Ev].
     See the module docstring for which calls run on ``flash_attention`` and which fall back to PyTorch
     (dropout_p > 0 always does). ``backend`` picks the backend of the kernel path (see transformer.backends).
     """
     _check_sdpa_args(query, key, value, dropout_p, is_causal, scale, enable_gqa, attn_mask)
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype not in (query.dtype, torch.float32):
+        attn_mask = attn_mask.float()    # PyTorch takes a float mask in float32 or in query's dtype
 
     def fallback():
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,

@@ -11,9 +11,27 @@ from torch import nn
 __all__ = ["RotaryEmbedding", "apply_rotary"]
 
 
-def apply_rotary(x, cos, sin):
-    """x [..., N, H, D]; cos/sin [..., N, D] (fp32). Rotates pairs (x[i], x[i + D/2]); returns x's dtype."""
-    d2 = x.shape[-1] // 2
+def apply_rotary(x, cos, sin, *, interleaved=False):
+    """Rotate the first R dims of each head of x [..., N, H, D] by cos/sin [..., N, R] (fp32, R even, R <= D);
+    dims R.. pass through unchanged. Returns x's dtype; the rotation is computed in fp32.
+
+    Pairs are (x[i], x[i + R/2]) ("rotate half", GPT-NeoX / LLaMA), or with ``interleaved=True`` (x[2i], x[2i + 1])
+    (GPT-J). Either way pair i turns by the angle whose cos/sin sit at cos[..., i] == cos[..., i + R/2] (the
+    layout `RotaryEmbedding` returns): an interleaved x is de-interleaved, rotated by the same fp32 math and
+    re-interleaved, so both conventions give bit-identical values for the same pairs.
+    """
+    r = cos.shape[-1]
+    if tuple(sin.shape) != tuple(cos.shape):
+        raise ValueError(f"sin must have the shape of cos {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    if r < 2 or r % 2 or r > x.shape[-1]:
+        raise ValueError(f"the rotary dim (cos.shape[-1]) must be even and in 2..{x.shape[-1]} (the head dim), "
+                         f"got {r}")
+    if r < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :r], cos, sin, interleaved=interleaved), x[..., r:]), dim=-1)
+    if interleaved:   # (x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...), rotated, then back
+        halves = x.unflatten(-1, (r // 2, 2)).transpose(-1, -2).flatten(-2)
+        return apply_rotary(halves, cos, sin).unflatten(-1, (2, r // 2)).transpose(-1, -2).flatten(-2)
+    d2 = r // 2
     xf = x.float()
     x1, x2 = xf[..., :d2], xf[..., d2:]
     rotated = torch.cat((-x2, x1), dim=-1)
