@@ -132,3 +132,58 @@ def check_decode(backend, case, config="", **kw):
     assert torch.equal(bits(kc), bits(ref_kc)), f"k_cache after the call differs from the reference's [{config}]"
     assert torch.equal(bits(vc), bits(ref_vc)), f"v_cache after the call differs from the reference's [{config}]"
     return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention forward + backward against the references (the backward-path tests of both kernel backends)
+# ---------------------------------------------------------------------------------------------
+
+def attn_inputs(b, nq, nk, hq, hkv, d, dtype, seed=0):
+    """q [b, nq, hq, d], k and v [b, nk, hkv, d] on DEVICE, requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n, h):
+        return torch.randn(b, n, h, d, generator=g).to(DEVICE, dtype).requires_grad_(True)
+
+    return make(nq, hq), make(nk, hkv), make(nk, hkv)
+
+
+def alibi_slopes(kind, b, hq, seed=1):
+    """None, per-head ("h": [hq]) or per-batch-and-head ("bh": [b, hq]) ALiBi slopes."""
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(*((hq,) if kind == "h" else (b, hq)), generator=g) * 0.5 + 0.05).to(DEVICE)
+
+
+def grads(outs, inputs, gouts):
+    """Gradients of inputs through the outputs whose output gradient is not None."""
+    keep = [(o, g) for o, g in zip(outs, gouts) if g is not None]
+    return torch.autograd.grad([o for o, _ in keep], inputs, [g for _, g in keep])
+
+
+def compare_grads(got, want, base, config):
+    """dq, dk, dv by the tolerance rule (factor 3), none NaN (an element a kernel left unwritten)."""
+    for name, a, r, rl in zip(("dq", "dk", "dv"), got, want, base):
+        assert not torch.isnan(a).any(), f"{name} has NaN (an unwritten element?) [{config}]"
+        assert_close(a, r, rl, factor=3.0, name=name, config=config)
+
+
+def check_attention_grads(backend, q, k, v, *, deterministic, lse_grad=False, config="", **kw):
+    """Forward + backward on `backend` through transformer.attention.attention (the one dense entry, which also
+    takes causal_align) vs the fp32 and same-dtype references (out, then dq/dk/dv with a random dout and, with
+    lse_grad, a random dlse); returns the gradients."""
+    require_backend(backend)
+    out, lse = transformer.attention.attention(q, k, v, return_lse=True, deterministic=deterministic,
+                                               backend=backend, **kw)
+    ref, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
+    low, low_lse = reference.attention(q, k, v, return_lse=True, compute_dtype=None, **kw)
+    assert_close(out, ref, low, name="out", config=config)
+    g = torch.Generator().manual_seed(7)
+    dout = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    dlse = torch.randn(lse.shape, generator=g).to(lse.device) if lse_grad else None
+    got = grads((out, lse), (q, k, v), (dout, dlse))
+    want = grads((ref, ref_lse), (q, k, v), (dout.float(), dlse))
+    base = grads((low, low_lse), (q, k, v), (dout, None if dlse is None else dlse.to(low_lse.dtype)))
+    compare_grads(got, want, base, config)
+    return got

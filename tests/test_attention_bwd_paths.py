@@ -1,4 +1,6 @@
-"""The two backward paths of the Triton flash attention, against the fp32 reference.
+"""The two backward paths of the Triton flash attention, against the fp32 reference (the padded-batch, varlen
+and fully-masked-row tests run the CUDA backend's two paths too; its own dense cases, emulator schedules and
+matrix-product counts are in test_cuda_attention_bwd_paths.py).
 
 * ``deterministic=False`` (the default): one dK/dV kernel per key tile that also adds dQ with fp32 atomic adds
   (S, P, dP, dS once per tile pair: 5 matrix products), then a kernel converting the accumulator;
@@ -25,55 +27,17 @@ from transformer import reference
 import helpers
 
 BACKENDS = helpers.kernel_backends("triton")
+BOTH = helpers.kernel_backends("triton", "cuda")   # the tests below that run on both kernel backends
 FP16, BF16 = torch.float16, torch.bfloat16
 HEADS = {"mha": (2, 2), "gqa": (6, 2), "mqa": (4, 1)}
 MODES = [pytest.param(False, id="atomic"), pytest.param(True, id="deterministic")]
 
 
-def _inputs(b, nq, nk, hq, hkv, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def make(n, h):
-        return torch.randn(b, n, h, d, generator=g).to(helpers.DEVICE, dtype).requires_grad_(True)
-
-    return make(nq, hq), make(nk, hkv), make(nk, hkv)
+_inputs, _alibi, _grads, _compare = helpers.attn_inputs, helpers.alibi_slopes, helpers.grads, helpers.compare_grads
 
 
-def _alibi(kind, b, hq, seed=1):
-    if kind is None:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(*((hq,) if kind == "h" else (b, hq)), generator=g) * 0.5 + 0.05).to(helpers.DEVICE)
-
-
-def _grads(outs, inputs, gouts):
-    keep = [(o, g) for o, g in zip(outs, gouts) if g is not None]
-    return torch.autograd.grad([o for o, _ in keep], inputs, [g for _, g in keep])
-
-
-def _compare(got, want, base, config):
-    for name, a, r, rl in zip(("dq", "dk", "dv"), got, want, base):
-        assert not torch.isnan(a).any(), f"{name} has NaN (an unwritten element?) [{config}]"
-        helpers.assert_close(a, r, rl, factor=3.0, name=name, config=config)
-
-
-def _check_dense(q, k, v, *, deterministic, lse_grad=False, config="", **kw):
-    """Forward + backward through transformer.attention.attention (the one dense entry, which also takes
-    causal_align) vs the fp32 and same-dtype references; returns the gradients."""
-    helpers.require_backend("triton")
-    out, lse = transformer.attention.attention(q, k, v, return_lse=True, deterministic=deterministic,
-                                               backend="triton", **kw)
-    ref, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
-    low, low_lse = reference.attention(q, k, v, return_lse=True, compute_dtype=None, **kw)
-    helpers.assert_close(out, ref, low, name="out", config=config)
-    g = torch.Generator().manual_seed(7)
-    dout = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
-    dlse = torch.randn(lse.shape, generator=g).to(lse.device) if lse_grad else None
-    got = _grads((out, lse), (q, k, v), (dout, dlse))
-    want = _grads((ref, ref_lse), (q, k, v), (dout.float(), dlse))
-    base = _grads((low, low_lse), (q, k, v), (dout, None if dlse is None else dlse.to(low_lse.dtype)))
-    _compare(got, want, base, config)
-    return got
+def _check_dense(q, k, v, **kw):
+    return helpers.check_attention_grads("triton", q, k, v, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +82,7 @@ def test_dense(backend, case, deterministic):
                  config=_case_id(case) + f" deterministic={deterministic}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BOTH)
 @pytest.mark.parametrize("deterministic", MODES)
 def test_padded_batch(backend, deterministic):
     """Per-batch key bounds (padded_attention: three varlen sequences per batch element, two of them without
@@ -128,7 +92,7 @@ def test_padded_batch(backend, deterministic):
     start = torch.tensor([0, 5, 57], device=helpers.DEVICE)
     end = torch.tensor([57, 30, 57], device=helpers.DEVICE)
     out = transformer.attention.attention(q, k, v, key_start=start, key_end=end, deterministic=deterministic,
-                                          backend="triton")
+                                          backend=backend)
     mask = torch.zeros(3, 57, dtype=torch.bool, device=helpers.DEVICE)
     for i, (s, e) in enumerate(zip(start.tolist(), end.tolist())):
         mask[i, s:e] = True
@@ -163,13 +127,14 @@ VARLEN_CASES = [
     ([1, 113, 0, 239], [239, 113, 5, 1], "gqa", 64, FP16, True, (-1, -1), 0.0, "bh", (0, 3, 2), True),
     ([113, 0, 1], [0, 40, 113], "mqa", 111, BF16, False, (16, 16), 2.0, None, (2, 5, 0), False),
     ([70, 33], [90, 0], "mha", 128, BF16, True, (-1, -1), 0.0, "h", (0, 0, 7), False),
+    ([70, 33], [90, 0], "mha", 256, BF16, True, (-1, -1), 0.0, "h", (0, 0, 7), False),
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BOTH)
 @pytest.mark.parametrize("deterministic", MODES)
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=["gqa-causal-alibi-tails-dlse", "mqa-window-softcap-head",
-                                                    "mha-empty-keys"])
+                                                    "mha-empty-keys", "mha-d256-empty-keys"])
 def test_varlen(backend, case, deterministic):
     helpers.require_backend(backend)
     lens_q, lens_k, heads, d, dtype, causal, window, softcap, alibi, (head_q, tail_q, tail_k), lse_grad = case
@@ -201,7 +166,7 @@ def test_varlen(backend, case, deterministic):
 # Exact zeros, determinism, the op schema
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BOTH)
 @pytest.mark.parametrize("deterministic", MODES)
 def test_fully_masked_rows_have_zero_gradients(backend, deterministic):
     """Causal, bottom-right, Nq > Nk: the first Nq - Nk queries see no key, their dq is exactly 0. Causal,
@@ -243,8 +208,8 @@ def test_deterministic_is_bit_identical(backend):
 
 
 def test_triton_ops_take_deterministic():
-    """The Triton ops end in `deterministic` (schema default False) and pass opcheck with either value; the CUDA
-    backend's namespaces (shared schema) do not declare it."""
+    """The Triton ops end in `deterministic` (schema default False) and pass opcheck with either value; so do the
+    CUDA backend's (tileformer, tileformer_emu: the shared schema with the same trailing argument)."""
     helpers.require_backend("triton")
     from transformer._triton import attention as tka
     from transformer.ops import attention as contract
@@ -253,7 +218,7 @@ def test_triton_ops_take_deterministic():
     for ns in ("tileformer", "tileformer_emu"):
         ops = getattr(torch.ops, ns, None)
         if ops is not None and hasattr(ops, "attn_bwd"):
-            assert not contract._declares_deterministic(ops.attn_bwd)
+            assert contract._declares_deterministic(ops.attn_fwd) and contract._declares_deterministic(ops.attn_bwd)
     q, k, v = (t.detach() for t in _inputs(1, 20, 33, 2, 1, 32, FP16, seed=23))
     args = (q, k, v, None, None, None, 20, 33, 32 ** -0.5, -1, 0, 0.0, True)
     out, lse = tka.attn_fwd(*args)

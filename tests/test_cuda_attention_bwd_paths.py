@@ -46,52 +46,16 @@ def _emu_ops():
     return _cuda.ops(torch.device("cpu"))
 
 
-def _inputs(b, nq, nk, hq, hkv, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def make(n, h):
-        return torch.randn(b, n, h, d, generator=g).to(helpers.DEVICE, dtype).requires_grad_(True)
-
-    return make(nq, hq), make(nk, hkv), make(nk, hkv)
+_inputs, _alibi, _compare = helpers.attn_inputs, helpers.alibi_slopes, helpers.compare_grads
 
 
-def _alibi(kind, b, hq, seed=1):
-    if kind is None:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(*((hq,) if kind == "h" else (b, hq)), generator=g) * 0.5 + 0.05).to(helpers.DEVICE)
-
-
-def _grads(outs, inputs, gouts):
-    keep = [(o, g) for o, g in zip(outs, gouts) if g is not None]
-    return torch.autograd.grad([o for o, _ in keep], inputs, [g for _, g in keep])
-
-
-def _compare(got, want, base, config):
-    for name, a, r, rl in zip(("dq", "dk", "dv"), got, want, base):
-        assert not torch.isnan(a).any(), f"{name} has NaN (an unwritten element?) [{config}]"
-        helpers.assert_close(a, r, rl, factor=3.0, name=name, config=config)
-
-
-def _check_dense(q, k, v, *, deterministic, lse_grad=False, config="", **kw):
-    helpers.require_backend("cuda")
-    out, lse = transformer.attention.attention(q, k, v, return_lse=True, deterministic=deterministic,
-                                               backend="cuda", **kw)
-    ref, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
-    low, low_lse = reference.attention(q, k, v, return_lse=True, compute_dtype=None, **kw)
-    helpers.assert_close(out, ref, low, name="out", config=config)
-    g = torch.Generator().manual_seed(7)
-    dout = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
-    dlse = torch.randn(lse.shape, generator=g).to(lse.device) if lse_grad else None
-    got = _grads((out, lse), (q, k, v), (dout, dlse))
-    want = _grads((ref, ref_lse), (q, k, v), (dout.float(), dlse))
-    base = _grads((low, low_lse), (q, k, v), (dout, None if dlse is None else dlse.to(low_lse.dtype)))
-    _compare(got, want, base, config)
-    return got
+def _check_dense(q, k, v, **kw):
+    return helpers.check_attention_grads("cuda", q, k, v, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
-# Dense: odd sizes x features x dtypes, both paths
+# Dense: odd sizes x features x dtypes, both paths (the padded-batch, varlen and fully-masked-row tests of both
+# paths are test_attention_bwd_paths.py's, run on both kernel backends)
 # ---------------------------------------------------------------------------------------------
 
 # (b, nq, nk, (hq, hkv), d, dtype, causal, align, window, softcap, alibi, lse_grad)
@@ -152,84 +116,6 @@ SLOW_CASES = [
 @pytest.mark.parametrize("case", SLOW_CASES, ids=[_case_id(c) for c in SLOW_CASES])
 def test_dense_grid(backend, case, deterministic):
     _run_case(case, deterministic)
-
-
-@pytest.mark.parametrize("backend", CUDA)
-@pytest.mark.parametrize("deterministic", MODES)
-def test_padded_batch(backend, deterministic):
-    """Per-batch key bounds (padded_attention: three varlen sequences per batch element, two of them without
-    queries; the last batch element sees no key) through both paths."""
-    helpers.require_backend(backend)
-    q, k, v = _inputs(3, 40, 57, 4, 1, 64, BF16, seed=2)
-    start = torch.tensor([0, 5, 57], device=helpers.DEVICE)
-    end = torch.tensor([57, 30, 57], device=helpers.DEVICE)
-    out = transformer.attention.attention(q, k, v, key_start=start, key_end=end, deterministic=deterministic,
-                                          backend="cuda")
-    mask = torch.zeros(3, 57, dtype=torch.bool, device=helpers.DEVICE)
-    for i, (s, e) in enumerate(zip(start.tolist(), end.tolist())):
-        mask[i, s:e] = True
-    ref = reference.attention(q, k, v, key_padding_mask=mask)
-    low = reference.attention(q, k, v, key_padding_mask=mask, compute_dtype=None)
-    helpers.assert_close(out, ref, low, name="out")
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out.dtype)
-    _compare(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout.float()),
-             torch.autograd.grad(low, (q, k, v), dout), f"padded deterministic={deterministic}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Varlen: empty sequences, tokens in no sequence, both paths
-# ---------------------------------------------------------------------------------------------
-
-def _varlen(lens_q, lens_k, hq, hkv, d, dtype, *, head_q=0, tail_q=0, tail_k=0, seed=0):
-    """Packed q/k/v with head_q tokens before cu_seqlens_q[0] and tail_* tokens after the last sequence."""
-    g = torch.Generator().manual_seed(seed)
-    cu_q = torch.tensor([head_q] + [head_q + x for x in itertools.accumulate(lens_q)], dtype=torch.int32)
-    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
-
-    def make(n, h):
-        return torch.randn(n, h, d, generator=g).to(helpers.DEVICE, dtype).requires_grad_(True)
-
-    q = make(head_q + sum(lens_q) + tail_q, hq)
-    k, v = make(sum(lens_k) + tail_k, hkv), make(sum(lens_k) + tail_k, hkv)
-    return q, k, v, cu_q.to(helpers.DEVICE), cu_k.to(helpers.DEVICE), max(lens_q), max(lens_k)
-
-
-VARLEN_CASES = [
-    # (lens_q, lens_k, (hq, hkv), d, dtype, causal, window, softcap, alibi, (head_q, tail_q, tail_k), lse_grad)
-    ([1, 113, 0, 239], [239, 113, 5, 1], (4, 1), 64, FP16, True, (-1, -1), 0.0, "bh", (0, 3, 2), True),
-    ([113, 0, 1], [0, 40, 113], (5, 1), 111, BF16, False, (16, 16), 2.0, None, (2, 5, 0), False),
-    ([70, 33], [90, 0], (2, 2), 256, BF16, True, (-1, -1), 0.0, "h", (0, 0, 7), False),
-]
-
-
-@pytest.mark.parametrize("backend", CUDA)
-@pytest.mark.parametrize("deterministic", MODES)
-@pytest.mark.parametrize("case", VARLEN_CASES, ids=["gqa4-causal-alibi-tails-dlse", "gqa5-window-softcap-head",
-                                                    "mha-d256-empty-keys"])
-def test_varlen(backend, case, deterministic):
-    helpers.require_backend(backend)
-    lens_q, lens_k, (hq, hkv), d, dtype, causal, window, softcap, alibi, (head_q, tail_q, tail_k), lse_grad = case
-    q, k, v, cu_q, cu_k, mq, mk = _varlen(lens_q, lens_k, hq, hkv, d, dtype, head_q=head_q, tail_q=tail_q,
-                                          tail_k=tail_k, seed=d)
-    kw = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=_alibi(alibi, len(lens_q), hq),
-              validate=head_q == 0)   # cu_seqlens_q[0] > 0 (tokens before the first sequence) is not "valid"
-    out, lse = transformer.flash_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_lse=True,
-                                                  deterministic=deterministic, backend=backend, **kw)
-    ref, ref_lse = reference.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_lse=True, **kw)
-    low, low_lse = reference.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_lse=True, compute_dtype=None,
-                                              **kw)
-    config = f"{case} deterministic={deterministic}"
-    helpers.assert_close(out, ref, low, config=config)
-    g = torch.Generator().manual_seed(3)
-    dout = torch.randn(out.shape, generator=g).to(out.dtype)
-    dlse = torch.randn(lse.shape, generator=g) if lse_grad else None
-    got = _grads((out, lse), (q, k, v), (dout, dlse))
-    _compare(got, _grads((ref, ref_lse), (q, k, v), (dout.float(), dlse)),
-             _grads((low, low_lse), (q, k, v), (dout, None if dlse is None else dlse.to(low_lse.dtype))), config)
-    dq, dk, dv = got
-    # tokens in no sequence: exactly zero gradients
-    assert not dq[:head_q].any() and not dq[q.shape[0] - tail_q:].any(), config
-    assert not dk[k.shape[0] - tail_k:].any() and not dv[k.shape[0] - tail_k:].any(), config
 
 
 # ---------------------------------------------------------------------------------------------
