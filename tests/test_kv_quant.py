@@ -478,13 +478,15 @@ def test_per_channel_k_measurement():
 # ---------------------------------------------------------------------------------------------
 
 _TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "data", "attention.txt")
-_TRAIN = dict(steps=200, batch=32, seq=96, lr=5e-3, seed=0)
+_TRAIN = dict(steps=200, batch=32, seq=96, lr=5e-3, seed=0, threads=1)
 
 
 @pytest.fixture(scope="module")
 def trained_decoder(request):
     """examples/train_decoder_only.py's model (dim 128, 3 layers, GQA 4/2, RoPE, SwiGLU) trained on its text
-    (_TRAIN: loss ~0.25, about 1 minute on 2 cores), cached in pytest's cache directory; fp16 for generation."""
+    (_TRAIN: loss ~0.25, about 1 minute), cached in pytest's cache directory; fp16 for generation. Trained on one
+    thread: the float sums of a multi-threaded CPU matmul depend on the thread count, and the weights (with them
+    every near-tie of the greedy decisions below) would change from machine to machine."""
     import torch.nn.functional as F
 
     from transformer.models import DecoderOnly, DecoderOnlyConfig
@@ -500,18 +502,23 @@ def trained_decoder(request):
     if os.path.exists(path):
         model.load_state_dict(torch.load(path))
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=_TRAIN["lr"], weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=_TRAIN["lr"], total_steps=_TRAIN["steps"],
-                                                    pct_start=0.1)
-        gen = torch.Generator().manual_seed(_TRAIN["seed"])
-        for _ in range(_TRAIN["steps"]):
-            starts = torch.randint(0, len(data) - _TRAIN["seq"] - 1, (_TRAIN["batch"],), generator=gen)
-            x = torch.stack([data[s:s + _TRAIN["seq"] + 1] for s in starts])
-            loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(_TRAIN["threads"])
+        try:
+            opt = torch.optim.AdamW(model.parameters(), lr=_TRAIN["lr"], weight_decay=0.01)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=_TRAIN["lr"], total_steps=_TRAIN["steps"],
+                                                        pct_start=0.1)
+            gen = torch.Generator().manual_seed(_TRAIN["seed"])
+            for _ in range(_TRAIN["steps"]):
+                starts = torch.randint(0, len(data) - _TRAIN["seq"] - 1, (_TRAIN["batch"],), generator=gen)
+                x = torch.stack([data[s:s + _TRAIN["seq"] + 1] for s in starts])
+                loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        finally:
+            torch.set_num_threads(threads)
         tmp = f"{path}.{os.getpid()}"
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, path)
@@ -519,43 +526,83 @@ def trained_decoder(request):
     return cfg, model.eval().to(torch.float16).state_dict(), prompts
 
 
-def _agreement(model, prompts, n, kv_dtype, cache="paged"):
-    base = transformer.generate(model, prompts, n, temperature=0, cache=cache, page_size=16)
-    out = transformer.generate(model, prompts, n, temperature=0, cache=cache, page_size=16, kv_dtype=kv_dtype)
+def _greedy(model, prompts, n, kv_dtype, cache="paged"):
+    return transformer.generate(model, prompts, n, temperature=0, cache=cache, page_size=16, kv_dtype=kv_dtype)
+
+
+def _agreement(out, base, prompts):
+    """Fraction of the generated tokens equal position by position (a fork counts every later token)."""
     same = sum(int((a[len(p):] == b[len(p):]).sum()) for a, b, p in zip(out, base, prompts))
-    return same / (n * len(prompts))
+    return same / sum(len(a) - len(p) for a, p in zip(out, prompts))
+
+
+@torch.no_grad()
+def _teacher_forced(model, seqs, prompts, kv_dtype, cache="paged"):
+    """Fraction of the steps at which the model, fed the tokens of `seqs` (one at a time after the prompt, through
+    a cache of kv_dtype), predicts the next token of `seqs` by argmax: the per-token decisions of a quantized cache
+    without the fork amplification of free-running greedy generation."""
+    hits = total = 0
+    for seq, p in zip(seqs, prompts):
+        kv = model.make_cache(1, len(seq), page_size=16 if cache == "paged" else None, kv_dtype=kv_dtype)
+        logits = model(seq[None, :len(p)], cache=kv)
+        for t in range(len(p), len(seq)):
+            hits += int(int(logits[0, -1].argmax()) == int(seq[t]))
+            total += 1
+            if t + 1 < len(seq):
+                logits = model(seq[None, t:t + 1], cache=kv)
+    return hits / total
 
 
 def test_generate_agreement(trained_decoder):
-    """End-to-end greedy generation (8 fixed prompts from the text, 48 tokens each, paged and contiguous) with an
-    int8 cache agrees with the fp16 cache on >= 95% of the tokens (measured: 99.2%, paged and contiguous). fp8
-    e4m3 (3 mantissa bits; per-element error up to 1/16 of the row's largest value against int8's 1/254)
-    measured 70.8%: printed, asserted only above half."""
+    """Greedy generation (8 fixed prompts from the text, 48 tokens each) over an int8 / fp8 e4m3 cache against the
+    fp16 cache, paged and contiguous. Two figures, printed: free-running greedy agreement (position by position;
+    one flipped near-tie forks the rest of that sequence) and teacher-forced agreement (each step fed the fp16
+    cache's tokens: the share of per-token argmax decisions a quantized cache keeps). Measured on this fixture:
+    greedy int8 93.2%, fp8 48.7%; teacher-forced int8 99.7%, fp8 96.9%; an fp32 model + cache agrees with the
+    fp16 one on 100% of the greedy tokens. Asserted: teacher-forced >= 99% (int8) and >= 95% (fp8), and paged
+    and contiguous caches give the same tokens (same quantized values, same kernels)."""
     from transformer.models import DecoderOnly
     cfg, state, prompts = trained_decoder
     model = DecoderOnly(cfg).to(torch.float16).eval()
     model.load_state_dict(state)
     figures = {}
     for cache in ("paged", "contiguous"):
+        base = _greedy(model, prompts, 48, None, cache)
         for kd in FORMATS:
-            figures[cache, kd] = _agreement(model, prompts, 48, kd, cache)
-    print("\ngreedy agreement with the fp16 cache: " + ", ".join(f"{c} {k} {v:.1%}" for (c, k), v in figures.items()))
-    assert figures["paged", "int8"] >= 0.95 and figures["contiguous", "int8"] >= 0.95, figures
-    assert figures["paged", "fp8_e4m3"] > 0.5, figures
+            out = _greedy(model, prompts, 48, kd, cache)
+            figures[cache, kd] = (_agreement(out, base, prompts), _teacher_forced(model, base, prompts, kd, cache))
+            if cache == "contiguous":
+                assert all(torch.equal(a, b) for a, b in zip(out, figures["paged", kd, "tokens"])), kd
+            else:
+                figures[cache, kd, "tokens"] = out
+    print("\nagreement with the fp16 cache (greedy, teacher-forced): " + ", ".join(
+        f"{c} {k} {v[0]:.1%} {v[1]:.1%}" for (c, k, *rest), v in figures.items() if not rest))
+    for cache in ("paged", "contiguous"):
+        assert figures[cache, "int8"][1] >= 0.99, figures[cache, "int8"]
+        assert figures[cache, "fp8_e4m3"][1] >= 0.95, figures[cache, "fp8_e4m3"]
 
 
 def test_generate_agreement_on_the_cuda_kernels(trained_decoder):
-    """The same through the CUDA decode kernels (emulated on a CPU machine), 4 prompts x 24 tokens, int8."""
+    """The same through the CUDA decode kernels (emulated on a CPU machine), 4 prompts x 24 tokens, int8: the
+    tokens the cuda kernels generate over an int8 cache, fed back teacher-forced through the default backend's
+    int8 path, are predicted on >= 99% of the steps (both read the same quantized cache; they differ only in
+    summation order), and the cuda int8 generation keeps >= 99% of the fp16 cache's per-token decisions."""
     require_backend("cuda")
     from transformer.models import DecoderOnly
     cfg, state, prompts = trained_decoder
+    prompts = prompts[:4]
     model = DecoderOnly(cfg, backend="cuda").to(torch.float16).eval()
     model.load_state_dict(state)
+    default = DecoderOnly(cfg).to(torch.float16).eval()
+    default.load_state_dict(state)
     with transformer.backends.record_dispatches() as counts:
-        figure = _agreement(model, prompts[:4], 24, "int8")
+        out = _greedy(model, prompts, 24, "int8")
+        forced = _teacher_forced(model, _greedy(default, prompts, 24, None), prompts, "int8")
     assert counts[("decode_attention", "cuda")] > 0
-    print(f"\ncuda kernels: greedy agreement int8 vs fp16 cache {figure:.1%}")
-    assert figure >= 0.95
+    cross = _teacher_forced(default, out, prompts, "int8")
+    print(f"\ncuda kernels, int8: default backend predicts the cuda tokens {cross:.1%}, "
+          f"teacher-forced agreement with the fp16 cache {forced:.1%}")
+    assert cross >= 0.99 and forced >= 0.99, (cross, forced)
 
 
 def test_chunked_prefill_over_a_quantized_cache():
