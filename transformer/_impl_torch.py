@@ -4,10 +4,29 @@ Masks come from transformer.reference.attention_mask, so the visibility rules li
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from .reference import alibi_bias, attention_mask, varlen_bounds, zeros_like_output
+
+
+# On the CPU, SDPA's fused (flash) kernel recomputes the scores in its backward with another summation order than
+# its forward, so P = exp(S - lse) comes back within ~1e-6 of its forward value instead of equal to it: a row with
+# a single visible key gets P != 1, and dV = dO (or the sum of a query group's dO) then lands on the other side of
+# a rounding tie once cast to fp16 / bf16, one ulp from PyTorch's own low-precision result. The math backend keeps
+# the forward's P for the backward. It materialises the [B, H, Nq, Nk] scores, so it serves calls up to this many
+# scores; larger ones take the fused kernel.
+_CPU_MATH_MAX_SCORES = 1 << 26
+
+
+def _sdpa_backend(q, k):
+    """The SDPA backend context for q [B, Hq, Nq, D], k [B, Hkv, Nk, D]: the math backend for CPU calls up to
+    _CPU_MATH_MAX_SCORES scores, PyTorch's own choice otherwise."""
+    if q.device.type == "cpu" and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _CPU_MATH_MAX_SCORES:
+        return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 def _sdpa(q, k, v, mask, bias, scale):
@@ -18,7 +37,8 @@ def _sdpa(q, k, v, mask, bias, scale):
     """
     gqa = q.shape[1] != k.shape[1]
     if mask is None and bias is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        with _sdpa_backend(q, k):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     row_visible = None
     attn_mask = None
     if mask is not None:
@@ -27,7 +47,8 @@ def _sdpa(q, k, v, mask, bias, scale):
     if bias is not None:
         bias = bias.to(q.dtype)
         attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
+    with _sdpa_backend(q, k):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
     if row_visible is not None:
         out = torch.where(row_visible, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out
@@ -48,8 +69,9 @@ def _dense(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, causal_
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     unbounded = window_size == (-1, -1)
     if unbounded and alibi_slopes is None and (not causal or (causal_align == "top_left" or nq == nk)):
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal,
-                                             scale=softmax_scale, enable_gqa=qt.shape[1] != kt.shape[1])
+        with _sdpa_backend(qt, kt):
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal,
+                                                 scale=softmax_scale, enable_gqa=qt.shape[1] != kt.shape[1])
         return out.transpose(1, 2)
     mask = None
     if causal or not unbounded:
@@ -136,8 +158,9 @@ def padded_attention(q, k, v, key_start, key_end, *, causal, softmax_scale, wind
         bias = (-slopes.expand(b, -1)[:, :, None, None] * dist[:, None]).to(q.dtype)
         attn_mask = bias.masked_fill(~attn_mask, float("-inf"))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask, scale=softmax_scale,
-                                         enable_gqa=hq != k.shape[2])
+    with _sdpa_backend(qt, kt):
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask, scale=softmax_scale,
+                                             enable_gqa=hq != k.shape[2])
     out = torch.where(row_visible, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out.transpose(1, 2)
 
