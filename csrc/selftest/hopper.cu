@@ -1,0 +1,93 @@
+// Launchers of the sm_90a self-test kernels (selftest/hopper.cuh): tensor maps built on the host
+// (tf::make_tma_desc), then one block each.
+#include "selftest/hopper.h"
+
+#include <string>
+
+#include "common/launch.h"
+#include "common/tma.h"
+#include "selftest/hopper.cuh"
+
+namespace tf::selftest {
+
+namespace {
+
+// The kernels' code exists for sm_90a only (the sm_80 build holds empty bodies).
+template <typename Kernel>
+void require_sm90a(Kernel kernel, const char* what) {
+#ifdef TILEFORMER_EMULATE
+  (void)kernel;
+  (void)what;
+#else
+  int dev = 0, major = 0, minor = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+  if (major != 9 || minor != 0)
+    throw std::runtime_error(std::string(what) + ": the sm_90a self-test kernels need a compute capability 9.0 GPU "
+                             "(H100 / H200); this device is " + std::to_string(major) + "." + std::to_string(minor));
+  cudaFuncAttributes attr{};
+  check_cuda(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
+  if (attr.binaryVersion != 90)
+    throw std::runtime_error(std::string(what) + ": the extension holds no sm_90a code for this kernel (built "
+                             "with TILEFORMER_CUDA_ARCHS without 9.0a)");
+#endif
+}
+
+// 3-D view [outer / c][rows][c] of a row-major [rows][outer] matrix (c = chunk elements: one swizzle span, 8
+// unswizzled), box = the whole of it padded to box_rows rows: the tile layout of wgmma_kernel.
+TmaDesc chunked_view(const void* base, DType dtype, int rows, int outer, int box_rows, Swizzle sw) {
+  const int c = swizzle_span(sw) / 2;
+  const int64_t dims[3] = {c, rows, outer / c};
+  const int64_t strides[3] = {1, outer, c};
+  const int box[3] = {c, box_rows, outer / c};
+  return make_tma_desc(base, dtype, 3, dims, strides, box, sw);
+}
+
+template <typename T, int N>
+void wgmma_launch(const TmaDesc& ta, const TmaDesc& tb, const WgmmaTestParams& p, size_t smem, cudaStream_t stream) {
+  require_sm90a(wgmma_kernel<T, N>, "selftest_wgmma");
+  launch(wgmma_kernel<T, N>, dim3(1), dim3(128), smem, stream, ta, tb, p);
+}
+
+template <typename T>
+void wgmma_dispatch(int N, const TmaDesc& ta, const TmaDesc& tb, const WgmmaTestParams& p, size_t smem,
+                    cudaStream_t stream) {
+  if (N == 64) wgmma_launch<T, 64>(ta, tb, p, smem, stream);
+  else if (N == 128) wgmma_launch<T, 128>(ta, tb, p, smem, stream);
+  else wgmma_launch<T, 256>(ta, tb, p, smem, stream);
+}
+
+}  // namespace
+
+void wgmma_tile(DType dtype, const void* A, int a_rows, const void* B, const float* C, float* D, int N, int K,
+                int swizzle, bool a_regs, bool b_mn_major, bool use_c, int mutate, cudaStream_t stream) {
+  const Swizzle sw = Swizzle(swizzle);
+  const TmaDesc ta = chunked_view(A, dtype, a_rows, K, 64, sw);
+  const TmaDesc tb = b_mn_major ? chunked_view(B, dtype, K, N, K, sw) : chunked_view(B, dtype, N, K, N, sw);
+  WgmmaTestParams p{C, D, K, swizzle, int(a_regs), int(b_mn_major), int(use_c), mutate};
+  const size_t smem = 1024 + 1024 + size_t(64 + N) * K * 2;
+  if (dtype == DType::f16) wgmma_dispatch<__half>(N, ta, tb, p, smem, stream);
+  else wgmma_dispatch<__nv_bfloat16>(N, ta, tb, p, smem, stream);
+}
+
+void tma_copy(const void* src, int src_rows, int src_cols, void* dst, int dst_rows, int dst_cols, void* tile,
+              int box_rows, int box_cols, int x0, int y0, int x1, int y1, int swizzle, bool skip_wait,
+              cudaStream_t stream) {
+  require_sm90a(tma_copy_kernel, "selftest_tma_copy");
+  const Swizzle sw = Swizzle(swizzle);
+  const int box[2] = {box_cols, box_rows};
+  const int64_t src_dims[2] = {src_cols, src_rows}, src_strides[2] = {1, src_cols};
+  const int64_t dst_dims[2] = {dst_cols, dst_rows}, dst_strides[2] = {1, dst_cols};
+  const TmaDesc ts = make_tma_desc(src, DType::f16, 2, src_dims, src_strides, box, sw);
+  const TmaDesc td = make_tma_desc(dst, DType::f16, 2, dst_dims, dst_strides, box, sw);
+  TmaCopyParams p{static_cast<uint16_t*>(tile), x0, y0, x1, y1, box_rows, box_cols, swizzle, int(skip_wait)};
+  launch(tma_copy_kernel, dim3(1), dim3(128), 2048 + size_t(box_rows) * box_cols * 2, stream, ts, td, p);
+}
+
+void mbarrier_pingpong(const float* x, float* out, int iters, int mode, cudaStream_t stream) {
+  require_sm90a(mbarrier_pingpong_kernel, "selftest_mbarrier");
+  launch(mbarrier_pingpong_kernel, dim3(1), dim3(256), 0, stream, MbarrierTestParams{x, out, iters, mode});
+}
+
+}  // namespace tf::selftest

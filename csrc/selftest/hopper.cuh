@@ -1,0 +1,228 @@
+// Self-test kernels of the sm_90a wrappers (common/ptx_sm90.cuh) and their emulation (tests/test_emulator_hopper.py).
+// Built for the GPU (their sm_90a SASS holds HGMMA, UTMALDG, SYNCS; on an H100/H200 the same tests compare the
+// hardware with torch) and for the emulator. In the sm_80 build the kernel bodies are empty: the launchers
+// (selftest/hopper.cu) refuse devices other than compute capability 9.0.
+#pragma once
+
+#include "common/device.cuh"
+#include "common/gmem.h"
+#include "common/ptx_sm90.cuh"
+#include "common/tma.h"
+
+#if defined(TILEFORMER_EMULATE) || defined(TF_SM90A)
+#define TF_HOPPER_BODY 1
+#endif
+
+namespace tf::selftest {
+
+// The first 1024-byte boundary at or after the dynamic shared memory (the launchers add 1 KB): swizzle
+// patterns repeat every 1024 bytes of shared-memory address, so tiles start on such a boundary.
+TF_DEVICE unsigned char* aligned_smem(unsigned char* p) {
+  return p + ((1024u - (ptx::smem_addr(p) & 1023u)) & 1023u);
+}
+
+struct WgmmaTestParams {
+  gptr<const float> C;  // [64][N] fp32 (read when use_c)
+  gptr<float> D;        // [64][N] fp32
+  int K;                // 16 .. 64, a multiple of 16 and of the tile chunk (swizzle span / 2 elements; 8 unswizzled)
+  int swizzle;          // tf::Swizzle of both tiles: the tensor maps and the descriptors
+  int a_regs;           // A from registers (wgmma RS, fragments read from the swizzled tile) instead of SS
+  int b_mn_major;       // B given as B[K][N] (N contiguous, trans-b = 1) instead of Bt[N][K] (trans-b = 0)
+  int use_c;            // D = A B + C; else the first wgmma ignores the accumulator (scale-d = 0): D = A B
+  int mutate;           // deliberate bugs: 1 B's stride byte offset 16 bytes short; 2 B's descriptor with another
+                        // swizzle mode than the tile's; 3 no wgmma.fence before the first wgmma
+};
+
+// D[64][N] = A[64][K] B[K][N] (+ C), one warpgroup. Thread 0 loads both tiles with 3-D TMA (tensor-map views
+// [K/c][rows][c], c = tile chunk; the launcher builds them), signalled on one mbarrier; then K/16 wgmmas
+// (one commit group each) into N/2 fp32 registers per thread, stored in the D fragment layout.
+// Shared memory, from a 1024-byte boundary: the mbarrier (1 KB page), A as [K/c][64][c], B as [K/c][N][c] (K-major)
+// or [N/c][K][c] (N-major); each row of c elements is one swizzle span.
+template <typename T, int N>
+__global__ void __launch_bounds__(128, 1) wgmma_kernel(const __grid_constant__ TmaDesc tma_a,
+                                                       const __grid_constant__ TmaDesc tma_b, WgmmaTestParams p) {
+#ifdef TF_HOPPER_BODY
+  TF_DYNAMIC_SMEM(unsigned char, smem_raw);
+  unsigned char* smem = aligned_smem(smem_raw);
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+  unsigned char* sA = smem + 1024;
+  unsigned char* sB = sA + 64 * p.K * 2;  // a multiple of 1024 bytes
+  const Swizzle sw = Swizzle(p.swizzle);
+  const uint32_t W = swizzle_span(sw);    // bytes per tile row
+  const int c = int(W) / 2;               // elements per tile row
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    ptx::mbarrier_init(bar, 1);
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+  if (tid == 0) {
+    ptx::mbarrier_arrive_expect_tx(bar, uint32_t((64 + N) * p.K * 2));
+    ptx::tma_load_3d(sA, &tma_a, 0, 0, 0, bar);
+    ptx::tma_load_3d(sB, &tma_b, 0, 0, 0, bar);
+  }
+  ptx::mbarrier_wait(bar, 0);
+
+  const uint32_t a_addr = ptx::smem_addr(sA), b_addr = ptx::smem_addr(sB);
+  const int w = tid / 32, g = (tid & 31) >> 2, t = tid & 3;
+  // RS: this thread's A fragments of every k-step, read from the swizzled tile (element (m, k) at
+  // (k / c) * 64 * W + m * W + (k % c) * 2; two k-neighbours share one 16-byte chunk).
+  constexpr int kMaxSteps = 4;
+  uint32_t a_frag[kMaxSteps][4];
+#pragma unroll
+  for (int ks = 0; ks < kMaxSteps; ++ks) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int m = 16 * w + g + 8 * (r & 1), k = 16 * ks + 2 * t + 8 * (r >> 1);
+      const uint32_t off = uint32_t(k / c) * 64 * W + uint32_t(m) * W + uint32_t(k % c) * 2;
+      a_frag[ks][r] = p.a_regs && ks * 16 < p.K
+                          ? *reinterpret_cast<const uint32_t*>(sA + (swizzle_addr(a_addr + off, sw) - a_addr))
+                          : 0u;
+    }
+  }
+
+  float d[N / 2];
+#pragma unroll
+  for (int r = 0; r < N / 2; ++r) {
+    const int row = 16 * w + g + 8 * ((r & 3) >> 1), col = 8 * (r >> 2) + 2 * t + (r & 1);
+    d[r] = p.use_c ? p.C[row * N + col] : 0.f;
+  }
+  ptx::fence_operand(d);
+  if (p.mutate != 3) ptx::wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kMaxSteps; ++ks) {
+    if (ks * 16 >= p.K) break;
+    const int k0 = 16 * ks;
+    // A (K-major): k-step k0 starts in chunk k0 / c at column k0 % c; LBO = the next chunk (unswizzled only),
+    // SBO = 8 rows.
+    const uint64_t desc_a = ptx::make_smem_desc(a_addr + uint32_t(k0 / c) * 64 * W + uint32_t(k0 % c) * 2,
+                                                sw == Swizzle::none ? 64 * 16 : 16, 8 * W, sw);
+    uint32_t b_start, lbo, sbo;
+    if (!p.b_mn_major) {        // Bt[N][K], K-major, like A
+      b_start = b_addr + uint32_t(k0 / c) * N * W + uint32_t(k0 % c) * 2;
+      lbo = sw == Swizzle::none ? N * 16 : 16;
+      sbo = 8 * W;
+    } else {                    // B[K][N], N-major: rows k0 .. k0+15 of every chunk of c columns
+      b_start = b_addr + uint32_t(k0) * W;
+      lbo = sw == Swizzle::none ? 8 * 16 : uint32_t(p.K) * W;       // none: next 8 k-rows; swizzled: next chunk
+      sbo = sw == Swizzle::none ? uint32_t(p.K) * 16 : 8 * W;       // none: next 8 columns; swizzled: next 8 k-rows
+    }
+    if (p.mutate == 1) sbo -= 16;
+    const Swizzle desc_sw = p.mutate == 2 ? (sw == Swizzle::none ? Swizzle::b32 : Swizzle::none) : sw;
+    const uint64_t desc_b = ptx::make_smem_desc(b_start, lbo, sbo, desc_sw);
+    const int scale_d = (p.use_c || ks > 0) ? 1 : 0;
+    if (p.a_regs) {
+      if (p.b_mn_major) ptx::wgmma_rs<T, N, 1>(d, a_frag[ks], desc_b, scale_d);
+      else ptx::wgmma_rs<T, N, 0>(d, a_frag[ks], desc_b, scale_d);
+    } else {
+      if (p.b_mn_major) ptx::wgmma_ss<T, N, 0, 1>(d, desc_a, desc_b, scale_d);
+      else ptx::wgmma_ss<T, N, 0, 0>(d, desc_a, desc_b, scale_d);
+    }
+    ptx::wgmma_commit();
+  }
+  ptx::wgmma_wait<1>();
+  ptx::wgmma_wait<0>();
+  ptx::fence_operand(d);
+#pragma unroll
+  for (int r = 0; r < N / 2; ++r) {
+    const int row = 16 * w + g + 8 * ((r & 3) >> 1), col = 8 * (r >> 2) + 2 * t + (r & 1);
+    p.D[row * N + col] = d[r];
+  }
+#endif
+}
+
+struct TmaCopyParams {
+  gptr<uint16_t> tile;  // [box_rows][box_cols]: the loaded box as threads read it (un-swizzled)
+  int x0, y0;           // load coordinates (column, row) in the source
+  int x1, y1;           // store coordinates in the destination
+  int box_rows, box_cols;
+  int swizzle;          // of both tensor maps
+  int skip_wait;        // read the box without waiting on the mbarrier (a deliberate bug)
+};
+
+// One 2-D TMA load (16-bit elements, out-of-bounds elements read as 0) into a swizzled box, the box written out
+// by the threads through tf::swizzle_addr, then one 2-D TMA store of the box (out-of-bounds elements skipped).
+__global__ void __launch_bounds__(128) tma_copy_kernel(const __grid_constant__ TmaDesc tma_src,
+                                                       const __grid_constant__ TmaDesc tma_dst, TmaCopyParams p) {
+#ifdef TF_HOPPER_BODY
+  TF_DYNAMIC_SMEM(unsigned char, smem_raw);
+  unsigned char* smem = aligned_smem(smem_raw);
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+  unsigned char* box = smem + 1024;
+  const Swizzle sw = Swizzle(p.swizzle);
+  const int tid = threadIdx.x, n = p.box_rows * p.box_cols;
+  if (tid == 0) {
+    ptx::mbarrier_init(bar, 1);
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+  if (tid == 0) {
+    ptx::mbarrier_arrive_expect_tx(bar, uint32_t(n * 2));
+    ptx::tma_load_2d(box, &tma_src, p.x0, p.y0, bar);
+  }
+  if (!p.skip_wait) ptx::mbarrier_wait(bar, 0);
+  const uint32_t base = ptx::smem_addr(box);
+  for (int e = tid; e < n; e += blockDim.x)
+    p.tile[e] = *reinterpret_cast<const uint16_t*>(box + (swizzle_addr(base + uint32_t(e) * 2, sw) - base));
+  __syncthreads();
+  if (tid == 0) {
+    ptx::fence_proxy_async_shared();
+    ptx::tma_store_2d(&tma_dst, p.x1, p.y1, box);
+    ptx::bulk_commit();
+    ptx::bulk_wait<0>();
+  }
+#endif
+}
+
+struct MbarrierTestParams {
+  gptr<const float> x;  // [iters][128]
+  gptr<float> out;      // [128]: out[i] = fold over it of (acc * 0.5 + x[it][i])
+  int iters;
+  int mode;             // 0 correct; emulator-only bugs: 1 the full barriers expect 33 arrivals (32 come: the
+                        // consumers' wait never completes); 2 setmaxnreg not warpgroup-uniform
+};
+
+// Producer / consumer over a 2-stage ring: warpgroup 1 (warp 4 writes, setmaxnreg.dec) fills stage it % 2 after
+// waiting on empty[s], then arrives on full[s] (32 arrivals); warpgroup 0 (setmaxnreg.inc) waits on full[s],
+// folds the stage into its accumulator and arrives on empty[s] (128 arrivals). Every barrier runs through
+// iters / 2 phases; the waits use the phase parities ((it / 2) & 1, flipped for the producer's first pass).
+__global__ void __launch_bounds__(256, 1) mbarrier_pingpong_kernel(MbarrierTestParams p) {
+#ifdef TF_HOPPER_BODY
+  __shared__ __align__(16) float stage[2][128];
+  __shared__ uint64_t full[2], empty[2];
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    for (int s = 0; s < 2; ++s) {
+      ptx::mbarrier_init(&full[s], p.mode == 1 ? 33 : 32);
+      ptx::mbarrier_init(&empty[s], 128);
+    }
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+  if (tid >= 128) {
+    if (p.mode == 2 && tid >= 160) ptx::setmaxnreg_dec<48>();
+    else ptx::setmaxnreg_dec<40>();
+    if (tid < 160) {
+      const int lane = tid - 128;
+      for (int it = 0; it < p.iters; ++it) {
+        const int s = it & 1;
+        ptx::mbarrier_wait(&empty[s], ((it >> 1) & 1) ^ 1);
+        for (int j = 0; j < 4; ++j) stage[s][4 * lane + j] = p.x[int64_t(it) * 128 + 4 * lane + j];
+        ptx::mbarrier_arrive(&full[s]);
+      }
+    }
+  } else {
+    ptx::setmaxnreg_inc<232>();
+    float acc = 0.f;
+    for (int it = 0; it < p.iters; ++it) {
+      const int s = it & 1;
+      ptx::mbarrier_wait(&full[s], (it >> 1) & 1);
+      acc = acc * 0.5f + stage[s][tid];
+      ptx::mbarrier_arrive(&empty[s]);
+    }
+    p.out[tid] = acc;
+  }
+#endif
+}
+
+}  // namespace tf::selftest
