@@ -16,7 +16,8 @@
 #   c. the timing sweep (benchmarks.run --quick --sections timing; every backend and variant but the fp32
 #      reference, the peers that import);
 #   d. the tests: the correctness table, the CUDA-backend GPU tests (with the emulator self-tests' GPU halves:
-#      the mma/ldmatrix fragment layouts and warp collectives on the hardware), the Triton-backend GPU tests,
+#      the mma/ldmatrix fragment layouts and warp collectives on the hardware; on sm_90 also wgmma descriptors,
+#      swizzles and fragments, TMA and mbarrier), the Triton-backend GPU tests,
 #      then the module/model tests with the time left.
 # Everything lands in $OUT (the device tool's folder; /tmp/tileformer_gpu_out elsewhere): session.log (all
 # output), results.tgz (bench/ = benchmarks.run's output folder with ceilings.csv, kernels.txt/.csv, bench.csv,
@@ -172,7 +173,8 @@ say "d. CUDA-backend GPU tests (+ the emulator self-tests' GPU halves: fragment 
 # test_emulator.py names its hardware halves "...-gpu]" (marked gpu); the other files name the backend "cuda".
 run_for $(( $(left) - 60 )) tests_cuda "${PYTEST[@]}" \
   -k "(cuda and not test_triton_cuda_graph_capture) or (test_emulator and gpu)" \
-  tests/test_emulator.py tests/test_cuda_attention.py tests/test_cuda_decode.py tests/test_cuda_norms.py \
+  tests/test_emulator.py tests/test_emulator_hopper.py tests/test_cuda_attention.py tests/test_cuda_decode.py \
+  tests/test_cuda_norms.py \
   tests/test_attention.py tests/test_norms.py tests/test_decode.py \
   --junitxml="$LOGS/tests_cuda.xml" > "$LOGS/tests_cuda.log" 2>&1
 tail -n 30 "$LOGS/tests_cuda.log"

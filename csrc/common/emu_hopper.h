@@ -208,7 +208,11 @@ inline void mbar_complete_if_done(const void* bar, Mbar& m) {
 inline void mbarrier_init(void* bar, int count) {
   if (reinterpret_cast<uintptr_t>(bar) & 7) fail("mbarrier.init: the mbarrier must be 8-byte aligned");
   if (count < 1 || count >= (1 << 20)) fail("mbarrier.init: count must be in 1 .. 2^20 - 1, got " + std::to_string(count));
-  Mbar& m = mbar_table()[bar];
+  auto& table = mbar_table();
+  if (table.size() > 4096)  // barriers of finished blocks (keyed by addresses of past launches)
+    for (auto it = table.begin(); it != table.end();)
+      it = it->second.serial != g_launch->block_serial ? table.erase(it) : std::next(it);
+  Mbar& m = table[bar];
   m = Mbar{};
   m.serial = g_launch->block_serial;
   m.expected = m.pending = count;

@@ -1,7 +1,7 @@
 // Self-test kernels of the sm_90a wrappers (common/ptx_sm90.cuh) and their emulation (tests/test_emulator_hopper.py).
 // Built for the GPU (their sm_90a SASS holds HGMMA, UTMALDG, SYNCS; on an H100/H200 the same tests compare the
-// hardware with torch) and for the emulator. In the sm_80 build the kernel bodies are empty: the launchers
-// (selftest/hopper.cu) refuse devices other than compute capability 9.0.
+// hardware with torch) and for the emulator. In the sm_80 build the kernel bodies are a __trap(): the launchers
+// (selftest/hopper.cu) refuse devices other than compute capability 9.0 and builds without sm_90 code.
 #pragma once
 
 #include "common/device.cuh"
@@ -128,6 +128,8 @@ __global__ void __launch_bounds__(128, 1) wgmma_kernel(const __grid_constant__ T
     const int row = 16 * w + g + 8 * ((r & 3) >> 1), col = 8 * (r >> 2) + 2 * t + (r & 1);
     p.D[row * N + col] = d[r];
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // sm_80, or sm_90 without the arch-specific features (built for 9.0 instead of 9.0a)
 #endif
 }
 
@@ -171,6 +173,8 @@ __global__ void __launch_bounds__(128) tma_copy_kernel(const __grid_constant__ T
     ptx::bulk_commit();
     ptx::bulk_wait<0>();
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // sm_80, or sm_90 without the arch-specific features (built for 9.0 instead of 9.0a)
 #endif
 }
 
@@ -222,6 +226,8 @@ __global__ void __launch_bounds__(256, 1) mbarrier_pingpong_kernel(MbarrierTestP
     }
     p.out[tid] = acc;
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // sm_80, or sm_90 without the arch-specific features (built for 9.0 instead of 9.0a)
 #endif
 }
 
