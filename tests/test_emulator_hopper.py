@@ -143,6 +143,15 @@ def test_wgmma_without_fence_is_reported():
         ops.selftest_wgmma(a, b_in, c, 64, 0, False, False, 3)
 
 
+def test_wgmma_accumulators_read_before_the_wait_are_stale():
+    """Emulated wgmma results reach the accumulator registers at the wgmma.wait_group that retires their group:
+    storing D without the wait stores the registers as they were before the wgmmas (C)."""
+    ops = _emu_ops()
+    a, b, b_in, c = _wgmma_inputs(torch.float16, 64, 32, False)
+    assert torch.equal(ops.selftest_wgmma(a, b_in, c, 64, 2, False, False, 4), c)
+    assert not torch.equal(ops.selftest_wgmma(a, b_in, c, 64, 2, False, False, 0), c)
+
+
 def test_wgmma_rejects_bad_inputs():
     ops = _emu_ops()
     a, b_in = torch.zeros(64, 32, dtype=torch.half), torch.zeros(64, 32, dtype=torch.half)
@@ -161,10 +170,12 @@ def test_wgmma_rejects_bad_inputs():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("where", WHERE)
+@pytest.mark.parametrize("rank3", [False, True], ids=["2d", "3d"])
 @pytest.mark.parametrize("swizzle", SWIZZLES, ids=SWIZZLE_IDS)
-def test_tma_copy_out_of_bounds_and_swizzle(where, swizzle):
+def test_tma_copy_out_of_bounds_and_swizzle(where, swizzle, rank3):
     """Load a 16-row box at column -8, row 30 of a 40-row source (columns < 0 and rows >= 40 read as 0), read it
-    back through tf::swizzle_addr, then store it at row 10 of a 20-row destination (rows >= 20 are not written)."""
+    back through tf::swizzle_addr, then store it at row 10 of a 20-row destination (rows >= 20 are not written);
+    through 2-D tensor maps or 3-D ones with a leading dimension of 1."""
     ops, dev = _ops(where)
     box_rows, box_cols = 16, (24 if swizzle == 0 else CHUNK[swizzle])
     g = torch.Generator().manual_seed(swizzle)
@@ -176,7 +187,7 @@ def test_tma_copy_out_of_bounds_and_swizzle(where, swizzle):
     expect_y = y.clone()
     expect_y[10:20, 8:8 + box_cols] = expect_tile[:10]
     y_dev = y.to(dev)
-    tile = ops.selftest_tma_copy(x.to(dev), y_dev, x0, y0, x1, y1, box_rows, box_cols, swizzle, False).cpu()
+    tile = ops.selftest_tma_copy(x.to(dev), y_dev, x0, y0, x1, y1, box_rows, box_cols, swizzle, False, rank3).cpu()
     assert torch.equal(tile, expect_tile)
     assert torch.equal(y_dev.cpu(), expect_y)
 
@@ -186,7 +197,7 @@ def test_tma_load_read_before_the_mbarrier_wait_sees_poison():
     the 0xFF poison of shared memory (NaN in fp16)."""
     ops = _emu_ops()
     x, y = torch.ones(16, 64).half(), torch.zeros(16, 64).half()
-    tile = ops.selftest_tma_copy(x, y, 0, 0, 0, 0, 8, 64, 3, True)
+    tile = ops.selftest_tma_copy(x, y, 0, 0, 0, 0, 8, 64, 3, True, False)
     assert (tile.view(torch.int16) == -1).all()
 
 

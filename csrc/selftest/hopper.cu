@@ -72,16 +72,18 @@ void wgmma_tile(DType dtype, const void* A, int a_rows, const void* B, const flo
 }
 
 void tma_copy(const void* src, int src_rows, int src_cols, void* dst, int dst_rows, int dst_cols, void* tile,
-              int box_rows, int box_cols, int x0, int y0, int x1, int y1, int swizzle, bool skip_wait,
+              int box_rows, int box_cols, int x0, int y0, int x1, int y1, int swizzle, bool skip_wait, bool rank3,
               cudaStream_t stream) {
   require_sm90a(tma_copy_kernel, "selftest_tma_copy");
   const Swizzle sw = Swizzle(swizzle);
-  const int box[2] = {box_cols, box_rows};
-  const int64_t src_dims[2] = {src_cols, src_rows}, src_strides[2] = {1, src_cols};
-  const int64_t dst_dims[2] = {dst_cols, dst_rows}, dst_strides[2] = {1, dst_cols};
-  const TmaDesc ts = make_tma_desc(src, DType::f16, 2, src_dims, src_strides, box, sw);
-  const TmaDesc td = make_tma_desc(dst, DType::f16, 2, dst_dims, dst_strides, box, sw);
-  TmaCopyParams p{static_cast<uint16_t*>(tile), x0, y0, x1, y1, box_rows, box_cols, swizzle, int(skip_wait)};
+  const int rank = rank3 ? 3 : 2;
+  const int box[3] = {box_cols, box_rows, 1};
+  const int64_t src_dims[3] = {src_cols, src_rows, 1}, src_strides[3] = {1, src_cols, int64_t(src_rows) * src_cols};
+  const int64_t dst_dims[3] = {dst_cols, dst_rows, 1}, dst_strides[3] = {1, dst_cols, int64_t(dst_rows) * dst_cols};
+  const TmaDesc ts = make_tma_desc(src, DType::f16, rank, src_dims, src_strides, box, sw);
+  const TmaDesc td = make_tma_desc(dst, DType::f16, rank, dst_dims, dst_strides, box, sw);
+  TmaCopyParams p{static_cast<uint16_t*>(tile), x0, y0, x1, y1, box_rows, box_cols, swizzle, int(skip_wait),
+                  int(rank3)};
   launch(tma_copy_kernel, dim3(1), dim3(128), 2048 + size_t(box_rows) * box_cols * 2, stream, ts, td, p);
 }
 

@@ -30,7 +30,8 @@ struct WgmmaTestParams {
   int b_mn_major;       // B given as B[K][N] (N contiguous, trans-b = 1) instead of Bt[N][K] (trans-b = 0)
   int use_c;            // D = A B + C; else the first wgmma ignores the accumulator (scale-d = 0): D = A B
   int mutate;           // deliberate bugs: 1 B's stride byte offset 16 bytes short; 2 B's descriptor with another
-                        // swizzle mode than the tile's; 3 no wgmma.fence before the first wgmma
+                        // swizzle mode than the tile's; 3 no wgmma.fence before the first wgmma; 4 D stored
+                        // without wgmma.wait_group (3 and 4: emulator only)
 };
 
 // D[64][N] = A[64][K] B[K][N] (+ C), one warpgroup. Thread 0 loads both tiles with 3-D TMA (tensor-map views
@@ -120,8 +121,10 @@ __global__ void __launch_bounds__(128, 1) wgmma_kernel(const __grid_constant__ T
     }
     ptx::wgmma_commit();
   }
-  ptx::wgmma_wait<1>();
-  ptx::wgmma_wait<0>();
+  if (p.mutate != 4) {
+    ptx::wgmma_wait<1>();
+    ptx::wgmma_wait<0>();
+  }
   ptx::fence_operand(d);
 #pragma unroll
   for (int r = 0; r < N / 2; ++r) {
@@ -140,10 +143,11 @@ struct TmaCopyParams {
   int box_rows, box_cols;
   int swizzle;          // of both tensor maps
   int skip_wait;        // read the box without waiting on the mbarrier (a deliberate bug)
+  int rank3;            // the maps are 3-D views [1][rows][cols]: the 3-D load / store at (x, y, 0)
 };
 
-// One 2-D TMA load (16-bit elements, out-of-bounds elements read as 0) into a swizzled box, the box written out
-// by the threads through tf::swizzle_addr, then one 2-D TMA store of the box (out-of-bounds elements skipped).
+// One 2-D (or 3-D) TMA load (16-bit elements, out-of-bounds elements read as 0) into a swizzled box, the box written out
+// by the threads through tf::swizzle_addr, then one 2-D (3-D) TMA store of the box (out-of-bounds elements skipped).
 __global__ void __launch_bounds__(128) tma_copy_kernel(const __grid_constant__ TmaDesc tma_src,
                                                        const __grid_constant__ TmaDesc tma_dst, TmaCopyParams p) {
 #ifdef TF_HOPPER_BODY
@@ -160,7 +164,8 @@ __global__ void __launch_bounds__(128) tma_copy_kernel(const __grid_constant__ T
   __syncthreads();
   if (tid == 0) {
     ptx::mbarrier_arrive_expect_tx(bar, uint32_t(n * 2));
-    ptx::tma_load_2d(box, &tma_src, p.x0, p.y0, bar);
+    if (p.rank3) ptx::tma_load_3d(box, &tma_src, p.x0, p.y0, 0, bar);
+    else ptx::tma_load_2d(box, &tma_src, p.x0, p.y0, bar);
   }
   if (!p.skip_wait) ptx::mbarrier_wait(bar, 0);
   const uint32_t base = ptx::smem_addr(box);
@@ -169,7 +174,8 @@ __global__ void __launch_bounds__(128) tma_copy_kernel(const __grid_constant__ T
   __syncthreads();
   if (tid == 0) {
     ptx::fence_proxy_async_shared();
-    ptx::tma_store_2d(&tma_dst, p.x1, p.y1, box);
+    if (p.rank3) ptx::tma_store_3d(&tma_dst, p.x1, p.y1, 0, box);
+    else ptx::tma_store_2d(&tma_dst, p.x1, p.y1, box);
     ptx::bulk_commit();
     ptx::bulk_wait<0>();
   }

@@ -29,7 +29,8 @@ inline at::Tensor wgmma(const at::Tensor& a, const at::Tensor& b, const std::opt
                     "16 and of the swizzle span (", chunk, " elements), got ", K);
   TORCH_CHECK_VALUE(b.sizes() == (b_mn_major ? at::IntArrayRef({K, n}) : at::IntArrayRef({n, K})), "b must have shape ",
                     b_mn_major ? "[K, n]" : "[n, K]", ", got ", b.sizes());
-  TORCH_CHECK_VALUE(mutate >= 0 && mutate <= 3, "mutate must be 0..3, got ", mutate);
+  TORCH_CHECK_VALUE(mutate >= 0 && mutate <= 4, "mutate must be 0..4, got ", mutate);
+  TORCH_CHECK_VALUE(mutate <= 2 || kDeviceType == c10::DeviceType::CPU, "mutate 3 and 4 are emulator-only");
   check_contiguous(a, "a");
   check_contiguous(b, "b");
   if (c) {
@@ -48,9 +49,9 @@ inline at::Tensor wgmma(const at::Tensor& a, const at::Tensor& b, const std::opt
 }
 
 // x: [R, C] fp16 source, y: [R2, C2] fp16 destination (written in place where the stored box lands). Returns the
-// loaded box [box_rows, box_cols] as the threads read it.
+// loaded box [box_rows, box_cols] as the threads read it. rank3: the same through 3-D tensor maps.
 inline at::Tensor tma_copy(const at::Tensor& x, const at::Tensor& y, int64_t x0, int64_t y0, int64_t x1, int64_t y1,
-                           int64_t box_rows, int64_t box_cols, int64_t swizzle, bool skip_wait) {
+                           int64_t box_rows, int64_t box_cols, int64_t swizzle, bool skip_wait, bool rank3) {
   check_device(x, "x");
   check_device(y, "y", &x);
   TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf && y.scalar_type() == at::kHalf, "x and y must be float16");
@@ -69,7 +70,7 @@ inline at::Tensor tma_copy(const at::Tensor& x, const at::Tensor& y, int64_t x0,
   const KernelMemory memory({{"x", &x}, {"y", &y}, {"tile", &tile}});
   tf::selftest::tma_copy(x.data_ptr(), int(x.size(0)), int(x.size(1)), y.data_ptr(), int(y.size(0)), int(y.size(1)),
                          tile.data_ptr(), int(box_rows), int(box_cols), int(x0), int(y0), int(x1), int(y1),
-                         int(swizzle), skip_wait, stream_for(x));
+                         int(swizzle), skip_wait, rank3, stream_for(x));
   return tile;
 }
 
@@ -93,7 +94,7 @@ inline void define(torch::Library& m) {
   m.def("selftest_wgmma(Tensor a, Tensor b, Tensor? c, int n, int swizzle, bool a_regs, bool b_mn_major, "
         "int mutate) -> Tensor");
   m.def("selftest_tma_copy(Tensor x, Tensor(a!) y, int x0, int y0, int x1, int y1, int box_rows, int box_cols, "
-        "int swizzle, bool skip_wait) -> Tensor");
+        "int swizzle, bool skip_wait, bool rank3) -> Tensor");
   m.def("selftest_mbarrier(Tensor x, int mode) -> Tensor");
 }
 
