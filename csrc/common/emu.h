@@ -184,6 +184,10 @@ struct Globals {
 };
 
 inline Globals& globals() { static Globals g; return g; }
+
+// The state of what a CondWait thread waits for, at deadlock time (set by common/emu_hopper.h: an mbarrier's
+// phase, pending arrivals and tx-count).
+inline std::string (*g_wait_state)(const void* key) = nullptr;
 inline thread_local Launch* g_launch = nullptr;
 inline thread_local Fiber* g_fiber = nullptr;
 
@@ -274,8 +278,9 @@ inline std::string deadlock_report(Launch& L) {
       }
     } else if (f.state == State::GroupWait || f.state == State::CondWait) {
       if (++at_other <= 4)
-        other_detail += "; thread " + std::to_string(f.linear) + " waits in " + f.wait_what + " at " + f.wait_site +
-                        ":" + std::to_string(f.wait_line);
+        other_detail += "; thread " + std::to_string(f.linear) + " waits in " + f.wait_what +
+                        (f.state == State::CondWait && g_wait_state ? " (" + g_wait_state(f.wait_key) + ")" : "") +
+                        " at " + f.wait_site + ":" + std::to_string(f.wait_line);
     }
   }
   std::string msg = "deadlock in kernel " + std::string(L.kernel) + " block (" + std::to_string(L.block_idx.x) +

@@ -205,7 +205,18 @@ inline void mbar_complete_if_done(const void* bar, Mbar& m) {
   }
 }
 
+inline std::string mbar_state(const void* bar) {
+  auto it = mbar_table().find(bar);
+  if (it == mbar_table().end()) return "mbarrier not initialised";
+  const Mbar& m = it->second;
+  char s[160];
+  std::snprintf(s, sizeof(s), "phase %llu: %d of %d arrivals pending, tx-count %lld",
+                static_cast<unsigned long long>(m.phase), m.pending, m.expected, static_cast<long long>(m.tx));
+  return s;
+}
+
 inline void mbarrier_init(void* bar, int count) {
+  g_wait_state = mbar_state;
   if (reinterpret_cast<uintptr_t>(bar) & 7) fail("mbarrier.init: the mbarrier must be 8-byte aligned");
   if (count < 1 || count >= (1 << 20)) fail("mbarrier.init: count must be in 1 .. 2^20 - 1, got " + std::to_string(count));
   auto& table = mbar_table();
@@ -244,11 +255,7 @@ inline bool mbarrier_try_wait_parity(void* bar, uint32_t parity, const char* fil
     Mbar& m = mbar(bar, "mbarrier.try_wait.parity");
     if (!m.loads.empty()) mbar_land_loads(bar, m);
     if ((m.phase & 1) != (parity & 1)) return true;
-    char what[200];
-    std::snprintf(what, sizeof(what), "mbarrier.try_wait.parity %u (phase %llu: %d of %d arrivals pending, tx-count %lld)",
-                  parity & 1, static_cast<unsigned long long>(m.phase), m.pending, m.expected,
-                  static_cast<long long>(m.tx));
-    block_on(bar, what, file, line);
+    block_on(bar, "mbarrier.try_wait.parity " + std::to_string(parity & 1), file, line);
   }
 }
 
