@@ -152,6 +152,13 @@ def test_wgmma_accumulators_read_before_the_wait_are_stale():
     assert not torch.equal(ops.selftest_wgmma(a, b_in, c, 64, 2, False, False, 0), c)
 
 
+def test_wgmma_before_the_mbarrier_wait_reads_poison():
+    """Without the mbarrier wait the emulated TMA loads never land: the wgmmas read the 0xFF poison (NaN)."""
+    ops = _emu_ops()
+    a, b, b_in, c = _wgmma_inputs(torch.bfloat16, 64, 64, True)
+    assert ops.selftest_wgmma(a, b_in, c, 64, 3, False, True, 5).isnan().all()
+
+
 def test_wgmma_rejects_bad_inputs():
     ops = _emu_ops()
     a, b_in = torch.zeros(64, 32, dtype=torch.half), torch.zeros(64, 32, dtype=torch.half)

@@ -44,18 +44,30 @@ TmaDesc chunked_view(const void* base, DType dtype, int rows, int outer, int box
   return make_tma_desc(base, dtype, 3, dims, strides, box, sw);
 }
 
-template <typename T, int N>
+template <typename T, int N, bool ARegs, bool BMnMajor>
 void wgmma_launch(const TmaDesc& ta, const TmaDesc& tb, const WgmmaTestParams& p, size_t smem, cudaStream_t stream) {
-  require_sm90a(wgmma_kernel<T, N>, "selftest_wgmma");
-  launch(wgmma_kernel<T, N>, dim3(1), dim3(128), smem, stream, ta, tb, p);
+  require_sm90a(wgmma_kernel<T, N, ARegs, BMnMajor>, "selftest_wgmma");
+  launch(wgmma_kernel<T, N, ARegs, BMnMajor>, dim3(1), dim3(128), smem, stream, ta, tb, p);
+}
+
+template <typename T, int N>
+void wgmma_dispatch_ab(bool a_regs, bool b_mn_major, const TmaDesc& ta, const TmaDesc& tb, const WgmmaTestParams& p,
+                       size_t smem, cudaStream_t stream) {
+  if (a_regs) {
+    if (b_mn_major) wgmma_launch<T, N, true, true>(ta, tb, p, smem, stream);
+    else wgmma_launch<T, N, true, false>(ta, tb, p, smem, stream);
+  } else {
+    if (b_mn_major) wgmma_launch<T, N, false, true>(ta, tb, p, smem, stream);
+    else wgmma_launch<T, N, false, false>(ta, tb, p, smem, stream);
+  }
 }
 
 template <typename T>
-void wgmma_dispatch(int N, const TmaDesc& ta, const TmaDesc& tb, const WgmmaTestParams& p, size_t smem,
-                    cudaStream_t stream) {
-  if (N == 64) wgmma_launch<T, 64>(ta, tb, p, smem, stream);
-  else if (N == 128) wgmma_launch<T, 128>(ta, tb, p, smem, stream);
-  else wgmma_launch<T, 256>(ta, tb, p, smem, stream);
+void wgmma_dispatch(int N, bool a_regs, bool b_mn_major, const TmaDesc& ta, const TmaDesc& tb,
+                    const WgmmaTestParams& p, size_t smem, cudaStream_t stream) {
+  if (N == 64) wgmma_dispatch_ab<T, 64>(a_regs, b_mn_major, ta, tb, p, smem, stream);
+  else if (N == 128) wgmma_dispatch_ab<T, 128>(a_regs, b_mn_major, ta, tb, p, smem, stream);
+  else wgmma_dispatch_ab<T, 256>(a_regs, b_mn_major, ta, tb, p, smem, stream);
 }
 
 }  // namespace
@@ -65,10 +77,10 @@ void wgmma_tile(DType dtype, const void* A, int a_rows, const void* B, const flo
   const Swizzle sw = Swizzle(swizzle);
   const TmaDesc ta = chunked_view(A, dtype, a_rows, K, 64, sw);
   const TmaDesc tb = b_mn_major ? chunked_view(B, dtype, K, N, K, sw) : chunked_view(B, dtype, N, K, N, sw);
-  WgmmaTestParams p{C, D, K, swizzle, int(a_regs), int(b_mn_major), int(use_c), mutate};
+  WgmmaTestParams p{C, D, K, swizzle, int(use_c), mutate};
   const size_t smem = 1024 + 1024 + size_t(64 + N) * K * 2;
-  if (dtype == DType::f16) wgmma_dispatch<__half>(N, ta, tb, p, smem, stream);
-  else wgmma_dispatch<__nv_bfloat16>(N, ta, tb, p, smem, stream);
+  if (dtype == DType::f16) wgmma_dispatch<__half>(N, a_regs, b_mn_major, ta, tb, p, smem, stream);
+  else wgmma_dispatch<__nv_bfloat16>(N, a_regs, b_mn_major, ta, tb, p, smem, stream);
 }
 
 void tma_copy(const void* src, int src_rows, int src_cols, void* dst, int dst_rows, int dst_cols, void* tile,

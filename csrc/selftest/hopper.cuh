@@ -26,20 +26,73 @@ struct WgmmaTestParams {
   gptr<float> D;        // [64][N] fp32
   int K;                // 16 .. 64, a multiple of 16 and of the tile chunk (swizzle span / 2 elements; 8 unswizzled)
   int swizzle;          // tf::Swizzle of both tiles: the tensor maps and the descriptors
-  int a_regs;           // A from registers (wgmma RS, fragments read from the swizzled tile) instead of SS
-  int b_mn_major;       // B given as B[K][N] (N contiguous, trans-b = 1) instead of Bt[N][K] (trans-b = 0)
   int use_c;            // D = A B + C; else the first wgmma ignores the accumulator (scale-d = 0): D = A B
   int mutate;           // deliberate bugs: 1 B's stride byte offset 16 bytes short; 2 B's descriptor with another
                         // swizzle mode than the tile's; 3 no wgmma.fence before the first wgmma; 4 D stored
-                        // without wgmma.wait_group (3 and 4: emulator only)
+                        // without wgmma.wait_group; 5 no mbarrier wait before the wgmmas (3-5: emulator only)
 };
 
-// D[64][N] = A[64][K] B[K][N] (+ C), one warpgroup. Thread 0 loads both tiles with 3-D TMA (tensor-map views
+// Deliberate bug m (mutate 3..5) of the emulated build; compiled out of the GPU code (they would hang it or read
+// undefined registers there, and keep ptxas from pipelining the wgmmas).
+TF_DEVICE bool emu_bug(int mutate, int m) {
+#ifdef TILEFORMER_EMULATE
+  return mutate == m;
+#else
+  (void)mutate;
+  (void)m;
+  return false;
+#endif
+}
+
+// The k-steps of wgmma_kernel: Steps wgmmas over k0 = 0, 16, .. (one commit group each), then the waits.
+template <typename T, int N, bool ARegs, bool BMnMajor, int Steps>
+TF_DEVICE void wgmma_steps(float (&d)[N / 2], const uint32_t (&a_frag)[4][4], uint32_t a_addr, uint32_t b_addr,
+                           const WgmmaTestParams& p) {
+  const Swizzle sw = Swizzle(p.swizzle);
+  const uint32_t W = swizzle_span(sw);
+  const int c = int(W) / 2;
+  ptx::fence_operand(d);
+  if (!emu_bug(p.mutate, 3)) ptx::wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < Steps; ++ks) {
+    const int k0 = 16 * ks;
+    // A (K-major): k-step k0 starts in chunk k0 / c at column k0 % c; LBO = the next chunk (unswizzled only),
+    // SBO = 8 rows.
+    const uint64_t desc_a = ptx::make_smem_desc(a_addr + uint32_t(k0 / c) * 64 * W + uint32_t(k0 % c) * 2,
+                                                sw == Swizzle::none ? 64 * 16 : 16, 8 * W, sw);
+    uint32_t b_start, lbo, sbo;
+    if constexpr (!BMnMajor) {  // Bt[N][K], K-major, like A
+      b_start = b_addr + uint32_t(k0 / c) * N * W + uint32_t(k0 % c) * 2;
+      lbo = sw == Swizzle::none ? N * 16 : 16;
+      sbo = 8 * W;
+    } else {                    // B[K][N], N-major: rows k0 .. k0+15 of every chunk of c columns
+      b_start = b_addr + uint32_t(k0) * W;
+      lbo = sw == Swizzle::none ? 8 * 16 : uint32_t(p.K) * W;       // none: next 8 k-rows; swizzled: next chunk
+      sbo = sw == Swizzle::none ? uint32_t(p.K) * 16 : 8 * W;       // none: next 8 columns; swizzled: next 8 k-rows
+    }
+    if (p.mutate == 1) sbo -= 16;
+    const Swizzle desc_sw = p.mutate == 2 ? (sw == Swizzle::none ? Swizzle::b32 : Swizzle::none) : sw;
+    const uint64_t desc_b = ptx::make_smem_desc(b_start, lbo, sbo, desc_sw);
+    const int scale_d = (p.use_c || ks > 0) ? 1 : 0;
+    if constexpr (ARegs) ptx::wgmma_rs<T, N, BMnMajor>(d, a_frag[ks], desc_b, scale_d);
+    else ptx::wgmma_ss<T, N, 0, BMnMajor>(d, desc_a, desc_b, scale_d);
+    ptx::wgmma_commit();
+  }
+  if (!emu_bug(p.mutate, 4)) {
+    ptx::wgmma_wait<1>();
+    ptx::wgmma_wait<0>();
+  }
+  ptx::fence_operand(d);
+}
+
+// D[64][N] = A[64][K] B[K][N] (+ C), one warpgroup. ARegs: A from registers (wgmma RS, fragments read from the
+// swizzled tile) instead of shared memory (SS); BMnMajor: B given as B[K][N] (N contiguous, trans-b = 1) instead
+// of Bt[N][K] (trans-b = 0). Thread 0 loads both tiles with 3-D TMA (tensor-map views
 // [K/c][rows][c], c = tile chunk; the launcher builds them), signalled on one mbarrier; then K/16 wgmmas
 // (one commit group each) into N/2 fp32 registers per thread, stored in the D fragment layout.
 // Shared memory, from a 1024-byte boundary: the mbarrier (1 KB page), A as [K/c][64][c], B as [K/c][N][c] (K-major)
 // or [N/c][K][c] (N-major); each row of c elements is one swizzle span.
-template <typename T, int N>
+template <typename T, int N, bool ARegs, bool BMnMajor>
 __global__ void __launch_bounds__(128, 1) wgmma_kernel(const __grid_constant__ TmaDesc tma_a,
                                                        const __grid_constant__ TmaDesc tma_b, WgmmaTestParams p) {
 #ifdef TF_HOPPER_BODY
@@ -62,7 +115,7 @@ __global__ void __launch_bounds__(128, 1) wgmma_kernel(const __grid_constant__ T
     ptx::tma_load_3d(sA, &tma_a, 0, 0, 0, bar);
     ptx::tma_load_3d(sB, &tma_b, 0, 0, 0, bar);
   }
-  ptx::mbarrier_wait(bar, 0);
+  if (!emu_bug(p.mutate, 5)) ptx::mbarrier_wait(bar, 0);
 
   const uint32_t a_addr = ptx::smem_addr(sA), b_addr = ptx::smem_addr(sB);
   const int w = tid / 32, g = (tid & 31) >> 2, t = tid & 3;
@@ -76,7 +129,7 @@ __global__ void __launch_bounds__(128, 1) wgmma_kernel(const __grid_constant__ T
     for (int r = 0; r < 4; ++r) {
       const int m = 16 * w + g + 8 * (r & 1), k = 16 * ks + 2 * t + 8 * (r >> 1);
       const uint32_t off = uint32_t(k / c) * 64 * W + uint32_t(m) * W + uint32_t(k % c) * 2;
-      a_frag[ks][r] = p.a_regs && ks * 16 < p.K
+      a_frag[ks][r] = ARegs && ks * 16 < p.K
                           ? *reinterpret_cast<const uint32_t*>(sA + (swizzle_addr(a_addr + off, sw) - a_addr))
                           : 0u;
     }
@@ -88,42 +141,13 @@ __global__ void __launch_bounds__(128, 1) wgmma_kernel(const __grid_constant__ T
     const int row = 16 * w + g + 8 * ((r & 3) >> 1), col = 8 * (r >> 2) + 2 * t + (r & 1);
     d[r] = p.use_c ? p.C[row * N + col] : 0.f;
   }
-  ptx::fence_operand(d);
-  if (p.mutate != 3) ptx::wgmma_fence();
-#pragma unroll
-  for (int ks = 0; ks < kMaxSteps; ++ks) {
-    if (ks * 16 >= p.K) break;
-    const int k0 = 16 * ks;
-    // A (K-major): k-step k0 starts in chunk k0 / c at column k0 % c; LBO = the next chunk (unswizzled only),
-    // SBO = 8 rows.
-    const uint64_t desc_a = ptx::make_smem_desc(a_addr + uint32_t(k0 / c) * 64 * W + uint32_t(k0 % c) * 2,
-                                                sw == Swizzle::none ? 64 * 16 : 16, 8 * W, sw);
-    uint32_t b_start, lbo, sbo;
-    if (!p.b_mn_major) {        // Bt[N][K], K-major, like A
-      b_start = b_addr + uint32_t(k0 / c) * N * W + uint32_t(k0 % c) * 2;
-      lbo = sw == Swizzle::none ? N * 16 : 16;
-      sbo = 8 * W;
-    } else {                    // B[K][N], N-major: rows k0 .. k0+15 of every chunk of c columns
-      b_start = b_addr + uint32_t(k0) * W;
-      lbo = sw == Swizzle::none ? 8 * 16 : uint32_t(p.K) * W;       // none: next 8 k-rows; swizzled: next chunk
-      sbo = sw == Swizzle::none ? uint32_t(p.K) * 16 : 8 * W;       // none: next 8 columns; swizzled: next 8 k-rows
-    }
-    if (p.mutate == 1) sbo -= 16;
-    const Swizzle desc_sw = p.mutate == 2 ? (sw == Swizzle::none ? Swizzle::b32 : Swizzle::none) : sw;
-    const uint64_t desc_b = ptx::make_smem_desc(b_start, lbo, sbo, desc_sw);
-    const int scale_d = (p.use_c || ks > 0) ? 1 : 0;
-    if (p.a_regs) {
-      if (p.b_mn_major) ptx::wgmma_rs<T, N, 1>(d, a_frag[ks], desc_b, scale_d);
-      else ptx::wgmma_rs<T, N, 0>(d, a_frag[ks], desc_b, scale_d);
-    } else {
-      if (p.b_mn_major) ptx::wgmma_ss<T, N, 0, 1>(d, desc_a, desc_b, scale_d);
-      else ptx::wgmma_ss<T, N, 0, 0>(d, desc_a, desc_b, scale_d);
-    }
-    ptx::wgmma_commit();
-  }
-  if (p.mutate != 4) {
-    ptx::wgmma_wait<1>();
-    ptx::wgmma_wait<0>();
+  // One code path per number of k-steps: each ends with its wgmma.wait, so no register copies of in-flight
+  // accumulators (a runtime loop exit would merge them) keep ptxas from pipelining the wgmmas.
+  switch (p.K / 16) {
+    case 1: wgmma_steps<T, N, ARegs, BMnMajor, 1>(d, a_frag, a_addr, b_addr, p); break;
+    case 2: wgmma_steps<T, N, ARegs, BMnMajor, 2>(d, a_frag, a_addr, b_addr, p); break;
+    case 3: wgmma_steps<T, N, ARegs, BMnMajor, 3>(d, a_frag, a_addr, b_addr, p); break;
+    default: wgmma_steps<T, N, ARegs, BMnMajor, 4>(d, a_frag, a_addr, b_addr, p); break;
   }
   ptx::fence_operand(d);
 #pragma unroll
