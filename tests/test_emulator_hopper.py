@@ -1,7 +1,7 @@
 """Self-tests of the sm_90a wrappers (csrc/common/ptx_sm90.cuh) and their host emulation (csrc/common/emu_hopper.h):
-wgmma.mma_async (SS and RS, every swizzle mode, fp16 / bf16, N 64 / 128 / 256, B K-major and N-major) fed by 3-D
-TMA loads through an mbarrier, TMA 2-D load / store with out-of-bounds boxes, and an mbarrier producer / consumer
-ring with setmaxnreg.
+wgmma.mma_async (SS and RS, every swizzle mode, fp16 / bf16, N 64 / 128 / 256, B K-major and N-major) fed by
+TMA loads through an mbarrier, TMA 2-D and 3-D load / store with out-of-bounds boxes, and an mbarrier producer /
+consumer ring with setmaxnreg.
 
 The kernels are in csrc/selftest/hopper.cuh. On this CPU machine they run through transformer._C_emu; on an
 H100 / H200 the "gpu" parametrisations run the same kernels on the hardware, which checks the emulated fragment
@@ -45,7 +45,7 @@ def schedule():
 
 
 # ---------------------------------------------------------------------------------------------
-# wgmma (+ 3-D TMA loads, mbarrier): D[64][N] = A[64][K] B[K][N] (+ C)
+# wgmma (+ TMA loads, mbarrier): D[64][N] = A[64][K] B[K][N] (+ C)
 # ---------------------------------------------------------------------------------------------
 
 def _wgmma_inputs(dtype, n, k, b_mn_major, a_rows=64, seed=0):
@@ -182,7 +182,7 @@ def test_wgmma_rejects_bad_inputs():
 def test_tma_copy_out_of_bounds_and_swizzle(where, swizzle, rank3):
     """Load a 16-row box at column -8, row 30 of a 40-row source (columns < 0 and rows >= 40 read as 0), read it
     back through tf::swizzle_addr, then store it at row 10 of a 20-row destination (rows >= 20 are not written);
-    through 2-D tensor maps or 3-D ones with a leading dimension of 1."""
+    through 2-D tensor maps, or 3-D ones viewing the rows in pairs ([rows / 2][2][cols])."""
     ops, dev = _ops(where)
     box_rows, box_cols = 16, (24 if swizzle == 0 else CHUNK[swizzle])
     g = torch.Generator().manual_seed(swizzle)

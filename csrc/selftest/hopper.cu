@@ -34,14 +34,13 @@ void require_sm90a(Kernel kernel, const char* what) {
 #endif
 }
 
-// 3-D view [outer / c][rows][c] of a row-major [rows][outer] matrix (c = chunk elements: one swizzle span, 8
-// unswizzled), box = the whole of it padded to box_rows rows: the tile layout of wgmma_kernel.
-TmaDesc chunked_view(const void* base, DType dtype, int rows, int outer, int box_rows, Swizzle sw) {
-  const int c = swizzle_span(sw) / 2;
-  const int64_t dims[3] = {c, rows, outer / c};
-  const int64_t strides[3] = {1, outer, c};
-  const int box[3] = {c, box_rows, outer / c};
-  return make_tma_desc(base, dtype, 3, dims, strides, box, sw);
+// A row-major [rows][outer] matrix with boxes of [box_rows][c] (c = chunk elements: one swizzle span, 8
+// unswizzled): wgmma_kernel loads its tiles chunk by chunk.
+TmaDesc chunked_map(const void* base, DType dtype, int rows, int outer, int box_rows, Swizzle sw) {
+  const int64_t dims[2] = {outer, rows};
+  const int64_t strides[2] = {1, outer};
+  const int box[2] = {swizzle_span(sw) / 2, box_rows};
+  return make_tma_desc(base, dtype, 2, dims, strides, box, sw);
 }
 
 template <typename T, int N, bool ARegs, bool BMnMajor>
@@ -75,8 +74,8 @@ void wgmma_dispatch(int N, bool a_regs, bool b_mn_major, const TmaDesc& ta, cons
 void wgmma_tile(DType dtype, const void* A, int a_rows, const void* B, const float* C, float* D, int N, int K,
                 int swizzle, bool a_regs, bool b_mn_major, bool use_c, int mutate, cudaStream_t stream) {
   const Swizzle sw = Swizzle(swizzle);
-  const TmaDesc ta = chunked_view(A, dtype, a_rows, K, 64, sw);
-  const TmaDesc tb = b_mn_major ? chunked_view(B, dtype, K, N, K, sw) : chunked_view(B, dtype, N, K, N, sw);
+  const TmaDesc ta = chunked_map(A, dtype, a_rows, K, 64, sw);
+  const TmaDesc tb = b_mn_major ? chunked_map(B, dtype, K, N, K, sw) : chunked_map(B, dtype, N, K, N, sw);
   WgmmaTestParams p{C, D, K, swizzle, int(use_c), mutate};
   const size_t smem = 1024 + 1024 + size_t(64 + N) * K * 2;
   if (dtype == DType::f16) wgmma_dispatch<__half>(N, a_regs, b_mn_major, ta, tb, p, smem, stream);
@@ -88,10 +87,11 @@ void tma_copy(const void* src, int src_rows, int src_cols, void* dst, int dst_ro
               cudaStream_t stream) {
   require_sm90a(tma_copy_kernel, "selftest_tma_copy");
   const Swizzle sw = Swizzle(swizzle);
+  // 2-D: [rows][cols]; 3-D: the same memory as [rows / 2][2][cols] (rows even), the box as [box_rows / 2][2][cols]
   const int rank = rank3 ? 3 : 2;
-  const int box[3] = {box_cols, box_rows, 1};
-  const int64_t src_dims[3] = {src_cols, src_rows, 1}, src_strides[3] = {1, src_cols, int64_t(src_rows) * src_cols};
-  const int64_t dst_dims[3] = {dst_cols, dst_rows, 1}, dst_strides[3] = {1, dst_cols, int64_t(dst_rows) * dst_cols};
+  const int box[3] = {box_cols, rank3 ? 2 : box_rows, box_rows / 2};
+  const int64_t src_dims[3] = {src_cols, rank3 ? 2 : src_rows, src_rows / 2}, src_strides[3] = {1, src_cols, 2 * src_cols};
+  const int64_t dst_dims[3] = {dst_cols, rank3 ? 2 : dst_rows, dst_rows / 2}, dst_strides[3] = {1, dst_cols, 2 * dst_cols};
   const TmaDesc ts = make_tma_desc(src, DType::f16, rank, src_dims, src_strides, box, sw);
   const TmaDesc td = make_tma_desc(dst, DType::f16, rank, dst_dims, dst_strides, box, sw);
   TmaCopyParams p{static_cast<uint16_t*>(tile), x0, y0, x1, y1, box_rows, box_cols, swizzle, int(skip_wait),

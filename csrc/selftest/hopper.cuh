@@ -87,8 +87,8 @@ TF_DEVICE void wgmma_steps(float (&d)[N / 2], const uint32_t (&a_frag)[4][4], ui
 
 // D[64][N] = A[64][K] B[K][N] (+ C), one warpgroup. ARegs: A from registers (wgmma RS, fragments read from the
 // swizzled tile) instead of shared memory (SS); BMnMajor: B given as B[K][N] (N contiguous, trans-b = 1) instead
-// of Bt[N][K] (trans-b = 0). Thread 0 loads both tiles with 3-D TMA (tensor-map views
-// [K/c][rows][c], c = tile chunk; the launcher builds them), signalled on one mbarrier; then K/16 wgmmas
+// of Bt[N][K] (trans-b = 0). Thread 0 loads both tiles with 2-D TMA, one box of [rows][c] per chunk of c
+// contiguous elements (c = one swizzle span; 8 unswizzled), all signalled on one mbarrier; then K/16 wgmmas
 // (one commit group each) into N/2 fp32 registers per thread, stored in the D fragment layout.
 // Shared memory, from a 1024-byte boundary: the mbarrier (1 KB page), A as [K/c][64][c], B as [K/c][N][c] (K-major)
 // or [N/c][K][c] (N-major); each row of c elements is one swizzle span.
@@ -112,8 +112,9 @@ __global__ void __launch_bounds__(128, 1) wgmma_kernel(const __grid_constant__ T
   __syncthreads();
   if (tid == 0) {
     ptx::mbarrier_arrive_expect_tx(bar, uint32_t((64 + N) * p.K * 2));
-    ptx::tma_load_3d(sA, &tma_a, 0, 0, 0, bar);
-    ptx::tma_load_3d(sB, &tma_b, 0, 0, 0, bar);
+    for (int kc = 0; kc < p.K / c; ++kc) ptx::tma_load_2d(sA + kc * 64 * W, &tma_a, kc * c, 0, bar);
+    const int b_rows = BMnMajor ? p.K : N, b_chunks = (BMnMajor ? N : p.K) / c;
+    for (int j = 0; j < b_chunks; ++j) ptx::tma_load_2d(sB + j * b_rows * W, &tma_b, j * c, 0, bar);
   }
   if (!emu_bug(p.mutate, 5)) ptx::mbarrier_wait(bar, 0);
 
@@ -167,7 +168,7 @@ struct TmaCopyParams {
   int box_rows, box_cols;
   int swizzle;          // of both tensor maps
   int skip_wait;        // read the box without waiting on the mbarrier (a deliberate bug)
-  int rank3;            // the maps are 3-D views [1][rows][cols]: the 3-D load / store at (x, y, 0)
+  int rank3;            // the maps are 3-D views [rows / 2][2][cols]: 3-D load / store at (x, y % 2, y / 2)
 };
 
 // One 2-D (or 3-D) TMA load (16-bit elements, out-of-bounds elements read as 0) into a swizzled box, the box written out
@@ -188,7 +189,7 @@ __global__ void __launch_bounds__(128) tma_copy_kernel(const __grid_constant__ T
   __syncthreads();
   if (tid == 0) {
     ptx::mbarrier_arrive_expect_tx(bar, uint32_t(n * 2));
-    if (p.rank3) ptx::tma_load_3d(box, &tma_src, p.x0, p.y0, 0, bar);
+    if (p.rank3) ptx::tma_load_3d(box, &tma_src, p.x0, p.y0 % 2, p.y0 / 2, bar);
     else ptx::tma_load_2d(box, &tma_src, p.x0, p.y0, bar);
   }
   if (!p.skip_wait) ptx::mbarrier_wait(bar, 0);
@@ -198,7 +199,7 @@ __global__ void __launch_bounds__(128) tma_copy_kernel(const __grid_constant__ T
   __syncthreads();
   if (tid == 0) {
     ptx::fence_proxy_async_shared();
-    if (p.rank3) ptx::tma_store_3d(&tma_dst, p.x1, p.y1, 0, box);
+    if (p.rank3) ptx::tma_store_3d(&tma_dst, p.x1, p.y1 % 2, p.y1 / 2, box);
     else ptx::tma_store_2d(&tma_dst, p.x1, p.y1, box);
     ptx::bulk_commit();
     ptx::bulk_wait<0>();
