@@ -159,6 +159,22 @@ def test_wgmma_before_the_mbarrier_wait_reads_poison():
     assert ops.selftest_wgmma(a, b_in, c, 64, 3, False, True, 5).isnan().all()
 
 
+@pytest.mark.parametrize("a_regs", [False, True], ids=["SS", "RS"])
+def test_tma_into_a_tile_an_inflight_wgmma_reads_is_reported(a_regs):
+    """A TMA load into A's tile issued before the wgmmas reading it are retired by wgmma.wait_group is a race
+    (the hardware may still read the tile): the emulator reports it. RS wgmmas do not read A's tile."""
+    ops = _emu_ops()
+    a, b, b_in, c = _wgmma_inputs(torch.float16, 64, 32, False)
+    if a_regs:
+        d = ops.selftest_wgmma(a, b_in, c, 64, 1, True, False, 6)
+        ref = _reference(a, b, c)
+        assert (d.double() - ref).abs().max().item() <= _tolerance(ref, 32)
+    else:
+        with pytest.raises(RuntimeError, match=r"cp.async.bulk.tensor load writes shared memory \[\d+, \d+\) that a "
+                                               r"wgmma.mma_async \(issued at .*hopper.cuh:\d+\) still reads"):
+            ops.selftest_wgmma(a, b_in, c, 64, 1, False, False, 6)
+
+
 def test_wgmma_rejects_bad_inputs():
     ops = _emu_ops()
     a, b_in = torch.zeros(64, 32, dtype=torch.half), torch.zeros(64, 32, dtype=torch.half)

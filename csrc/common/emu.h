@@ -623,6 +623,8 @@ inline void group_collective(GroupFn fn, void* arg, const char* what, const char
          " is in no complete warpgroup (a warpgroup is 128 consecutive threads; the block has " +
          std::to_string(L.nthreads) + ")");
   GroupState& g = L.groups[gi];
+  f.wait_site = file;  // also read by fn (the last arriver runs it)
+  f.wait_line = line;
   if (g.arrived == 0) {
     g.fn = fn;
     g.what = what;

@@ -17,6 +17,8 @@
 //   * A TMA store lands at the cp.async.bulk.wait_group that retires its bulk group (never without one).
 //   * wgmma results are written to the accumulator registers at the wgmma.wait_group that retires their
 //     group; a chain of wgmmas on the same accumulator in flight uses the latest pending value as its input.
+//     The shared memory a wgmma reads stays in use until every thread of its warpgroup has retired it: a TMA
+//     load issued into it before then fails (the hardware may still be reading it).
 #pragma once
 
 #ifndef TILEFORMER_EMULATE
@@ -90,8 +92,56 @@ inline void check_wgmma_desc(uint64_t desc, const char* which) {
 struct PendingAcc {
   float* d;          // the thread's accumulator registers
   int n;
+  uint64_t read_id;  // its shared-memory operands (InflightRead)
   float v[128];
 };
+
+// The shared memory [lo, hi) (A, B) one wgmma of a warpgroup reads, in use until all 128 threads retired it.
+struct InflightRead {
+  uint64_t id, serial;
+  uint32_t lo[2], hi[2];
+  int remaining;
+  const char* file;
+  int line;
+};
+
+inline std::vector<InflightRead>& inflight_reads() {
+  static thread_local std::vector<InflightRead> v;
+  return v;
+}
+
+inline uint64_t add_inflight_read(const uint32_t* lo, const uint32_t* hi) {
+  static thread_local uint64_t next = 0;
+  auto& v = inflight_reads();
+  std::erase_if(v, [](const InflightRead& r) { return r.serial != g_launch->block_serial; });
+  const Fiber& f = cur();
+  v.push_back({++next, g_launch->block_serial, {lo[0], lo[1]}, {hi[0], hi[1]}, kWarpgroupThreads, f.wait_site,
+               f.wait_line});
+  return next;
+}
+
+inline void retire_inflight_read(uint64_t id) {
+  auto& v = inflight_reads();
+  for (size_t i = 0; i < v.size(); ++i)
+    if (v[i].id == id) {
+      if (--v[i].remaining == 0) v.erase(v.begin() + i);
+      return;
+    }
+}
+
+inline void check_no_inflight_read(uint32_t lo, uint32_t hi, const char* what) {
+  for (const InflightRead& r : inflight_reads()) {
+    if (r.serial != g_launch->block_serial) continue;
+    for (int j = 0; j < 2; ++j)
+      if (lo < r.hi[j] && r.lo[j] < hi) {
+        char m[320];
+        std::snprintf(m, sizeof(m), "%s writes shared memory [%u, %u) that a wgmma.mma_async (issued at %s:%d) still "
+                      "reads: not every thread of its warpgroup has passed the wgmma.wait_group retiring it",
+                      what, lo, hi, r.file, r.line);
+        fail(m);
+      }
+  }
+}
 
 struct TmaXfer {
   TmaDesc desc;
@@ -261,6 +311,7 @@ inline bool mbarrier_try_wait_parity(void* bar, uint32_t parity, const char* fil
 
 inline void tma_load(void* smem, const TmaDesc* desc, const int* coords, int rank, void* bar) {
   TmaXfer x = tma_xfer(desc, coords, rank, smem, "cp.async.bulk.tensor load");
+  check_no_inflight_read(x.smem, x.smem + uint32_t(x.bytes), "cp.async.bulk.tensor load");
   mbar(bar, "cp.async.bulk.tensor load").loads.push_back(x);
   wake(bar);  // threads already waiting on the barrier land it
 }
@@ -298,7 +349,10 @@ inline void wgmma_wait(int n) {
   auto& g = h.wgmma_groups;
   const int retire = int(g.size()) - 1 - n;
   for (int i = 0; i < retire; ++i)
-    for (const PendingAcc& p : g[i]) std::memcpy(p.d, p.v, sizeof(float) * p.n);
+    for (const PendingAcc& p : g[i]) {
+      std::memcpy(p.d, p.v, sizeof(float) * p.n);
+      retire_inflight_read(p.read_id);
+    }
   if (retire > 0) g.erase(g.begin(), g.begin() + retire);
   h.wgmma_fenced = false;  // registers may be touched now: the next wgmma needs a wgmma.fence
 }

@@ -34,9 +34,12 @@
 
 #ifdef TILEFORMER_EMULATE
 #include "common/emu_hopper.h"
+// Emulated build: wrappers take the caller's file and line (default arguments) for the emulator's messages.
 #define TF_SM90_SITE , const char *file = __builtin_FILE(), int line = __builtin_LINE()
+#define TF_SM90_SITE_ONLY const char *file = __builtin_FILE(), int line = __builtin_LINE()
 #else
 #define TF_SM90_SITE
+#define TF_SM90_SITE_ONLY
 #endif
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -76,6 +79,7 @@ struct WgmmaArg {
   uint64_t desc_a, desc_b;
   const uint32_t* a;  // RS: the thread's 4 A registers
   int scale_d;
+  uint64_t read_id;   // out: the shared memory this wgmma reads (emu::InflightRead)
   float c[128], out[128];
 };
 
@@ -99,6 +103,12 @@ inline void wgmma_fn(void* const* args) {
   if (!RS) emu::check_wgmma_desc(a0.desc_a, "A");
   emu::check_wgmma_desc(a0.desc_b, "B");
   static thread_local float A[64][16], B[16][N];
+  uint32_t lo[2] = {~0u, ~0u}, hi[2] = {0, 0};  // operand bytes read: [lo, hi) of A (SS) and B
+  auto read = [&](int which, uint32_t addr) {
+    lo[which] = std::min(lo[which], addr);
+    hi[which] = std::max(hi[which], addr + 2);
+    return smem_elem<T>(addr);
+  };
   if (RS) {
     for (int i = 0; i < emu::kWarpgroupThreads; ++i) {
       const int w = i / 32, g = (i & 31) >> 2, t = i & 3;
@@ -111,10 +121,12 @@ inline void wgmma_fn(void* const* args) {
     }
   } else {
     for (int m = 0; m < 64; ++m)
-      for (int k = 0; k < 16; ++k) A[m][k] = smem_elem<T>(emu::wgmma_elem_addr(a0.desc_a, TransA, m, k));
+      for (int k = 0; k < 16; ++k) A[m][k] = read(0, emu::wgmma_elem_addr(a0.desc_a, TransA, m, k));
   }
   for (int k = 0; k < 16; ++k)
-    for (int n = 0; n < N; ++n) B[k][n] = smem_elem<T>(emu::wgmma_elem_addr(a0.desc_b, TransB, n, k));
+    for (int n = 0; n < N; ++n) B[k][n] = read(1, emu::wgmma_elem_addr(a0.desc_b, TransB, n, k));
+  if (RS) lo[0] = hi[0] = 0;
+  const uint64_t read_id = emu::add_inflight_read(lo, hi);
   for (int i = 0; i < emu::kWarpgroupThreads; ++i) {
     WgmmaArg& ai = *static_cast<WgmmaArg*>(args[i]);
     const int w = i / 32, g = (i & 31) >> 2, t = i & 3;
@@ -124,11 +136,13 @@ inline void wgmma_fn(void* const* args) {
       for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
       ai.out[r] = a0.scale_d ? acc + ai.c[r] : acc;
     }
+    ai.read_id = read_id;
   }
 }
 
 template <typename T, int N, bool RS, int TransA, int TransB>
-inline void wgmma(float* d, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, int scale_d) {
+inline void wgmma(float* d, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, int scale_d, const char* file,
+                  int line) {
   if (!emu::fiber_hopper().wgmma_fenced)
     emu::fail("wgmma.mma_async without a wgmma.fence since the kernel started or the last wgmma.wait_group "
               "(the accumulator / A registers are not fenced)");
@@ -138,10 +152,11 @@ inline void wgmma(float* d, const uint32_t* a, uint64_t desc_a, uint64_t desc_b,
   arg.a = a;
   arg.scale_d = scale_d;
   emu::wgmma_acc_in(d, N / 2, arg.c);
-  emu::group_collective(wgmma_fn<T, N, RS, TransA, TransB>, &arg, "wgmma.mma_async", __FILE__, __LINE__);
+  emu::group_collective(wgmma_fn<T, N, RS, TransA, TransB>, &arg, "wgmma.mma_async", file, line);
   emu::PendingAcc p;
   p.d = d;
   p.n = N / 2;
+  p.read_id = arg.read_id;
   std::memcpy(p.v, arg.out, sizeof(float) * (N / 2));
   emu::fiber_hopper().wgmma_groups.back().push_back(p);
 }
@@ -207,10 +222,10 @@ constexpr void check_wgmma_types() {
 // D (64 x N) = A (64 x 16, shared memory, desc_a) * B (16 x N, shared memory, desc_b) + (scale_d ? D : 0).
 // TransA / TransB: 0 K-major, 1 M- / N-major. Warpgroup-uniform descriptors and scale_d.
 template <typename T, int N, int TransA = 0, int TransB = 0>
-TF_DEVICE void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+TF_DEVICE void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d TF_SM90_SITE) {
   check_wgmma_types<T, N>();
 #ifdef TILEFORMER_EMULATE
-  detail::wgmma<T, N, false, TransA, TransB>(d, nullptr, desc_a, desc_b, scale_d);
+  detail::wgmma<T, N, false, TransA, TransB>(d, nullptr, desc_a, desc_b, scale_d, file, line);
 #elif defined(TF_SM90A)
   TF_WGMMA_SS_CASE(64, TF_WGMMA_D32, TF_F32, "32", "33", "34", "35", "36")
   TF_WGMMA_SS_CASE(128, TF_WGMMA_D64, TF_F64, "64", "65", "66", "67", "68")
@@ -222,10 +237,10 @@ TF_DEVICE void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int
 
 // D (64 x N) = A (64 x 16, registers a[4] in the layout above) * B (shared memory) + (scale_d ? D : 0).
 template <typename T, int N, int TransB = 0>
-TF_DEVICE void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+TF_DEVICE void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, int scale_d TF_SM90_SITE) {
   check_wgmma_types<T, N>();
 #ifdef TILEFORMER_EMULATE
-  detail::wgmma<T, N, true, 0, TransB>(d, a, 0, desc_b, scale_d);
+  detail::wgmma<T, N, true, 0, TransB>(d, a, 0, desc_b, scale_d, file, line);
 #elif defined(TF_SM90A)
   TF_WGMMA_RS_CASE(64, TF_WGMMA_D32, TF_F32, "32", "33", "34", "35", "36", "37", "38")
   TF_WGMMA_RS_CASE(128, TF_WGMMA_D64, TF_F64, "64", "65", "66", "67", "68", "69", "70")
@@ -299,11 +314,11 @@ inline void setmaxnreg_fn(void* const* args) {
 #endif
 
 template <int Count, bool Inc>
-TF_DEVICE void setmaxnreg() {
+TF_DEVICE void setmaxnreg(TF_SM90_SITE_ONLY) {
   static_assert(Count >= 24 && Count <= 256 && Count % 8 == 0, "setmaxnreg: count in 24..256, a multiple of 8");
 #ifdef TILEFORMER_EMULATE
   detail::MaxnregArg arg{Count, Inc};
-  emu::group_collective(detail::setmaxnreg_fn, &arg, Inc ? "setmaxnreg.inc" : "setmaxnreg.dec", __FILE__, __LINE__);
+  emu::group_collective(detail::setmaxnreg_fn, &arg, Inc ? "setmaxnreg.inc" : "setmaxnreg.dec", file, line);
 #elif defined(TF_SM90A)
   if constexpr (Inc) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Count));
   else asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Count));
@@ -311,8 +326,13 @@ TF_DEVICE void setmaxnreg() {
   __trap();
 #endif
 }
+#ifdef TILEFORMER_EMULATE
+template <int Count> TF_DEVICE void setmaxnreg_inc(TF_SM90_SITE_ONLY) { setmaxnreg<Count, true>(file, line); }
+template <int Count> TF_DEVICE void setmaxnreg_dec(TF_SM90_SITE_ONLY) { setmaxnreg<Count, false>(file, line); }
+#else
 template <int Count> TF_DEVICE void setmaxnreg_inc() { setmaxnreg<Count, true>(); }
 template <int Count> TF_DEVICE void setmaxnreg_dec() { setmaxnreg<Count, false>(); }
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // mbarrier (a uint64_t in shared memory, 8-byte aligned)

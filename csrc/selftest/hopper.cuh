@@ -29,7 +29,8 @@ struct WgmmaTestParams {
   int use_c;            // D = A B + C; else the first wgmma ignores the accumulator (scale-d = 0): D = A B
   int mutate;           // deliberate bugs: 1 B's stride byte offset 16 bytes short; 2 B's descriptor with another
                         // swizzle mode than the tile's; 3 no wgmma.fence before the first wgmma; 4 D stored
-                        // without wgmma.wait_group; 5 no mbarrier wait before the wgmmas (3-5: emulator only)
+                        // without wgmma.wait_group; 5 no mbarrier wait before the wgmmas; 6 a TMA load into A's
+                        // tile while the wgmmas reading it are in flight (3-6: emulator only)
 };
 
 // Deliberate bug m (mutate 3..5) of the emulated build; compiled out of the GPU code (they would hang it or read
@@ -47,7 +48,7 @@ TF_DEVICE bool emu_bug(int mutate, int m) {
 // The k-steps of wgmma_kernel: Steps wgmmas over k0 = 0, 16, .. (one commit group each), then the waits.
 template <typename T, int N, bool ARegs, bool BMnMajor, int Steps>
 TF_DEVICE void wgmma_steps(float (&d)[N / 2], const uint32_t (&a_frag)[4][4], uint32_t a_addr, uint32_t b_addr,
-                           const WgmmaTestParams& p) {
+                           const WgmmaTestParams& p, const TmaDesc* tma_a, void* sA, uint64_t* bar) {
   const Swizzle sw = Swizzle(p.swizzle);
   const uint32_t W = swizzle_span(sw);
   const int c = int(W) / 2;
@@ -77,6 +78,10 @@ TF_DEVICE void wgmma_steps(float (&d)[N / 2], const uint32_t (&a_frag)[4][4], ui
     if constexpr (ARegs) ptx::wgmma_rs<T, N, BMnMajor>(d, a_frag[ks], desc_b, scale_d);
     else ptx::wgmma_ss<T, N, 0, BMnMajor>(d, desc_a, desc_b, scale_d);
     ptx::wgmma_commit();
+  }
+  if (emu_bug(p.mutate, 6) && threadIdx.x == 0) {  // reuses A's buffer before the wgmmas reading it retired
+    ptx::mbarrier_arrive_expect_tx(bar, uint32_t(64 * c * 2));
+    ptx::tma_load_2d(sA, tma_a, 0, 0, bar);
   }
   if (!emu_bug(p.mutate, 4)) {
     ptx::wgmma_wait<1>();
@@ -145,10 +150,10 @@ __global__ void __launch_bounds__(128, 1) wgmma_kernel(const __grid_constant__ T
   // One code path per number of k-steps: each ends with its wgmma.wait, so no register copies of in-flight
   // accumulators (a runtime loop exit would merge them) keep ptxas from pipelining the wgmmas.
   switch (p.K / 16) {
-    case 1: wgmma_steps<T, N, ARegs, BMnMajor, 1>(d, a_frag, a_addr, b_addr, p); break;
-    case 2: wgmma_steps<T, N, ARegs, BMnMajor, 2>(d, a_frag, a_addr, b_addr, p); break;
-    case 3: wgmma_steps<T, N, ARegs, BMnMajor, 3>(d, a_frag, a_addr, b_addr, p); break;
-    default: wgmma_steps<T, N, ARegs, BMnMajor, 4>(d, a_frag, a_addr, b_addr, p); break;
+    case 1: wgmma_steps<T, N, ARegs, BMnMajor, 1>(d, a_frag, a_addr, b_addr, p, &tma_a, sA, bar); break;
+    case 2: wgmma_steps<T, N, ARegs, BMnMajor, 2>(d, a_frag, a_addr, b_addr, p, &tma_a, sA, bar); break;
+    case 3: wgmma_steps<T, N, ARegs, BMnMajor, 3>(d, a_frag, a_addr, b_addr, p, &tma_a, sA, bar); break;
+    default: wgmma_steps<T, N, ARegs, BMnMajor, 4>(d, a_frag, a_addr, b_addr, p, &tma_a, sA, bar); break;
   }
   ptx::fence_operand(d);
 #pragma unroll

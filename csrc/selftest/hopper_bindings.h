@@ -29,8 +29,8 @@ inline at::Tensor wgmma(const at::Tensor& a, const at::Tensor& b, const std::opt
                     "16 and of the swizzle span (", chunk, " elements), got ", K);
   TORCH_CHECK_VALUE(b.sizes() == (b_mn_major ? at::IntArrayRef({K, n}) : at::IntArrayRef({n, K})), "b must have shape ",
                     b_mn_major ? "[K, n]" : "[n, K]", ", got ", b.sizes());
-  TORCH_CHECK_VALUE(mutate >= 0 && mutate <= 5, "mutate must be 0..5, got ", mutate);
-  TORCH_CHECK_VALUE(mutate <= 2 || kDeviceType == c10::DeviceType::CPU, "mutate 3 to 5 are emulator-only");
+  TORCH_CHECK_VALUE(mutate >= 0 && mutate <= 6, "mutate must be 0..6, got ", mutate);
+  TORCH_CHECK_VALUE(mutate <= 2 || kDeviceType == c10::DeviceType::CPU, "mutate 3 to 6 are emulator-only");
   check_contiguous(a, "a");
   check_contiguous(b, "b");
   if (c) {
