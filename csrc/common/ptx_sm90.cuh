@@ -20,6 +20,9 @@
 //       MN-major, swizzled:  (mn%(W/2))*2 + (mn/(W/2))*LBO + (k%8)*W + (k/8)*SBO
 //       plus the start address, then the swizzle (common/tma.h swizzle_addr) on the absolute address; TMA
 //       with the same swizzle writes exactly this layout for rows of W bytes.
+// Shared-memory tiles addressed by descriptors and TMA boxes must lie in the dynamic shared memory (the emulator
+// addresses shared memory as offsets into it); swizzled tiles start at a multiple of the pattern (1024 bytes for
+// 128 B), since the descriptors here carry no base offset.
 // Ordering: wgmma_fence() before the first wgmma of a batch and after touching A / D registers; wgmma_commit()
 // closes a group; wgmma_wait<N>() waits until at most N groups are in flight; D registers are valid only after
 // the wait that retires their group (the emulator writes them there; fence_operand keeps nvcc from moving
