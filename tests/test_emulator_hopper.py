@@ -215,6 +215,18 @@ def test_tma_copy_out_of_bounds_and_swizzle(where, swizzle, rank3):
     assert torch.equal(y_dev.cpu(), expect_y)
 
 
+@pytest.mark.parametrize("excluded,what", [("x", "TMA load global read"), ("y", "TMA store global write")])
+def test_tma_accesses_are_bounds_checked(monkeypatch, excluded, what):
+    """Leaving the source (destination) out of the registered tensors makes the emulated TMA load (store) fail:
+    both directions are checked, element by element, so the out-of-bounds boxes above touch nothing outside."""
+    ops = _emu_ops()
+    monkeypatch.setenv("TILEFORMER_EMU_CHECK_BOUNDS", "1")
+    monkeypatch.setenv("TILEFORMER_EMU_CHECK_BOUNDS_EXCLUDE", excluded)
+    x, y = torch.ones(16, 64).half(), torch.zeros(16, 64).half()
+    with pytest.raises(RuntimeError, match=rf"out-of-bounds {what} of 2 bytes.*tma_copy_kernel"):
+        ops.selftest_tma_copy(x, y, 0, 0, 0, 0, 8, 64, 3, False, False)
+
+
 def test_tma_load_read_before_the_mbarrier_wait_sees_poison():
     """Emulated TMA loads land when a thread waits on their mbarrier: reading the box without the wait reads
     the 0xFF poison of shared memory (NaN in fp16)."""
