@@ -72,6 +72,26 @@ TF_HOST_DEVICE constexpr uint64_t make_smem_desc(uint32_t addr, uint32_t lbo_byt
          (uint64_t((sbo_bytes & 0x3FFFF) >> 4) << 32) | (code << 62);
 }
 
+// Descriptors of 16-bit tiles as TMA writes them with one box of [rows][c] per chunk of c contiguous elements
+// (c = swizzle span / 2; 8 unswizzled): the tile is [chunks][rows][c], every row one span (16 bytes unswizzled),
+// starting at a multiple of the swizzle pattern.
+// K-major operand (A[M][K], or Bt[N][K] for trans-b 0; chunks along K): the rows x 16 slice at column k0.
+TF_HOST_DEVICE constexpr uint64_t desc_k_major(uint32_t tile_addr, int rows, int k0, Swizzle s) {
+  const uint32_t W = uint32_t(swizzle_span(s));
+  const int c = int(W) / 2;
+  return make_smem_desc(tile_addr + uint32_t(k0 / c) * uint32_t(rows) * W + uint32_t(k0 % c) * 2,
+                        s == Swizzle::none ? uint32_t(rows) * 16 : 16,   // LBO: the next chunk (unswizzled only)
+                        8 * W, s);                                       // SBO: the next 8 rows
+}
+// MN-major operand (B[K][N] with N contiguous, trans-b 1; chunks along N, each [k_rows][c]): rows k0 .. k0+15.
+TF_HOST_DEVICE constexpr uint64_t desc_mn_major(uint32_t tile_addr, int k_rows, int k0, Swizzle s) {
+  const uint32_t W = uint32_t(swizzle_span(s));
+  return make_smem_desc(tile_addr + uint32_t(k0) * W,
+                        s == Swizzle::none ? 8 * 16 : uint32_t(k_rows) * W,   // LBO: next 8 k-rows / next chunk
+                        s == Swizzle::none ? uint32_t(k_rows) * 16 : 8 * W,   // SBO: next 8 columns / next 8 k-rows
+                        s);
+}
+
 // ---------------------------------------------------------------------------------------------
 // wgmma
 // ---------------------------------------------------------------------------------------------

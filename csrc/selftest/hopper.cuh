@@ -50,30 +50,17 @@ template <typename T, int N, bool ARegs, bool BMnMajor, int Steps>
 TF_DEVICE void wgmma_steps(float (&d)[N / 2], const uint32_t (&a_frag)[4][4], uint32_t a_addr, uint32_t b_addr,
                            const WgmmaTestParams& p, const TmaDesc* tma_a, void* sA, uint64_t* bar) {
   const Swizzle sw = Swizzle(p.swizzle);
-  const uint32_t W = swizzle_span(sw);
-  const int c = int(W) / 2;
+  const int c = swizzle_span(sw) / 2;
   ptx::fence_operand(d);
   if (!emu_bug(p.mutate, 3)) ptx::wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < Steps; ++ks) {
     const int k0 = 16 * ks;
-    // A (K-major): k-step k0 starts in chunk k0 / c at column k0 % c; LBO = the next chunk (unswizzled only),
-    // SBO = 8 rows.
-    const uint64_t desc_a = ptx::make_smem_desc(a_addr + uint32_t(k0 / c) * 64 * W + uint32_t(k0 % c) * 2,
-                                                sw == Swizzle::none ? 64 * 16 : 16, 8 * W, sw);
-    uint32_t b_start, lbo, sbo;
-    if constexpr (!BMnMajor) {  // Bt[N][K], K-major, like A
-      b_start = b_addr + uint32_t(k0 / c) * N * W + uint32_t(k0 % c) * 2;
-      lbo = sw == Swizzle::none ? N * 16 : 16;
-      sbo = 8 * W;
-    } else {                    // B[K][N], N-major: rows k0 .. k0+15 of every chunk of c columns
-      b_start = b_addr + uint32_t(k0) * W;
-      lbo = sw == Swizzle::none ? 8 * 16 : uint32_t(p.K) * W;       // none: next 8 k-rows; swizzled: next chunk
-      sbo = sw == Swizzle::none ? uint32_t(p.K) * 16 : 8 * W;       // none: next 8 columns; swizzled: next 8 k-rows
-    }
-    if (p.mutate == 1) sbo -= 16;
-    const Swizzle desc_sw = p.mutate == 2 ? (sw == Swizzle::none ? Swizzle::b32 : Swizzle::none) : sw;
-    const uint64_t desc_b = ptx::make_smem_desc(b_start, lbo, sbo, desc_sw);
+    const uint64_t desc_a = ptx::desc_k_major(a_addr, 64, k0, sw);
+    uint64_t desc_b = BMnMajor ? ptx::desc_mn_major(b_addr, p.K, k0, sw) : ptx::desc_k_major(b_addr, N, k0, sw);
+    if (p.mutate == 1) desc_b -= uint64_t(1) << 32;                         // SBO 16 bytes short
+    if (p.mutate == 2)                                                      // none <-> 32 B, swizzled -> none
+      desc_b = (desc_b & ~(uint64_t(3) << 62)) | (uint64_t(sw == Swizzle::none ? 3 : 0) << 62);
     const int scale_d = (p.use_c || ks > 0) ? 1 : 0;
     if constexpr (ARegs) ptx::wgmma_rs<T, N, BMnMajor>(d, a_frag[ks], desc_b, scale_d);
     else ptx::wgmma_ss<T, N, 0, BMnMajor>(d, desc_a, desc_b, scale_d);
