@@ -292,7 +292,8 @@ inline std::string deadlock_report(Launch& L) {
     msg += "no thread can proceed";
   msg += "; " + std::to_string(done) + " threads exited" + (done ? " (e.g." + exited + ")" : "");
   msg += "; " + std::to_string(at_warp) + " wait in warp collectives" + warp_detail;
-  if (at_other) msg += "; " + std::to_string(at_other) + " wait in warpgroup collectives or on mbarriers" + other_detail;
+  if (at_other)
+    msg += "; " + std::to_string(at_other) + " wait in warpgroup collectives or on mbarriers" + other_detail;
   msg += " (a barrier or warp collective not reached by every participating thread";
   msg += at_other ? ", or an mbarrier phase that never completes)" : ")";
   return msg;
@@ -399,7 +400,8 @@ inline void launch(const void* fn, dim3 grid, dim3 block, size_t smem, const std
   L.nthreads = int(nthreads);
   // 1024-byte aligned, so offsets from it swizzle as shared-memory addresses do (common/emu_hopper.h)
   std::vector<unsigned char> smem_buf(smem + 1024);
-  L.dyn_smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_buf.data()) + 1023) & ~uintptr_t(1023));
+  L.dyn_smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_buf.data()) + 1023) & ~uintptr_t(1023));
   L.dyn_smem_bytes = smem;
   L.body = body;
   Launch* prev = g_launch;
@@ -632,7 +634,8 @@ inline void group_collective(GroupFn fn, void* arg, const char* what, const char
     g.line = line;
   } else if (g.fn != fn) {
     fail("warpgroup collectives do not match: thread " + std::to_string(f.linear) + " is in " + what + " at " +
-         file + ":" + std::to_string(line) + " while " + std::to_string(g.arrived) + " threads of its warpgroup wait in " +
+         file + ":" + std::to_string(line) + " while " + std::to_string(g.arrived) +
+         " threads of its warpgroup wait in " +
          g.what + " at " + g.site + ":" + std::to_string(g.line));
   }
   g.args[f.linear % kWarpgroupThreads] = arg;

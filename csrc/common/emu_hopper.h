@@ -268,7 +268,8 @@ inline std::string mbar_state(const void* bar) {
 inline void mbarrier_init(void* bar, int count) {
   g_wait_state = mbar_state;
   if (reinterpret_cast<uintptr_t>(bar) & 7) fail("mbarrier.init: the mbarrier must be 8-byte aligned");
-  if (count < 1 || count >= (1 << 20)) fail("mbarrier.init: count must be in 1 .. 2^20 - 1, got " + std::to_string(count));
+  if (count < 1 || count >= (1 << 20))
+    fail("mbarrier.init: count must be in 1 .. 2^20 - 1, got " + std::to_string(count));
   auto& table = mbar_table();
   if (table.size() > 4096)  // barriers of finished blocks (keyed by addresses of past launches)
     for (auto it = table.begin(); it != table.end();)

@@ -437,7 +437,8 @@ TF_DEVICE void tma_load_2d(void* smem_dst, const TmaDesc* desc, int c0, int c1, 
   const int c[2] = {c0, c1};
   emu::tma_load(smem_dst, desc, c, 2, bar);
 #elif defined(TF_SM90)
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n"
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+               " [%0], [%1, {%3, %4}], [%2];\n"
                ::"r"(smem_addr(smem_dst)), "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
                : "memory");
 #else
@@ -450,7 +451,8 @@ TF_DEVICE void tma_load_3d(void* smem_dst, const TmaDesc* desc, int c0, int c1, 
   const int c[3] = {c0, c1, c2};
   emu::tma_load(smem_dst, desc, c, 3, bar);
 #elif defined(TF_SM90)
-  asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n"
+  asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+               " [%0], [%1, {%3, %4, %5}], [%2];\n"
                ::"r"(smem_addr(smem_dst)), "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1),
                  "r"(c2)
                : "memory");

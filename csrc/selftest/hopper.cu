@@ -90,8 +90,9 @@ void tma_copy(const void* src, int src_rows, int src_cols, void* dst, int dst_ro
   // 2-D: [rows][cols]; 3-D: the same memory as [rows / 2][2][cols] (rows even), the box as [box_rows / 2][2][cols]
   const int rank = rank3 ? 3 : 2;
   const int box[3] = {box_cols, rank3 ? 2 : box_rows, box_rows / 2};
-  const int64_t src_dims[3] = {src_cols, rank3 ? 2 : src_rows, src_rows / 2}, src_strides[3] = {1, src_cols, 2 * src_cols};
-  const int64_t dst_dims[3] = {dst_cols, rank3 ? 2 : dst_rows, dst_rows / 2}, dst_strides[3] = {1, dst_cols, 2 * dst_cols};
+  const int64_t src_dims[3] = {src_cols, rank3 ? 2 : src_rows, src_rows / 2};
+  const int64_t dst_dims[3] = {dst_cols, rank3 ? 2 : dst_rows, dst_rows / 2};
+  const int64_t src_strides[3] = {1, src_cols, 2 * src_cols}, dst_strides[3] = {1, dst_cols, 2 * dst_cols};
   const TmaDesc ts = make_tma_desc(src, DType::f16, rank, src_dims, src_strides, box, sw);
   const TmaDesc td = make_tma_desc(dst, DType::f16, rank, dst_dims, dst_strides, box, sw);
   TmaCopyParams p{static_cast<uint16_t*>(tile), x0, y0, x1, y1, box_rows, box_cols, swizzle, int(skip_wait),

@@ -33,7 +33,7 @@ struct WgmmaTestParams {
                         // tile while the wgmmas reading it are in flight (3-6: emulator only)
 };
 
-// Deliberate bug m (mutate 3..5) of the emulated build; compiled out of the GPU code (they would hang it or read
+// Deliberate bug m (mutate 3..6) of the emulated build; compiled out of the GPU code (they would hang it or read
 // undefined registers there, and keep ptxas from pipelining the wgmmas).
 TF_DEVICE bool emu_bug(int mutate, int m) {
 #ifdef TILEFORMER_EMULATE
@@ -163,8 +163,9 @@ struct TmaCopyParams {
   int rank3;            // the maps are 3-D views [rows / 2][2][cols]: 3-D load / store at (x, y % 2, y / 2)
 };
 
-// One 2-D (or 3-D) TMA load (16-bit elements, out-of-bounds elements read as 0) into a swizzled box, the box written out
-// by the threads through tf::swizzle_addr, then one 2-D (3-D) TMA store of the box (out-of-bounds elements skipped).
+// One 2-D (or 3-D) TMA load (16-bit elements, out-of-bounds elements read as 0) into a swizzled box, the box
+// written out by the threads through tf::swizzle_addr, then one 2-D (3-D) TMA store of the box (out-of-bounds
+// elements skipped).
 __global__ void __launch_bounds__(128) tma_copy_kernel(const __grid_constant__ TmaDesc tma_src,
                                                        const __grid_constant__ TmaDesc tma_dst, TmaCopyParams p) {
 #ifdef TF_HOPPER_BODY

@@ -12,7 +12,8 @@ void wgmma_tile(DType dtype, const void* A, int a_rows, const void* B, const flo
                 int swizzle, bool a_regs, bool b_mn_major, bool use_c, int mutate, cudaStream_t stream);
 
 // 16-bit src[src_rows][src_cols] -> tile[box_rows][box_cols] (TMA load at column x0, row y0) -> dst[dst_rows][dst_cols]
-// (TMA store at x1, y1); rank3: through 3-D maps [rows / 2][2][cols] (rows, box_rows, y0, y1 even); see tma_copy_kernel.
+// (TMA store at x1, y1); rank3: through 3-D maps [rows / 2][2][cols] (rows, box_rows, y0, y1 even); see
+// tma_copy_kernel.
 void tma_copy(const void* src, int src_rows, int src_cols, void* dst, int dst_rows, int dst_cols, void* tile,
               int box_rows, int box_cols, int x0, int y0, int x1, int y1, int swizzle, bool skip_wait, bool rank3,
               cudaStream_t stream);

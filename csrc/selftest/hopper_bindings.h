@@ -63,7 +63,8 @@ inline at::Tensor tma_copy(const at::Tensor& x, const at::Tensor& y, int64_t x0,
                     "box_cols must be ", 8 << swizzle);
   TORCH_CHECK_VALUE(x.size(1) % 8 == 0 && y.size(1) % 8 == 0, "rows of x and y must be multiples of 16 bytes");
   TORCH_CHECK_VALUE(!rank3 || (x.size(0) % 2 == 0 && y.size(0) % 2 == 0 && box_rows % 2 == 0 && y0 % 2 == 0 &&
-                               y1 % 2 == 0), "rank3 views rows in pairs: rows of x and y, box_rows, y0, y1 must be even");
+                               y1 % 2 == 0),
+                    "rank3 views rows in pairs: rows of x and y, box_rows, y0, y1 must be even");
   check_contiguous(x, "x");
   check_contiguous(y, "y");
   TORCH_CHECK_VALUE(!skip_wait || kDeviceType == c10::DeviceType::CPU, "skip_wait is emulator-only");
