@@ -12,12 +12,13 @@
 #   b. the per-kernel profile (benchmarks/profile_kernels.py: forward, dK/dV, dQ kernels at N 8k, D 128 and 64,
 #      causal off/on): the Triton paths and the peers (torch SDPA pinned to FLASH_ATTENTION and CUDNN_ATTENTION,
 #      flash-attn 2/3/4 and flashinfer when importable) WHILE transformer._C builds for this GPU (nvcc, that arch
-#      only, into a separate folder), then the CUDA paths once it is built;
+#      only, into a separate folder), then (on sm_90) the GPU halves of the sm_90a self-tests
+#      (tests/test_emulator_hopper.py: wgmma descriptors / swizzles / fragments, TMA, mbarrier on the hardware)
+#      and the CUDA paths once it is built;
 #   c. the timing sweep (benchmarks.run --quick --sections timing; every backend and variant but the fp32
 #      reference, the peers that import);
 #   d. the tests: the correctness table, the CUDA-backend GPU tests (with the emulator self-tests' GPU halves:
-#      the mma/ldmatrix fragment layouts and warp collectives on the hardware; on sm_90 also wgmma descriptors,
-#      swizzles and fragments, TMA and mbarrier), the Triton-backend GPU tests,
+#      the mma/ldmatrix fragment layouts and warp collectives on the hardware), the Triton-backend GPU tests,
 #      then the module/model tests with the time left.
 # Everything lands in $OUT (the device tool's folder; /tmp/tileformer_gpu_out elsewhere): session.log (all
 # output), results.tgz (bench/ = benchmarks.run's output folder with ceilings.csv, kernels.txt/.csv, bench.csv,
@@ -150,6 +151,10 @@ if [ -n "$BUILD_PID" ]; then
   fi
 fi
 $PY -c "import transformer; [print('  backend', k, v) for k, v in transformer.backends.available().items()]"
+say "b. the sm_90a self-tests' GPU halves (wgmma / TMA / mbarrier against torch; skipped unless sm_90), before timing"
+run_for 90 selftest_hopper "${PYTEST[@]}" -k gpu tests/test_emulator_hopper.py \
+  --junitxml="$LOGS/selftest_hopper.xml" > "$LOGS/selftest_hopper.log" 2>&1
+tail -n 15 "$LOGS/selftest_hopper.log"
 run_for 60 profile_cuda $PY -m benchmarks.profile_kernels --out "$BENCH" --append --d 128,64 \
   --providers cuda,cuda-fwd-w4 --deadline $(( $(date +%s) + 45 )) "${DRYARG[@]}"
 
@@ -173,8 +178,7 @@ say "d. CUDA-backend GPU tests (+ the emulator self-tests' GPU halves: fragment 
 # test_emulator.py names its hardware halves "...-gpu]" (marked gpu); the other files name the backend "cuda".
 run_for $(( $(left) - 60 )) tests_cuda "${PYTEST[@]}" \
   -k "(cuda and not test_triton_cuda_graph_capture) or (test_emulator and gpu)" \
-  tests/test_emulator.py tests/test_emulator_hopper.py tests/test_cuda_attention.py tests/test_cuda_decode.py \
-  tests/test_cuda_norms.py \
+  tests/test_emulator.py tests/test_cuda_attention.py tests/test_cuda_decode.py tests/test_cuda_norms.py \
   tests/test_attention.py tests/test_norms.py tests/test_decode.py \
   --junitxml="$LOGS/tests_cuda.xml" > "$LOGS/tests_cuda.log" 2>&1
 tail -n 30 "$LOGS/tests_cuda.log"
