@@ -91,6 +91,15 @@ def test_wgmma_equals_matmul(where, dtype, n, swizzle, a_regs, b_mn_major):
     assert err <= _tolerance(ref, k), f"max error {err:.3e} (tolerance {_tolerance(ref, k):.3e})"
 
 
+def test_wgmma_count():
+    """emu_wgmma_count() counts warpgroup-level wgmmas: one per k-step of 16 (work counts in kernel tests)."""
+    ops = _emu_ops()
+    a, b, b_in, c = _wgmma_inputs(torch.float16, 128, 48, True)
+    before = ops.emu_wgmma_count()
+    ops.selftest_wgmma(a, b_in, c, 128, 1, True, True, 0)
+    assert ops.emu_wgmma_count() - before == 3
+
+
 @pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("a_regs", [False, True], ids=["SS", "RS"])
 def test_wgmma_tma_out_of_bounds_rows_read_as_zero(where, a_regs):
