@@ -26,8 +26,11 @@ TENSOR_CORE_KERNELS = [
 
 # (source file, substring of the demangled kernel name, SASS instructions its sm_90a code must contain).
 HOPPER_KERNELS = [
-    ("hopper.cu", f"wgmma_kernel<{t}, {n}, {rs}, {mn}>", ("HGMMA", "UTMALDG", "SYNCS"))
+    ("hopper.cu", f"wgmma_kernel<{t}, {n}, {rs}, {mn}, false>", ("HGMMA", "UTMALDG", "SYNCS"))
     for t in ("__half", "__nv_bfloat16") for n in (64, 128, 256) for rs in ("false", "true") for mn in ("false", "true")
+] + [
+    ("hopper.cu", f"wgmma_kernel<{t}, 64, false, {mn}, true>", ("HGMMA", "UTMALDG", "SYNCS"))
+    for t in ("__half", "__nv_bfloat16") for mn in ("false", "true")
 ] + [
     ("hopper.cu", "tma_copy_kernel", ("UTMALDG", "UTMASTG", "SYNCS")),
     ("hopper.cu", "mbarrier_pingpong_kernel", ("SYNCS", "USETMAXREG")),

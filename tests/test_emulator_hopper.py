@@ -91,6 +91,22 @@ def test_wgmma_equals_matmul(where, dtype, n, swizzle, a_regs, b_mn_major):
     assert err <= _tolerance(ref, k), f"max error {err:.3e} (tolerance {_tolerance(ref, k):.3e})"
 
 
+@pytest.mark.parametrize("where", WHERE)
+@pytest.mark.parametrize("b_mn_major", [False, True], ids=["Bk", "Bn"])
+@pytest.mark.parametrize("swizzle", SWIZZLES, ids=SWIZZLE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_wgmma_a_m_major_equals_matmul(where, dtype, swizzle, b_mn_major):
+    """A from shared memory M-major (trans-a = 1: At[K][64], M contiguous), N 64."""
+    ops, dev = _ops(where)
+    k = 64 if swizzle == 3 else 32
+    a, b, b_in, c = _wgmma_inputs(dtype, 64, k, b_mn_major, seed=70 + swizzle + 10 * b_mn_major)
+    d = ops.selftest_wgmma(a.t().contiguous().to(dev), b_in.to(dev), c.to(dev), 64, swizzle, False, b_mn_major, 0,
+                           True).cpu()
+    ref = _reference(a, b, c)
+    err = (d.double() - ref).abs().max().item()
+    assert err <= _tolerance(ref, k), f"max error {err:.3e}"
+
+
 def test_wgmma_count():
     """emu_wgmma_count() counts warpgroup-level wgmmas: one per k-step of 16 (work counts in kernel tests)."""
     ops = _emu_ops()

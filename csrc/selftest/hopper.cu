@@ -43,16 +43,22 @@ TmaDesc chunked_map(const void* base, DType dtype, int rows, int outer, int box_
   return make_tma_desc(base, dtype, 2, dims, strides, box, sw);
 }
 
-template <typename T, int N, bool ARegs, bool BMnMajor>
+template <typename T, int N, bool ARegs, bool BMnMajor, bool AMnMajor = false>
 void wgmma_launch(const TmaDesc& ta, const TmaDesc& tb, const WgmmaTestParams& p, size_t smem, cudaStream_t stream) {
-  require_sm90a(wgmma_kernel<T, N, ARegs, BMnMajor>, "selftest_wgmma");
-  launch(wgmma_kernel<T, N, ARegs, BMnMajor>, dim3(1), dim3(128), smem, stream, ta, tb, p);
+  require_sm90a(wgmma_kernel<T, N, ARegs, BMnMajor, AMnMajor>, "selftest_wgmma");
+  launch(wgmma_kernel<T, N, ARegs, BMnMajor, AMnMajor>, dim3(1), dim3(128), smem, stream, ta, tb, p);
 }
 
+// A M-major is built for N = 64 only (the bindings check it).
 template <typename T, int N>
-void wgmma_dispatch_ab(bool a_regs, bool b_mn_major, const TmaDesc& ta, const TmaDesc& tb, const WgmmaTestParams& p,
-                       size_t smem, cudaStream_t stream) {
-  if (a_regs) {
+void wgmma_dispatch_ab(bool a_regs, bool b_mn_major, bool a_mn_major, const TmaDesc& ta, const TmaDesc& tb,
+                       const WgmmaTestParams& p, size_t smem, cudaStream_t stream) {
+  if (a_mn_major) {
+    if constexpr (N == 64) {
+      if (b_mn_major) wgmma_launch<T, N, false, true, true>(ta, tb, p, smem, stream);
+      else wgmma_launch<T, N, false, false, true>(ta, tb, p, smem, stream);
+    }
+  } else if (a_regs) {
     if (b_mn_major) wgmma_launch<T, N, true, true>(ta, tb, p, smem, stream);
     else wgmma_launch<T, N, true, false>(ta, tb, p, smem, stream);
   } else {
@@ -62,24 +68,25 @@ void wgmma_dispatch_ab(bool a_regs, bool b_mn_major, const TmaDesc& ta, const Tm
 }
 
 template <typename T>
-void wgmma_dispatch(int N, bool a_regs, bool b_mn_major, const TmaDesc& ta, const TmaDesc& tb,
+void wgmma_dispatch(int N, bool a_regs, bool b_mn_major, bool a_mn_major, const TmaDesc& ta, const TmaDesc& tb,
                     const WgmmaTestParams& p, size_t smem, cudaStream_t stream) {
-  if (N == 64) wgmma_dispatch_ab<T, 64>(a_regs, b_mn_major, ta, tb, p, smem, stream);
-  else if (N == 128) wgmma_dispatch_ab<T, 128>(a_regs, b_mn_major, ta, tb, p, smem, stream);
-  else wgmma_dispatch_ab<T, 256>(a_regs, b_mn_major, ta, tb, p, smem, stream);
+  if (N == 64) wgmma_dispatch_ab<T, 64>(a_regs, b_mn_major, a_mn_major, ta, tb, p, smem, stream);
+  else if (N == 128) wgmma_dispatch_ab<T, 128>(a_regs, b_mn_major, a_mn_major, ta, tb, p, smem, stream);
+  else wgmma_dispatch_ab<T, 256>(a_regs, b_mn_major, a_mn_major, ta, tb, p, smem, stream);
 }
 
 }  // namespace
 
 void wgmma_tile(DType dtype, const void* A, int a_rows, const void* B, const float* C, float* D, int N, int K,
-                int swizzle, bool a_regs, bool b_mn_major, bool use_c, int mutate, cudaStream_t stream) {
+                int swizzle, bool a_regs, bool b_mn_major, bool a_mn_major, bool use_c, int mutate,
+                cudaStream_t stream) {
   const Swizzle sw = Swizzle(swizzle);
-  const TmaDesc ta = chunked_map(A, dtype, a_rows, K, 64, sw);
+  const TmaDesc ta = a_mn_major ? chunked_map(A, dtype, K, 64, K, sw) : chunked_map(A, dtype, a_rows, K, 64, sw);
   const TmaDesc tb = b_mn_major ? chunked_map(B, dtype, K, N, K, sw) : chunked_map(B, dtype, N, K, N, sw);
   WgmmaTestParams p{C, D, K, swizzle, int(use_c), mutate};
   const size_t smem = 1024 + 1024 + size_t(64 + N) * K * 2;
-  if (dtype == DType::f16) wgmma_dispatch<__half>(N, a_regs, b_mn_major, ta, tb, p, smem, stream);
-  else wgmma_dispatch<__nv_bfloat16>(N, a_regs, b_mn_major, ta, tb, p, smem, stream);
+  if (dtype == DType::f16) wgmma_dispatch<__half>(N, a_regs, b_mn_major, a_mn_major, ta, tb, p, smem, stream);
+  else wgmma_dispatch<__nv_bfloat16>(N, a_regs, b_mn_major, a_mn_major, ta, tb, p, smem, stream);
 }
 
 void tma_copy(const void* src, int src_rows, int src_cols, void* dst, int dst_rows, int dst_cols, void* tile,

@@ -46,7 +46,7 @@ TF_DEVICE bool emu_bug(int mutate, int m) {
 }
 
 // The k-steps of wgmma_kernel: Steps wgmmas over k0 = 0, 16, .. (one commit group each), then the waits.
-template <typename T, int N, bool ARegs, bool BMnMajor, int Steps>
+template <typename T, int N, bool ARegs, bool BMnMajor, bool AMnMajor, int Steps>
 TF_DEVICE void wgmma_steps(float (&d)[N / 2], const uint32_t (&a_frag)[4][4], uint32_t a_addr, uint32_t b_addr,
                            const WgmmaTestParams& p, const TmaDesc* tma_a, void* sA, uint64_t* bar) {
   const Swizzle sw = Swizzle(p.swizzle);
@@ -56,18 +56,19 @@ TF_DEVICE void wgmma_steps(float (&d)[N / 2], const uint32_t (&a_frag)[4][4], ui
 #pragma unroll
   for (int ks = 0; ks < Steps; ++ks) {
     const int k0 = 16 * ks;
-    const uint64_t desc_a = ptx::desc_k_major(a_addr, 64, k0, sw);
+    const uint64_t desc_a =
+        AMnMajor ? ptx::desc_mn_major(a_addr, p.K, k0, sw) : ptx::desc_k_major(a_addr, 64, k0, sw);
     uint64_t desc_b = BMnMajor ? ptx::desc_mn_major(b_addr, p.K, k0, sw) : ptx::desc_k_major(b_addr, N, k0, sw);
     if (p.mutate == 1) desc_b -= uint64_t(1) << 32;                         // SBO 16 bytes short
     if (p.mutate == 2)                                                      // none <-> 32 B, swizzled -> none
       desc_b = (desc_b & ~(uint64_t(3) << 62)) | (uint64_t(sw == Swizzle::none ? 3 : 0) << 62);
     const int scale_d = (p.use_c || ks > 0) ? 1 : 0;
     if constexpr (ARegs) ptx::wgmma_rs<T, N, BMnMajor>(d, a_frag[ks], desc_b, scale_d);
-    else ptx::wgmma_ss<T, N, 0, BMnMajor>(d, desc_a, desc_b, scale_d);
+    else ptx::wgmma_ss<T, N, AMnMajor, BMnMajor>(d, desc_a, desc_b, scale_d);
     ptx::wgmma_commit();
   }
   if (emu_bug(p.mutate, 6) && threadIdx.x == 0) {  // reuses A's buffer before the wgmmas reading it retired
-    ptx::mbarrier_arrive_expect_tx(bar, uint32_t(64 * c * 2));
+    ptx::mbarrier_arrive_expect_tx(bar, uint32_t((AMnMajor ? p.K : 64) * c * 2));
     ptx::tma_load_2d(sA, tma_a, 0, 0, bar);
   }
   if (!emu_bug(p.mutate, 4)) {
@@ -79,12 +80,12 @@ TF_DEVICE void wgmma_steps(float (&d)[N / 2], const uint32_t (&a_frag)[4][4], ui
 
 // D[64][N] = A[64][K] B[K][N] (+ C), one warpgroup. ARegs: A from registers (wgmma RS, fragments read from the
 // swizzled tile) instead of shared memory (SS); BMnMajor: B given as B[K][N] (N contiguous, trans-b = 1) instead
-// of Bt[N][K] (trans-b = 0). Thread 0 loads both tiles with 2-D TMA, one box of [rows][c] per chunk of c
+// of Bt[N][K] (trans-b = 0); AMnMajor (SS only): A given as At[K][64] (M contiguous, trans-a = 1). Thread 0 loads both tiles with 2-D TMA, one box of [rows][c] per chunk of c
 // contiguous elements (c = one swizzle span; 8 unswizzled), all signalled on one mbarrier; then K/16 wgmmas
 // (one commit group each) into N/2 fp32 registers per thread, stored in the D fragment layout.
-// Shared memory, from a 1024-byte boundary: the mbarrier (1 KB page), A as [K/c][64][c], B as [K/c][N][c] (K-major)
-// or [N/c][K][c] (N-major); each row of c elements is one swizzle span.
-template <typename T, int N, bool ARegs, bool BMnMajor>
+// Shared memory, from a 1024-byte boundary: the mbarrier (1 KB page), A as [K/c][64][c] (M-major: [64/c][K][c]),
+// B as [K/c][N][c] (K-major) or [N/c][K][c] (N-major); each row of c elements is one swizzle span.
+template <typename T, int N, bool ARegs, bool BMnMajor, bool AMnMajor>
 __global__ void __launch_bounds__(128, 1) wgmma_kernel(const __grid_constant__ TmaDesc tma_a,
                                                        const __grid_constant__ TmaDesc tma_b, WgmmaTestParams p) {
 #ifdef TF_HOPPER_BODY
@@ -104,7 +105,8 @@ __global__ void __launch_bounds__(128, 1) wgmma_kernel(const __grid_constant__ T
   __syncthreads();
   if (tid == 0) {
     ptx::mbarrier_arrive_expect_tx(bar, uint32_t((64 + N) * p.K * 2));
-    for (int kc = 0; kc < p.K / c; ++kc) ptx::tma_load_2d(sA + kc * 64 * W, &tma_a, kc * c, 0, bar);
+    const int a_rows = AMnMajor ? p.K : 64, a_chunks = (AMnMajor ? 64 : p.K) / c;
+    for (int j = 0; j < a_chunks; ++j) ptx::tma_load_2d(sA + j * a_rows * W, &tma_a, j * c, 0, bar);
     const int b_rows = BMnMajor ? p.K : N, b_chunks = (BMnMajor ? N : p.K) / c;
     for (int j = 0; j < b_chunks; ++j) ptx::tma_load_2d(sB + j * b_rows * W, &tma_b, j * c, 0, bar);
   }
@@ -137,10 +139,10 @@ __global__ void __launch_bounds__(128, 1) wgmma_kernel(const __grid_constant__ T
   // One code path per number of k-steps: each ends with its wgmma.wait, so no register copies of in-flight
   // accumulators (a runtime loop exit would merge them) keep ptxas from pipelining the wgmmas.
   switch (p.K / 16) {
-    case 1: wgmma_steps<T, N, ARegs, BMnMajor, 1>(d, a_frag, a_addr, b_addr, p, &tma_a, sA, bar); break;
-    case 2: wgmma_steps<T, N, ARegs, BMnMajor, 2>(d, a_frag, a_addr, b_addr, p, &tma_a, sA, bar); break;
-    case 3: wgmma_steps<T, N, ARegs, BMnMajor, 3>(d, a_frag, a_addr, b_addr, p, &tma_a, sA, bar); break;
-    default: wgmma_steps<T, N, ARegs, BMnMajor, 4>(d, a_frag, a_addr, b_addr, p, &tma_a, sA, bar); break;
+    case 1: wgmma_steps<T, N, ARegs, BMnMajor, AMnMajor, 1>(d, a_frag, a_addr, b_addr, p, &tma_a, sA, bar); break;
+    case 2: wgmma_steps<T, N, ARegs, BMnMajor, AMnMajor, 2>(d, a_frag, a_addr, b_addr, p, &tma_a, sA, bar); break;
+    case 3: wgmma_steps<T, N, ARegs, BMnMajor, AMnMajor, 3>(d, a_frag, a_addr, b_addr, p, &tma_a, sA, bar); break;
+    default: wgmma_steps<T, N, ARegs, BMnMajor, AMnMajor, 4>(d, a_frag, a_addr, b_addr, p, &tma_a, sA, bar); break;
   }
   ptx::fence_operand(d);
 #pragma unroll

@@ -7,9 +7,11 @@
 namespace tf::selftest {
 
 // D[64][N] = A[a_rows][K] (rows a_rows .. 63 read as 0: TMA out-of-bounds fill) @ B (+ C); B given as Bt[N][K]
-// or, with b_mn_major, as B[K][N]. dtype f16 or bf16; N in {64, 128, 256}; see wgmma_kernel.
+// or, with b_mn_major, as B[K][N]; with a_mn_major (N = 64, shared-memory A) A is given as At[K][64]. dtype f16 or
+// bf16; N in {64, 128, 256}; see wgmma_kernel.
 void wgmma_tile(DType dtype, const void* A, int a_rows, const void* B, const float* C, float* D, int N, int K,
-                int swizzle, bool a_regs, bool b_mn_major, bool use_c, int mutate, cudaStream_t stream);
+                int swizzle, bool a_regs, bool b_mn_major, bool a_mn_major, bool use_c, int mutate,
+                cudaStream_t stream);
 
 // 16-bit src[src_rows][src_cols] -> tile[box_rows][box_cols] (TMA load at column x0, row y0) -> dst[dst_rows][dst_cols]
 // (TMA store at x1, y1); rank3: through 3-D maps [rows / 2][2][cols] (rows, box_rows, y0, y1 even); see

@@ -9,10 +9,11 @@ namespace tf::hopper_bindings {
 
 using namespace tf::bind;
 
-// a: [a_rows <= 64, K] (rows a_rows .. 63 of the tile read as 0), b: [n, K] (Bt) or [K, n] (b_mn_major), fp16 or
-// bf16; c: [64, n] fp32 or None (D = A B). swizzle: 0 none, 1 32 B, 2 64 B, 3 128 B. Returns d [64, n] fp32.
+// a: [a_rows <= 64, K] (rows a_rows .. 63 of the tile read as 0), or At [K, 64] with a_mn_major (n 64, not a_regs);
+// b: [n, K] (Bt) or [K, n] (b_mn_major), fp16 or bf16; c: [64, n] fp32 or None (D = A B). swizzle: 0 none, 1 32 B,
+// 2 64 B, 3 128 B. Returns d [64, n] fp32.
 inline at::Tensor wgmma(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& c, int64_t n,
-                        int64_t swizzle, bool a_regs, bool b_mn_major, int64_t mutate) {
+                        int64_t swizzle, bool a_regs, bool b_mn_major, int64_t mutate, bool a_mn_major) {
   check_device(a, "a");
   check_device(b, "b", &a);
   const DType dt = dtype_of(a, "a");
@@ -23,10 +24,12 @@ inline at::Tensor wgmma(const at::Tensor& a, const at::Tensor& b, const std::opt
   TORCH_CHECK_VALUE(swizzle >= 0 && swizzle <= 3, "swizzle must be 0 (none), 1 (32 B), 2 (64 B) or 3 (128 B), got ",
                     swizzle);
   const int64_t chunk = swizzle == 0 ? 8 : (8 << swizzle);
-  TORCH_CHECK_VALUE(a.dim() == 2 && a.size(0) >= 1 && a.size(0) <= 64, "a must be [rows <= 64, K], got ", a.sizes());
-  const int64_t K = a.size(1);
-  TORCH_CHECK_VALUE(K >= 16 && K <= 64 && K % 16 == 0 && K % chunk == 0, "K (a.size(1)) must be 16..64, a multiple of "
-                    "16 and of the swizzle span (", chunk, " elements), got ", K);
+  TORCH_CHECK_VALUE(!a_mn_major || (n == 64 && !a_regs), "a_mn_major is built for n 64 with A in shared memory");
+  TORCH_CHECK_VALUE(a.dim() == 2 && (a_mn_major ? a.size(1) == 64 : (a.size(0) >= 1 && a.size(0) <= 64)),
+                    a_mn_major ? "a must be At [K, 64], got " : "a must be [rows <= 64, K], got ", a.sizes());
+  const int64_t K = a_mn_major ? a.size(0) : a.size(1);
+  TORCH_CHECK_VALUE(K >= 16 && K <= 64 && K % 16 == 0 && K % chunk == 0, "K must be 16..64, a multiple of 16 and "
+                    "of the swizzle span (", chunk, " elements), got ", K);
   TORCH_CHECK_VALUE(b.sizes() == (b_mn_major ? at::IntArrayRef({K, n}) : at::IntArrayRef({n, K})), "b must have shape ",
                     b_mn_major ? "[K, n]" : "[n, K]", ", got ", b.sizes());
   TORCH_CHECK_VALUE(mutate >= 0 && mutate <= 6, "mutate must be 0..6, got ", mutate);
@@ -43,8 +46,8 @@ inline at::Tensor wgmma(const at::Tensor& a, const at::Tensor& b, const std::opt
   at::Tensor d = empty({64, n}, at::kFloat, a);
   const KernelMemory memory({{"a", &a}, {"b", &b}, {"c", opt(c)}, {"d", &d}});
   tf::selftest::wgmma_tile(dt, a.data_ptr(), int(a.size(0)), b.data_ptr(), c ? c->data_ptr<float>() : nullptr,
-                           d.data_ptr<float>(), int(n), int(K), int(swizzle), a_regs, b_mn_major, bool(c), int(mutate),
-                           stream_for(a));
+                           d.data_ptr<float>(), int(n), int(K), int(swizzle), a_regs, b_mn_major, a_mn_major, bool(c),
+                           int(mutate), stream_for(a));
   return d;
 }
 
@@ -95,7 +98,7 @@ inline at::Tensor mbarrier(const at::Tensor& x, int64_t mode) {
 
 inline void define(torch::Library& m) {
   m.def("selftest_wgmma(Tensor a, Tensor b, Tensor? c, int n, int swizzle, bool a_regs, bool b_mn_major, "
-        "int mutate) -> Tensor");
+        "int mutate, bool a_mn_major=False) -> Tensor");
   m.def("selftest_tma_copy(Tensor x, Tensor(a!) y, int x0, int y0, int x1, int y1, int box_rows, int box_cols, "
         "int swizzle, bool skip_wait, bool rank3) -> Tensor");
   m.def("selftest_mbarrier(Tensor x, int mode) -> Tensor");
