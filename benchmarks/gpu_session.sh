@@ -12,7 +12,9 @@
 #   b. the per-kernel profile (benchmarks/profile_kernels.py: forward, dK/dV, dQ kernels at N 8k, D 128 and 64,
 #      causal off/on): the Triton paths and the peers (torch SDPA pinned to FLASH_ATTENTION and CUDNN_ATTENTION,
 #      flash-attn 2/3/4 and flashinfer when importable) WHILE transformer._C builds for this GPU (nvcc, that arch
-#      only, into a separate folder), then the CUDA paths once it is built;
+#      only, into a separate folder), then (on sm_90) the GPU halves of the sm_90a self-tests
+#      (tests/test_emulator_hopper.py: wgmma descriptors / swizzles / fragments, TMA, mbarrier on the hardware)
+#      and the CUDA paths once it is built;
 #   c. the timing sweep (benchmarks.run --quick --sections timing; every backend and variant but the fp32
 #      reference, the peers that import);
 #   d. the tests: the correctness table, the CUDA-backend GPU tests (with the emulator self-tests' GPU halves:
@@ -149,6 +151,10 @@ if [ -n "$BUILD_PID" ]; then
   fi
 fi
 $PY -c "import transformer; [print('  backend', k, v) for k, v in transformer.backends.available().items()]"
+say "b. the sm_90a self-tests' GPU halves (wgmma / TMA / mbarrier against torch; skipped unless sm_90), before timing"
+run_for 90 selftest_hopper "${PYTEST[@]}" -k gpu tests/test_emulator_hopper.py \
+  --junitxml="$LOGS/selftest_hopper.xml" > "$LOGS/selftest_hopper.log" 2>&1
+tail -n 15 "$LOGS/selftest_hopper.log"
 run_for 60 profile_cuda $PY -m benchmarks.profile_kernels --out "$BENCH" --append --d 128,64 \
   --providers cuda,cuda-fwd-w4 --deadline $(( $(date +%s) + 45 )) "${DRYARG[@]}"
 

@@ -61,10 +61,10 @@ def wgmma_shapes(ptx):
 
 
 SASS_MARKERS = {"HMMA": r"\bHMMA\.", "HGMMA": r"\bHGMMA\.", "UTMALDG": r"\bUTMALDG", "LDSM": r"\bLDSM\b",
-                "USETMAXREG": r"\bUSETMAXREG\b"}
+                "USETMAXREG": r"\bUSETMAXREG\b", "UTMASTG": r"\bUTMASTG", "SYNCS": r"\bSYNCS\."}
 # HGMMA shapes in SASS ("HGMMA.64x128x16.F32.BF16"): an "HGMMA.64xNx16" entry (count) per shape, as wgmma_shapes.
 HGMMA_SHAPE = re.compile(r"\bHGMMA\.(\d+x\d+x\d+)")
-STATS_VERSION = 2       # part of the static report's cache key: bump when what KernelStats holds changes
+STATS_VERSION = 3       # part of the static report's cache key: bump when what KernelStats holds changes
 
 
 def hgmma_shapes(sass):

@@ -7,10 +7,12 @@
 #include "attention/attention_bindings.h"
 #include "decode/decode_bindings.h"
 #include "norms/norms_bindings.h"
+#include "selftest/hopper_bindings.h"
 #include "selftest/selftest_bindings.h"
 
 TF_LIBRARY(m) {
   tf::selftest_bindings::define(m);
+  tf::hopper_bindings::define(m);
   tf::attention_bindings::define(m);
   tf::decode_bindings::define(m);
   tf::norms_bindings::define(m);
@@ -18,6 +20,7 @@ TF_LIBRARY(m) {
 
 TF_LIBRARY_IMPL(m) {
   tf::selftest_bindings::impl(m);
+  tf::hopper_bindings::impl(m);
   tf::attention_bindings::impl(m);
   tf::decode_bindings::impl(m);
   tf::norms_bindings::impl(m);

@@ -978,7 +978,7 @@ def test_kernel_report_warpgroup_mma_widths():
 
 
 # ---------------------------------------------------------------------------------------------
-# gpu_session.sh: the CUDA-test selection holds the emulator's GPU halves
+# gpu_session.sh: the CUDA-test selection holds the emulator's GPU halves; the sm_90a self-tests run before timing
 # ---------------------------------------------------------------------------------------------
 
 def test_gpu_session_cuda_tests_select_the_emulator_gpu_halves():
@@ -993,6 +993,22 @@ def test_gpu_session_cuda_tests_select_the_emulator_gpu_halves():
     ids = [ln for ln in res.stdout.splitlines() if ln.startswith("tests/test_emulator.py::")]
     assert ids and all(ln.endswith("-gpu]") for ln in ids), res.stdout[-2000:]
     assert any("test_mma_tile_equals_matmul" in ln for ln in ids) and any("test_shuffles" in ln for ln in ids)
+
+
+def test_gpu_session_runs_the_hopper_selftest_gpu_halves_before_timing():
+    import re as _re
+    import subprocess
+    script = open(os.path.join(harness.ROOT, "benchmarks", "gpu_session.sh")).read()
+    assert script.index("selftest_hopper") < script.index("profile_cuda") < script.index("c. timing")
+    part = script[script.index("run_for 90 selftest_hopper"):]
+    expr = _re.search(r"-k (\S+) tests/test_emulator_hopper.py", part).group(1)
+    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "-m", "not slow and not static", "-k", expr, "tests/test_emulator_hopper.py"],
+                         cwd=harness.ROOT, capture_output=True, text=True, timeout=300)
+    ids = [ln for ln in res.stdout.splitlines() if ln.startswith("tests/test_emulator_hopper.py::")]
+    assert ids and all(ln.endswith("-gpu]") or "test_gpu_" in ln for ln in ids), res.stdout[-2000:]
+    for name in ("test_wgmma_equals_matmul", "test_tma_copy_out_of_bounds_and_swizzle", "test_mbarrier_ping_pong"):
+        assert any(name in ln for ln in ids), name
 
 
 def test_a_forced_kernel_path_that_cannot_run_is_not_available(monkeypatch):

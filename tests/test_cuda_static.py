@@ -5,7 +5,9 @@ sm_90a, cuobjdump -res-usage) when it is newer than csrc/, else compiles every c
 -Xptxas -v (cached by a hash of csrc/). Every kernel must have 0 spills and 0 local memory (stack
 frame included); the tensor-core kernels listed in TENSOR_CORE_KERNELS must contain HMMA and LDSM in
 their sm_80 SASS (the attention and decode kernels are checked the same way by their own static tests in
-test_cuda_attention.py and test_cuda_decode.py).
+test_cuda_attention.py and test_cuda_decode.py); the sm_90a self-test kernels listed in HOPPER_KERNELS must
+contain the Hopper instructions their wrappers stand for (HGMMA: wgmma.mma_async, UTMALDG / UTMASTG: TMA,
+SYNCS: mbarrier, USETMAXREG: setmaxnreg) in their sm_90a SASS.
 """
 import os
 
@@ -22,11 +24,25 @@ TENSOR_CORE_KERNELS = [
 ]
 
 
+# (source file, substring of the demangled kernel name, SASS instructions its sm_90a code must contain).
+HOPPER_KERNELS = [
+    ("hopper.cu", f"wgmma_kernel<{t}, {n}, {rs}, {mn}, false>", ("HGMMA", "UTMALDG", "SYNCS"))
+    for t in ("__half", "__nv_bfloat16") for n in (64, 128, 256) for rs in ("false", "true") for mn in ("false", "true")
+] + [
+    ("hopper.cu", f"wgmma_kernel<{t}, 64, false, {mn}, true>", ("HGMMA", "UTMALDG", "SYNCS"))
+    for t in ("__half", "__nv_bfloat16") for mn in ("false", "true")
+] + [
+    ("hopper.cu", "tma_copy_kernel", ("UTMALDG", "UTMASTG", "SYNCS")),
+    ("hopper.cu", "mbarrier_pingpong_kernel", ("SYNCS", "USETMAXREG")),
+]
+
+
 @pytest.fixture(scope="module")
 def report():
     if not os.path.exists(kernel_report._nvcc()):
         pytest.skip(f"nvcc not found at {kernel_report._nvcc()} (set CUDA_HOME)")
-    stats = kernel_report.cuda_report(sass_kernels=tuple(k for _, k in TENSOR_CORE_KERNELS))
+    stats = kernel_report.cuda_report(sass_kernels=tuple(k for _, k in TENSOR_CORE_KERNELS) +
+                                      tuple(k for _, k, _ in HOPPER_KERNELS))
     print("\n" + kernel_report.format_table(stats))
     return stats
 
@@ -52,3 +68,13 @@ def test_tensor_core_kernels_use_hmma(report, source, kernel):
     for s in hits:
         assert s.instructions.get("HMMA", 0) > 0, f"{s.name}: no HMMA in the sm_80 SASS ({s.instructions})"
         assert s.instructions.get("LDSM", 0) > 0, f"{s.name}: no LDSM (ldmatrix) in the sm_80 SASS"
+
+
+@pytest.mark.parametrize("source,kernel,markers", HOPPER_KERNELS, ids=[k for _, k, _ in HOPPER_KERNELS])
+def test_hopper_selftest_kernels_use_hopper_instructions(report, source, kernel, markers):
+    hits = [s for s in report if s.arch == 90 and s.name.startswith(source + ":") and kernel in s.name]
+    assert hits, f"{kernel} not found in {source} (kernels: {[s.name for s in report if s.arch == 90]})"
+    for s in hits:
+        missing = [m for m in markers if s.instructions.get(m, 0) == 0]
+        assert not missing, f"{s.name}: no {missing} in the sm_90a SASS ({s.instructions})"
+        assert s.instructions.get("HMMA", 0) == 0, f"{s.name}: HMMA (mma.sync) in a wgmma kernel"

@@ -9,6 +9,9 @@
 //     within a block every CUDA thread is a fiber
 //     (ucontext, its own stack) on the calling OS thread. Fibers run until they reach a barrier
 //     (__syncthreads) or a warp collective (shuffles, votes, __syncwarp, ldmatrix, mma), then yield.
+//   * Warpgroup collectives (wgmma, setmaxnreg: 128 consecutive threads) work as warp collectives do, over
+//     the 4 warps of the warpgroup; a thread waiting on an mbarrier phase is suspended until an arrival or
+//     a landed TMA copy completes that phase (common/emu_hopper.h). Both count in the deadlock check.
 //   * __syncthreads releases when every thread of the block has arrived at the same barrier (same
 //     source line). A barrier some threads never reach (they exited or wait elsewhere) is a deadlock:
 //     the launch stops with std::runtime_error naming the kernel, the block and who waits where.
@@ -85,7 +88,9 @@ constexpr int kMaxThreads = 1024;
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr int kSlotBytes = 64;                   // per-lane payload of a warp collective
 
-enum class State : uint8_t { Ready, BlockWait, WarpWait, Done };
+// GroupWait: in a warpgroup collective (wgmma, setmaxnreg); CondWait: blocked until another thread wakes its
+// wait key (an mbarrier phase, common/emu_hopper.h).
+enum class State : uint8_t { Ready, BlockWait, WarpWait, GroupWait, CondWait, Done };
 
 struct CpAsyncCopy { void* dst; const void* src; int bytes; int src_bytes; };
 
@@ -96,6 +101,8 @@ struct Fiber {
   State state = State::Ready;
   const char* wait_site = "";                    // file:line of the barrier / collective it waits at
   int wait_line = 0;
+  const void* wait_key = nullptr;                // CondWait: what it waits for (woken by wake(key))
+  std::string wait_what;                         // CondWait / GroupWait: description for the deadlock report
   std::vector<std::vector<CpAsyncCopy>> cp_groups = {{}};  // committed groups + the open one (back)
 };
 
@@ -112,8 +119,24 @@ struct WarpState {
   alignas(16) unsigned char out[32][kSlotBytes]; // each lane's results
 };
 
+// A warpgroup collective: the 128 consecutive threads 128w .. 128w + 127 of a block each pass a pointer to
+// their own argument; the last to arrive runs fn(args), args[i] belonging to thread 128w + i.
+constexpr int kWarpgroupThreads = 128;
+using GroupFn = void (*)(void* const* args);
+
+struct GroupState {
+  int arrived = 0;
+  GroupFn fn = nullptr;
+  const char* what = "";
+  const char* site = "";
+  int line = 0;
+  void* args[kWarpgroupThreads];
+};
+
 struct Launch {
   const char* kernel = "?";
+  uint64_t block_serial = 0;                      // distinct for every block run (state keyed by shared memory
+                                                  // addresses is stamped with it: blocks reuse the addresses)
   dim3 grid, block;
   uint3 block_idx;
   int nthreads = 0;
@@ -122,6 +145,7 @@ struct Launch {
   std::function<void()> body;
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
+  std::vector<GroupState> groups;                 // warpgroups (complete ones only)
   std::vector<int> ready;
   size_t ready_head = 0;
   int block_arrived = 0;                          // threads waiting at __syncthreads
@@ -141,6 +165,8 @@ struct Globals {
   bool random = true;
   std::mt19937_64 rng{0};
   uint64_t mma_count = 0;                        // warp-level mma.sync executed since load (work counts)
+  uint64_t wgmma_count = 0;                      // warpgroup-level wgmma.mma_async executed since load
+  uint64_t block_serial = 0;                     // blocks run since load
   std::mt19937_64 block_rng{kBlockSeedSalt};     // block order (a stream of its own: thread schedules
                                                  // of one-block launches do not depend on it)
   Globals() {
@@ -158,6 +184,10 @@ struct Globals {
 };
 
 inline Globals& globals() { static Globals g; return g; }
+
+// The state of what a CondWait thread waits for, at deadlock time (set by common/emu_hopper.h: an mbarrier's
+// phase, pending arrivals and tx-count).
+inline std::string (*g_wait_state)(const void* key) = nullptr;
 inline thread_local Launch* g_launch = nullptr;
 inline thread_local Fiber* g_fiber = nullptr;
 
@@ -231,8 +261,8 @@ inline void fiber_main() {
 }
 
 inline std::string deadlock_report(Launch& L) {
-  int done = 0, at_block = 0, at_warp = 0;
-  std::string exited, warp_detail;
+  int done = 0, at_block = 0, at_warp = 0, at_other = 0;
+  std::string exited, warp_detail, other_detail;
   for (auto& f : L.fibers) {
     if (f.state == State::Done) {
       if (++done <= 8) exited += " " + std::to_string(f.linear);
@@ -246,6 +276,11 @@ inline std::string deadlock_report(Launch& L) {
         std::snprintf(m, sizeof(m), " (mask 0x%08x)", L.warps[f.warp].mask[f.lane]);
         warp_detail += m;
       }
+    } else if (f.state == State::GroupWait || f.state == State::CondWait) {
+      if (++at_other <= 4)
+        other_detail += "; thread " + std::to_string(f.linear) + " waits in " + f.wait_what +
+                        (f.state == State::CondWait && g_wait_state ? " (" + g_wait_state(f.wait_key) + ")" : "") +
+                        " at " + f.wait_site + ":" + std::to_string(f.wait_line);
     }
   }
   std::string msg = "deadlock in kernel " + std::string(L.kernel) + " block (" + std::to_string(L.block_idx.x) +
@@ -256,8 +291,11 @@ inline std::string deadlock_report(Launch& L) {
   else
     msg += "no thread can proceed";
   msg += "; " + std::to_string(done) + " threads exited" + (done ? " (e.g." + exited + ")" : "");
-  msg += "; " + std::to_string(at_warp) + " wait in warp collectives" + warp_detail +
-         " (a barrier or warp collective not reached by every participating thread)";
+  msg += "; " + std::to_string(at_warp) + " wait in warp collectives" + warp_detail;
+  if (at_other)
+    msg += "; " + std::to_string(at_other) + " wait in warpgroup collectives or on mbarriers" + other_detail;
+  msg += " (a barrier or warp collective not reached by every participating thread";
+  msg += at_other ? ", or an mbarrier phase that never completes)" : ")";
   return msg;
 }
 
@@ -276,6 +314,8 @@ inline void run_block(Launch& L) {
   const int n = L.nthreads;
   L.fibers.resize(n);
   L.warps.assign((n + 31) / 32, WarpState{});
+  L.groups.assign(n / kWarpgroupThreads, GroupState{});
+  L.block_serial = ++globals().block_serial;
   L.ready.clear();
   L.ready_head = 0;
   L.block_arrived = 0;
@@ -288,6 +328,7 @@ inline void run_block(Launch& L) {
     f.warp = i / 32;
     f.lane = i % 32;
     f.state = State::Ready;
+    f.wait_key = nullptr;
     f.cp_groups.assign(1, {});
     L.warps[f.warp].exists |= 1u << f.lane;
     getcontext(&f.ctx);
@@ -357,8 +398,10 @@ inline void launch(const void* fn, dim3 grid, dim3 block, size_t smem, const std
   L.grid = grid;
   L.block = block;
   L.nthreads = int(nthreads);
-  std::vector<unsigned char> smem_buf(smem + 128);
-  L.dyn_smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_buf.data()) + 127) & ~uintptr_t(127));
+  // 1024-byte aligned, so offsets from it swizzle as shared-memory addresses do (common/emu_hopper.h)
+  std::vector<unsigned char> smem_buf(smem + 1024);
+  L.dyn_smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_buf.data()) + 1023) & ~uintptr_t(1023));
   L.dyn_smem_bytes = smem;
   L.body = body;
   Launch* prev = g_launch;
@@ -568,6 +611,71 @@ inline void cp_async_wait(int n) {  // all but the n most recent committed group
 }
 
 inline unsigned char* dynamic_smem() { return g_launch->dyn_smem; }
+
+// ---- warpgroup collectives and blocking waits (used by common/emu_hopper.h) ----------------------
+// Every thread of the caller's warpgroup must reach the same collective (same fn); the last one to arrive
+// runs fn over all 128 arguments. A block whose size is not a multiple of 128 has no warpgroup for its last
+// threads: a collective there fails.
+inline void group_collective(GroupFn fn, void* arg, const char* what, const char* file, int line) {
+  Launch& L = *g_launch;
+  Fiber& f = cur();
+  const int gi = f.linear / kWarpgroupThreads;
+  if (gi >= int(L.groups.size()))
+    fail(std::string(what) + " at " + file + ":" + std::to_string(line) + ": thread " + std::to_string(f.linear) +
+         " is in no complete warpgroup (a warpgroup is 128 consecutive threads; the block has " +
+         std::to_string(L.nthreads) + ")");
+  GroupState& g = L.groups[gi];
+  f.wait_site = file;  // also read by fn (the last arriver runs it)
+  f.wait_line = line;
+  if (g.arrived == 0) {
+    g.fn = fn;
+    g.what = what;
+    g.site = file;
+    g.line = line;
+  } else if (g.fn != fn) {
+    fail("warpgroup collectives do not match: thread " + std::to_string(f.linear) + " is in " + what + " at " +
+         file + ":" + std::to_string(line) + " while " + std::to_string(g.arrived) +
+         " threads of its warpgroup wait in " +
+         g.what + " at " + g.site + ":" + std::to_string(g.line));
+  }
+  g.args[f.linear % kWarpgroupThreads] = arg;
+  if (++g.arrived == kWarpgroupThreads) {
+    g.arrived = 0;
+    fn(g.args);
+    const int first = gi * kWarpgroupThreads;
+    for (int i = first; i < first + kWarpgroupThreads; ++i)
+      if (i != f.linear) make_ready(i);
+    f.state = State::Ready;
+    L.ready.push_back(f.linear);
+  } else {
+    f.state = State::GroupWait;
+    f.wait_site = file;
+    f.wait_line = line;
+    f.wait_what = what;
+  }
+  yield_to_scheduler();
+}
+
+// Suspend the calling thread until another thread calls wake(key); `what` describes the wait in a deadlock
+// report (every thread blocked: the launch fails naming it). The caller re-checks its condition after.
+inline void block_on(const void* key, std::string what, const char* file, int line) {
+  Fiber& f = cur();
+  f.state = State::CondWait;
+  f.wait_key = key;
+  f.wait_what = std::move(what);
+  f.wait_site = file;
+  f.wait_line = line;
+  yield_to_scheduler();
+}
+
+inline void wake(const void* key) {
+  Launch& L = *g_launch;
+  for (auto& g : L.fibers)
+    if (g.state == State::CondWait && g.wait_key == key) {
+      g.wait_key = nullptr;
+      make_ready(g.linear);
+    }
+}
 
 }  // namespace tf::emu
 

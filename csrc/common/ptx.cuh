@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "common/device.cuh"
+#include "common/gmem.h"
 
 namespace tf::ptx {
 

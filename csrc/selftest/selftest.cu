@@ -39,6 +39,10 @@ uint64_t emu_mma_count() {
   std::lock_guard<std::mutex> lock(emu::globals().launch_mutex);
   return emu::globals().mma_count;
 }
+uint64_t emu_wgmma_count() {
+  std::lock_guard<std::mutex> lock(emu::globals().launch_mutex);
+  return emu::globals().wgmma_count;
+}
 #endif
 
 }  // namespace tf::selftest

@@ -20,6 +20,8 @@ void bounds(gptr<const float> x, gptr<float> out, int64_t offset, int mode);
 void emu_set_schedule(bool random, uint64_t seed);
 // Warp-level mma.sync m16n8k16 executed by emulated kernels since the extension was loaded.
 uint64_t emu_mma_count();
+// Warpgroup-level wgmma.mma_async (any N) executed by emulated kernels since the extension was loaded.
+uint64_t emu_wgmma_count();
 #endif
 
 }  // namespace tf::selftest
