@@ -101,7 +101,7 @@ _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dkdv_dq": _attn_bwd_dkdv,
 _DQ_ACC_PAD = max([_INTERPRET_CONFIG["dkdv_dq"][0]] + [e[0] for per_arch in _GPU_CONFIGS.values()
                                                        for entries in per_arch["dkdv_dq"].values() for e in entries])
 _TUNE_KEYS = ["tune_key", "GROUP", "HEAD_DIM", "IS_VARLEN", "BOTTOM_RIGHT", "MASK_LEFT", "MASK_RIGHT",
-              "HAS_SOFTCAP", "HAS_ALIBI"]
+              "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT"]
 
 
 def _block_d(head_dim):
@@ -300,22 +300,36 @@ def _alibi_strides(alibi):
     return (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1))
 
 
-def _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right):
-    """(Alibi, CuQ, CuK), keyword arguments and constexprs shared by the forward, dK/dV and dQ kernels."""
+def dropout_threshold(dropout_p):
+    """The 16-bit draws below which an element is dropped: round(p * 2^16), at most 2^16 - 1 (the mapping is
+    documented with the mask, _device.dropout_keep)."""
+    return min(int(round(float(dropout_p) * 65536.0)), 65535)
+
+
+def _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right, dropout_p=0.0,
+            rng_state=None):
+    """(Alibi, CuQ, CuK, RngState), keyword arguments and constexprs shared by the forward, dK/dV and dQ kernels."""
     varlen = cu_q is not None
     head_dim = q.shape[-1]
     dummy = q  # stands in for absent optional pointers (never dereferenced)
-    ptrs = (alibi if alibi is not None else dummy, cu_q if varlen else dummy, cu_k if varlen else dummy)
+    dropout = dropout_p > 0
+    if dropout and (rng_state is None or rng_state.dtype != torch.int64 or rng_state.numel() != 2
+                    or rng_state.device != q.device):
+        raise ValueError(f"dropout_p > 0 needs rng_state, an int64 [2] tensor on {q.device}")
+    ptrs = (alibi if alibi is not None else dummy, cu_q if varlen else dummy, cu_k if varlen else dummy,
+            rng_state if dropout else dummy)
     sa = _alibi_strides(alibi)
     args = dict(stride_ab=sa[0], stride_ah=sa[1], Nq=max_q, Nk=max_k)
     if softcap > 0:
         args.update(qk_scale=scale / softcap, softcap2=softcap * LOG2E)
     else:
         args.update(qk_scale=scale * LOG2E, softcap2=0.0)
-    args.update(win_left=max(left, 0), win_right=max(right, 0), tune_key=_tune_key(max_q, max_k))
+    args.update(win_left=max(left, 0), win_right=max(right, 0), tune_key=_tune_key(max_q, max_k),
+                drop_thr=dropout_threshold(dropout_p) if dropout else 0,
+                drop_scale=1.0 / (1.0 - dropout_p) if dropout else 1.0)
     consts = dict(GROUP=q.shape[-2] // k.shape[-2], HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
                   IS_VARLEN=varlen, BOTTOM_RIGHT=bool(bottom_right), MASK_LEFT=left >= 0, MASK_RIGHT=right >= 0,
-                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
+                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None, HAS_DROPOUT=dropout,
                   UPCAST=_utils.interpreting() and q.dtype == torch.bfloat16)
     return ptrs, args, consts
 
@@ -356,18 +370,20 @@ def _pad(t, d):
     return t if t is None or t.shape[-1] == d else torch.nn.functional.pad(t, (0, d - t.shape[-1]))
 
 
-def forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right):
+def forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right, dropout_p=0.0,
+            rng_state=None):
     """(out like q, contiguous; lse fp32 [B, Hq, Nq] or [Hq, total_q], natural log).
 
     q [B, Nq, Hq, D] (varlen: [Tq, Hq, D] with int32 cu_q / cu_k [B + 1]), k / v [B, Nk, Hkv, D]; fp16/bf16
     with a contiguous last dim; left / right: window sizes (-1 unbounded; causal is right = 0); scale: the
-    softmax scale; softcap 0 = off; bottom_right: the alignment of windows and ALiBi distances. The kernel:
+    softmax scale; softcap 0 = off; bottom_right: the alignment of windows and ALiBi distances; dropout_p > 0:
+    attention dropout with the mask of rng_state (int64 [2] seed, offset on q's device). The kernel:
     forward_path (portable, or tensor descriptors on sm_90; TILEFORMER_TRITON_ATTN_FWD)."""
     _requested_fwd_path()   # a bad TILEFORMER_TRITON_ATTN_FWD fails every call, even one with nothing to compute
     head_dim, padded = q.shape[-1], _padded_head_dim(q.shape[-1])
     if padded != head_dim:   # zero columns change no score and give zero output columns
         out, lse = forward(_pad(q, padded), _pad(k, padded), _pad(v, padded), alibi, cu_q, cu_k, max_q, max_k,
-                            scale, left, right, softcap, bottom_right)
+                            scale, left, right, softcap, bottom_right, dropout_p, rng_state)
         return out[..., :head_dim].contiguous(), lse
     varlen = cu_q is not None
     if varlen:
@@ -380,7 +396,8 @@ def forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softca
         _zero_varlen_tail(out, None, lse, cu_q, q.shape[0])
     if out.numel() == 0 or max_q == 0 or batch == 0:
         return out, lse
-    ptrs, args, consts = _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right)
+    ptrs, args, consts = _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right,
+                                 dropout_p, rng_state)
     sq, sk, sv, so = (_seq_strides(t, varlen) for t in (q, k, v, out))
     path, _ = forward_path(q.device, (("q", q), ("k", k), ("v", v)))
     if path == "portable":
@@ -396,19 +413,20 @@ def forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softca
 
 
 def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
-              bottom_right, deterministic=False):
+              bottom_right, deterministic=False, dropout_p=0.0, rng_state=None):
     """(dq, dk, dv), contiguous, shaped like q, k, v, from dout (and dlse, the gradient of lse, or None).
 
     deterministic=False: one dK/dV kernel per key tile also adds dS K into a zeroed fp32 dQ accumulator with
     atomic adds (S, P, dP, dS once per tile pair: 5 products), which a last kernel scales and converts; the
     order of the adds, so dq's rounding, can change from run to run. deterministic=True, and calls whose arch
     and head dim have no such config (_GPU_CONFIGS "dkdv_dq"): dQ by a kernel of its own that recomputes S, P,
-    dP, dS per query tile (7 products), no atomics: bit-identical gradients."""
+    dP, dS per query tile (7 products), no atomics: bit-identical gradients. dropout_p / rng_state: those of
+    the forward; every kernel regenerates the keep mask from them."""
     head_dim, padded = q.shape[-1], _padded_head_dim(q.shape[-1])
     if padded != head_dim:   # see _forward
         grads = backward(_pad(dout, padded), _pad(q, padded), _pad(k, padded), _pad(v, padded), _pad(out, padded),
                           lse, dlse, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right,
-                          deterministic)
+                          deterministic, dropout_p, rng_state)
         return tuple(g[..., :head_dim].contiguous() for g in grads)
     varlen = cu_q is not None
     if varlen:
@@ -443,7 +461,8 @@ def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sca
             *_seq_strides(out, varlen), *sdo, *sl,
             *(_lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0)), max_q,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_pre, IS_VARLEN=varlen, HAS_DLSE=dlse is not None)
-    ptrs, args, consts = _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right)
+    ptrs, args, consts = _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right,
+                                 dropout_p, rng_state)
     args["sm_scale"] = scale
     sq, sk, sv = (_seq_strides(t, varlen) for t in (q, k, v))
     dkdv_args = (*ptrs, *sq, *sk, *sv, *sdo, *_seq_strides(dk, varlen), *_seq_strides(dv, varlen))
@@ -479,7 +498,7 @@ def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sca
 
 _PTR_ARGS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
 _FP32_PTR_ARGS = {"Lse", "Delta", "Alibi", "DQAcc"}
-_FLOAT_ARGS = {"qk_scale", "softcap2", "sm_scale"}
+_FLOAT_ARGS = {"qk_scale", "softcap2", "sm_scale", "drop_scale"}
 
 
 def _signature(kernel, dtype):
@@ -492,6 +511,8 @@ def _signature(kernel, dtype):
             sig[name] = "*fp32"
         elif name in ("CuQ", "CuK"):
             sig[name] = "*i32"
+        elif name == "RngState":
+            sig[name] = "*i64"
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
         elif name.isupper() or name == "UPCAST":
@@ -526,7 +547,7 @@ def aot_configs():
     for arch, which, (bm, bn, warps, stages), head_dim, dtype, feats in cases:
         consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
                       IS_VARLEN=False, BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False,
-                      HAS_ALIBI=False, UPCAST=False)
+                      HAS_ALIBI=False, HAS_DROPOUT=False, UPCAST=False)
         consts.update(feats)
         tag = "+".join(k.lower().replace("has_", "").replace("mask_", "") for k, v in sorted(feats.items()) if v)
         name = f"attn_{which} d{head_dim} {str(dtype)[6:]} {tag} M{bm}xN{bn} w{warps}s{stages}"
@@ -560,7 +581,7 @@ def _aot_fwd_tma():
     for (bm, bn, warps, stages, ws), head_dim, dtype, feats in cases:
         consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
                       IS_VARLEN=False, BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False,
-                      HAS_ALIBI=False, UPCAST=False, WARP_SPEC=ws)
+                      HAS_ALIBI=False, HAS_DROPOUT=False, UPCAST=False, WARP_SPEC=ws)
         consts.update(feats)
         tag = "+".join(k.lower().replace("has_", "").replace("mask_", "").replace("is_", "")
                        for k, v in sorted(feats.items()) if v)
@@ -595,7 +616,7 @@ def _aot_bwd():
         kernel = _KERNELS[which]
         consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
                       IS_VARLEN=False, BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False,
-                      HAS_ALIBI=False, UPCAST=False)
+                      HAS_ALIBI=False, HAS_DROPOUT=False, UPCAST=False)
         if kernel is _attn_bwd_dkdv:
             consts["ATOMIC_DQ"] = which == "dkdv_dq"
         consts.update(feats)
