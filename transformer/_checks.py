@@ -105,13 +105,13 @@ def check_lengths_tensor(name, t, batch, ref_name, ref):
     return t
 
 
-def check_dropout(dropout_p, rng_state=None, device=None):
-    """dropout_p: a real number in [0, 1) (TypeError / ValueError naming it); with dropout_p > 0, rng_state
-    (when checked here) an int64 tensor [2] on `device`."""
+def check_dropout(dropout_p, rng_state=None, device=None, name="dropout_p"):
+    """dropout_p: a real number in [0, 1) (TypeError / ValueError naming it); with dropout_p > 0 and a device,
+    rng_state an int64 tensor [2] on that device."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+        raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
     if dropout_p > 0 and device is not None:
         if not isinstance(rng_state, torch.Tensor) or rng_state.dtype != torch.int64 or rng_state.shape != (2,):
             raise ValueError("rng_state must be an int64 tensor [2] (seed, offset) when dropout_p > 0, got "

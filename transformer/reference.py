@@ -79,14 +79,14 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
 
 def attention_probs(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), alibi_slopes=None,
                     softcap=0.0, causal_align="bottom_right", dropout_p=0.0, rng_state=None,
-                    compute_dtype=torch.float32):
+                    compute_dtype=torch.float32, dropout_batch_offset=0):
     """The attention probabilities [B, Hq, Nq, Nk] a call uses, flash-attn's S_dmask convention: with dropout,
     p / (1 - dropout_p) where kept and -p / (1 - dropout_p) where dropped (so ``relu`` of it is what multiplies
     v and ``>= 0`` the keep mask); without dropout, p. Entries no query sees are 0. For tests (Nq x Nk memory)."""
     _, _, probs = _attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                              alibi_slopes=alibi_slopes, softcap=softcap, key_padding_mask=None,
                              causal_align=causal_align, compute_dtype=compute_dtype, dropout_p=dropout_p,
-                             rng_state=rng_state, dropout_batch_offset=0, signed_probs=True)
+                             rng_state=rng_state, dropout_batch_offset=dropout_batch_offset, signed_probs=True)
     return probs
 
 
