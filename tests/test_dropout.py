@@ -78,7 +78,7 @@ def test_matches_reference(backend, case, p):
     if case == "alibi-softcap-topleft":
         kw = dict(kw, alibi_slopes=helpers.alibi_slopes("h", b, hq))
     q, k, v = helpers.attn_inputs(b, nq, nk, hq, hkv, d, dtype, seed=len(case))
-    _check(backend, q, k, v, dropout_p=p, deterministic=case == "window", config=f"{case} p={p}", **kw)
+    _check(backend, q, k, v, dropout_p=p, deterministic=case in ("window", "q1"), config=f"{case} p={p}", **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -353,3 +353,20 @@ def test_modules_drop_in_training_only():
     assert all(layer.attn.dropout == 0.1 for layer in model.layers)
     with pytest.raises(ValueError, match="attn_dropout"):
         DecoderOnlyConfig.preset("tiny", attn_dropout=1.0)
+
+
+@pytest.mark.parametrize("path", ["tma", "tma_ws"])
+def test_descriptor_forward_applies_the_same_mask(path, monkeypatch):
+    """The sm_90 descriptor forward (forced, TILEFORMER_TRITON_ATTN_FWD) gives the portable forward's bits with
+    dropout too (same tiles, same arithmetic, same mask)."""
+    require_backend("triton")
+    if helpers.HAS_GPU:
+        pytest.skip("forcing the descriptor forward is checked under the interpreter")
+    from triton_kernels import attention as kernels
+    if not kernels.HAS_TENSOR_DESCRIPTORS or (path == "tma_ws" and not kernels.HAS_WARP_SPECIALIZE):
+        pytest.skip(f"this Triton cannot run the {path} forward")
+    q, k, v = helpers.attn_inputs(2, 70, 50, 4, 2, 32, FP16, seed=9)
+    kw = dict(causal=True, dropout_p=0.3, rng_state=_rng(3), backend="triton")
+    want = transformer.flash_attention(q, k, v, **kw)
+    monkeypatch.setenv(kernels.FWD_PATH_ENV, path)
+    assert torch.equal(transformer.flash_attention(q, k, v, **kw), want)
