@@ -455,7 +455,7 @@ def forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softca
             _ensure_allocator()
         kernel = _tuned_fwd_tma(arch, _d_bucket(consts["BLOCK_D"]), consts["MASK_RIGHT"], path, dropout)
     if kernel is None:       # portable, or a dropout call whose head-dim bucket has no descriptor entry
-        kernel = _kernel("fwd", q.device, consts["BLOCK_D"], dropout=dropout)
+        kernel = _kernel("fwd", q.device, consts["BLOCK_D"], False, dropout)
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
     kernel[grid](q, k, v, out, lse, *ptrs, *sq, *sk, *sv, *so, *_lse_strides(lse, varlen), **args, **consts)
     return out, lse
