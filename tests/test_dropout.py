@@ -370,3 +370,16 @@ def test_descriptor_forward_applies_the_same_mask(path, monkeypatch):
     want = transformer.flash_attention(q, k, v, **kw)
     monkeypatch.setenv(kernels.FWD_PATH_ENV, path)
     assert torch.equal(transformer.flash_attention(q, k, v, **kw), want)
+
+
+def test_triton_op_schema_with_dropout():
+    """The Triton ops end in (deterministic, dropout_p, rng_state) and pass opcheck (fake, autograd registration)."""
+    require_backend("triton")
+    import transformer._triton.attention  # noqa: F401  (registers the ops)
+    from transformer.ops import attention as contract
+    ops = torch.ops.tileformer_triton
+    assert contract._declares_dropout(ops.attn_fwd) and contract._declares_dropout(ops.attn_bwd)
+    assert contract._declares_deterministic(ops.attn_fwd)
+    q, k, v = helpers.attn_inputs(1, 20, 24, 2, 1, 16, FP16, seed=1)
+    args = (q, k, v, None, None, None, 20, 24, 0.25, -1, 0, 0.0, True, False, 0.3, _rng())
+    torch.library.opcheck(ops.attn_fwd, args)

@@ -99,7 +99,9 @@ _BWD_NO_SOFTCAP = {
 # D >= 64). Chosen by an AOT sweep with dropout on (triton 3.8; causal + ALiBi fp16, and bf16 varlen + two-sided
 # window + softcap unless listed in _DROPOUT_NO_SOFTCAP): every entry is spill-free and within the arch's shared
 # memory; each list holds an entry for softcap calls. An empty "dkdv_dq" list (sm_80, D >= 128: every tile spills
-# thousands of bytes) sends dropout calls to the deterministic backward.
+# thousands of bytes) sends dropout calls to the deterministic backward. sm_90 entries with fewer than 64 product
+# rows (dK/dV: BLOCK_N 32; dQ: BLOCK_M 32) run mma.sync, not wgmma: they are the spill-free tiles for softcap calls
+# (dK/dV D=128, dQ D=256) and for every dK/dV call at D=256, where each wgmma-sized tile spills (40-4764 B).
 _DROPOUT_CONFIGS = {
     90: {"fwd": {64: [(128, 128, 8, 3), (128, 64, 8, 3)], 128: [(128, 64, 8, 3), (64, 64, 8, 2)],
                  256: [(64, 32, 8, 2)]},
@@ -639,7 +641,9 @@ def _aot_dropout():
                       BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False,
                       HAS_DROPOUT=True, UPCAST=False)
         consts.update(feats)
-        expect = {arch: ("mma.sync",) if arch == 80 else ("wgmma",)}
+        # sm_90 runs a product as wgmma when its tile has >= 64 rows (dK/dV kernel: BLOCK_N, the others: BLOCK_M)
+        rows = bn if kernel is _attn_bwd_dkdv else bm
+        expect = {arch: ("mma.sync",) if arch == 80 or rows < 64 else ("wgmma",)}
         if kernel is _attn_bwd_dkdv:
             consts["ATOMIC_DQ"] = which == "dkdv_dq"
         ws = entry[4] if which == "fwd_tma" else False
