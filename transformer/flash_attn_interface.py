@@ -222,7 +222,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend="auto"):
     """flash-attn's flash_attn_func: q [B, Sq, H, D], k/v [B, Sk, Hkv, D] (H a multiple of Hkv); causal and
     window bottom-right aligned; alibi_slopes fp32 [H] or [B, H]; softcap > 0 enables soft-capping.
-    Returns out [B, Sq, H, D], or (out, softmax_lse [B, H, Sq] fp32, None) with return_attn_probs.
+    Returns out [B, Sq, H, D], or (out, softmax_lse [B, H, Sq] fp32, S_dmask) with return_attn_probs (S_dmask: None
+    without dropout, see the module docstring). dropout_p > 0: attention dropout in the kernels.
     Differentiable (deterministic: bit-identical gradients)."""
     return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                   return_attn_probs, backend)
@@ -250,7 +251,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, *, backend="auto"):
     """flash-attn's flash_attn_varlen_func: q [total_q, H, D], k/v [total_k, Hkv, D], cu_seqlens_* int32
-    [B + 1], max_seqlen_* ints. Returns out [total_q, H, D], or (out, softmax_lse [H, total_q], None).
+    [B + 1], max_seqlen_* ints. Returns out [total_q, H, D], or (out, softmax_lse [H, total_q], S_dmask).
 
     block_table [B, max_pages] int32 (paged prefill): k/v are then a paged cache [num_pages, page_size, Hkv, D]
     and sequence b's keys are its first cu_seqlens_k[b + 1] - cu_seqlens_k[b] tokens. They are gathered into

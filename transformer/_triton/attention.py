@@ -45,7 +45,8 @@ contract.register("tileformer_triton", deterministic_arg=True, dropout_arg=True)
 
 def supports(call):
     """Limits of the Triton kernels beyond what the public describe checks (head dim 1..256, Hq % Hkv == 0,
-    contiguous last dim): fp16/bf16 only; on a GPU, compute capability >= 8.0 (bf16, tuned configs)."""
+    contiguous last dim): fp16/bf16 only; on a GPU, compute capability >= 8.0 (bf16, tuned configs). Attention
+    dropout is served (the counter-based mask in every kernel)."""
     if call["dtype"] not in _checks.HALF_DTYPES:
         return f"the Triton kernel takes fp16/bf16 inputs, got {call['dtype']}"
     if call["device"].type == "cuda" and torch.cuda.get_device_capability(call["device"]) < (8, 0):
