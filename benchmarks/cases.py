@@ -82,9 +82,11 @@ class Case:
         return formulas.norm_bytes(p["M"], p["N"], self.dtype, bias=self.op == "layer_norm", mode=self.mode)
 
 
-def attention_case(mode, B, Nq, Nk, Hq, Hkv, D, causal, dtype="bf16"):
+def attention_case(mode, B, Nq, Nk, Hq, Hkv, D, causal, dtype="bf16", dropout=0.0):
+    """dropout > 0: attention dropout (param "dropout", absent otherwise), timed against the same case without."""
+    extra = (("dropout", float(dropout)),) if dropout else ()
     return Case("flash_attention", mode, (("B", B), ("Nq", Nq), ("Nk", Nk), ("Hq", Hq), ("Hkv", Hkv), ("D", D),
-                                          ("causal", int(causal))), dtype)
+                                          ("causal", int(causal))) + extra, dtype)
 
 
 def decode_case(B, L, Hq, Hkv, D, page, Sq=1, dtype="bf16", kv=None):
@@ -124,6 +126,9 @@ def sweep(kind="gpu", dtype="bf16", ops=OPS):
         dec += [decode_case(b, L, 32, 4, 128, page, dtype=dtype, kv=kv)
                 for kv in KV_FORMATS for page in (0, PAGE_SIZE) for b in (8, 64) for L in (8192, 32768)]
         hidden, rows = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536], 16384
+        # attention dropout at N 8k, D 128 (its cost over the same call without: the cases above)
+        att += [attention_case(m, 2, 8192, 8192, 16, 16, 128, c, dtype, dropout=0.1)
+                for m in MODES["flash_attention"] for c in (0, 1)]
     elif kind == "quick":
         att = _attention_sweep([1024, 4096, 16384], [(128, 16, 16, 0), (128, 16, 16, 1), (128, 16, 2, 1)],
                                16384, dtype, MODES["flash_attention"])

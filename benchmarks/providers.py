@@ -46,7 +46,8 @@ def call_args(case: Case, inp: dict):
     """(public function, positional args, keyword args) of the op for these inputs."""
     p = case.p
     if case.op == "flash_attention":
-        return transformer.flash_attention, (inp["q"], inp["k"], inp["v"]), dict(causal=bool(p["causal"]))
+        drop = dict(dropout_p=p["dropout"]) if p.get("dropout") else {}
+        return transformer.flash_attention, (inp["q"], inp["k"], inp["v"]), dict(causal=bool(p["causal"]), **drop)
     if case.op == "decode_attention":
         scales = dict(k_scale=inp["k_scale"], v_scale=inp["v_scale"]) if inp.get("k_scale") is not None else {}
         return (transformer.decode_attention, (inp["q"], inp["k_cache"], inp["v_cache"], inp["cache_seqlens"]),
@@ -171,10 +172,13 @@ class Peer:
     module = "?"
     ops: tuple = ()
     modes: tuple = ("fwd", "bwd", "fwd+bwd")
+    dropout = False     # serves attention dropout (cases with a "dropout" param)
 
     def unavailable(self, case: Case, inp: dict, device) -> Optional[str]:
         if case.op not in self.ops:
             return f"{self.name} has no {case.op}"
+        if case.p.get("dropout") and not self.dropout:
+            return f"{self.name} has no attention dropout"
         if case.mode not in self.modes:
             return f"{self.name} has no {case.mode} for {case.op}"
         if torch.device(device).type != "cuda":
@@ -192,6 +196,7 @@ class Peer:
 class FlashAttn(Peer):
     name, module = "flash-attn", "flash_attn"
     ops = ("flash_attention", "decode_attention", "layer_norm", "rms_norm")
+    dropout = True
 
     def extra_reason(self, case):
         if case.op in ("layer_norm", "rms_norm"):
@@ -203,8 +208,8 @@ class FlashAttn(Peer):
     def build(self, case, inp):
         if case.op == "flash_attention":
             from flash_attn import flash_attn_func
-            causal = bool(case.p["causal"])
-            return lambda: flash_attn_func(inp["q"], inp["k"], inp["v"], causal=causal)
+            causal, drop = bool(case.p["causal"]), case.p.get("dropout", 0.0)
+            return lambda: flash_attn_func(inp["q"], inp["k"], inp["v"], dropout_p=drop, causal=causal)
         if case.op == "decode_attention":
             from flash_attn import flash_attn_with_kvcache
             return lambda: flash_attn_with_kvcache(inp["q"], inp["k_cache"], inp["v_cache"],
@@ -223,6 +228,7 @@ class Sdpa(Peer):
     not available."""
     module = "torch.nn.attention"
     ops = ("flash_attention",)
+    dropout = True
 
     def __init__(self, name, backend):
         self.name, self.sdp_backend = name, backend
@@ -237,7 +243,7 @@ class Sdpa(Peer):
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
         backend = getattr(SDPBackend, self.sdp_backend)
-        kwargs = dict(is_causal=bool(case.p["causal"]))
+        kwargs = dict(is_causal=bool(case.p["causal"]), dropout_p=case.p.get("dropout", 0.0))
         if case.p["Hq"] != case.p["Hkv"]:
             kwargs["enable_gqa"] = True
         q, k, v = (inp[n].transpose(1, 2) for n in ("q", "k", "v"))

@@ -423,13 +423,55 @@ def test_apply_rotary_partial_and_interleaved():
 # Bad input
 # ---------------------------------------------------------------------------------------------
 
-def test_dropout():
+def test_dropout_arguments():
     q = torch.randn(1, 4, 2, 16)
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        flash_attn_func(q, q, q, 0.1)
     for p in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match="dropout_p"):
             flash_attn_qkvpacked_func(torch.stack((q, q, q), 2), dropout_p=p)
+    with pytest.raises(TypeError, match="dropout_p"):
+        flash_attn_func(q, q, q, "0.1")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNELS)
+def test_dropout(backend):
+    """dropout_p > 0 (positional, as flash-attn's tests call it): the output is the reference attention with the
+    call's mask, which S_dmask shows (negative = dropped, relu(S_dmask) @ v = out); the same seed gives the same
+    output, the packed and varlen forms too; the torch backend refuses (its dropout is not that mask)."""
+    require_backend(backend)
+    gen = torch.Generator().manual_seed(4)
+    dt = DTYPE
+    b, sq, sk, h, d = 2, 37, 45, 2, 16
+    q, k, v = rnd(b, sq, h, d, gen=gen, dtype=dt), rnd(b, sk, h, d, gen=gen, dtype=dt), rnd(b, sk, h, d, gen=gen,
+                                                                                             dtype=dt)
+    try:
+        transformer.backends.select("flash_attention", transformer.attention._describe(q, k, v, dropout_p=0.25),
+                                    backend)
+    except ValueError as e:
+        pytest.skip(f"dispatcher: {e}")
+    torch.manual_seed(5)
+    out, lse, s = flash_attn_func(q, k, v, 0.25, None, True, return_attn_probs=True, backend=backend)
+    assert s.shape == (b, h, sq, sk) and bool((s < 0).any()) and bool((s > 0).any())
+    keep = s >= 0
+    frac = float(keep[s != 0].float().mean())
+    assert abs(frac - 0.75) < 0.05, frac
+    want = torch.einsum("bhij,bjhd->bihd", s.clamp_min(0), v.float())
+    assert_close(out, want, torch.einsum("bhij,bjhd->bihd", s.clamp_min(0).to(dt), v))
+    torch.manual_seed(5)
+    assert torch.equal(flash_attn_func(q, k, v, 0.25, None, True, backend=backend), out)
+    torch.manual_seed(6)
+    packed = flash_attn_qkvpacked_func(torch.stack((q, q, q), 2), 0.25, backend=backend)
+    torch.manual_seed(6)
+    assert torch.equal(packed, flash_attn_func(q, q, q, 0.25, backend=backend))
+    # varlen: the packed batch with the same rng gives the dense outputs (sequence i = batch element i)
+    cu_q = torch.tensor([0, sq, 2 * sq], dtype=torch.int32, device=q.device)
+    cu_k = torch.tensor([0, sk, 2 * sk], dtype=torch.int32, device=q.device)
+    torch.manual_seed(5)
+    out_v, _, s_v = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, sq, sk,
+                                           0.25, None, True, return_attn_probs=True, backend=backend)
+    torch.testing.assert_close(s_v, s, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out_v.view(out.shape), out, rtol=1e-3, atol=1e-3)
+    with pytest.raises(FlashAttnCompatError, match="dropout_p"):
+        flash_attn_func(q.float(), k.float(), v.float(), 0.25, backend="torch")
 
 
 def _bad_kvcache(match, exc=ValueError, **over):

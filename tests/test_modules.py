@@ -100,7 +100,7 @@ def test_mha_variants_and_need_weights(kw):
             torch.testing.assert_close(b[1], a[1], rtol=1e-5, atol=1e-5)
 
 
-def test_mha_unrecognised_mask_and_dropout_fall_back():
+def test_mha_unrecognised_mask_falls_back_and_dropout_runs_in_the_kernels():
     ref, ours = _pair(embed_dim=32, num_heads=4, dropout=0.2, batch_first=True)
     x = randn(2, 6, 32)
     mask = torch.rand(6, 6) > 0.5
@@ -108,12 +108,22 @@ def test_mha_unrecognised_mask_and_dropout_fall_back():
     ref.eval(), ours.eval()
     torch.testing.assert_close(ours(x, x, x, attn_mask=mask, need_weights=False)[0],
                                ref(x, x, x, attn_mask=mask, need_weights=False)[0])
-    ref.train(), ours.train()
+    # Training mode: the dropout is the kernels' counter-based mask (seed from the default generator), so the
+    # result is the reference attention with that mask, and the same seed gives the same output.
+    ours.train()
+    with transformer.backends.record_dispatches() as counts:
+        torch.manual_seed(3)
+        b = ours(x, x, x, need_weights=False)[0]
+    assert sum(counts.values()) == 1, counts
     torch.manual_seed(3)
-    a = ref(x, x, x, need_weights=False)[0]
+    rng = transformer.attention.dropout_rng_state(x.device)
+    q, k, v = (t.unflatten(-1, (4, 8)) for t in ours._projections(x, x, x))
+    want = ours.out_proj(transformer.reference.attention(q, k, v, dropout_p=0.2, rng_state=rng).flatten(-2))
+    torch.testing.assert_close(b, want, rtol=1e-5, atol=1e-5)
     torch.manual_seed(3)
-    b = ours(x, x, x, need_weights=False)[0]
-    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ours(x, x, x, need_weights=False)[0], b, rtol=0, atol=0)
+    ours.eval()
+    torch.testing.assert_close(ours(x, x, x, need_weights=False)[0], ref(x, x, x, need_weights=False)[0])
 
 
 def test_mha_unbatched():

@@ -105,6 +105,22 @@ def check_lengths_tensor(name, t, batch, ref_name, ref):
     return t
 
 
+def check_dropout(dropout_p, rng_state=None, device=None, name="dropout_p"):
+    """dropout_p: a real number in [0, 1) (TypeError / ValueError naming it); with dropout_p > 0 and a device,
+    rng_state an int64 tensor [2] on that device."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0 and device is not None:
+        if not isinstance(rng_state, torch.Tensor) or rng_state.dtype != torch.int64 or rng_state.shape != (2,):
+            raise ValueError("rng_state must be an int64 tensor [2] (seed, offset) when dropout_p > 0, got "
+                             f"{rng_state if not isinstance(rng_state, torch.Tensor) else tuple(rng_state.shape)}")
+        if rng_state.device != device:
+            raise ValueError(f"rng_state must be on the inputs' device ({device}), got {rng_state.device}")
+    return float(dropout_p)
+
+
 def check_window(window_size):
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(_is_int(w) for w in window_size)):

@@ -16,20 +16,20 @@ def _out(result, dtype, prenorm_or_lse):
 
 
 def flash_attention(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, deterministic,
-                    return_lse, causal_align):
+                    return_lse, causal_align, dropout_p=0.0, rng_state=None):
     res = reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                               alibi_slopes=alibi_slopes, softcap=softcap, causal_align=causal_align,
-                              return_lse=return_lse)
+                              return_lse=return_lse, dropout_p=dropout_p, rng_state=rng_state)
     return _out(res, q.dtype, return_lse)
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
                            softmax_scale, window_size, alibi_slopes, softcap, deterministic, return_lse,
-                           causal_align):
+                           causal_align, dropout_p=0.0, rng_state=None):
     res = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                                      alibi_slopes=alibi_slopes, softcap=softcap, causal_align=causal_align,
-                                     return_lse=return_lse, validate=False)
+                                     return_lse=return_lse, validate=False, dropout_p=dropout_p, rng_state=rng_state)
     return _out(res, q.dtype, return_lse)
 
 

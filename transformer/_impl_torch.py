@@ -84,14 +84,14 @@ def _dense(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, causal_
 
 
 def flash_attention(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, deterministic,
-                    return_lse, causal_align):
+                    return_lse, causal_align, dropout_p=0.0, rng_state=None):
     return _dense(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                   alibi_slopes=alibi_slopes, causal_align=causal_align)
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
                            softmax_scale, window_size, alibi_slopes, softcap, deterministic, return_lse,
-                           causal_align):
+                           causal_align, dropout_p=0.0, rng_state=None):
     # One SDPA call per sequence; reading cu_seqlens costs a device-to-host copy (fallback path). Bounds are
     # clamped as the kernels clamp them (transformer/_checks.py); tokens in no sequence give 0.
     bq = varlen_bounds(cu_seqlens_q.tolist(), q.shape[0])
@@ -108,6 +108,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 def attention_supports(call):
+    if call.get("dropout", 0.0) > 0:
+        return ("dropout_p > 0: SDPA's dropout mask is not the counter-based mask every other backend applies "
+                "(transformer.reference.dropout_keep)")
     if call["softcap"] > 0:
         return "F.scaled_dot_product_attention has no softcap"
     if call["return_lse"]:
@@ -137,7 +140,7 @@ def _run_mask(nq, nk, start, end, causal, causal_align, window):
 
 
 def padded_attention(q, k, v, key_start, key_end, *, causal, softmax_scale, window_size, alibi_slopes, softcap,
-                     deterministic, return_lse, causal_align):
+                     deterministic, return_lse, causal_align, dropout_p=0.0, rng_state=None):
     """One masked SDPA call over the padded batch (no host copy; the varlen path would loop over sequences).
     Bounds are clamped as the kernels clamp them: 0 <= start <= end <= Nk."""
     if _half_on_cpu(q):

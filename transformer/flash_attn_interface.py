@@ -9,10 +9,15 @@ arguments. They call the public ops (`flash_attention`, `flash_attention_varlen`
 
 Differences from flash-attn, none silent:
 
-* ``dropout_p > 0`` raises NotImplementedError (no backend implements attention dropout); ``dropout_p``
-  outside [0, 1) is a ValueError.
-* ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: flash-attn returns ``S_dmask`` only when
-  ``dropout_p > 0`` and None otherwise, so with ``dropout_p = 0`` this is its exact return value.
+* ``dropout_p > 0``: attention dropout in the kernels, as flash-attn (applied whenever > 0; pass 0.0 in
+  evaluation), with tileformer's counter-based mask (transformer/reference.py, ``dropout_keep``; the seed is
+  drawn from the default generator of q's device), so the dropped elements differ from flash-attn's. A value
+  outside [0, 1) is a ValueError, a non-number a TypeError.
+* ``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)``. S_dmask is None when ``dropout_p = 0``
+  (flash-attn's return value then). With dropout it is [B, H, Sq, Sk] (varlen: [B, H, max_seqlen_q,
+  max_seqlen_k], zero past each sequence) fp32, computed by the reference from the call's mask: the
+  probabilities scaled by 1 / (1 - dropout_p), negative where dropped (flash-attn's sign convention: ``>= 0`` is
+  the keep mask; flash-attn's entries are unscaled and its shape rounded up to 128). For tests: Sq x Sk memory.
 * fp32 inputs are accepted (the torch and reference backends serve them); flash-attn takes fp16/bf16 only.
   Paged caches take any page size (flash-attn: multiples of 256); rotary tables may be any float dtype
   (flash-attn: q's dtype) and rotary_dim any even number up to the head dim (flash-attn: multiples of 16).
@@ -53,8 +58,8 @@ import operator
 
 import torch
 
-from . import _checks
-from .attention import attention, flash_attention, flash_attention_varlen
+from . import _checks, reference
+from .attention import attention, dropout_rng_state, flash_attention, flash_attention_varlen
 from .decode import decode_attention
 from .nn.rope import apply_rotary
 from .ops.decode import MAX_SPLITS
@@ -80,12 +85,10 @@ def _flash_attn_errors():
 
 # --- argument conversion -------------------------------------------------------------------------
 
-def _check_dropout(dropout_p):
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0:
-        raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not implemented by any tileformer "
-                                  f"backend; pass dropout_p=0.0")
+def _rng(q, dropout_p):
+    """(dropout_p as a float, the call's rng_state or None): drawn here so S_dmask can show the call's mask."""
+    p = _checks.check_dropout(dropout_p)
+    return p, (dropout_rng_state(q.device) if p > 0 and isinstance(q, torch.Tensor) else None)
 
 
 def _window(window_size):
@@ -119,37 +122,64 @@ def _unpack(name, t, n, ndim, layout):
     return t.unbind(dim=-3)
 
 
-def _with_probs(res, return_attn_probs):
-    _checks.check_bool("return_attn_probs", return_attn_probs)
-    return (res[0], res[1], None) if return_attn_probs else res
+def _s_dmask(q, k, v, p, rng, kw):
+    """flash-attn's S_dmask for a dense call with dropout (see the module docstring)."""
+    with torch.no_grad():
+        return reference.attention_probs(q, k, v, dropout_p=p, rng_state=rng, **kw)
+
+
+def _s_dmask_varlen(q, k, v, cu_q, cu_k, max_q, max_k, p, rng, kw):
+    """S_dmask [B, H, max_seqlen_q, max_seqlen_k] of a varlen call, sequence i with the mask of batch index i."""
+    batch, hq = cu_q.shape[0] - 1, q.shape[1]
+    s = torch.zeros(batch, hq, max_q, max_k, dtype=torch.float32, device=q.device)
+    bq = reference.varlen_bounds(cu_q.tolist(), q.shape[0])
+    bk = reference.varlen_bounds(cu_k.tolist(), k.shape[0])
+    with torch.no_grad():
+        for i, ((qa, qb), (ka, kb)) in enumerate(zip(bq, bk)):
+            if qb > qa and kb > ka:
+                slopes = kw["alibi_slopes"]
+                one = dict(kw, alibi_slopes=slopes[i] if slopes is not None and slopes.dim() == 2 else slopes)
+                s[i, :, :qb - qa, :kb - ka] = reference.attention_probs(
+                    q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], dropout_p=p, rng_state=rng,
+                    dropout_batch_offset=i, **one)[0]
+    return s
 
 
 # --- dense and varlen attention ------------------------------------------------------------------
 
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
            return_attn_probs, backend):
-    _check_dropout(dropout_p)
+    p, rng = _rng(q, dropout_p)
     _checks.check_bool("return_attn_probs", return_attn_probs)
+    kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=_window(window_size), alibi_slopes=alibi_slopes,
+              softcap=_softcap(softcap))
     with _flash_attn_errors():
-        res = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=_window(window_size),
-                              alibi_slopes=alibi_slopes, softcap=_softcap(softcap), deterministic=deterministic,
-                              return_lse=return_attn_probs, backend=backend)
-    return _with_probs(res, return_attn_probs)
+        res = flash_attention(q, k, v, deterministic=deterministic, return_lse=return_attn_probs, dropout_p=p,
+                              rng_state=rng, backend=backend, **kw)
+        if not return_attn_probs:
+            return res
+        return res[0], res[1], (_s_dmask(q, k, v, p, rng, kw) if p > 0 else None)
 
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
             window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table, backend):
-    _check_dropout(dropout_p)
+    p, rng = _rng(q, dropout_p)
     _checks.check_bool("return_attn_probs", return_attn_probs)
     max_seqlen_q, max_seqlen_k = _host_int("max_seqlen_q", max_seqlen_q), _host_int("max_seqlen_k", max_seqlen_k)
+    kw = dict(causal=causal, softmax_scale=softmax_scale, window_size=_window(window_size), alibi_slopes=alibi_slopes,
+              softcap=_softcap(softcap))
     with _flash_attn_errors():
         if block_table is not None:
             k, v = _gather_pages(q, k, v, cu_seqlens_k, block_table)
-        res = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                     softmax_scale=softmax_scale, window_size=_window(window_size),
-                                     alibi_slopes=alibi_slopes, softcap=_softcap(softcap),
-                                     deterministic=deterministic, return_lse=return_attn_probs, backend=backend)
-    return _with_probs(res, return_attn_probs)
+        res = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     deterministic=deterministic, return_lse=return_attn_probs, dropout_p=p,
+                                     rng_state=rng, backend=backend, **kw)
+        if not return_attn_probs:
+            return res
+        s_dmask = None
+        if p > 0:
+            s_dmask = _s_dmask_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, p, rng, kw)
+        return res[0], res[1], s_dmask
 
 
 def _gather_pages(q, k_cache, v_cache, cu_seqlens_k, block_table):
@@ -192,7 +222,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend="auto"):
     """flash-attn's flash_attn_func: q [B, Sq, H, D], k/v [B, Sk, Hkv, D] (H a multiple of Hkv); causal and
     window bottom-right aligned; alibi_slopes fp32 [H] or [B, H]; softcap > 0 enables soft-capping.
-    Returns out [B, Sq, H, D], or (out, softmax_lse [B, H, Sq] fp32, None) with return_attn_probs.
+    Returns out [B, Sq, H, D], or (out, softmax_lse [B, H, Sq] fp32, S_dmask) with return_attn_probs (S_dmask: None
+    without dropout, see the module docstring). dropout_p > 0: attention dropout in the kernels.
     Differentiable (deterministic: bit-identical gradients)."""
     return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                   return_attn_probs, backend)
@@ -220,7 +251,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, *, backend="auto"):
     """flash-attn's flash_attn_varlen_func: q [total_q, H, D], k/v [total_k, Hkv, D], cu_seqlens_* int32
-    [B + 1], max_seqlen_* ints. Returns out [total_q, H, D], or (out, softmax_lse [H, total_q], None).
+    [B + 1], max_seqlen_* ints. Returns out [total_q, H, D], or (out, softmax_lse [H, total_q], S_dmask).
 
     block_table [B, max_pages] int32 (paged prefill): k/v are then a paged cache [num_pages, page_size, Hkv, D]
     and sequence b's keys are its first cu_seqlens_k[b + 1] - cu_seqlens_k[b] tokens. They are gathered into

@@ -13,6 +13,9 @@ flash-attn) or ``offset = 0`` (top-left, as ``F.scaled_dot_product_attention``'s
   window (left, right): i + offset - left <= j <= i + offset + right   (-1 = unbounded)
 Scores: s = q.k * scale; s = softcap * tanh(s / softcap) if softcap > 0;
 s -= slope_h * |i + offset - j| with ALiBi. Rows with no visible key give out = 0, lse = -inf.
+Dropout (dropout_p > 0, rng_state): p = softmax(s) is multiplied by keep / (1 - dropout_p) before p @ v, keep
+being the counter-based mask of `dropout_keep` (the mapping is documented above it); lse stays the
+log-sum-exp of the undropped scores.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ import torch
 
 from . import _checks
 
-__all__ = ["attention", "attention_varlen", "attention_mask", "layer_norm", "rms_norm",
-           "decode_attention", "quantize_kv", "dequantize_kv"]
+__all__ = ["attention", "attention_varlen", "attention_mask", "attention_probs", "layer_norm", "rms_norm",
+           "decode_attention", "quantize_kv", "dequantize_kv", "philox4x32", "dropout_keep", "dropout_threshold"]
 
 
 def _cast(t, dtype):
@@ -62,11 +65,37 @@ def alibi_bias(alibi_slopes, batch, nq, nk, *, causal_align="bottom_right", dtyp
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), alibi_slopes=None,
               softcap=0.0, key_padding_mask=None, causal_align="bottom_right", return_lse=False,
-              compute_dtype=torch.float32):
-    """Attention over q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D]. Returns out [B, Nq, Hq, D] (and lse [B, Hq, Nq])."""
+              compute_dtype=torch.float32, dropout_p=0.0, rng_state=None, dropout_batch_offset=0):
+    """Attention over q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D]. Returns out [B, Nq, Hq, D] (and lse [B, Hq, Nq]).
+
+    dropout_p > 0: attention dropout with the mask of `dropout_keep` under rng_state (int64 [2], seed and
+    offset); batch element b takes the mask of batch index b + dropout_batch_offset (varlen: the sequence)."""
+    out, lse, _ = _attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                             alibi_slopes=alibi_slopes, softcap=softcap, key_padding_mask=key_padding_mask,
+                             causal_align=causal_align, compute_dtype=compute_dtype, dropout_p=dropout_p,
+                             rng_state=rng_state, dropout_batch_offset=dropout_batch_offset)
+    return (out, lse) if return_lse else out
+
+
+def attention_probs(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), alibi_slopes=None,
+                    softcap=0.0, causal_align="bottom_right", dropout_p=0.0, rng_state=None,
+                    compute_dtype=torch.float32, dropout_batch_offset=0):
+    """The attention probabilities [B, Hq, Nq, Nk] a call uses, flash-attn's S_dmask convention: with dropout,
+    p / (1 - dropout_p) where kept and -p / (1 - dropout_p) where dropped (so ``relu`` of it is what multiplies
+    v and ``>= 0`` the keep mask); without dropout, p. Entries no query sees are 0. For tests (Nq x Nk memory)."""
+    _, _, probs = _attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                             alibi_slopes=alibi_slopes, softcap=softcap, key_padding_mask=None,
+                             causal_align=causal_align, compute_dtype=compute_dtype, dropout_p=dropout_p,
+                             rng_state=rng_state, dropout_batch_offset=dropout_batch_offset, signed_probs=True)
+    return probs
+
+
+def _attention(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, key_padding_mask,
+               causal_align, compute_dtype, dropout_p, rng_state, dropout_batch_offset, signed_probs=False):
     info = _checks.check_attention(q, k, v, window_size=window_size, softcap=softcap,
                                    softmax_scale=softmax_scale, alibi_slopes=alibi_slopes,
                                    key_padding_mask=key_padding_mask)
+    dropout_p = _checks.check_dropout(dropout_p, rng_state, q.device)
     b, nq, nk, hq, hkv = info["batch"], info["nq"], info["nk"], info["hq"], info["hkv"]
     group = hq // hkv
     qc, kc, vc = (_cast(t, compute_dtype) for t in (q, k, v))
@@ -89,8 +118,16 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     # exp(-inf - -inf) would be NaN: rows with no visible key get probability 0 everywhere.
     safe_lse = torch.where(any_visible.squeeze(-1), lse, torch.zeros_like(lse))
     probs = torch.exp(scores - safe_lse.unsqueeze(-1)) * any_visible
-    out = torch.einsum("bhij,bjhd->bihd", probs, vc)
-    return (out, lse) if return_lse else out
+    if dropout_p > 0:
+        bh = torch.arange(b * hq, device=q.device) + dropout_batch_offset * hq
+        keep = dropout_keep(rng_state, dropout_p, bh, nq, nk).view(b, hq, nq, nk)
+        scale = 1.0 / (1.0 - dropout_p)
+        if signed_probs:
+            probs = torch.where(keep, probs, -probs) * scale
+        else:
+            probs = probs * keep * scale
+    out = torch.einsum("bhij,bjhd->bihd", probs.clamp_min(0) if signed_probs else probs, vc)
+    return out, lse, probs
 
 
 def zeros_like_output(shape, dtype, *inputs, fill=0.0):
@@ -117,12 +154,12 @@ def varlen_bounds(cu, total):
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
                      causal=False, softmax_scale=None, window_size=(-1, -1), alibi_slopes=None,
                      softcap=0.0, causal_align="bottom_right", return_lse=False,
-                     compute_dtype=torch.float32, validate=True):
+                     compute_dtype=torch.float32, validate=True, dropout_p=0.0, rng_state=None):
     """Packed sequences: q [total_q, Hq, D], k/v [total_k, Hkv, D], cu_seqlens int32 [B + 1].
 
     Returns out [total_q, Hq, D] (and lse [Hq, total_q], flash-attn's varlen layout). validate=False takes
     cu_seqlens values as the kernels do (transformer/_checks.py: clamped, non-decreasing bounds; max_seqlen
-    not used).
+    not used). dropout_p > 0: sequence i takes the dropout mask of batch index i (see `dropout_keep`).
     """
     info = _checks.check_attention(q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                    window_size=window_size, softcap=softcap, softmax_scale=softmax_scale,
@@ -144,11 +181,74 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         slopes = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         o, l = attention(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], causal=causal, softmax_scale=info["scale"],
                          window_size=window_size, alibi_slopes=slopes, softcap=softcap,
-                         causal_align=causal_align, return_lse=True, compute_dtype=compute_dtype)
+                         causal_align=causal_align, return_lse=True, compute_dtype=compute_dtype,
+                         dropout_p=dropout_p, rng_state=rng_state, dropout_batch_offset=i)
         index = torch.arange(qa, qb, device=q.device)      # index_put keeps autograd through out
         out = out.index_put((index,), o[0])
         lse = lse.index_put((torch.arange(hq, device=q.device)[:, None], index[None, :]), l[0].to(lse_dtype))
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention dropout: the counter-based mask every backend regenerates
+# ---------------------------------------------------------------------------------------------
+#
+# rng_state is an int64 tensor [2] = (seed, offset) on the inputs' device. Each attention element gets its
+# uniform 16-bit draw from Philox4x32-10 (Salmon et al. 2011; the generator of curand and tl.philox):
+#   key     = (seed mod 2^32, (seed >> 32) mod 2^32)
+#   counter = (j >> 3, i, bh, offset mod 2^32)
+#   w       = 16-bit half (j & 1) (0: low bits) of output word (j & 7) >> 1
+# where bh = b * Hq + h (b the batch element, for varlen the sequence index; h the query head), i the query
+# row and j the key column, both counted from the sequence's start. The element is dropped iff
+# w < threshold = dropout_threshold(p) (= round(p * 2^16)), and kept values are scaled by 1 / (1 - p).
+# One Philox call thus serves 8 consecutive keys of one row.
+
+_MASK32 = 0xFFFFFFFF
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57       # round multipliers
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85       # key schedule (Weyl) increments
+
+
+def _mul32(a, b):
+    """(hi, lo) 32-bit words of a * b for int64 tensors holding 32-bit unsigned values (no int64 overflow:
+    the product is formed from 16-bit halves of a)."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    lo_part = a_lo * b                                  # < 2^48
+    t = a_hi * b + (lo_part >> 16)                      # (a * b) >> 16, < 2^49
+    return t >> 16, ((t & 0xFFFF) << 16) | (lo_part & 0xFFFF)
+
+
+def philox4x32(c0, c1, c2, c3, k0, k1, rounds=10):
+    """Philox4x32-`rounds` of the counter (c0, c1, c2, c3) under the key (k0, k1), on int64 tensors holding
+    32-bit unsigned values (broadcasting); returns the four output words the same way."""
+    c0, c1, c2, c3, k0, k1 = (torch.as_tensor(x, dtype=torch.int64) & _MASK32 for x in (c0, c1, c2, c3, k0, k1))
+    for _ in range(rounds):
+        hi0, lo0 = _mul32(torch.full_like(c0, PHILOX_M0), c0)
+        hi1, lo1 = _mul32(torch.full_like(c2, PHILOX_M1), c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & _MASK32, (k1 + PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(dropout_p):
+    """The 16-bit draws below which an element is dropped: round(p * 2^16), at most 2^16 - 1."""
+    return min(int(round(float(dropout_p) * 65536.0)), 65535)
+
+
+def dropout_keep(rng_state, dropout_p, bh, nq, nk):
+    """Boolean keep mask [len(bh), Nq, Nk] of the elements (bh[n], i, j), i < Nq, j < Nk (see the mapping
+    above); bh: an int64 tensor of b * Hq + h indices."""
+    seed, offset = (int(x) for x in rng_state.tolist())
+    dev = rng_state.device
+    bh = torch.as_tensor(bh, dtype=torch.int64, device=dev).view(-1, 1, 1)
+    i = torch.arange(nq, dtype=torch.int64, device=dev).view(1, -1, 1)
+    j = torch.arange(nk, dtype=torch.int64, device=dev).view(1, 1, -1)
+    words = philox4x32(j >> 3, i, bh, offset & _MASK32, seed & _MASK32, (seed >> 32) & _MASK32)
+    words = [w.expand(bh.shape[0], nq, nk) for w in words]
+    word = torch.where((j & 7) >> 1 == 0, words[0], torch.where((j & 7) >> 1 == 1, words[1],
+                       torch.where((j & 7) >> 1 == 2, words[2], words[3])))
+    w16 = (word >> (16 * (j & 1))) & 0xFFFF
+    return w16 >= dropout_threshold(dropout_p)
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,12 @@ kernels read are transposes). What is recognised:
   padding or both) -- served by ``padded_attention``;
 * a mask equal to SDPA's causal pattern (lower triangle), served as ``is_causal``.
 
-Everything else falls back to PyTorch's own function (documented, exact): ``dropout_p > 0``, other masks,
+``dropout_p > 0`` is served by the same paths: the kernels apply attention dropout with their counter-based
+mask (transformer/reference.py, ``dropout_keep``; seed drawn from the default generator of query's device), so
+the dropped elements differ from PyTorch's random stream (the statistics are the same). A backend that cannot
+apply that mask (the torch backend) is skipped for such calls by the dispatcher.
+
+Everything else falls back to PyTorch's own function (documented, exact; with its own dropout): other masks,
 broadcast batch dims, a value head dim different from the query's, head dims above 256, inputs with a
 non-unit last stride, and masks met while ``torch.compile`` traces (recognising one reads its values).
 
@@ -111,8 +116,7 @@ def _check_sdpa_args(query, key, value, dropout_p, is_causal, scale, enable_gqa,
             raise ValueError(f"query has {hq} heads and key {hkv}: pass enable_gqa=True for grouped-query attention")
         if enable_gqa and hq % hkv != 0:
             raise ValueError(f"query heads ({hq}) must be a multiple of key heads ({hkv}) with enable_gqa")
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    _checks.check_dropout(dropout_p)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
@@ -143,9 +147,7 @@ def _as_4d(t):
     return t.reshape(-1, *t.shape[-3:])
 
 
-def _kernel_path_reason(query, key, value, dropout_p):
-    if dropout_p > 0:
-        return "dropout_p > 0"
+def _kernel_path_reason(query, key, value):
     if query.dim() < 3 or query.dim() != key.dim() or key.dim() != value.dim():
         return "inputs of different ranks (or without a head dim)"
     if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
@@ -167,8 +169,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (query i sees keys j <= i); ``attn_mask`` is boolean (True = take part) or additive, broadcastable to
     [..., Hq, L, S]: a float mask of any floating dtype (PyTorch takes float32 or query's dtype as they are; any
     other floating dtype is cast to float32 first); ``enable_gqa`` allows Hq a multiple of Hkv. Returns [..., Hq, L, Ev].
-    See the module docstring for which calls run on ``flash_attention`` and which fall back to PyTorch
-    (dropout_p > 0 always does). ``backend`` picks the backend of the kernel path (see transformer.backends).
+    See the module docstring for which calls run on ``flash_attention`` (dropout_p > 0 included: the kernels'
+    mask) and which fall back to PyTorch. ``backend`` picks the backend of the kernel path (see transformer.backends).
     """
     _check_sdpa_args(query, key, value, dropout_p, is_causal, scale, enable_gqa, attn_mask)
     if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype not in (query.dtype, torch.float32):
@@ -178,7 +180,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
-    if _kernel_path_reason(query, key, value, dropout_p) is not None:
+    if _kernel_path_reason(query, key, value) is not None:
         return fallback()
     lead = query.shape[:-3]
     q4, k4, v4 = _as_4d(query), _as_4d(key), _as_4d(value)
@@ -194,9 +196,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q, k, v = (t.transpose(1, 2) for t in (q4, k4, v4))        # [B, N, H, E] views, no copies
     softmax_scale = scale
     if kind[0] == "keys":
-        out = padded_attention(q, k, v, kind[1], kind[2], softmax_scale=softmax_scale, backend=backend)
+        out = padded_attention(q, k, v, kind[1], kind[2], softmax_scale=softmax_scale, dropout_p=dropout_p,
+                               backend=backend)
     else:
         out = attention(q, k, v, causal=kind[0] == "causal", causal_align="top_left", softmax_scale=softmax_scale,
-                        backend=backend)
+                        dropout_p=dropout_p, backend=backend)
     out = out.transpose(1, 2)                                    # [B, Hq, L, E]
     return out.reshape(*lead, hq, nq, d) if query.dim() != 4 else out

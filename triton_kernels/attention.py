@@ -93,6 +93,38 @@ _BWD_NO_SOFTCAP = {
     (90, "dq", 256, (64, 32, 8, 2)), (80, "dkdv_dq", 128, (16, 64, 8, 2)), (80, "dkdv_dq", 128, (16, 32, 4, 2)),
 }
 
+# Dropout calls (HAS_DROPOUT) autotune over lists of their own: the in-kernel Philox mask (8 keys per call,
+# interleaved back into key order by joins) adds registers and a layout conversion, and many entries above spill
+# with it (e.g. fwd D=128 128x128 on sm_90: 592 B and 240 KB of shared memory; the backward's 64-query tiles at
+# D >= 64). Chosen by an AOT sweep with dropout on (triton 3.8; causal + ALiBi fp16, and bf16 varlen + two-sided
+# window + softcap unless listed in _DROPOUT_NO_SOFTCAP): every entry is spill-free and within the arch's shared
+# memory; each list holds an entry for softcap calls. An empty "dkdv_dq" list (sm_80, D >= 128: every tile spills
+# thousands of bytes) sends dropout calls to the deterministic backward. sm_90 entries with fewer than 64 product
+# rows (dK/dV: BLOCK_N 32; dQ: BLOCK_M 32) run mma.sync, not wgmma: they are the spill-free tiles for softcap calls
+# (dK/dV D=128, dQ D=256) and for every dK/dV call at D=256, where each wgmma-sized tile spills (40-4764 B).
+_DROPOUT_CONFIGS = {
+    90: {"fwd": {64: [(128, 128, 8, 3), (128, 64, 8, 3)], 128: [(128, 64, 8, 3), (64, 64, 8, 2)],
+                 256: [(64, 32, 8, 2)]},
+         "dkdv": {64: [(32, 64, 8, 2), (32, 64, 4, 2)], 128: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+                  256: [(16, 32, 8, 2), (16, 32, 8, 1)]},
+         "dkdv_dq": {64: [(32, 128, 8, 2), (16, 64, 4, 2)], 128: [(32, 64, 8, 2), (16, 64, 8, 2)],
+                     256: [(16, 32, 8, 2)]},
+         "dq": {64: [(128, 64, 8, 3), (64, 64, 8, 2)], 128: [(64, 64, 8, 2), (64, 32, 8, 2)],
+                256: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 4, 2)]}},
+    80: {"fwd": {64: [(128, 64, 8, 3), (64, 64, 8, 3)], 128: [(64, 64, 8, 2), (64, 64, 4, 2)],
+                 256: [(64, 64, 8, 2), (64, 32, 8, 2)]},
+         "dkdv": {64: [(32, 32, 4, 2), (16, 64, 4, 2)], 128: [(32, 64, 8, 2), (16, 32, 4, 2)],
+                  256: [(16, 32, 8, 2)]},
+         "dkdv_dq": {64: [(16, 64, 8, 2), (16, 32, 4, 2)], 128: [], 256: []},
+         "dq": {64: [(64, 64, 8, 2), (64, 32, 8, 2)], 128: [(64, 64, 8, 2), (64, 32, 8, 2)],
+                256: [(32, 32, 8, 1), (32, 16, 8, 1)]}},
+}
+_DROPOUT_NO_SOFTCAP = {
+    (90, "dkdv", 128, (32, 64, 8, 2)), (90, "dkdv", 128, (16, 64, 4, 2)), (90, "dkdv_dq", 64, (32, 128, 8, 2)),
+    (90, "dkdv_dq", 128, (32, 64, 8, 2)), (90, "dq", 128, (64, 64, 8, 2)), (90, "dq", 256, (64, 32, 8, 2)),
+    (90, "dq", 256, (64, 16, 8, 2)), (80, "dq", 64, (64, 64, 8, 2)), (80, "dq", 256, (32, 32, 8, 1)),
+}
+
 # Under the interpreter: one config; BLOCK_M != BLOCK_N so tests exercise both tile sizes.
 _INTERPRET_CONFIG = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dkdv_dq": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dkdv_dq": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
@@ -101,7 +133,7 @@ _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dkdv_dq": _attn_bwd_dkdv,
 _DQ_ACC_PAD = max([_INTERPRET_CONFIG["dkdv_dq"][0]] + [e[0] for per_arch in _GPU_CONFIGS.values()
                                                        for entries in per_arch["dkdv_dq"].values() for e in entries])
 _TUNE_KEYS = ["tune_key", "GROUP", "HEAD_DIM", "IS_VARLEN", "BOTTOM_RIGHT", "MASK_LEFT", "MASK_RIGHT",
-              "HAS_SOFTCAP", "HAS_ALIBI"]
+              "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT"]
 
 
 def _block_d(head_dim):
@@ -118,12 +150,18 @@ def _arch(device):
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(which, arch, d_bucket, softcap=False):
+def _tuned(which, arch, d_bucket, softcap=False, dropout=False):
     """The autotuned kernel for one (kernel, arch, head-dim bucket); a single config when interpreting. Backward
-    kernels with `softcap`: the entries not in _BWD_NO_SOFTCAP; None if there is none (or none at all). The
+    kernels with `softcap`: the entries not in _BWD_NO_SOFTCAP; None if there is none (or none at all). With
+    `dropout`: the entries of _DROPOUT_CONFIGS (with softcap those not in _DROPOUT_NO_SOFTCAP). The
     ATOMIC_DQ kernel's autotuner zeroes the dQ accumulator before each timed run and before the real one."""
     if arch is None:
         entries = [_INTERPRET_CONFIG[which][:4]]
+    elif dropout:
+        entries = [tuple(e) for e in _DROPOUT_CONFIGS[arch][which][d_bucket]
+                   if not (softcap and (arch, which, d_bucket, tuple(e)) in _DROPOUT_NO_SOFTCAP)]
+        if not entries:
+            return None
     else:
         entries = [tuple(e) for e in _GPU_CONFIGS[arch][which][d_bucket]]
         if which in _BWD_KINDS:
@@ -135,9 +173,9 @@ def _tuned(which, arch, d_bucket, softcap=False):
     return triton.autotune(configs=configs, key=_TUNE_KEYS, reset_to_zero=reset)(_KERNELS[which])
 
 
-def _kernel(which, device, block_d, softcap=False):
+def _kernel(which, device, block_d, softcap=False, dropout=False):
     arch = None if _utils.interpreting() else _arch(device)
-    return _tuned(which, arch, _d_bucket(block_d), softcap)
+    return _tuned(which, arch, _d_bucket(block_d), softcap, dropout)
 
 
 def _tune_key(max_q, max_k):
@@ -168,6 +206,13 @@ _TMA_FWD_CONFIGS = {
     64: {False: _TMA_D64, True: _TMA_D64 + [(64, 128, 4, 3, False)]},
     128: {False: _TMA_D128, True: _TMA_D128 + [(64, 64, 4, 3, False)]},
     256: {False: _TMA_D256, True: _TMA_D256},
+}
+# Dropout calls: the entries of _TMA_FWD_CONFIGS that stay spill-free with the Philox mask (every feature on, as
+# _aot_fwd_tma compiles them); an empty list sends dropout calls of that head-dim bucket to the portable forward.
+_TMA_DROPOUT_CONFIGS = {
+    64: [(128, 64, 8, 3, False), (128, 128, 8, 3, False), (128, 128, 4, 2, True), (128, 64, 4, 3, True)],
+    128: [(128, 64, 8, 3, False), (64, 64, 4, 3, False), (128, 128, 4, 2, True), (128, 64, 4, 3, True)],
+    256: [],
 }
 # Under the interpreter (TILEFORMER_TRITON_ATTN_FWD=tma / tma_ws): one config, as _INTERPRET_CONFIG["fwd"].
 _INTERPRET_TMA_CONFIG = (64, 32, 4, 1)
@@ -252,12 +297,16 @@ def describe_forward_path(device):
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_fwd_tma(arch, d_bucket, causal, path):
-    """The autotuned descriptor forward: the entries of one list, the WARP_SPEC ones only for tma_ws."""
+def _tuned_fwd_tma(arch, d_bucket, causal, path, dropout=False):
+    """The autotuned descriptor forward: the entries of one list (dropout: _TMA_DROPOUT_CONFIGS), the WARP_SPEC
+    ones only for tma_ws; None if there is none."""
     if arch is None:
         entries = [_INTERPRET_TMA_CONFIG + (path == "tma_ws",)]
     else:
-        entries = [e for e in _TMA_FWD_CONFIGS[d_bucket][causal] if path == "tma_ws" or not e[4]]
+        pool = _TMA_DROPOUT_CONFIGS[d_bucket] if dropout else _TMA_FWD_CONFIGS[d_bucket][causal]
+        entries = [e for e in pool if path == "tma_ws" or not e[4]]
+        if not entries:
+            return None
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s)
                for bm, bn, w, s, ws in entries]
     return triton.autotune(configs=configs, key=_TUNE_KEYS)(_attn_fwd_tma)
@@ -300,22 +349,36 @@ def _alibi_strides(alibi):
     return (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1))
 
 
-def _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right):
-    """(Alibi, CuQ, CuK), keyword arguments and constexprs shared by the forward, dK/dV and dQ kernels."""
+def dropout_threshold(dropout_p):
+    """The 16-bit draws below which an element is dropped: round(p * 2^16), at most 2^16 - 1 (the mapping is
+    documented with the mask, _device.dropout_keep)."""
+    return min(int(round(float(dropout_p) * 65536.0)), 65535)
+
+
+def _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right, dropout_p=0.0,
+            rng_state=None):
+    """(Alibi, CuQ, CuK, RngState), keyword arguments and constexprs shared by the forward, dK/dV and dQ kernels."""
     varlen = cu_q is not None
     head_dim = q.shape[-1]
     dummy = q  # stands in for absent optional pointers (never dereferenced)
-    ptrs = (alibi if alibi is not None else dummy, cu_q if varlen else dummy, cu_k if varlen else dummy)
+    dropout = dropout_p > 0
+    if dropout and (rng_state is None or rng_state.dtype != torch.int64 or rng_state.numel() != 2
+                    or rng_state.device != q.device):
+        raise ValueError(f"dropout_p > 0 needs rng_state, an int64 [2] tensor on {q.device}")
+    ptrs = (alibi if alibi is not None else dummy, cu_q if varlen else dummy, cu_k if varlen else dummy,
+            rng_state if dropout else dummy)
     sa = _alibi_strides(alibi)
     args = dict(stride_ab=sa[0], stride_ah=sa[1], Nq=max_q, Nk=max_k)
     if softcap > 0:
         args.update(qk_scale=scale / softcap, softcap2=softcap * LOG2E)
     else:
         args.update(qk_scale=scale * LOG2E, softcap2=0.0)
-    args.update(win_left=max(left, 0), win_right=max(right, 0), tune_key=_tune_key(max_q, max_k))
+    args.update(win_left=max(left, 0), win_right=max(right, 0), tune_key=_tune_key(max_q, max_k),
+                drop_thr=dropout_threshold(dropout_p) if dropout else 0,
+                drop_scale=1.0 / (1.0 - dropout_p) if dropout else 1.0)
     consts = dict(GROUP=q.shape[-2] // k.shape[-2], HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
                   IS_VARLEN=varlen, BOTTOM_RIGHT=bool(bottom_right), MASK_LEFT=left >= 0, MASK_RIGHT=right >= 0,
-                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
+                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None, HAS_DROPOUT=dropout,
                   UPCAST=_utils.interpreting() and q.dtype == torch.bfloat16)
     return ptrs, args, consts
 
@@ -356,18 +419,20 @@ def _pad(t, d):
     return t if t is None or t.shape[-1] == d else torch.nn.functional.pad(t, (0, d - t.shape[-1]))
 
 
-def forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right):
+def forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right, dropout_p=0.0,
+            rng_state=None):
     """(out like q, contiguous; lse fp32 [B, Hq, Nq] or [Hq, total_q], natural log).
 
     q [B, Nq, Hq, D] (varlen: [Tq, Hq, D] with int32 cu_q / cu_k [B + 1]), k / v [B, Nk, Hkv, D]; fp16/bf16
     with a contiguous last dim; left / right: window sizes (-1 unbounded; causal is right = 0); scale: the
-    softmax scale; softcap 0 = off; bottom_right: the alignment of windows and ALiBi distances. The kernel:
+    softmax scale; softcap 0 = off; bottom_right: the alignment of windows and ALiBi distances; dropout_p > 0:
+    attention dropout with the mask of rng_state (int64 [2] seed, offset on q's device). The kernel:
     forward_path (portable, or tensor descriptors on sm_90; TILEFORMER_TRITON_ATTN_FWD)."""
     _requested_fwd_path()   # a bad TILEFORMER_TRITON_ATTN_FWD fails every call, even one with nothing to compute
     head_dim, padded = q.shape[-1], _padded_head_dim(q.shape[-1])
     if padded != head_dim:   # zero columns change no score and give zero output columns
         out, lse = forward(_pad(q, padded), _pad(k, padded), _pad(v, padded), alibi, cu_q, cu_k, max_q, max_k,
-                            scale, left, right, softcap, bottom_right)
+                            scale, left, right, softcap, bottom_right, dropout_p, rng_state)
         return out[..., :head_dim].contiguous(), lse
     varlen = cu_q is not None
     if varlen:
@@ -380,35 +445,39 @@ def forward(q, k, v, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softca
         _zero_varlen_tail(out, None, lse, cu_q, q.shape[0])
     if out.numel() == 0 or max_q == 0 or batch == 0:
         return out, lse
-    ptrs, args, consts = _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right)
+    ptrs, args, consts = _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right,
+                                 dropout_p, rng_state)
     sq, sk, sv, so = (_seq_strides(t, varlen) for t in (q, k, v, out))
     path, _ = forward_path(q.device, (("q", q), ("k", k), ("v", v)))
-    if path == "portable":
-        kernel = _kernel("fwd", q.device, consts["BLOCK_D"])
-    else:   # the descriptor kernel takes the same arguments (+ WARP_SPEC from its config)
+    dropout = consts["HAS_DROPOUT"]
+    kernel = None
+    if path != "portable":   # the descriptor kernel takes the same arguments (+ WARP_SPEC from its config)
         arch = None if _utils.interpreting() else _arch(q.device)
         if arch is not None:
             _ensure_allocator()
-        kernel = _tuned_fwd_tma(arch, _d_bucket(consts["BLOCK_D"]), consts["MASK_RIGHT"], path)
+        kernel = _tuned_fwd_tma(arch, _d_bucket(consts["BLOCK_D"]), consts["MASK_RIGHT"], path, dropout)
+    if kernel is None:       # portable, or a dropout call whose head-dim bucket has no descriptor entry
+        kernel = _kernel("fwd", q.device, consts["BLOCK_D"], False, dropout)
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
     kernel[grid](q, k, v, out, lse, *ptrs, *sq, *sk, *sv, *so, *_lse_strides(lse, varlen), **args, **consts)
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
-              bottom_right, deterministic=False):
+              bottom_right, deterministic=False, dropout_p=0.0, rng_state=None):
     """(dq, dk, dv), contiguous, shaped like q, k, v, from dout (and dlse, the gradient of lse, or None).
 
     deterministic=False: one dK/dV kernel per key tile also adds dS K into a zeroed fp32 dQ accumulator with
     atomic adds (S, P, dP, dS once per tile pair: 5 products), which a last kernel scales and converts; the
     order of the adds, so dq's rounding, can change from run to run. deterministic=True, and calls whose arch
     and head dim have no such config (_GPU_CONFIGS "dkdv_dq"): dQ by a kernel of its own that recomputes S, P,
-    dP, dS per query tile (7 products), no atomics: bit-identical gradients."""
+    dP, dS per query tile (7 products), no atomics: bit-identical gradients. dropout_p / rng_state: those of
+    the forward; every kernel regenerates the keep mask from them."""
     head_dim, padded = q.shape[-1], _padded_head_dim(q.shape[-1])
     if padded != head_dim:   # see _forward
         grads = backward(_pad(dout, padded), _pad(q, padded), _pad(k, padded), _pad(v, padded), _pad(out, padded),
                           lse, dlse, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right,
-                          deterministic)
+                          deterministic, dropout_p, rng_state)
         return tuple(g[..., :head_dim].contiguous() for g in grads)
     varlen = cu_q is not None
     if varlen:
@@ -424,7 +493,9 @@ def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sca
     head_dim = q.shape[-1]
     block_d = _block_d(head_dim)
     # The default backward: dK/dV kernel with ATOMIC_DQ (where the arch and head dim have a config for the call)
-    atomic_kernel = None if deterministic or max_k == 0 else _kernel("dkdv_dq", q.device, block_d, softcap > 0)
+    dropout = dropout_p > 0
+    atomic_kernel = (None if deterministic or max_k == 0
+                     else _kernel("dkdv_dq", q.device, block_d, softcap > 0, dropout))
     atomic = atomic_kernel is not None
     if varlen:
         if not atomic:   # the atomic path converts every row of its zeroed accumulator
@@ -443,7 +514,8 @@ def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sca
             *_seq_strides(out, varlen), *sdo, *sl,
             *(_lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0)), max_q,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_pre, IS_VARLEN=varlen, HAS_DLSE=dlse is not None)
-    ptrs, args, consts = _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right)
+    ptrs, args, consts = _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right,
+                                 dropout_p, rng_state)
     args["sm_scale"] = scale
     sq, sk, sv = (_seq_strides(t, varlen) for t in (q, k, v))
     dkdv_args = (*ptrs, *sq, *sk, *sv, *sdo, *_seq_strides(dk, varlen), *_seq_strides(dv, varlen))
@@ -462,11 +534,11 @@ def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sca
             HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d)
         return dq, dk, dv
     if max_k > 0:
-        kernel = _kernel("dkdv", q.device, block_d, softcap > 0)
+        kernel = _kernel("dkdv", q.device, block_d, softcap > 0, dropout)
         kernel[grid](q, k, v, dout, lse, delta, dk, dv, dq, *dkdv_args, 0, 0, 0, *sl, **args, **consts,
                      ATOMIC_DQ=False)
     if max_q > 0:
-        kernel = _kernel("dq", q.device, block_d, softcap > 0)
+        kernel = _kernel("dq", q.device, block_d, softcap > 0, dropout)
         grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
         kernel[grid](q, k, v, dout, lse, delta, dq, *ptrs, *sq, *sk, *sv, *sdo, *_seq_strides(dq, varlen), *sl,
                      **args, **consts)
@@ -479,7 +551,7 @@ def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sca
 
 _PTR_ARGS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
 _FP32_PTR_ARGS = {"Lse", "Delta", "Alibi", "DQAcc"}
-_FLOAT_ARGS = {"qk_scale", "softcap2", "sm_scale"}
+_FLOAT_ARGS = {"qk_scale", "softcap2", "sm_scale", "drop_scale"}
 
 
 def _signature(kernel, dtype):
@@ -492,6 +564,8 @@ def _signature(kernel, dtype):
             sig[name] = "*fp32"
         elif name in ("CuQ", "CuK"):
             sig[name] = "*i32"
+        elif name == "RngState":
+            sig[name] = "*i64"
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
         elif name.isupper() or name == "UPCAST":
@@ -526,7 +600,7 @@ def aot_configs():
     for arch, which, (bm, bn, warps, stages), head_dim, dtype, feats in cases:
         consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
                       IS_VARLEN=False, BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False,
-                      HAS_ALIBI=False, UPCAST=False)
+                      HAS_ALIBI=False, HAS_DROPOUT=False, UPCAST=False)
         consts.update(feats)
         tag = "+".join(k.lower().replace("has_", "").replace("mask_", "") for k, v in sorted(feats.items()) if v)
         name = f"attn_{which} d{head_dim} {str(dtype)[6:]} {tag} M{bm}xN{bn} w{warps}s{stages}"
@@ -539,7 +613,53 @@ def aot_configs():
         cfgs.append(_utils.AotConfig(name=name, kernel=kernel, signature=sig,
                                      constexprs=consts, num_warps=warps, num_stages=stages, archs=(arch,),
                                      expect=expect, divisible=_utils.divisible_args(sig, exclude=_NOT_DIVISIBLE)))
-    return cfgs + _aot_fwd_tma() + _aot_bwd()
+    return cfgs + _aot_fwd_tma() + _aot_bwd() + _aot_dropout()
+
+
+def _aot_dropout():
+    """Every entry of _DROPOUT_CONFIGS with dropout on, fp16 causal + ALiBi and, unless in _DROPOUT_NO_SOFTCAP,
+    bf16 varlen + two-sided window + softcap (the dK/dV kernel with ATOMIC_DQ for "dkdv_dq"); every entry of
+    _TMA_DROPOUT_CONFIGS with every feature on. Names carry "dropout"."""
+    heavy = dict(MASK_RIGHT=True, HAS_ALIBI=True)
+    capped = dict(MASK_LEFT=True, MASK_RIGHT=True, HAS_SOFTCAP=True, IS_VARLEN=True)
+    cases = []   # (arch, kernel name, (BLOCK_M, BLOCK_N, warps, stages[, WARP_SPEC]), head_dim, dtype, features)
+    for arch, per_kernel in _DROPOUT_CONFIGS.items():
+        for which, per_d in per_kernel.items():
+            for d, entries in per_d.items():
+                for e in entries:
+                    cases.append((arch, which, tuple(e), d, torch.float16, heavy))
+                    if (arch, which, d, tuple(e)) not in _DROPOUT_NO_SOFTCAP:
+                        cases.append((arch, which, tuple(e), d, torch.bfloat16, capped))
+    every = dict(IS_VARLEN=True, MASK_LEFT=True, MASK_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True)
+    cases += [(90, "fwd_tma", e, d, torch.float16, every) for d, entries in _TMA_DROPOUT_CONFIGS.items()
+              for e in entries]
+    cfgs = []
+    for arch, which, entry, d, dtype, feats in cases:
+        bm, bn, warps, stages = entry[:4]
+        kernel = _attn_fwd_tma if which == "fwd_tma" else _KERNELS[which]
+        consts = dict(GROUP=2, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=False,
+                      BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False,
+                      HAS_DROPOUT=True, UPCAST=False)
+        consts.update(feats)
+        # sm_90 runs a product as wgmma when its tile has >= 64 rows (dK/dV kernel: BLOCK_N, the others: BLOCK_M)
+        rows = bn if kernel is _attn_bwd_dkdv else bm
+        expect = {arch: ("mma.sync",) if arch == 80 or rows < 64 else ("wgmma",)}
+        if kernel is _attn_bwd_dkdv:
+            consts["ATOMIC_DQ"] = which == "dkdv_dq"
+        ws = entry[4] if which == "fwd_tma" else False
+        if which == "fwd_tma":
+            consts["WARP_SPEC"] = ws
+            expect = {90: ("wgmma", "tma") + (("setmaxnreg",) if ws else ())}
+        on = dict(feats, HAS_DROPOUT=True, ATOMIC_DQ=consts.get("ATOMIC_DQ", False))
+        tag = "+".join(k.lower().replace("has_", "").replace("mask_", "").replace("is_", "")
+                       for k, v in sorted(on.items()) if v)
+        kname = "fwd_tma" if which == "fwd_tma" else which.split("_")[0]
+        name = f"attn_{kname} d{d} {str(dtype)[6:]} {tag} M{bm}xN{bn} w{warps}s{stages}{' ws' if ws else ''}"
+        sig = _signature(kernel, dtype)
+        cfgs.append(_utils.AotConfig(name=name, kernel=kernel, signature=sig, constexprs=consts, num_warps=warps,
+                                     num_stages=stages, archs=(arch,), expect=expect,
+                                     divisible=_utils.divisible_args(sig, exclude=_NOT_DIVISIBLE)))
+    return cfgs
 
 
 def _aot_fwd_tma():
@@ -560,7 +680,7 @@ def _aot_fwd_tma():
     for (bm, bn, warps, stages, ws), head_dim, dtype, feats in cases:
         consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
                       IS_VARLEN=False, BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False,
-                      HAS_ALIBI=False, UPCAST=False, WARP_SPEC=ws)
+                      HAS_ALIBI=False, HAS_DROPOUT=False, UPCAST=False, WARP_SPEC=ws)
         consts.update(feats)
         tag = "+".join(k.lower().replace("has_", "").replace("mask_", "").replace("is_", "")
                        for k, v in sorted(feats.items()) if v)
@@ -595,7 +715,7 @@ def _aot_bwd():
         kernel = _KERNELS[which]
         consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
                       IS_VARLEN=False, BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False,
-                      HAS_ALIBI=False, UPCAST=False)
+                      HAS_ALIBI=False, HAS_DROPOUT=False, UPCAST=False)
         if kernel is _attn_bwd_dkdv:
             consts["ATOMIC_DQ"] = which == "dkdv_dq"
         consts.update(feats)

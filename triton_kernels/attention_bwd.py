@@ -15,7 +15,10 @@ Without ``ATOMIC_DQ`` no program writes what another writes and there are no ato
 bit-identical from run to run. With it, the order of the fp32 adds into a dQ row varies between runs (dq may
 differ in its last bits); dk and dv are still written by one program each. P is recomputed from the stored
 log-sum-exp; a row that saw no key (lse = -inf) is treated as lse = +inf, so its P, and its gradients, are
-exactly 0. ``_zero_tail`` writes the outputs of packed varlen tokens past ``cu_seqlens[-1]`` (out/grads 0,
+exactly 0. Dropout (``HAS_DROPOUT``, flash-attn 2's derivation): with Z the keep mask of the forward
+(regenerated from the same counters, ``dropout_keep``) and r = 1 / (1 - p), dV = (P o Z r)^T dO and
+dS = P o (Z r o dP - delta), where dP = dO V^T and delta = rowsum(dO o O) with O the dropped output (equal to
+rowsum(P o Z r o dP)). ``_zero_tail`` writes the outputs of packed varlen tokens past ``cu_seqlens[-1]`` (out/grads 0,
 lse -inf).
 """
 from __future__ import annotations
@@ -23,8 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._device import K_LOG2E, tanh
-from .attention_fwd import _key_range, _load, _round_to, _scores, _seq_info, _visible
+from ._device import K_LOG2E, dropout_keep, tanh
+from .attention_fwd import _key_range, _load, _round_to, _scores, _seq_info, _visible, dropout_state
 
 
 @triton.jit
@@ -78,12 +81,12 @@ def _query_range(n0, n_last, seqlen_q, off, win_left, win_right, BLOCK_M: tl.con
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, DQ_head, cols, offs_m, offs_d, lo, hi,
+def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, DQ_head, n0, cols, offs_m, offs_d, lo, hi,
                 seqlen_q, off, qk_scale, softcap2, slope2, win_left, win_right,
-                stride_qm, stride_dom, stride_lm, stride_dqm,
+                stride_qm, stride_dom, stride_lm, stride_dqm, seed, offset, bh, drop_thr, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr):
+                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles lo, lo+BLOCK_M, ... < hi of one query head;
     ATOMIC_DQ: also add each tile's (dS K)^T = K^T dS^T into the fp32 dQ accumulator.
 
@@ -112,7 +115,11 @@ def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, DQ_head, cols, of
         lse = tl.load(L_head + rows * stride_lm, mask=row_ok, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * K_LOG2E   # empty / padded rows: P = 0
         delta = tl.load(D_head + rows * stride_lm, mask=row_ok, other=0.0)
-        dpt = tl.dot(v, tl.trans(do), tl.broadcast_to(-delta[None, :], (BLOCK_N, BLOCK_M)))  # dP^T - delta
+        if HAS_DROPOUT:          # keep mask Z^T [BLOCK_N, BLOCK_M]; dP^T o Z r - delta
+            keep = tl.trans(dropout_keep(seed, offset, bh, rows, n0, drop_thr, BLOCK_M, BLOCK_N))
+            dpt = tl.where(keep, tl.dot(v, tl.trans(do)) * drop_scale, 0.0) - delta[None, :]
+        else:
+            dpt = tl.dot(v, tl.trans(do), tl.broadcast_to(-delta[None, :], (BLOCK_N, BLOCK_M)))  # dP^T - delta
         rel = cols - off - m0    # key j, query m0 + i: i + off - j = offs_m - rel
         if HAS_SOFTCAP:
             init = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
@@ -133,7 +140,10 @@ def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, DQ_head, cols, of
         if HAS_ALIBI:
             st = st - slope2 * tl.abs((offs_m[None, :] - rel[:, None]).to(tl.float32))
         pt = tl.math.exp2(tl.minimum(st, 0.0))                              # P^T
-        pt16 = _round_to(pt, DO_head.dtype.element_ty, UPCAST)
+        if HAS_DROPOUT:
+            pt16 = _round_to(tl.where(keep, pt * drop_scale, 0.0), DO_head.dtype.element_ty, UPCAST)
+        else:
+            pt16 = _round_to(pt, DO_head.dtype.element_ty, UPCAST)
         if HAS_SOFTCAP:
             pt = pt * (1.0 - tt * tt)
         dst = _round_to(pt * dpt, Q_head.dtype.element_ty, UPCAST)          # dS^T
@@ -153,7 +163,7 @@ def _attn_bwd_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV,   # dk/dv laid out like k/v (own strides); delta like lse
     DQAcc,                             # ATOMIC_DQ: zeroed fp32 dQ accumulator, [B, Nq + BLOCK_M, Hq, BLOCK_D] or
                                        # [Tq + BLOCK_M, Hq, BLOCK_D] (varlen): padded so tiles add unmasked
-    Alibi, CuQ, CuK,
+    Alibi, CuQ, CuK, RngState,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -163,11 +173,12 @@ def _attn_bwd_dkdv(
     stride_dqab, stride_dqam, stride_dqah,
     stride_lb, stride_lh, stride_lm,
     stride_ab, stride_ah,
-    Nq, Nk, qk_scale, softcap2, sm_scale, win_left, win_right, tune_key,
+    Nq, Nk, qk_scale, softcap2, sm_scale, win_left, win_right, drop_thr, drop_scale, tune_key,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """One program = BLOCK_N keys of one (batch, KV head). Grid (cdiv(max Nk, BLOCK_N), Hkv, B).
     ATOMIC_DQ: the program also adds dS K of every tile pair it visits into DQAcc (unscaled). A tile's rows
@@ -196,8 +207,10 @@ def _attn_bwd_dkdv(
     n_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
     lo, hi = _query_range(n0, n_last, seqlen_q, off, win_left, win_right, BLOCK_M, MASK_LEFT, MASK_RIGHT)
     slope2 = 0.0
+    seed, offset = dropout_state(RngState, HAS_DROPOUT)
     for g in range(GROUP):  # the query heads sharing this KV head: GQA reduction stays in registers
         h64 = hk64 * GROUP + g
+        bh = b * (tl.num_programs(1) * GROUP) + hk * GROUP + g
         Q_head = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
         DO_head = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
         L_head = Lse + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
@@ -205,10 +218,11 @@ def _attn_bwd_dkdv(
         DQ_head = DQAcc + b64 * stride_dqab + h64 * stride_dqah + q_start * stride_dqam
         if HAS_ALIBI:
             slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah) * K_LOG2E
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, DQ_head, cols, offs_m, offs_d, lo, hi,
-                             seqlen_q, off, qk_scale, softcap2, slope2, win_left, win_right,
-                             stride_qm, stride_dom, stride_lm, stride_dqam, HEAD_DIM, BLOCK_M, BLOCK_N,
-                             MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, ATOMIC_DQ, UPCAST)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, DQ_head, n0, cols, offs_m, offs_d, lo,
+                             hi, seqlen_q, off, qk_scale, softcap2, slope2, win_left, win_right,
+                             stride_qm, stride_dom, stride_lm, stride_dqam, seed, offset, bh, drop_thr, drop_scale,
+                             HEAD_DIM, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                             ATOMIC_DQ, UPCAST)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + tok * stride_dkn
              + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -219,9 +233,10 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, K_head, V_head, rows, offs_n, offs_d, lo, hi,
               seqlen_k, off, qk_scale, softcap2, slope2, win_left, win_right, stride_kn, stride_vn,
-              MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr):
+              seed, offset, bh, drop_thr, drop_scale,
+              MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles lo, lo+BLOCK_N, ... < hi."""
     kt_offs = offs_n[None, :] * stride_kn + offs_d[:, None]      # K^T tile [BLOCK_D, BLOCK_N]
     vt_offs = offs_n[None, :] * stride_vn + offs_d[:, None]      # V^T tile [BLOCK_D, BLOCK_N]
@@ -239,6 +254,8 @@ def _dq_inner(dq, q, do, lse2, delta, K_head, V_head, rows, offs_n, offs_d, lo, 
         p = tl.math.exp2(s - lse2[:, None])
         vt = _load(V_tile + vt_offs, tmask, MASKED or not EVEN_D, UPCAST)
         dp = tl.dot(do, vt)
+        if HAS_DROPOUT:   # dP o Z r
+            dp = tl.where(dropout_keep(seed, offset, bh, rows, n0, drop_thr, BLOCK_M, BLOCK_N), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -251,7 +268,7 @@ def _dq_inner(dq, q, do, lse2, delta, K_head, V_head, rows, offs_n, offs_d, lo, 
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, Lse, Delta, DQ,       # dq laid out like q (own strides)
-    Alibi, CuQ, CuK,
+    Alibi, CuQ, CuK, RngState,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -259,11 +276,11 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqm, stride_dqh,
     stride_lb, stride_lh, stride_lm,
     stride_ab, stride_ah,
-    Nq, Nk, qk_scale, softcap2, sm_scale, win_left, win_right, tune_key,
+    Nq, Nk, qk_scale, softcap2, sm_scale, win_left, win_right, drop_thr, drop_scale, tune_key,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One program = BLOCK_M queries of one (batch, query head). Grid (cdiv(max Nq, BLOCK_M), Hq, B).
     The last query tiles (the longest key loops under causal masking) are scheduled first."""
@@ -297,20 +314,25 @@ def _attn_bwd_dq(
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah) * K_LOG2E
+    seed, offset = dropout_state(RngState, HAS_DROPOUT)
+    bh = b * tl.num_programs(1) + h
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     m_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
     lo, full_lo, full_hi, hi = _key_range(m0, m_last, seqlen_k, off, win_left, win_right, BLOCK_N,
                                           MASK_LEFT, MASK_RIGHT)
     dq = _dq_inner(dq, q, do, lse2, delta, K_head, V_head, rows, offs_n, offs_d, lo, full_lo, seqlen_k, off,
-                   qk_scale, softcap2, slope2, win_left, win_right, stride_kn, stride_vn, True, EVEN_D, HEAD_DIM,
-                   BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+                   qk_scale, softcap2, slope2, win_left, win_right, stride_kn, stride_vn, seed, offset, bh, drop_thr,
+                   drop_scale, True, EVEN_D, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP,
+                   HAS_ALIBI, HAS_DROPOUT, UPCAST)
     dq = _dq_inner(dq, q, do, lse2, delta, K_head, V_head, rows, offs_n, offs_d, full_lo, full_hi, seqlen_k, off,
-                   qk_scale, softcap2, slope2, win_left, win_right, stride_kn, stride_vn, False, EVEN_D, HEAD_DIM,
-                   BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+                   qk_scale, softcap2, slope2, win_left, win_right, stride_kn, stride_vn, seed, offset, bh, drop_thr,
+                   drop_scale, False, EVEN_D, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP,
+                   HAS_ALIBI, HAS_DROPOUT, UPCAST)
     dq = _dq_inner(dq, q, do, lse2, delta, K_head, V_head, rows, offs_n, offs_d, full_hi, hi, seqlen_k, off,
-                   qk_scale, softcap2, slope2, win_left, win_right, stride_kn, stride_vn, True, EVEN_D, HEAD_DIM,
-                   BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+                   qk_scale, softcap2, slope2, win_left, win_right, stride_kn, stride_vn, seed, offset, bh, drop_thr,
+                   drop_scale, True, EVEN_D, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP,
+                   HAS_ALIBI, HAS_DROPOUT, UPCAST)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + tok * stride_dqm
              + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)

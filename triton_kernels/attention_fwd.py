@@ -13,6 +13,9 @@ Notation used by every attention kernel here (forward in this file, backward in 
   transcendental in the inner loop; the stored log-sum-exp is in natural log.
 * Loops over the other sequence are split in three: tiles crossing the band edges are masked, tiles
   fully inside the band run without any mask, tiles fully outside are never visited.
+* Dropout (``HAS_DROPOUT``): P is multiplied by the keep mask of ``dropout_keep`` (_device.py; seed and offset
+  read from ``RngState``, int64 [2] in device memory) before P @ V, and the output by ``drop_scale`` =
+  1 / (1 - p) at the end; the row sums, so the log-sum-exp, stay undropped. The backward regenerates the mask.
 * ``UPCAST`` (only under TRITON_INTERPRET=1, where bf16 arithmetic is broken): values are converted to
   fp32 right after each load, and products fed to ``tl.dot`` are rounded through the input dtype so the
   numerics match the compiled kernel.
@@ -22,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._device import K_LN2, K_LOG2E, tanh
+from ._device import K_LN2, K_LOG2E, dropout_keep, tanh
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +74,18 @@ def _seq_info(CuQ, CuK, b, Nq, Nk, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.con
     else:
         off = seqlen_k * 0
     return q_start, seqlen_q, k_start, seqlen_k, off
+
+
+@triton.jit
+def dropout_state(RngState, HAS_DROPOUT: tl.constexpr):
+    """(seed, offset) of the dropout mask, read from device memory (0, 0 without dropout)."""
+    if HAS_DROPOUT:
+        seed = tl.load(RngState)
+        offset = tl.load(RngState + 1)
+    else:
+        seed = tl.zeros((), tl.int64)
+        offset = tl.zeros((), tl.int64)
+    return seed, offset
 
 
 @triton.jit
@@ -137,9 +152,10 @@ def _key_range(m0, m_last, seqlen_k, off, win_left, win_right, BLOCK_N: tl.const
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_head, V_head, rows, offs_n, offs_d, lo, hi,
                seqlen_k, off, qk_scale, softcap2, slope2, win_left, win_right, stride_kn, stride_vn,
-               MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr):
+               seed, offset, bh, drop_thr,
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax over key tiles lo, lo+BLOCK_N, ... < hi (MASKED: tiles crossing a band edge)."""
     # Scalar 64-bit tile pointers advance tile by tile (a long sequence can exceed 2^31 elements);
     # in-tile offsets are loop-invariant int32 (fewer registers than tensors of pointers).
@@ -167,6 +183,8 @@ def _fwd_inner(acc, l_i, m_i, q, K_head, V_head, rows, offs_n, offs_d, lo, hi,
         vmask = (cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
         v = _load(V_tile + v_offs, vmask, MASKED or not EVEN_D, UPCAST)
         acc = acc * alpha[:, None]
+        if HAS_DROPOUT:   # the row sum l_i above is the undropped one
+            p = tl.where(dropout_keep(seed, offset, bh, rows, n0, drop_thr, BLOCK_M, BLOCK_N), p, 0.0)
         acc = tl.dot(_round_to(p, V_head.dtype.element_ty, UPCAST), v, acc)
         m_i = m_new
         K_tile += BLOCK_N * stride_kn
@@ -178,6 +196,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_head, V_head, rows, offs_n, offs_d, lo, hi,
 def _attn_fwd(
     Q, K, V, Out, Lse,                 # q [B, Nq, Hq, D] / [Tq, Hq, D]; out like q; lse [B, Hq, Nq] / [Hq, Tq] fp32
     Alibi, CuQ, CuK,                   # fp32 slopes [Hq] or [B, Hq] (HAS_ALIBI); int32 [B+1] (IS_VARLEN)
+    RngState,                          # int64 [2] dropout (seed, offset) (HAS_DROPOUT)
     stride_qb, stride_qm, stride_qh,   # element strides; *_b is 0 for varlen (token offsets come from cu_seqlens)
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -187,11 +206,12 @@ def _attn_fwd(
     Nq, Nk,                            # dense sequence lengths (ignored when IS_VARLEN)
     qk_scale, softcap2,                # see _scores
     win_left, win_right,               # window (causal folded in: right = 0); used when MASK_LEFT/RIGHT
+    drop_thr, drop_scale,              # dropout: 16-bit threshold, 1 / (1 - p) (HAS_DROPOUT)
     tune_key,                          # log2 length bucket: only an autotune key
     GROUP: tl.constexpr,               # Hq // Hkv
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One program = BLOCK_M query rows of one (batch, query head). Grid (cdiv(max Nq, BLOCK_M), Hq, B).
     The last query tiles (the longest key loops under causal masking) are scheduled first."""
@@ -222,6 +242,8 @@ def _attn_fwd(
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah) * K_LOG2E
+    seed, offset = dropout_state(RngState, HAS_DROPOUT)
+    bh = b * tl.num_programs(1) + h
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -231,21 +253,23 @@ def _attn_fwd(
                                           MASK_LEFT, MASK_RIGHT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_head, V_head, rows, offs_n, offs_d, lo, full_lo,
                                seqlen_k, off, qk_scale, softcap2, slope2, win_left, win_right, stride_kn,
-                               stride_vn, True, EVEN_D, HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT,
-                               HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+                               stride_vn, seed, offset, bh, drop_thr, True, EVEN_D, HEAD_DIM, BLOCK_M, BLOCK_N,
+                               MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_head, V_head, rows, offs_n, offs_d, full_lo, full_hi,
                                seqlen_k, off, qk_scale, softcap2, slope2, win_left, win_right, stride_kn,
-                               stride_vn, False, EVEN_D, HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT,
-                               HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+                               stride_vn, seed, offset, bh, drop_thr, False, EVEN_D, HEAD_DIM, BLOCK_M, BLOCK_N,
+                               MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_head, V_head, rows, offs_n, offs_d, full_hi, hi,
                                seqlen_k, off, qk_scale, softcap2, slope2, win_left, win_right, stride_kn,
-                               stride_vn, True, EVEN_D, HEAD_DIM, BLOCK_N, MASK_LEFT, MASK_RIGHT,
-                               HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+                               stride_vn, seed, offset, bh, drop_thr, True, EVEN_D, HEAD_DIM, BLOCK_M, BLOCK_N,
+                               MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
 
     # Normalise once. A row that saw no key has l = 0: out 0, lse -inf (never NaN).
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * drop_scale
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * K_LN2)
     tl.store(O_blk + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty), mask=io_mask)
     tl.store(L_blk + offs_m * stride_lm, lse, mask=row_ok)

@@ -26,8 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._device import K_LN2, K_LOG2E
-from .attention_fwd import _key_range, _round_to, _scores, _seq_info, _visible
+from ._device import K_LN2, K_LOG2E, dropout_keep
+from .attention_fwd import _key_range, _round_to, _scores, _seq_info, _visible, dropout_state
 
 
 @triton.jit
@@ -41,9 +41,9 @@ def _tile(desc, row, UPCAST: tl.constexpr):
 
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, k_desc, v_desc, n0, rows, offs_n, seqlen_k, off, qk_scale, softcap2, slope2,
-              win_left, win_right, DTYPE: tl.constexpr, MASKED: tl.constexpr, MASK_LEFT: tl.constexpr,
-              MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              UPCAST: tl.constexpr):
+              win_left, win_right, seed, offset, bh, drop_thr, DTYPE: tl.constexpr, MASKED: tl.constexpr,
+              MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
     """One key tile of the online softmax (MASKED: a tile crossing a band edge or the sequence end)."""
     cols = n0 + offs_n
     k = _tile(k_desc, n0, UPCAST)
@@ -62,34 +62,36 @@ def _fwd_step(acc, l_i, m_i, q, k_desc, v_desc, n0, rows, offs_n, seqlen_k, off,
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _tile(v_desc, n0, UPCAST)
     acc = acc * alpha[:, None]
+    if HAS_DROPOUT:   # the row sum l_i above is the undropped one
+        p = tl.where(dropout_keep(seed, offset, bh, rows, n0, drop_thr, p.shape[0], p.shape[1]), p, 0.0)
     acc = tl.dot(_round_to(p, DTYPE, UPCAST), v, acc)
     return acc, l_i, m_new
 
 
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, rows, offs_n, seqlen_k, off, qk_scale, softcap2, slope2,
-              win_left, win_right, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, WARP_SPEC: tl.constexpr):
+              win_left, win_right, seed, offset, bh, drop_thr, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, WARP_SPEC: tl.constexpr):
     """Key tiles lo, lo+BLOCK_N, ... < hi. The warp-specialized loop is spelled only when WARP_SPEC, so a Triton
     whose tl.range lacks the argument still compiles the other variant."""
     if WARP_SPEC:
         for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_desc, v_desc, n0, rows, offs_n, seqlen_k, off, qk_scale,
-                                      softcap2, slope2, win_left, win_right, DTYPE, MASKED, MASK_LEFT, MASK_RIGHT,
-                                      HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+                                      softcap2, slope2, win_left, win_right, seed, offset, bh, drop_thr, DTYPE,
+                                      MASKED, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
     else:
         for n0 in tl.range(lo, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_desc, v_desc, n0, rows, offs_n, seqlen_k, off, qk_scale,
-                                      softcap2, slope2, win_left, win_right, DTYPE, MASKED, MASK_LEFT, MASK_RIGHT,
-                                      HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+                                      softcap2, slope2, win_left, win_right, seed, offset, bh, drop_thr, DTYPE,
+                                      MASKED, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _attn_fwd_tma(
     Q, K, V, Out, Lse,                 # as _attn_fwd (attention_fwd.py): same arguments, same layouts
-    Alibi, CuQ, CuK,
+    Alibi, CuQ, CuK, RngState,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -99,11 +101,12 @@ def _attn_fwd_tma(
     Nq, Nk,
     qk_scale, softcap2,
     win_left, win_right,
+    drop_thr, drop_scale,
     tune_key,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     WARP_SPEC: tl.constexpr,           # warp-specialized key loops (producer: TMA; consumers: wgmma + softmax)
 ):
     """One program = BLOCK_M query rows of one (batch, query head); grid and schedule as _attn_fwd."""
@@ -144,6 +147,8 @@ def _attn_fwd_tma(
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah) * K_LOG2E
+    seed, offset = dropout_state(RngState, HAS_DROPOUT)
+    bh = b * tl.num_programs(1) + h
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -156,25 +161,27 @@ def _attn_fwd_tma(
         # One key loop, every tile masked: the warp-specialization pass partitions a single loop whose results
         # feed only the epilogue (a chain of loops fails to compile).
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, rows, offs_n, seqlen_k, off,
-                                  qk_scale, softcap2, slope2, win_left, win_right, DTYPE, BLOCK_N, True,
-                                  MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, True)
+                                  qk_scale, softcap2, slope2, win_left, win_right, seed, offset, bh, drop_thr, DTYPE,
+                                  BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, True)
     else:
         full_lo = tl.minimum(full_lo, hi)
         full_hi = tl.minimum(full_hi, hi)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_desc, v_desc, lo, full_lo, rows, offs_n, seqlen_k, off,
-                                  qk_scale, softcap2, slope2, win_left, win_right, DTYPE, BLOCK_N, True,
-                                  MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, False)
+                                  qk_scale, softcap2, slope2, win_left, win_right, seed, offset, bh, drop_thr, DTYPE,
+                                  BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, False)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_desc, v_desc, full_lo, full_hi, rows, offs_n, seqlen_k,
-                                  off, qk_scale, softcap2, slope2, win_left, win_right, DTYPE, BLOCK_N, False,
-                                  MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, False)
+                                  off, qk_scale, softcap2, slope2, win_left, win_right, seed, offset, bh, drop_thr, DTYPE,
+                                  BLOCK_N, False, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, False)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, k_desc, v_desc, full_hi, hi, rows, offs_n, seqlen_k, off,
-                                  qk_scale, softcap2, slope2, win_left, win_right, DTYPE, BLOCK_N, True,
-                                  MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, False)
+                                  qk_scale, softcap2, slope2, win_left, win_right, seed, offset, bh, drop_thr, DTYPE,
+                                  BLOCK_N, True, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST, False)
 
     # Normalise once. A row that saw no key has l = 0: out 0, lse -inf (never NaN).
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * drop_scale
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * K_LN2)
     o_desc.store([tl.where(active, m0, n_q), 0], out.to(Out.dtype.element_ty))
     tl.store(L_blk + offs_m * stride_lm, lse, mask=rows < seqlen_q)

@@ -72,7 +72,10 @@ def supports(call):
     zero-padded to a multiple of 8 and runs with the smallest compiled head dim that holds it
     (TILEFORMER_CUDA_HEADDIMS at build time; default 64, 128 and 256, so any head dim up to 256); on a GPU,
     compute capability >= 8.0 (mma.sync bf16, cp.async, ldmatrix). Every other feature (GQA/MQA, causal either
-    alignment, windows, ALiBi, softcap, lse, varlen, strided inputs, either backward) is served."""
+    alignment, windows, ALiBi, softcap, lse, varlen, strided inputs, either backward) is served, except attention
+    dropout: the kernels have no Philox mask, so dropout_p > 0 is declined (auto then picks Triton)."""
+    if call.get("dropout", 0.0) > 0:
+        return "dropout_p > 0: the CUDA attention kernels have no dropout yet (the Triton kernels do)"
     if call["dtype"] not in _checks.HALF_DTYPES:
         return f"the CUDA kernel takes fp16/bf16 inputs, got {call['dtype']}"
     if call["device"].type == "cuda" and torch.cuda.get_device_capability(call["device"]) < (8, 0):

@@ -2,7 +2,8 @@
 backend's entry functions. Kernels and launchers: triton_kernels/attention.py; the op schemas, fakes and
 autograd: the shared contract, transformer/ops/attention.py. Both ops end in `deterministic` (the contract's
 deterministic_arg): False (the default) accumulates dQ with atomic adds, True runs the bit-reproducible
-two-kernel backward; attn_fwd only carries it to the backward."""
+two-kernel backward; attn_fwd only carries it to the backward. Both then end in `dropout_p, rng_state` (the
+contract's dropout_arg): attention dropout with the counter-based mask of rng_state, regenerated in the backward."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -21,9 +22,10 @@ __all__ = ["flash_attention", "flash_attention_varlen", "padded_attention", "sup
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
              cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
              max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int, softcap: float,
-             bottom_right: bool, deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+             bottom_right: bool, deterministic: bool = False, dropout_p: float = 0.0,
+             rng_state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     return kernels.forward(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           softmax_scale, window_left, window_right, softcap, bottom_right)
+                           softmax_scale, window_left, window_right, softcap, bottom_right, dropout_p, rng_state)
 
 
 @torch.library.custom_op("tileformer_triton::attn_bwd", mutates_args=())
@@ -31,18 +33,20 @@ def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              lse: torch.Tensor, dlse: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
              cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
              max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int, softcap: float,
-             bottom_right: bool, deterministic: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             bottom_right: bool, deterministic: bool = False, dropout_p: float = 0.0,
+             rng_state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return kernels.backward(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                             max_seqlen_k, softmax_scale, window_left, window_right, softcap, bottom_right,
-                            deterministic=deterministic)
+                            deterministic=deterministic, dropout_p=dropout_p, rng_state=rng_state)
 
 
-contract.register("tileformer_triton", deterministic_arg=True)
+contract.register("tileformer_triton", deterministic_arg=True, dropout_arg=True)
 
 
 def supports(call):
     """Limits of the Triton kernels beyond what the public describe checks (head dim 1..256, Hq % Hkv == 0,
-    contiguous last dim): fp16/bf16 only; on a GPU, compute capability >= 8.0 (bf16, tuned configs)."""
+    contiguous last dim): fp16/bf16 only; on a GPU, compute capability >= 8.0 (bf16, tuned configs). Attention
+    dropout is served (the counter-based mask in every kernel)."""
     if call["dtype"] not in _checks.HALF_DTYPES:
         return f"the Triton kernel takes fp16/bf16 inputs, got {call['dtype']}"
     if call["device"].type == "cuda" and torch.cuda.get_device_capability(call["device"]) < (8, 0):
@@ -67,13 +71,14 @@ def _check(q, k, v):
 
 def flash_attention(q, k, v, **kw):
     _check(q, k, v)
-    return contract.flash_attention(torch.ops.tileformer_triton.attn_fwd, q, k, v, deterministic_arg=True, **kw)
+    return contract.flash_attention(torch.ops.tileformer_triton.attn_fwd, q, k, v, deterministic_arg=True,
+                                    dropout_arg=True, **kw)
 
 
 def flash_attention_varlen(q, k, v, *args, **kw):
     _check(q, k, v)
     return contract.flash_attention_varlen(torch.ops.tileformer_triton.attn_fwd, q, k, v, *args,
-                                           deterministic_arg=True, **kw)
+                                           deterministic_arg=True, dropout_arg=True, **kw)
 
 
 def padded_attention(q, k, v, key_start, key_end, **kw):

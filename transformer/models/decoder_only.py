@@ -45,7 +45,8 @@ class DecoderOnlyConfig(ModelConfig):
     max_seq_len: int = 4096                 # size of the learned position table (and a bound for generation)
     sliding_window: Optional[int] = None    # W: each token sees itself and the W - 1 previous ones
     tie_embeddings: bool = False
-    dropout: float = 0.0
+    dropout: float = 0.0                    # on embeddings and sub-layer outputs
+    attn_dropout: float = 0.0               # on the attention probabilities (fused into the kernels)
     bias: bool = False
 
     PRESETS = {
@@ -53,7 +54,8 @@ class DecoderOnlyConfig(ModelConfig):
         "small": dict(vocab_size=256, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=512,
                       tie_embeddings=True),
         "gpt2": dict(vocab_size=50257, dim=768, n_layers=12, n_heads=12, mlp="gelu", norm="layer",
-                     positions="learned", max_seq_len=1024, tie_embeddings=True, bias=True, dropout=0.1),
+                     positions="learned", max_seq_len=1024, tie_embeddings=True, bias=True, dropout=0.1,
+                     attn_dropout=0.1),
         "llama-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=4096),
         "mistral-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
                            sliding_window=4096, max_seq_len=32768, rope_theta=1e6),
@@ -107,7 +109,8 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, causal=True,
                               rope_theta=cfg.rope_theta if cfg.positions == "rope" else None,
-                              alibi=cfg.positions == "alibi", window_size=window, bias=cfg.bias, backend=backend)
+                              alibi=cfg.positions == "alibi", window_size=window, bias=cfg.bias,
+                              dropout=cfg.attn_dropout, backend=backend)
         self.mlp_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.hidden_dim, cfg.mlp, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
@@ -272,6 +275,9 @@ class _ContextParallelAttention:
         from ..distributed import context_parallel_attention
         if x.dim() != 3 or x.shape[-1] != attn.dim:
             raise ValueError(f"x must have shape [B, N / P, dim={attn.dim}], got {tuple(x.shape)}")
+        if attn._dropout_p() > 0:
+            raise NotImplementedError("attention dropout (attn_dropout > 0 in training mode) with context "
+                                      "parallelism: context_parallel_attention has no dropout")
         q, k, v = attn._qkv(x)
         q, k = attn._rotate(q, k, self.positions)
         out = context_parallel_attention(q, k, v, self.group, scheme=self.scheme, causal=attn.causal,

@@ -36,6 +36,7 @@ class EncoderDecoderConfig(ModelConfig):
     n_heads: int = 8                   # h
     hidden_dim: int = 2048             # d_ff
     dropout: float = 0.1               # P_drop
+    attn_dropout: float = 0.0          # on the attention probabilities (the paper has none; fused into the kernels)
     pre_norm: bool = False
     norm_eps: float = 1e-5
     pad_token_id: int = 0
@@ -71,8 +72,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg, backend):
         super().__init__()
         self.pre_norm = cfg.pre_norm
-        self.self_attn = Attention(cfg.dim, cfg.n_heads, causal=True, rope_theta=None, bias=True, backend=backend)
-        self.cross_attn = CrossAttention(cfg.dim, cfg.n_heads, bias=True, backend=backend)
+        self.self_attn = Attention(cfg.dim, cfg.n_heads, causal=True, rope_theta=None, bias=True,
+                                   dropout=cfg.attn_dropout, backend=backend)
+        self.cross_attn = CrossAttention(cfg.dim, cfg.n_heads, bias=True, dropout=cfg.attn_dropout, backend=backend)
         self.mlp = MLP(cfg.dim, cfg.hidden_dim, "relu", bias=True)
         self.norm1 = make_norm("layer", cfg.dim, cfg.norm_eps)
         self.norm2 = make_norm("layer", cfg.dim, cfg.norm_eps)
@@ -109,7 +111,8 @@ class EncoderDecoder(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(
             EncoderLayer(config.dim, config.n_heads, config.hidden_dim, "relu", norm_eps=config.norm_eps,
-                         dropout=config.dropout, pre_norm=config.pre_norm, backend=backend)
+                         dropout=config.dropout, pre_norm=config.pre_norm, attn_dropout=config.attn_dropout,
+                         backend=backend)
             for _ in range(config.n_layers))
         self.decoder = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.n_layers))
         if config.pre_norm:

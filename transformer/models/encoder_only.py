@@ -29,6 +29,7 @@ class EncoderOnlyConfig(ModelConfig):
     hidden_dim: int = 3072
     max_seq_len: int = 512
     dropout: float = 0.1
+    attn_dropout: float = 0.1          # BERT's attention_probs_dropout_prob (fused into the kernels)
     norm_eps: float = 1e-12
     pre_norm: bool = False
     pad_token_id: int = 0
@@ -36,7 +37,8 @@ class EncoderOnlyConfig(ModelConfig):
     PRESETS = {
         "bert-base": dict(),
         "bert-large": dict(dim=1024, n_layers=24, n_heads=16, hidden_dim=4096),
-        "tiny": dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=128, dropout=0.0),
+        "tiny": dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=128, dropout=0.0,
+                     attn_dropout=0.0),
     }
 
     def __post_init__(self):
@@ -72,7 +74,8 @@ class EncoderOnly(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(
             EncoderLayer(d, config.n_heads, config.hidden_dim, "gelu", norm_eps=config.norm_eps,
-                         dropout=config.dropout, pre_norm=config.pre_norm, backend=backend)
+                         dropout=config.dropout, pre_norm=config.pre_norm, attn_dropout=config.attn_dropout,
+                         backend=backend)
             for _ in range(config.n_layers))
         self.final_norm = make_norm("layer", d, config.norm_eps) if config.pre_norm else None
         self.mlm_dense = nn.Linear(d, d)

@@ -35,8 +35,10 @@ class ModelConfig:
                 raise ValueError(f"{f} must be an int >= 1, got {v!r}")
 
     def _check_dropout(self):
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
 def check_token_ids(name, ids, vocab_size):
@@ -108,12 +110,15 @@ class EncoderLayer(nn.Module):
     """Bidirectional self-attention then a position-wise MLP, each with dropout and a residual around it:
     post-norm, LN(x + Sublayer(x)), as in the Transformer and BERT papers, or pre-norm (x + Sublayer(LN(x))).
 
-    forward(x [B, N, dim], key_lengths=None): key_lengths [B] marks right padding (keys >= length are hidden)."""
+    forward(x [B, N, dim], key_lengths=None): key_lengths [B] marks right padding (keys >= length are hidden).
+    attn_dropout: dropout on the attention probabilities (training mode, fused into the kernels)."""
 
-    def __init__(self, dim, n_heads, hidden_dim, activation, *, norm_eps, dropout, pre_norm, backend="auto"):
+    def __init__(self, dim, n_heads, hidden_dim, activation, *, norm_eps, dropout, pre_norm, attn_dropout=0.0,
+                 backend="auto"):
         super().__init__()
         self.pre_norm = pre_norm
-        self.attn = Attention(dim, n_heads, causal=False, rope_theta=None, bias=True, backend=backend)
+        self.attn = Attention(dim, n_heads, causal=False, rope_theta=None, bias=True, dropout=attn_dropout,
+                              backend=backend)
         self.mlp = MLP(dim, hidden_dim, activation, bias=True)
         self.norm1 = make_norm("layer", dim, norm_eps)
         self.norm2 = make_norm("layer", dim, norm_eps)

@@ -70,6 +70,8 @@ class Attention(nn.Module):
         rope_theta: RoPE base, or None for no rotary embedding. alibi: add ALiBi biases (use without RoPE).
         window_size: flash-attn style (left, right) sliding window; Mistral's window W is (W - 1, 0).
         softcap: tanh soft-capping of the scores (0 = off). bias: biases on the projections.
+        dropout: attention dropout probability, applied to the attention probabilities in training mode only
+            (fused into the kernels, as flash-attn's modules; decode steps never drop).
         backend: backend for every attention call ("auto" lets the dispatcher choose).
 
     forward(x, ...) takes one of:
@@ -83,10 +85,12 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim, n_heads, n_kv_heads=None, head_dim=None, *, causal=True, rope_theta=10000.0,
-                 alibi=False, window_size=(-1, -1), softcap=0.0, bias=False, backend="auto", device=None, dtype=None):
+                 alibi=False, window_size=(-1, -1), softcap=0.0, bias=False, dropout=0.0, backend="auto", device=None,
+                 dtype=None):
         super().__init__()
         _int_arg("dim", dim)
         _int_arg("n_heads", n_heads)
+        self.dropout = _checks.check_dropout(dropout, name="dropout")
         n_kv_heads = n_heads if n_kv_heads is None else _int_arg("n_kv_heads", n_kv_heads)
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
@@ -126,6 +130,10 @@ class Attention(nn.Module):
         return dict(softmax_scale=None, window_size=self.window_size, alibi_slopes=self.alibi_slopes,
                     softcap=self.softcap, backend=self.backend)
 
+    def _dropout_p(self):
+        """The attention dropout of a training-mode call (0 in eval mode)."""
+        return self.dropout if self.training else 0.0
+
     def forward(self, x, *, key_lengths=None, cu_seqlens=None, max_seqlen=None, cache=None, layer=0):
         if cu_seqlens is not None:
             return self._forward_packed(x, cu_seqlens, max_seqlen, cache, layer)
@@ -142,9 +150,9 @@ class Attention(nn.Module):
             check_lengths("key_lengths", key_lengths, b, n, x)
             start = torch.zeros_like(key_lengths)
             out = padded_attention(q, k, v, start, key_lengths, causal=self.causal, causal_align="top_left",
-                                   validate=False, **self._kw())
+                                   validate=False, dropout_p=self._dropout_p(), **self._kw())
         else:
-            out = attention(q, k, v, causal=self.causal, **self._kw())
+            out = attention(q, k, v, causal=self.causal, dropout_p=self._dropout_p(), **self._kw())
         if cache is not None:
             bidx = torch.arange(b, device=x.device).repeat_interleave(n)
             cache.write(layer, k.flatten(0, 1), v.flatten(0, 1), bidx, positions.repeat(b))
@@ -161,7 +169,7 @@ class Attention(nn.Module):
         slopes = self.alibi_slopes
         out = flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=self.causal,
                                      softmax_scale=None, window_size=self.window_size, alibi_slopes=slopes,
-                                     softcap=self.softcap, backend=self.backend)
+                                     softcap=self.softcap, dropout_p=self._dropout_p(), backend=self.backend)
         if cache is not None:
             cache.write(layer, k, v, seq, pos)
         return self.wo(out.flatten(-2))
@@ -184,6 +192,7 @@ class Attention(nn.Module):
 
     def extra_repr(self):
         extra = f", window_size={self.window_size}" if self.window_size != (-1, -1) else ""
+        extra += f", dropout={self.dropout}" if self.dropout else ""
         return (f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
                 f"causal={self.causal}, alibi={self.alibi_slopes is not None}{extra}")
 
@@ -193,13 +202,15 @@ class CrossAttention(nn.Module):
 
     ``memory_lengths`` [B] marks right padding of the memory. ``forward(x, kv=self.memory_kv(memory))`` reuses
     projected keys/values across decode steps; a step with N <= 16 queries runs through ``decode_attention``
-    (the encoder states act as a contiguous, non-causal KV cache of length memory_lengths).
+    (the encoder states act as a contiguous, non-causal KV cache of length memory_lengths). ``dropout``:
+    attention dropout in training mode (as `Attention`).
     """
 
-    def __init__(self, dim, n_heads, *, bias=True, backend="auto", device=None, dtype=None):
+    def __init__(self, dim, n_heads, *, bias=True, dropout=0.0, backend="auto", device=None, dtype=None):
         super().__init__()
         _int_arg("dim", dim)
         _int_arg("n_heads", n_heads)
+        self.dropout = _checks.check_dropout(dropout, name="dropout")
         if dim % n_heads:
             raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
         self.dim, self.n_heads, self.head_dim, self.backend = dim, n_heads, dim // n_heads, backend
@@ -218,16 +229,17 @@ class CrossAttention(nn.Module):
         k, v = kv if kv is not None else self.memory_kv(memory)
         q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
         b, n = q.shape[:2]
+        p = self.dropout if self.training else 0.0
         if memory_lengths is None:
-            out = attention(q, k, v, backend=self.backend)
-        elif n <= 16 and not torch.is_grad_enabled():
+            out = attention(q, k, v, dropout_p=p, backend=self.backend)
+        elif n <= 16 and not torch.is_grad_enabled() and p == 0:
             check_lengths("memory_lengths", memory_lengths, b, k.shape[1], x)
             out = decode_attention(q, k, v, memory_lengths.to(torch.int32), causal=False, validate=False,
                                    backend=self.backend)
         else:
             check_lengths("memory_lengths", memory_lengths, b, k.shape[1], x)
             out = padded_attention(q, k, v, torch.zeros_like(memory_lengths), memory_lengths, validate=False,
-                                   backend=self.backend)
+                                   dropout_p=p, backend=self.backend)
         return self.wo(out.flatten(-2))
 
 
@@ -248,11 +260,11 @@ class MultiheadAttention(nn.Module):
     """Drop-in for ``torch.nn.MultiheadAttention``: same constructor, forward, parameter names and
     ``state_dict`` keys, so ``load_state_dict`` from a torch module works and outputs match torch's.
 
-    The kernel path serves ``need_weights=False`` calls (in eval mode, or with dropout=0) whose masks are
-    recognised: no mask, a causal ``attn_mask`` (or the ``is_causal`` hint) and/or a ``key_padding_mask``
-    whose kept keys form one run per batch element (with causal: right padding). Everything else --
-    ``need_weights=True`` (torch's default; weights are computed by torch), attention dropout in training,
-    other masks, unbatched inputs, ``torch.compile`` tracing with masks -- runs torch's own
+    The kernel path serves ``need_weights=False`` calls whose masks are recognised: no mask, a causal
+    ``attn_mask`` (or the ``is_causal`` hint) and/or a ``key_padding_mask`` whose kept keys form one run per
+    batch element (with causal: right padding). In training mode it applies attention dropout (``dropout``)
+    in the kernels (their counter-based mask, so not torch's random stream). Everything else --
+    ``need_weights=True`` (torch's default; weights are computed by torch), other masks, unbatched inputs, ``torch.compile`` tracing with masks -- runs torch's own
     ``nn.MultiheadAttention.forward`` on these parameters, so the result is torch's.
     """
 
@@ -265,8 +277,7 @@ class MultiheadAttention(nn.Module):
         _int_arg("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        dropout = _checks.check_dropout(dropout, name="dropout")
         fk = dict(device=device, dtype=dtype)
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
@@ -376,7 +387,7 @@ class MultiheadAttention(nn.Module):
                 average_attn_weights=True, is_causal=False):
         self._check_key_padding_mask(query, key, key_padding_mask)
         args = (query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
-        if (need_weights or (self.training and self.dropout > 0) or query.dim() != 3 or key.dim() != 3
+        if (need_weights or query.dim() != 3 or key.dim() != 3
                 or value.dim() != 3 or self.bias_k is not None or self.add_zero_attn or query.shape[-1] != self.embed_dim):
             return self._torch_forward(*args)
         if is_causal and attn_mask is None:
@@ -392,11 +403,12 @@ class MultiheadAttention(nn.Module):
         if plan is None:
             return self._torch_forward(*args)
         q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)) for t in self._projections(q_in, k_in, v_in))
+        p = self.dropout if self.training else 0.0
         if plan[0] == "padded":
             out = padded_attention(q, k, v, plan[1], plan[2], causal=plan[3], causal_align="top_left",
-                                   backend=self.backend)
+                                   dropout_p=p, backend=self.backend)
         else:
-            out = attention(q, k, v, causal=plan[1], causal_align="top_left", backend=self.backend)
+            out = attention(q, k, v, causal=plan[1], causal_align="top_left", dropout_p=p, backend=self.backend)
         if not self.batch_first:
             out = out.transpose(0, 1)             # [L, B, H, D]: out_proj then writes torch's contiguous [L, B, E]
         return self.out_proj(out.flatten(-2)), None
