@@ -367,6 +367,9 @@ def test_static_no_spills(attn_report):
     for kind in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "attn_bwd_dkdvdq_kernel"):
         for arch in (80, 90):
             assert any(kind in s.name and s.arch == arch for s in attn_report), f"{kind} sm_{arch} missing: {names}"
+            # the DROPOUT instantiation (the last template argument) is checked too
+            assert any(kind in s.name and s.arch == arch and s.name.split("(")[0].endswith(", true>")
+                       for s in attn_report), f"{kind} sm_{arch} with dropout missing: {names}"
     bad = [f"{s.name} sm_{s.arch}: {s.registers} regs, spills {s.spill_stores}/{s.spill_loads} B, local "
            f"{s.local_bytes} B" for s in attn_report if s.spills or s.local_bytes]
     assert not bad, "attention kernels with spills or local memory:\n" + "\n".join(bad)
@@ -377,7 +380,8 @@ def test_static_tensor_cores(attn_report):
     mma_kernels = [s for s in attn_report if s.arch == 80 and any(
         k in s.name for k in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel",
                               "attn_bwd_dkdvdq_kernel"))]
-    assert len(mma_kernels) >= 24, [s.name for s in mma_kernels]   # 4 kernels x 2 dtypes x (64, 128, 256)
+    # 4 kernels x 2 dtypes x (64, 128, 256) x (without, with dropout)
+    assert len(mma_kernels) >= 48, [s.name for s in mma_kernels]
     for s in mma_kernels:
         assert s.instructions.get("HMMA", 0) > 0, f"{s.name}: no HMMA in the sm_80 SASS ({s.instructions})"
         assert s.instructions.get("LDSM", 0) > 0, f"{s.name}: no LDSM (ldmatrix) in the sm_80 SASS"

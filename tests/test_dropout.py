@@ -67,6 +67,8 @@ CASES = {   # b, nq, nk, hq, hkv, d, dtype, features
     "window": (1, 113, 57, 2, 1, 40, FP16, dict(window_size=(16, 8))),
     "q1": (2, 1, 113, 2, 2, 64, BF16, dict(causal=True)),
     "alibi-softcap-topleft": (1, 45, 70, 2, 2, 32, BF16, dict(causal=True, causal_align="top_left", softcap=3.0)),
+    "d200-gqa": (1, 37, 70, 4, 2, 200, BF16, dict(causal=True)),       # D 256 kernels (column-split dK/dV)
+    "d200-gqa-det": (1, 37, 70, 4, 2, 200, FP16, dict(window_size=(20, 3))),
 }
 
 
@@ -78,7 +80,7 @@ def test_matches_reference(backend, case, p):
     if case == "alibi-softcap-topleft":
         kw = dict(kw, alibi_slopes=helpers.alibi_slopes("h", b, hq))
     q, k, v = helpers.attn_inputs(b, nq, nk, hq, hkv, d, dtype, seed=len(case))
-    _check(backend, q, k, v, dropout_p=p, deterministic=case in ("window", "q1"), config=f"{case} p={p}", **kw)
+    _check(backend, q, k, v, dropout_p=p, deterministic=case in ("window", "q1", "d200-gqa-det"), config=f"{case} p={p}", **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -166,6 +168,32 @@ def test_kernel_mask_is_the_reference_mask_bit_for_bit(backend, p):
         out = transformer.flash_attention(q, k, v, dropout_p=p, rng_state=rng, deterministic=det, backend=backend)
         dv = torch.autograd.grad(out, v, dout)[0]              # dv[b, j, h, i] = P_dropped[b, h, i, j]
         assert torch.equal(dv.permute(0, 2, 3, 1) != 0, want)
+
+
+def test_cuda_and_triton_apply_the_same_mask():
+    """The same generator state gives the same mask in the CUDA and the Triton kernels: with uniform probabilities
+    the kept elements are the non-zeros of out (forward) and of dv (either backward), element for element; on
+    random inputs the two outputs agree within the tolerance rule (the reference with that mask as baseline)."""
+    for be in ("triton", "cuda"):
+        require_backend(be)
+    b, h, n = 2, 3, 64
+    q, k, v = _mask_case(b, h, n)
+    dout = torch.eye(n, dtype=FP16, device=DEVICE)[None, :, None, :].expand(b, n, h, n)
+    kept = {}
+    for be in ("triton", "cuda"):
+        outs = [transformer.flash_attention(q, k, v, dropout_p=0.3, deterministic=det, backend=be,
+                                            generator=torch.Generator(DEVICE).manual_seed(17)) for det in (False, True)]
+        kept[be] = [outs[0] != 0] + [torch.autograd.grad(o, v, dout)[0] != 0 for o in outs]
+    for a, c in zip(kept["triton"], kept["cuda"]):
+        assert torch.equal(a, c)
+    assert 0.5 < float(kept["cuda"][0].float().mean()) < 0.9   # a mask with both values in it
+    q, k, v = helpers.attn_inputs(2, 50, 61, 4, 2, 40, BF16, seed=12)
+    kw = dict(causal=True, dropout_p=0.3)
+    got = {be: transformer.flash_attention(q, k, v, generator=torch.Generator(DEVICE).manual_seed(3), backend=be,
+                                           **kw) for be in ("triton", "cuda")}
+    rng = dropout_rng_state(DEVICE, torch.Generator(DEVICE).manual_seed(3))   # what both calls drew
+    low = reference.attention(q, k, v, rng_state=rng, compute_dtype=None, **kw)
+    assert_close(got["cuda"], got["triton"].float(), low, name="cuda vs triton")
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -267,17 +295,23 @@ def test_zero_dropout_is_no_dropout(backend):
         assert torch.equal(x, y)
 
 
-def test_rows_that_see_nothing_stay_zero():
-    """A window that hides every key from some rows: those rows are 0 (lse -inf) with dropout too."""
-    require_backend("triton")
+@pytest.mark.parametrize("backend", KERNELS)
+def test_rows_that_see_nothing_stay_zero(backend):
+    """A window that hides every key from some rows: those rows are 0 (lse -inf) with dropout too, and so are
+    their gradients."""
+    require_backend(backend)
     q, k, v = helpers.attn_inputs(1, 20, 40, 2, 2, 16, FP16, seed=5)
     kw = dict(window_size=(0, 0), causal_align="top_left")
-    for backend in ("reference", "triton"):
-        out, lse = attention(q, k, v, dropout_p=0.5, rng_state=_rng(), return_lse=True, backend=backend, **kw)
+    for be in ("reference", backend):
+        out, lse = attention(q, k, v, dropout_p=0.5, rng_state=_rng(), return_lse=True, backend=be, **kw)
         assert torch.isfinite(out.float()).all()
     q2, k2, v2 = helpers.attn_inputs(1, 8, 3, 2, 2, 16, FP16, seed=5)
-    out, lse = attention(q2, k2, v2, causal=True, dropout_p=0.5, rng_state=_rng(), return_lse=True, backend="triton")
-    assert bool((out[:, :5] == 0).all()) and bool(torch.isinf(lse[..., :5]).all())
+    for det in (False, True):
+        out, lse = attention(q2, k2, v2, causal=True, dropout_p=0.5, rng_state=_rng(), return_lse=True,
+                             deterministic=det, backend=backend)
+        assert bool((out[:, :5] == 0).all()) and bool(torch.isinf(lse[..., :5]).all())
+        dq = torch.autograd.grad(out, q2, torch.ones_like(out))[0]
+        assert torch.isfinite(dq.float()).all() and bool((dq[:, :5] == 0).all())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,12 +340,22 @@ def test_bad_dropout_p():
         transformer.flash_attention(q, q, q, dropout_p=0.1, rng_state=torch.zeros(3, dtype=torch.int64))
 
 
-def test_torch_and_cuda_decline_dropout():
+def test_torch_declines_dropout():
     q = torch.randn(1, 4, 2, 16)
     with pytest.raises(ValueError, match="dropout_p"):
         transformer.flash_attention(q, q, q, dropout_p=0.1, backend="torch")
     why = transformer.backends.explain("flash_attention", q, q, q, dropout_p=0.1)
     assert "torch: rejected -- dropout_p > 0" in why and "reference: selected" in why
+
+
+def test_cuda_serves_dropout():
+    """The CUDA backend's predicate accepts dropout_p > 0 (fp16 / bf16 with a compiled head dim)."""
+    require_backend("cuda")
+    q = torch.randn(1, 4, 2, 16, dtype=FP16, device=DEVICE)
+    call = transformer.attention._describe(q, q, q, dropout_p=0.1)
+    assert transformer.backends.select("flash_attention", call, "cuda") is not None
+    why = transformer.backends.explain("flash_attention", q, q, q, dropout_p=0.1, backend="cuda")
+    assert "cuda: selected" in why and "rejected" not in why, why
 
 
 @pytest.mark.parametrize("backend", ["reference"] + KERNELS)
@@ -372,12 +416,18 @@ def test_descriptor_forward_applies_the_same_mask(path, monkeypatch):
     assert torch.equal(transformer.flash_attention(q, k, v, **kw), want)
 
 
-def test_triton_op_schema_with_dropout():
-    """The Triton ops end in (deterministic, dropout_p, rng_state) and pass opcheck (fake, autograd registration)."""
-    require_backend("triton")
-    import transformer._triton.attention  # noqa: F401  (registers the ops)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_op_schema_with_dropout(backend):
+    """The Triton and CUDA ops end in (deterministic, dropout_p, rng_state) and pass opcheck (fake, autograd
+    registration)."""
+    require_backend(backend)
     from transformer.ops import attention as contract
-    ops = torch.ops.tileformer_triton
+    if backend == "triton":
+        import transformer._triton.attention  # noqa: F401  (registers the ops)
+        ops = torch.ops.tileformer_triton
+    else:
+        from transformer import _cuda
+        ops = _cuda.ops(DEVICE)
     assert contract._declares_dropout(ops.attn_fwd) and contract._declares_dropout(ops.attn_bwd)
     assert contract._declares_deterministic(ops.attn_fwd)
     q, k, v = helpers.attn_inputs(1, 20, 24, 2, 1, 16, FP16, seed=1)

@@ -10,6 +10,10 @@
 //   Score (natural log domain) s = scale * q.k, or softcap * tanh(scale * q.k / softcap), minus
 //   slope * |i + off - j| (ALiBi). Rows with no visible key: out 0, lse -inf, gradients 0.
 //   out like q (contiguous, dtype of q); lse fp32 [B, Hq, Nq] / [Hq, Tq], natural log.
+//   Dropout (rng_state not null): P is multiplied by keep / (1 - p) before P V, keep being the counter-based
+//   mask of transformer/reference.py's dropout_keep (Philox4x32-10, attention/common.cuh) under the seed and
+//   offset read from rng_state on the device; lse is that of the undropped scores. The backward regenerates
+//   the same mask.
 // The backward: dK/dV per key tile over the query tiles of every query head of the GQA group; dQ either per
 // query tile over its key tiles (dq_accum null: deterministic, no atomics) or, with dq_accum, added by the
 // dK/dV blocks with fp32 atomics into dq_accum and converted at the end (5 matrix products per tile pair
@@ -48,6 +52,10 @@ struct Params {
   gptr<void> dv;
   gptr<float> dq_accum;      // null: deterministic backward; else fp32 workspace of dq's shape (any contents,
                              // zeroed by attn_bwd; 16-byte aligned)
+  // dropout (forward and backward)
+  gptr<const int64_t> rng_state;   // int64 [2] (seed, offset) of the dropout mask, or null: no dropout
+  uint32_t drop_thr;               // an element is dropped iff its 16-bit draw is < drop_thr (round(p 2^16))
+  float drop_scale;                // 1 / (1 - p)
 
   // element strides (batch, token, head); the batch stride is ignored for varlen
   int64_t stride_qb, stride_qm, stride_qh;

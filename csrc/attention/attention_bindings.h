@@ -1,11 +1,15 @@
 // Torch bindings of the flash-attention kernels: torch.ops.<ns>.attn_fwd / attn_bwd / attn_head_dims. Both
 // attention ops end in `bool deterministic=False` (the contract's deterministic_arg): attn_fwd ignores it, attn_bwd
-// runs the atomic-dQ backward when it is false and the two-kernel deterministic one when it is true.
+// runs the atomic-dQ backward when it is false and the two-kernel deterministic one when it is true. Then both end
+// in `float dropout_p=0., Tensor? rng_state=None` (the contract's dropout_arg): dropout_p > 0 applies the
+// counter-based mask of rng_state (int64 [2] seed, offset on q's device, read by the kernels; attention.h).
 // The op contract shared with the Triton backend, with the fakes and autograd, is transformer/ops/attention.py;
 // the head-dim padding is in transformer/_cuda/attention.py. Any cu_seqlens values and any max_seqlen in
 // 0..2^31-1024 are safe (attention/attention.h: clamped sequence bounds); nothing reads them on the host.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -28,8 +32,26 @@ inline int64_t stride_or0(const at::Tensor& t, int64_t i) { return t.size(i) <= 
 
 struct Checked {
   tf::attention::Params p{};
-  at::Tensor q, k, v, alibi, cu_q, cu_k;
+  at::Tensor q, k, v, alibi, cu_q, cu_k, rng;
 };
+
+// dropout_p in [0, 1); for dropout_p > 0 rng_state an int64 [2] tensor on q's device (its values are read by
+// the kernels, never here). Fills the dropout fields of c.p (rng_state null: no dropout).
+inline void check_dropout(Checked& c, const at::Tensor& q, double dropout_p,
+                          const std::optional<at::Tensor>& rng_state) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p == 0.0) return;
+  TORCH_CHECK_VALUE(rng_state.has_value(), "dropout_p > 0 needs rng_state, an int64 [2] tensor on ", q.device());
+  check_device(*rng_state, "rng_state", &q);
+  TORCH_CHECK_TYPE(rng_state->scalar_type() == at::kLong, "rng_state must be int64, got ", rng_state->scalar_type());
+  TORCH_CHECK_VALUE(rng_state->numel() == 2, "rng_state must hold 2 values (seed, offset), got shape ",
+                    rng_state->sizes());
+  c.rng = rng_state->contiguous();
+  c.p.rng_state = c.rng.data_ptr<int64_t>();
+  // the 16-bit draws below which an element is dropped: round(p 2^16), at most 2^16 - 1 (reference.dropout_threshold)
+  c.p.drop_thr = uint32_t(std::min<double>(std::nearbyint(dropout_p * 65536.0), 65535.0));
+  c.p.drop_scale = float(1.0 / (1.0 - dropout_p));
+}
 
 // Validates the common arguments of attn_fwd / attn_bwd (ValueError / TypeError naming the argument) and
 // fills everything of Params but the output pointers.
@@ -154,10 +176,12 @@ inline std::tuple<at::Tensor, at::Tensor> attn_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
-    double softcap, bool bottom_right, bool deterministic) {
+    double softcap, bool bottom_right, bool deterministic, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   (void)deterministic;   // carried to the backward by the autograd
   Checked c = check_common(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            softmax_scale, window_left, window_right, softcap, bottom_right);
+  check_dropout(c, q, dropout_p, rng_state);
   DeviceGuard guard(q);
   at::Tensor out = empty(q.sizes(), q.scalar_type(), q);
   at::Tensor lse = empty(lse_shape(c.p), at::kFloat, q);
@@ -169,7 +193,8 @@ inline std::tuple<at::Tensor, at::Tensor> attn_fwd(
   p.stride_om = stride_or0(out, 1 - o);
   p.stride_oh = stride_or0(out, 2 - o);
   const KernelMemory memory({{"q", &c.q}, {"k", &c.k}, {"v", &c.v}, {"alibi_slopes", &c.alibi},
-                             {"cu_seqlens_q", &c.cu_q}, {"cu_seqlens_k", &c.cu_k}, {"out", &out}, {"lse", &lse}});
+                             {"cu_seqlens_q", &c.cu_q}, {"cu_seqlens_k", &c.cu_k}, {"rng_state", &c.rng},
+                             {"out", &out}, {"lse", &lse}});
   if (out.numel() > 0 || lse.numel() > 0) tf::attention::attn_fwd(p, stream_for(q));
   return {out, lse};
 }
@@ -179,9 +204,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
-    double softcap, bool bottom_right, bool deterministic) {
+    double softcap, bool bottom_right, bool deterministic, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   Checked c = check_common(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            softmax_scale, window_left, window_right, softcap, bottom_right);
+  check_dropout(c, q, dropout_p, rng_state);
   auto& p = c.p;
   check_device(dout, "dout", &q);
   check_device(out, "out", &q);
@@ -232,7 +259,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     return {dq, dk, dv};
   }
   const KernelMemory memory({{"q", &c.q}, {"k", &c.k}, {"v", &c.v}, {"alibi_slopes", &c.alibi},
-                             {"cu_seqlens_q", &c.cu_q}, {"cu_seqlens_k", &c.cu_k}, {"dout", &dout_c}, {"out", &out_c},
+                             {"cu_seqlens_q", &c.cu_q}, {"cu_seqlens_k", &c.cu_k}, {"rng_state", &c.rng},
+                             {"dout", &dout_c}, {"out", &out_c},
                              {"lse", &lse_c}, {"dlse", dlse ? &dlse_c : nullptr}, {"delta", &delta}, {"dq", &dq},
                              {"dk", &dk}, {"dv", &dv}, {"dq_accum", deterministic ? nullptr : &dq_accum}});
   tf::attention::attn_bwd(p, stream_for(q));
@@ -248,11 +276,11 @@ inline std::vector<int64_t> attn_head_dims() {
 inline void define(torch::Library& m) {
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, float softcap, "
-        "bool bottom_right, bool deterministic=False) -> (Tensor, Tensor)");
+        "bool bottom_right, bool deterministic=False, float dropout_p=0., Tensor? rng_state=None) -> (Tensor, Tensor)");
   m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
         "Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
         "float softmax_scale, int window_left, int window_right, float softcap, bool bottom_right, "
-        "bool deterministic=False) -> (Tensor, Tensor, Tensor)");
+        "bool deterministic=False, float dropout_p=0., Tensor? rng_state=None) -> (Tensor, Tensor, Tensor)");
   // Tensor-less: which head dims this build instantiated (the dispatcher pads up to one of them).
   m.def("attn_head_dims() -> int[]", &attn_head_dims);
 }

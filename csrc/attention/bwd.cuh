@@ -23,6 +23,10 @@
 //   S^T and dP^T (full-D contractions) are recomputed by every slice's block.
 // * attn_bwd_dq_kernel: one block = BM = 16 * NWARPS queries of one (batch, query head), over its key tiles
 //   (double-buffered K / V): S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+// * Dropout (the DROPOUT template flag of the dK/dV, dK/dV + dQ and dQ kernels; without it they are unchanged):
+//   with Z the forward's keep mask (regenerated from rng_state: row_keep / col_keep, common.cuh) and
+//   r = 1 / (1 - p), dV = (P o Z r)^T dO and dS = P o (Z r o dP - delta), delta = rowsum(dO o O) with O the
+//   dropped output (as triton_kernels/attention_bwd.py).
 // * attn_zero_tail_kernel: packed varlen tokens before the first sequence's start or from the last one's
 //   end (a superset of the tokens in no sequence): rows 0 (lse -inf); the kernels that run after it overwrite
 //   the rows that do belong to a sequence.
@@ -63,10 +67,10 @@ constexpr size_t dkdv_smem_bytes() {
 
 // One query tile for one warp's 16 keys: accumulate dK, dV. DQ: also store dS^T (as T, 0 for keys past the
 // sequence) into this warp's 16 rows of sdSw ([key][query], row stride BM + 8) for the block's dQ product.
-template <bool MASKED, bool DQ, typename T, int D, int DC, int BM>
-TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, const T* sKw, const T* sVw,
-                         const T* sQb, const T* sdOb, const float* sL, const float* sDl, int m0, int col_lo, int c0,
-                         float (&dk)[DC / 8][4], float (&dv)[DC / 8][4], T* sdSw, int lane) {
+template <bool MASKED, bool DQ, bool DROPOUT, typename T, int D, int DC, int BM>
+TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, const Dropout& dr, const T* sKw,
+                         const T* sVw, const T* sQb, const T* sdOb, const float* sL, const float* sDl, int m0,
+                         int col_lo, int c0, float (&dk)[DC / 8][4], float (&dv)[DC / 8][4], T* sdSw, int lane) {
   constexpr int SD = D + 8;
   const int t = lane & 3;
   float s[BM / 8][4], dp[BM / 8][4];
@@ -90,8 +94,11 @@ TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, co
       mma2<T>(dp[2 * jj], dp[2 * jj + 1], av, b);
     }
   }
-  // P^T and dS^T, element-wise (row = key, col = query)
+  // P^T and dS^T, element-wise (row = key, col = query); with dropout P^T o Z r (for dV) and
+  // dS^T = P^T o (Z r o dP^T - delta)
   const Band band[2] = {queries_of_key(p, si, col_lo), queries_of_key(p, si, col_lo + 8)};   // used if MASKED
+  ColKeep<BM> keep;
+  if constexpr (DROPOUT) keep = col_keep<BM>(dr, col_lo, m0, lane);
 #pragma unroll
   for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
@@ -101,9 +108,15 @@ TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, co
       float x = score(s[j][i], sc, query, key, si.off, tc);
       if (MASKED && !band[i >> 1].has(query)) x = -INFINITY;
       const float pt = ptx::ex2_approx(x - sL[cq]);
-      float ds = pt * (dp[j][i] - sDl[cq]);
+      float dpz = dp[j][i], ptz = pt;
+      if constexpr (DROPOUT) {
+        const bool kept = keep.keep(j, i, lane >> 2);
+        dpz = kept ? dpz * p.drop_scale : 0.f;
+        ptz = kept ? pt * p.drop_scale : 0.f;
+      }
+      float ds = pt * (dpz - sDl[cq]);
       if (sc.cap2 != 0.f) ds *= 1.f - tc * tc;
-      s[j][i] = pt;
+      s[j][i] = ptz;
       dp[j][i] = ds;
     }
   if constexpr (DQ) {   // dS^T rows g, g + 8 (keys col_lo, col_lo + 8), columns 2t, 2t + 1 of each 8-query tile
@@ -210,7 +223,7 @@ TF_DEVICE void dq_atomic_tile(const Params& p, const SeqInfo& si, int b, int h, 
 }
 
 // The dK/dV kernel (DQ = false) and the dK/dV + atomic dQ kernel (DQ = true) share this body.
-template <bool DQ, typename T, int D, int DC, int BM, int BN, int NWARPS>
+template <bool DQ, bool DROPOUT, typename T, int D, int DC, int BM, int BN, int NWARPS>
 TF_DEVICE void dkdv_body(const Params& p) {
   static_assert(BN == 16 * NWARPS && BM % 16 == 0 && D % 16 == 0 && DC % 16 == 0 && D % DC == 0, "tile shapes");
   constexpr int SD = D + 8, NT = NWARPS * 32;
@@ -251,6 +264,8 @@ TF_DEVICE void dkdv_body(const Params& p) {
   const T* sKw = sK + 16 * warp * SD;
   const T* sVw = sV + 16 * warp * SD;
   const int col_lo = n0 + 16 * warp + (lane >> 2);   // this thread's first key (second: + 8)
+  Dropout dr{};
+  if constexpr (DROPOUT) dr = make_dropout(p, b, hk * p.group);   // bh set per query head below
 
   int gi = 0, m0 = qr.lo;   // the item's query head (of the group) and query tile
   for (int it = 0; it < items; ++it) {
@@ -267,15 +282,16 @@ TF_DEVICE void dkdv_body(const Params& p) {
     }
     __syncthreads();
     const Scale sc = make_scale(p, b, hk * p.group + gi);
+    if constexpr (DROPOUT) dr.bh = uint32_t((int64_t(b) * p.hq + int64_t(hk) * p.group + gi));
     const T* sQb = sQ + buf * BM * SD;
     const T* sdOb = sdO + buf * BM * SD;
     T* sdSw = sdS + 16 * warp * (BM + 8);
     if (m0 < qr.full_lo || m0 >= qr.full_hi)
-      dkdv_tile<true, DQ, T, D, DC, BM>(p, si, sc, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM, m0, col_lo,
-                                        c0, dk, dv, sdSw, lane);
+      dkdv_tile<true, DQ, DROPOUT, T, D, DC, BM>(p, si, sc, dr, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM,
+                                                m0, col_lo, c0, dk, dv, sdSw, lane);
     else
-      dkdv_tile<false, DQ, T, D, DC, BM>(p, si, sc, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM, m0, col_lo,
-                                         c0, dk, dv, sdSw, lane);
+      dkdv_tile<false, DQ, DROPOUT, T, D, DC, BM>(p, si, sc, dr, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM,
+                                                 m0, col_lo, c0, dk, dv, sdSw, lane);
     if constexpr (DQ) {
       __syncthreads();   // every warp's dS^T rows are in sdS
       dq_atomic_tile<T, D, DC, BM, BN, NWARPS>(p, si, b, hk * p.group + gi, m0, c0, sdS, sK, warp, lane);
@@ -302,14 +318,14 @@ TF_DEVICE void dkdv_body(const Params& p) {
   store_rows16<DC, SD, T>(gcast<T>(p.dv) + base, row_stride, sdVw, rows_left, p.head_dim - c0, lane);
 }
 
-template <typename T, int D, int DC, int BM, int BN, int NWARPS>
+template <typename T, int D, int DC, int BM, int BN, int NWARPS, bool DROPOUT = false>
 __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params p) {
-  dkdv_body<false, T, D, DC, BM, BN, NWARPS>(p);
+  dkdv_body<false, DROPOUT, T, D, DC, BM, BN, NWARPS>(p);
 }
 
-template <typename T, int D, int DC, int BM, int BN, int NWARPS>
+template <typename T, int D, int DC, int BM, int BN, int NWARPS, bool DROPOUT = false>
 __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdvdq_kernel(const Params p) {
-  dkdv_body<true, T, D, DC, BM, BN, NWARPS>(p);
+  dkdv_body<true, DROPOUT, T, D, DC, BM, BN, NWARPS>(p);
 }
 
 // x[0, 4 n4) = 0 (fp32, 16-byte aligned). Grid-stride, NT threads (a template: defined in every unit).
@@ -340,9 +356,9 @@ constexpr size_t dq_smem_bytes() {   // Q, dO [BM][SD]; 2 x (K, V) [BN][SD]
 }
 
 // One key tile for one warp's 16 queries: accumulate dQ.
-template <bool MASKED, typename T, int D, int BN>
-TF_DEVICE void dq_tile(const Params& p, const SeqInfo& si, const Scale& sc, const T* sQw, const T* sdOw,
-                       const T* sKb, const T* sVb, int n0, int row_lo, const float (&lse2)[2],
+template <bool MASKED, bool DROPOUT, typename T, int D, int BN>
+TF_DEVICE void dq_tile(const Params& p, const SeqInfo& si, const Scale& sc, const Dropout& dr, const T* sQw,
+                       const T* sdOw, const T* sKb, const T* sVb, int n0, int row_lo, const float (&lse2)[2],
                        const float (&delta)[2], float (&dq)[D / 8][4], int lane) {
   constexpr int SD = D + 8;
   const int t = lane & 3;
@@ -367,6 +383,8 @@ TF_DEVICE void dq_tile(const Params& p, const SeqInfo& si, const Scale& sc, cons
     }
   }
   const Band band[2] = {keys_of_query(p, si, row_lo), keys_of_query(p, si, row_lo + 8)};   // used if MASKED
+  RowKeep<BN> keep;
+  if constexpr (DROPOUT) keep = row_keep<BN>(dr, n0, row_lo, lane);
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
@@ -375,7 +393,9 @@ TF_DEVICE void dq_tile(const Params& p, const SeqInfo& si, const Scale& sc, cons
       float tc;
       float x = score(s[j][i], sc, row, col, si.off, tc);
       if (MASKED && !band[r].has(col)) x = -INFINITY;
-      float ds = ptx::ex2_approx(x - lse2[r]) * (dp[j][i] - delta[r]);
+      float dpz = dp[j][i];   // with dropout Z r o dP
+      if constexpr (DROPOUT) dpz = keep.keep(j, i, t) ? dpz * p.drop_scale : 0.f;
+      float ds = ptx::ex2_approx(x - lse2[r]) * (dpz - delta[r]);
       if (sc.cap2 != 0.f) ds *= 1.f - tc * tc;
       s[j][i] = ds;
     }
@@ -393,7 +413,7 @@ TF_DEVICE void dq_tile(const Params& p, const SeqInfo& si, const Scale& sc, cons
   }
 }
 
-template <typename T, int D, int BM, int BN, int NWARPS>
+template <typename T, int D, int BM, int BN, int NWARPS, bool DROPOUT = false>
 __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dq_kernel(const Params p) {
   static_assert(BM == 16 * NWARPS && BN % 16 == 0 && D % 16 == 0, "tile shapes");
   constexpr int SD = D + 8, NT = NWARPS * 32;
@@ -413,6 +433,8 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dq_kernel(const Params p
   const gptr<const T> K = gcast<const T>(p.k) + b64 * p.stride_kb + hk * p.stride_kh + si.k_start * p.stride_kn;
   const gptr<const T> V = gcast<const T>(p.v) + b64 * p.stride_vb + hk * p.stride_vh + si.k_start * p.stride_vn;
   const Scale sc = make_scale(p, b, h);
+  Dropout dr{};
+  if constexpr (DROPOUT) dr = make_dropout(p, b, h);
   const int m_last = imin(m0 + BM, si.rows_q) - 1;
   const Range kr = key_range(p, si, m0, m_last, BN);
   const int n_tiles = (kr.hi - kr.lo + BN - 1) / BN;
@@ -459,9 +481,9 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dq_kernel(const Params p
     const T* sKb = sK + buf * BN * SD;
     const T* sVb = sV + buf * BN * SD;
     if (n0 < kr.full_lo || n0 >= kr.full_hi)
-      dq_tile<true, T, D, BN>(p, si, sc, sQw, sdOw, sKb, sVb, n0, row_lo, lse2, delta, dq, lane);
+      dq_tile<true, DROPOUT, T, D, BN>(p, si, sc, dr, sQw, sdOw, sKb, sVb, n0, row_lo, lse2, delta, dq, lane);
     else
-      dq_tile<false, T, D, BN>(p, si, sc, sQw, sdOw, sKb, sVb, n0, row_lo, lse2, delta, dq, lane);
+      dq_tile<false, DROPOUT, T, D, BN>(p, si, sc, dr, sQw, sdOw, sKb, sVb, n0, row_lo, lse2, delta, dq, lane);
     __syncthreads();
   }
   ptx::cp_async_wait<0>();

@@ -165,6 +165,123 @@ TF_DEVICE float score(float qk, const Scale& sc, int row, int col, int off, floa
 }
 
 // ---------------------------------------------------------------------------------------------
+// Attention dropout: the counter-based mask of transformer/reference.py (dropout_keep)
+// ---------------------------------------------------------------------------------------------
+//
+// Element (bh, i, j) (bh = b * Hq + h, b the batch element or varlen sequence, h the query head; i the query
+// row, j the key column, both counted from the sequence start) takes Philox4x32-10 under the key (seed mod 2^32,
+// seed >> 32) of the counter (j >> 3, i, bh, offset mod 2^32), and from it the 16-bit half j & 1 (0: low) of
+// output word (j & 7) >> 1; it is dropped iff that half is < drop_thr. One Philox call thus serves the 8 keys of
+// one key group (j >> 3) of one row: keep_byte returns them as 8 bits.
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;   // round multipliers
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;   // key schedule (Weyl) increments
+
+// Philox4x32-10 of the counter c under the key (k0, k1), in place. The 32 x 32 -> 64-bit products are plain
+// integer multiplies (one mul.wide.u32 on the GPU).
+TF_DEVICE void philox4x32_10(uint32_t (&c)[4], uint32_t k0, uint32_t k1) {
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = uint64_t(kPhiloxM0) * c[0], p1 = uint64_t(kPhiloxM1) * c[2];
+    const uint32_t hi0 = uint32_t(p0 >> 32), lo0 = uint32_t(p0), hi1 = uint32_t(p1 >> 32), lo1 = uint32_t(p1);
+    c[0] = hi1 ^ c[1] ^ k0;
+    c[1] = lo1;
+    c[2] = hi0 ^ c[3] ^ k1;
+    c[3] = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+// The mask of one (batch element, query head): key and counter words read from rng_state, bh, threshold.
+struct Dropout {
+  uint32_t k0, k1;    // seed mod 2^32, (seed >> 32) mod 2^32
+  uint32_t offset;    // offset mod 2^32
+  uint32_t bh;        // b * Hq + h
+  uint32_t thr;       // drop_thr
+};
+
+// Reads (seed, offset) from p.rng_state (device memory: the launch is CUDA-graph safe); bh of head h of b.
+TF_DEVICE Dropout make_dropout(const Params& p, int b, int h) {
+  const uint64_t seed = uint64_t(p.rng_state[0]), offset = uint64_t(p.rng_state[1]);
+  return {uint32_t(seed), uint32_t(seed >> 32), uint32_t(offset), uint32_t(int64_t(b) * p.hq + h), p.drop_thr};
+}
+
+// Keep bits of keys 8 group .. 8 group + 7 of query row `row`: bit b set iff key 8 group + b is kept.
+TF_DEVICE uint32_t keep_byte(const Dropout& d, uint32_t group, uint32_t row) {
+  uint32_t c[4] = {group, row, d.bh, d.offset};
+  philox4x32_10(c, d.k0, d.k1);
+  uint32_t m = 0;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    m |= uint32_t((c[w] & 0xFFFFu) >= d.thr) << (2 * w);
+    m |= uint32_t((c[w] >> 16) >= d.thr) << (2 * w + 1);
+  }
+  return m;
+}
+
+// Keep bits of one warp's 16 x BN score tile in the accumulator layout (s[j][i]: query row_lo + 8 (i >> 1),
+// key n0 + 8 j + 2 t + (i & 1); n0 a multiple of 8). The 4 lanes of a quad share a row pair and so the 2 BN / 8
+// Philox calls of its rows: lane t makes calls c = 4 k + t (row half c / (BN / 8), key group c % (BN / 8)),
+// packs their keep bytes into one word (byte k) and the quad exchanges the words with 4 shuffles.
+template <int BN>
+struct RowKeep {
+  uint32_t w[4];   // w[u]: the word of quad lane u
+  TF_DEVICE bool keep(int j, int i, int t) const {   // element s[j][i] of lane t
+    const int c = (i >> 1) * (BN / 8) + j;
+    return (w[c & 3] >> (8 * (c >> 2) + 2 * t + (i & 1))) & 1u;
+  }
+};
+
+template <int BN>
+TF_DEVICE RowKeep<BN> row_keep(const Dropout& d, int n0, int row_lo, int lane) {
+  constexpr int NJ = BN / 8, PER = 2 * NJ / 4;
+  static_assert(BN % 16 == 0 && PER <= 4, "one 32-bit word of keep bytes per lane");
+  const int t = lane & 3;
+  uint32_t mine = 0;
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int c = 4 * k + t, r = c / NJ, j = c % NJ;
+    mine |= keep_byte(d, uint32_t(n0 / 8 + j), uint32_t(row_lo + 8 * r)) << (8 * k);
+  }
+  RowKeep<BN> m;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) m.w[u] = __shfl_sync(kFullMask, mine, (lane & ~3) | u);
+  return m;
+}
+
+// Keep bits of one warp's transposed 16 x BM tile (the dK/dV kernel's S^T: s[j][i] of lane (g, t) is key
+// key_lo + 8 (i >> 1) (key_lo = 16-key block start + g), query m0 + 8 j + 2 t + (i & 1)). The 8 lanes of one t
+// share the 2 BM / 4 calls of their queries and the two key groups of the warp: lane g makes calls c = 8 k + g
+// (key group c / (BM / 4), query 8 ((c >> 1) % (BM / 8)) + 2 t + (c & 1)), packs their keep bytes into one word
+// and the 8 lanes exchange the words with 8 shuffles.
+template <int BM>
+struct ColKeep {
+  uint32_t w[8];   // w[u]: the word of lane 4 u + t
+  TF_DEVICE bool keep(int j, int i, int g) const {   // element s[j][i] of lane (g, t)
+    const int c = ((i >> 1) * (BM / 8) + j) * 2 + (i & 1);
+    return (w[c & 7] >> (8 * (c >> 3) + g)) & 1u;
+  }
+};
+
+template <int BM>
+TF_DEVICE ColKeep<BM> col_keep(const Dropout& d, int key_lo, int m0, int lane) {
+  constexpr int PER = BM / 16;
+  static_assert(BM % 16 == 0 && PER <= 4, "one 32-bit word of keep bytes per lane");
+  const int g = lane >> 2, t = lane & 3, group0 = (key_lo - g) / 8;
+  uint32_t mine = 0;
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int c = 8 * k + g, kg = c / (BM / 4), j = (c >> 1) % (BM / 8);
+    mine |= keep_byte(d, uint32_t(group0 + kg), uint32_t(m0 + 8 * j + 2 * t + (c & 1))) << (8 * k);
+  }
+  ColKeep<BM> m;
+#pragma unroll
+  for (int u = 0; u < 8; ++u) m.w[u] = __shfl_sync(kFullMask, mine, 4 * u + t);
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Shared-memory tiles and fragments
 // ---------------------------------------------------------------------------------------------
 

@@ -7,6 +7,9 @@
 // cross its edges), online softmax in registers (row max / sum over the quad with shuffles, exp2), P rounded
 // to T in registers and fed straight into O += P V (V fragments by ldmatrix .trans). O is normalised once
 // at the end, staged through the warp's rows of the Q tile and written with 16-byte stores.
+// DROPOUT (a template flag: the kernels without it are unchanged): after the row sums (which stay the undropped
+// ones, so lse is too) the dropped elements of P are zeroed (the keep bits of row_keep, common.cuh) and O is
+// scaled by drop_scale / l at the end.
 #pragma once
 
 #include "attention/common.cuh"
@@ -22,8 +25,8 @@ constexpr size_t fwd_smem_bytes() {
 // QREG: the warp's Q fragments (all D / 16 k-steps) are held in registers, qf, loaded once per block, so S = Q K^T
 // reads only K from shared memory (one ldmatrix.x4 per two mma instead of three per four); else (large D,
 // where they do not fit) they are reloaded from the Q tile at every k-step.
-template <bool MASKED, bool QREG, typename T, int D, int BN>
-TF_DEVICE void fwd_tile(const Params& p, const SeqInfo& si, const Scale& sc, const T* sQw,
+template <bool MASKED, bool QREG, bool DROPOUT, typename T, int D, int BN>
+TF_DEVICE void fwd_tile(const Params& p, const SeqInfo& si, const Scale& sc, const Dropout& dr, const T* sQw,
                         const uint32_t (&qf)[QREG ? D / 16 : 1][4], const T* sKb, const T* sVb, int n0, int row_lo,
                         float (&m_i)[2], float (&l_i)[2], float (&o)[D / 8][4], int lane) {
   constexpr int SD = D + 8;
@@ -82,6 +85,14 @@ TF_DEVICE void fwd_tile(const Params& p, const SeqInfo& si, const Scale& sc, con
     }
 #pragma unroll
   for (int r = 0; r < 2; ++r) l_i[r] = l_i[r] * alpha[r] + rs[r];   // per-thread partial sums (quad-reduced at the end)
+  if constexpr (DROPOUT) {   // P o keep (the 1 / (1 - p) is applied to O at the end)
+    const RowKeep<BN> keep = row_keep<BN>(dr, n0, row_lo, lane);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (!keep.keep(j, i, t)) s[j][i] = 0.f;
+  }
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) {
     o[j][0] *= alpha[0];
@@ -103,7 +114,7 @@ TF_DEVICE void fwd_tile(const Params& p, const SeqInfo& si, const Scale& sc, con
   }
 }
 
-template <typename T, int D, int BM, int BN, int NWARPS, bool QREG>
+template <typename T, int D, int BM, int BN, int NWARPS, bool QREG, bool DROPOUT = false>
 __global__ void __launch_bounds__(NWARPS * 32) attn_fwd_kernel(const Params p) {
   static_assert(BM == 16 * NWARPS && BN % 16 == 0 && D % 16 == 0, "tile shapes");
   constexpr int SD = D + 8, NT = NWARPS * 32;
@@ -121,6 +132,8 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_fwd_kernel(const Params p) {
   const gptr<const T> K = gcast<const T>(p.k) + b64 * p.stride_kb + hk * p.stride_kh + si.k_start * p.stride_kn;
   const gptr<const T> V = gcast<const T>(p.v) + b64 * p.stride_vb + hk * p.stride_vh + si.k_start * p.stride_vn;
   const Scale sc = make_scale(p, b, h);
+  Dropout dr{};
+  if constexpr (DROPOUT) dr = make_dropout(p, b, h);
 
   const int m_last = imin(m0 + BM, si.rows_q) - 1;
   const Range kr = key_range(p, si, m0, m_last, BN);
@@ -169,9 +182,9 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_fwd_kernel(const Params p) {
     const T* sVb = sV + buf * BN * SD;
     if (!active) {   // every row of this warp lies past the sequence: it only helps load and synchronise
     } else if (n0 < kr.full_lo || n0 >= kr.full_hi) {
-      fwd_tile<true, QREG, T, D, BN>(p, si, sc, sQw, qf, sKb, sVb, n0, row_lo, m_i, l_i, o, lane);
+      fwd_tile<true, QREG, DROPOUT, T, D, BN>(p, si, sc, dr, sQw, qf, sKb, sVb, n0, row_lo, m_i, l_i, o, lane);
     } else {
-      fwd_tile<false, QREG, T, D, BN>(p, si, sc, sQw, qf, sKb, sVb, n0, row_lo, m_i, l_i, o, lane);
+      fwd_tile<false, QREG, DROPOUT, T, D, BN>(p, si, sc, dr, sQw, qf, sKb, sVb, n0, row_lo, m_i, l_i, o, lane);
     }
     __syncthreads();
   }
@@ -185,7 +198,7 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_fwd_kernel(const Params p) {
     float l = l_i[r];
     l += __shfl_xor_sync(kFullMask, l, 1);
     l += __shfl_xor_sync(kFullMask, l, 2);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    inv[r] = l > 0.f ? (DROPOUT ? p.drop_scale : 1.f) / l : 0.f;
     lse[r] = l > 0.f ? (m_i[r] + __log2f(l)) * kLn2 : -INFINITY;
   }
   T* sOw = const_cast<T*>(sQw);   // this warp's 16 rows of the Q tile, read only by this warp

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "attention/bwd.cuh"
 #include "attention/fwd.cuh"
@@ -52,50 +53,65 @@ struct Config {
 
 inline unsigned grid_dim(int64_t n, int tile) { return static_cast<unsigned>((n + tile - 1) / tile); }
 
+// Dropout (p.rng_state set) runs the DROPOUT instantiation of the w8 tiles whatever TILEFORMER_CUDA_ATTN_FWD_TILES
+// says (one dropout forward per head dim and dtype).
 template <typename T, int D>
 void run_attn_fwd(const Params& p, cudaStream_t stream) {
   if constexpr (headdim_enabled(D)) {
-    auto run = [&](auto tiles) {
+    auto run = [&](auto tiles, auto dropout) {
       using F = decltype(tiles);
-      launch(attn_fwd_kernel<T, D, F::kM, F::kN, F::kWarps, F::kQReg>, dim3(grid_dim(p.max_q, F::kM), p.hq, p.batch),
-             dim3(32 * F::kWarps), fwd_smem_bytes<D, F::kM, F::kN>(), stream, p);
+      launch(attn_fwd_kernel<T, D, F::kM, F::kN, F::kWarps, F::kQReg, decltype(dropout)::value>,
+             dim3(grid_dim(p.max_q, F::kM), p.hq, p.batch), dim3(32 * F::kWarps), fwd_smem_bytes<D, F::kM, F::kN>(),
+             stream, p);
     };
-    if (fwd_tiles_w4())
-      run(FwdTiles<D, true>{});
+    if (p.rng_state)
+      run(FwdTiles<D, false>{}, std::true_type{});
+    else if (fwd_tiles_w4())
+      run(FwdTiles<D, true>{}, std::false_type{});
     else
-      run(FwdTiles<D, false>{});
+      run(FwdTiles<D, false>{}, std::false_type{});
   } else {
     throw std::invalid_argument("attention: head dim " + std::to_string(D) + " was not compiled in (build with "
                                 "TILEFORMER_CUDA_HEADDIMS naming it)");
   }
 }
 
+// The backward's launches; DROPOUT: the dropout instantiations of the dK/dV, dK/dV + dQ and dQ kernels.
+template <typename T, int D, bool DROPOUT>
+void run_attn_bwd_kernels(const Params& p, cudaStream_t stream) {
+  using C = Config<D>;
+  // max_q = 0 computes no query (dq rows unwritten, dk = dv = 0); max_k = 0 writes no dk / dv row.
+  if (p.max_q > 0)
+    launch(attn_bwd_preprocess_kernel<T>, dim3(grid_dim(p.max_q, 8), p.hq, p.batch), dim3(256), 0, stream, p);
+  if (p.max_k > 0 && !p.dq_accum)
+    launch(attn_bwd_dkdv_kernel<T, D, C::kDkdvC, C::kDkdvM, C::kDkdvN, C::kWarps, DROPOUT>,
+           dim3(grid_dim(p.max_k, C::kDkdvN) * (D / C::kDkdvC), p.hkv, p.batch), dim3(32 * C::kWarps),
+           dkdv_smem_bytes<D, C::kDkdvM, C::kDkdvN>(), stream, p);
+  if (p.dq_accum) {   // atomic dQ: zero the accumulator, dK/dV + dQ, convert (attention.h)
+    const int64_t n = p.total_q * p.hq * p.head_dim;   // a multiple of 8
+    const unsigned blocks = static_cast<unsigned>(n / 8 / 256 + 1 < 65536 ? n / 8 / 256 + 1 : 65536);
+    launch(attn_fill_zero_kernel<256>, dim3(blocks), dim3(256), 0, stream, p.dq_accum, n / 4);
+    if (p.max_k > 0)
+      launch(attn_bwd_dkdvdq_kernel<T, D, C::kDkdvC, C::kDkdvM, C::kDkdvN, C::kWarps, DROPOUT>,
+             dim3(grid_dim(p.max_k, C::kDkdvN) * (D / C::kDkdvC), p.hkv, p.batch), dim3(32 * C::kWarps),
+             dkdv_smem_bytes<D, C::kDkdvM, C::kDkdvN, true>(), stream, p);
+    launch(attn_bwd_dq_convert_kernel<T>, dim3(blocks), dim3(256), 0, stream, gptr<const float>(p.dq_accum),
+           gcast<T>(p.dq), n / 8, p.scale);
+    return;
+  }
+  if (p.max_q > 0)
+    launch(attn_bwd_dq_kernel<T, D, C::kDqM, C::kDqN, C::kWarps, DROPOUT>,
+           dim3(grid_dim(p.max_q, C::kDqM), p.hq, p.batch), dim3(32 * C::kWarps), dq_smem_bytes<D, C::kDqM, C::kDqN>(),
+           stream, p);
+}
+
 template <typename T, int D>
 void run_attn_bwd(const Params& p, cudaStream_t stream) {
   if constexpr (headdim_enabled(D)) {
-    using C = Config<D>;
-    // max_q = 0 computes no query (dq rows unwritten, dk = dv = 0); max_k = 0 writes no dk / dv row.
-    if (p.max_q > 0)
-      launch(attn_bwd_preprocess_kernel<T>, dim3(grid_dim(p.max_q, 8), p.hq, p.batch), dim3(256), 0, stream, p);
-    if (p.max_k > 0 && !p.dq_accum)
-      launch(attn_bwd_dkdv_kernel<T, D, C::kDkdvC, C::kDkdvM, C::kDkdvN, C::kWarps>,
-             dim3(grid_dim(p.max_k, C::kDkdvN) * (D / C::kDkdvC), p.hkv, p.batch), dim3(32 * C::kWarps),
-             dkdv_smem_bytes<D, C::kDkdvM, C::kDkdvN>(), stream, p);
-    if (p.dq_accum) {   // atomic dQ: zero the accumulator, dK/dV + dQ, convert (attention.h)
-      const int64_t n = p.total_q * p.hq * p.head_dim;   // a multiple of 8
-      const unsigned blocks = static_cast<unsigned>(n / 8 / 256 + 1 < 65536 ? n / 8 / 256 + 1 : 65536);
-      launch(attn_fill_zero_kernel<256>, dim3(blocks), dim3(256), 0, stream, p.dq_accum, n / 4);
-      if (p.max_k > 0)
-        launch(attn_bwd_dkdvdq_kernel<T, D, C::kDkdvC, C::kDkdvM, C::kDkdvN, C::kWarps>,
-               dim3(grid_dim(p.max_k, C::kDkdvN) * (D / C::kDkdvC), p.hkv, p.batch), dim3(32 * C::kWarps),
-               dkdv_smem_bytes<D, C::kDkdvM, C::kDkdvN, true>(), stream, p);
-      launch(attn_bwd_dq_convert_kernel<T>, dim3(blocks), dim3(256), 0, stream, gptr<const float>(p.dq_accum),
-             gcast<T>(p.dq), n / 8, p.scale);
-      return;
-    }
-    if (p.max_q > 0)
-      launch(attn_bwd_dq_kernel<T, D, C::kDqM, C::kDqN, C::kWarps>, dim3(grid_dim(p.max_q, C::kDqM), p.hq, p.batch),
-             dim3(32 * C::kWarps), dq_smem_bytes<D, C::kDqM, C::kDqN>(), stream, p);
+    if (p.rng_state)
+      run_attn_bwd_kernels<T, D, true>(p, stream);
+    else
+      run_attn_bwd_kernels<T, D, false>(p, stream);
   } else {
     throw std::invalid_argument("attention: head dim " + std::to_string(D) + " was not compiled in (build with "
                                 "TILEFORMER_CUDA_HEADDIMS naming it)");

@@ -4,10 +4,11 @@ Ops (both namespaces, see transformer/_cuda/__init__.py); their fakes and autogr
 contract shared with the Triton backend (transformer/ops/attention.py):
 
     attn_fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             window_left, window_right, softcap, bottom_right, deterministic=False) -> (out, lse)
+             window_left, window_right, softcap, bottom_right, deterministic=False, dropout_p=0.,
+             rng_state=None) -> (out, lse)
     attn_bwd(dout, q, k, v, out, lse, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
              max_seqlen_k, softmax_scale, window_left, window_right, softcap, bottom_right,
-             deterministic=False) -> (dq, dk, dv)
+             deterministic=False, dropout_p=0., rng_state=None) -> (dq, dk, dv)
     attn_head_dims() -> list[int]      # head dims compiled into this build (TILEFORMER_CUDA_HEADDIMS)
 
 window_* = -1 means unbounded (causal is window_right = 0); lse is fp32 [B, Hq, Nq] (varlen [Hq, Tq]), natural
@@ -15,7 +16,10 @@ log. The kernels take head dims that are multiples of 8 up to a compiled one and
 other head dims are zero-padded here (F.pad, differentiable), which changes neither scores nor outputs.
 Both ops end in ``deterministic=False`` (the contract's deterministic_arg): False (the default) runs the
 backward that adds dQ with fp32 atomics inside the dK/dV kernel (5 matrix products per tile pair), True the
-bit-reproducible two-kernel backward (7); attn_fwd only carries it to the backward.
+bit-reproducible two-kernel backward (7); attn_fwd only carries it to the backward. Both then end in
+``dropout_p=0., rng_state=None`` (the contract's dropout_arg): attention dropout with the counter-based mask of
+rng_state (int64 [2] seed, offset on q's device; transformer/reference.py, ``dropout_keep``), read by the
+kernels from device memory and regenerated in the backward (the same mask as the Triton kernels').
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ __all__ = ["flash_attention", "flash_attention_varlen", "padded_attention", "hea
 
 def register(ns):
     """Fakes + autograd of the namespace's attention ops (called once per namespace by ops())."""
-    contract.register(ns, deterministic_arg=True)
+    contract.register(ns, deterministic_arg=True, dropout_arg=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,10 +76,8 @@ def supports(call):
     zero-padded to a multiple of 8 and runs with the smallest compiled head dim that holds it
     (TILEFORMER_CUDA_HEADDIMS at build time; default 64, 128 and 256, so any head dim up to 256); on a GPU,
     compute capability >= 8.0 (mma.sync bf16, cp.async, ldmatrix). Every other feature (GQA/MQA, causal either
-    alignment, windows, ALiBi, softcap, lse, varlen, strided inputs, either backward) is served, except attention
-    dropout: the kernels have no Philox mask, so dropout_p > 0 is declined (auto then picks Triton)."""
-    if call.get("dropout", 0.0) > 0:
-        return "dropout_p > 0: the CUDA attention kernels have no dropout yet (the Triton kernels do)"
+    alignment, windows, ALiBi, softcap, lse, varlen, strided inputs, either backward, attention dropout with the
+    mask of the Triton kernels and the reference) is served."""
     if call["dtype"] not in _checks.HALF_DTYPES:
         return f"the CUDA kernel takes fp16/bf16 inputs, got {call['dtype']}"
     if call["device"].type == "cuda" and torch.cuda.get_device_capability(call["device"]) < (8, 0):
@@ -112,12 +114,12 @@ def _fwd(q, k, v, *args):
 
 def flash_attention(q, k, v, **kw):
     _check(q, k, v)
-    return contract.flash_attention(_fwd, q, k, v, deterministic_arg=True, **kw)
+    return contract.flash_attention(_fwd, q, k, v, deterministic_arg=True, dropout_arg=True, **kw)
 
 
 def flash_attention_varlen(q, k, v, *args, **kw):
     _check(q, k, v)
-    return contract.flash_attention_varlen(_fwd, q, k, v, *args, deterministic_arg=True, **kw)
+    return contract.flash_attention_varlen(_fwd, q, k, v, *args, deterministic_arg=True, dropout_arg=True, **kw)
 
 
 def padded_attention(q, k, v, key_start, key_end, **kw):
