@@ -267,10 +267,11 @@ def _cu(values):
     return torch.tensor(values, dtype=torch.int32, device=DEVICE)
 
 
-def _attn(q, k, v, dout, cu_q, cu_k, max_q, max_k, causal=True, out_for_bwd=None):
-    """(out, lse, dq, dk, dv) of the raw ops (bottom-right causal or full, scale 1/8)."""
+def _attn(q, k, v, dout, cu_q, cu_k, max_q, max_k, causal=True, out_for_bwd=None, dropout=()):
+    """(out, lse, dq, dk, dv) of the raw ops (bottom-right causal or full, scale 1/8); dropout: () or
+    (deterministic, dropout_p, rng_state), the ops' trailing arguments."""
     ops = _ops()
-    args = (None, _cu(cu_q), _cu(cu_k), max_q, max_k, 0.125, -1, 0 if causal else -1, 0.0, True)
+    args = (None, _cu(cu_q), _cu(cu_k), max_q, max_k, 0.125, -1, 0 if causal else -1, 0.0, True, *dropout)
     out, lse = ops.attn_fwd(q, k, v, *args)
     o = out if out_for_bwd is None else out_for_bwd
     lse_b = lse if out_for_bwd is None else out_for_bwd.new_zeros(lse.shape, dtype=torch.float32)
@@ -386,6 +387,34 @@ def case_varlen_max_seqlen_too_small():
     # max_seqlen_q = 0: no query computed; dk = dv = 0 for the keys the grid covers.
     _, _, _, dk, dv = _attn(q, k, v, dout, cu_q, cu_k, 0, 40, out_for_bwd=full[0])
     assert not dk[keys].any() and not dv[keys].any(), "max_seqlen_q = 0: dk, dv must be 0"
+
+
+@case
+def case_varlen_dropout_cu_past_total():
+    """With dropout (either backward) too, cu_seqlens entries past the packed tokens read as the end of the tokens,
+    and the rng_state read by every dropout kernel is a registered (checked) tensor."""
+    q, k, v, dout = _varlen_inputs(50, 70, seed=2)
+    rng = torch.tensor([0x1234_5678_9ABC, 77], dtype=torch.int64, device=DEVICE)
+    for det in (False, True):
+        drop = (det, 0.3, rng)
+        got = _attn(q, k, v, dout, [0, 20, 50 + 9], [0, 30, 70 + 100], 40, 80, dropout=drop)
+        want = _attn(q, k, v, dout, [0, 20, 50], [0, 30, 70], 40, 80, dropout=drop)
+        for x, y, name in zip(got, want, NAMES):
+            if det or name != "dq":   # the atomic dq may differ in its last bits from run to run
+                _same(x, y, f"{name} [dropout cu past total, deterministic={det}]")
+        for t, name in zip(got, NAMES):
+            _finite(t.exp() if name == "lse" else t, name)
+    if not _emulated():
+        return
+    os.environ["TILEFORMER_EMU_CHECK_BOUNDS_EXCLUDE"] = "rng_state"
+    try:
+        _attn(q, k, v, dout, [0, 20, 50], [0, 30, 70], 40, 80, dropout=(False, 0.3, rng))
+    except RuntimeError as e:
+        assert "out-of-bounds" in str(e) and "attn_fwd_kernel" in str(e), str(e)
+    else:
+        raise AssertionError("rng_state was read without being registered, and the check said nothing")
+    finally:
+        del os.environ["TILEFORMER_EMU_CHECK_BOUNDS_EXCLUDE"]
 
 
 @case

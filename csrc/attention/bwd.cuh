@@ -282,7 +282,7 @@ TF_DEVICE void dkdv_body(const Params& p) {
     }
     __syncthreads();
     const Scale sc = make_scale(p, b, hk * p.group + gi);
-    if constexpr (DROPOUT) dr.bh = uint32_t((int64_t(b) * p.hq + int64_t(hk) * p.group + gi));
+    if constexpr (DROPOUT) dr.bh = uint32_t(int64_t(b) * p.hq + int64_t(hk) * p.group + gi);
     const T* sQb = sQ + buf * BM * SD;
     const T* sdOb = sdO + buf * BM * SD;
     T* sdSw = sdS + 16 * warp * (BM + 8);
