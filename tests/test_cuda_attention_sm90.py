@@ -26,7 +26,11 @@ import helpers
 FP16, BF16 = torch.float16, torch.bfloat16
 CUDA = helpers.kernel_backends("cuda")
 pytestmark = pytest.mark.parametrize("backend", CUDA)
-BM, BN = 128, 128          # Sm90FwdTiles: query rows per block, keys per tile
+BM = 128                   # Sm90FwdTiles: query rows per block; keys per tile: 128 (D <= 128), 64 (D = 256)
+
+
+def _bn(d):
+    return 128 if d <= 128 else 64
 
 
 @pytest.fixture(autouse=True)
@@ -69,11 +73,10 @@ def _alibi(b, hq, per_batch=False, seed=1):
     return (torch.rand(*((b, hq) if per_batch else (hq,)), generator=g) * 0.5 + 0.05).to(helpers.DEVICE)
 
 
-def _tiles(nq, nk, d, b, hq, **kw):
+def _tiles(nq, nk, d, b, hq):
     """wgmma the kernel issues: per (batch, head, query block) and consumer warpgroup, D / 16 (S = Q K^T) +
     BN / 16 (O += P V) per key tile in the block's key range; without a mask every block sees every tile."""
-    assert not kw, "count only unmasked calls"
-    return b * hq * math.ceil(nq / BM) * 2 * math.ceil(nk / BN) * (d // 16 + BN // 16)
+    return b * hq * math.ceil(nq / BM) * 2 * math.ceil(nk / _bn(d)) * (d // 16 + _bn(d) // 16)
 
 
 def _fwd_check(q, k, v, *, config, wgmma=None, sm90=True, **kw):
@@ -113,15 +116,17 @@ GROUPS = {1: (2, 2), 2: (4, 2), 4: (4, 1), 5: (5, 1)}   # group -> (Hq, Hkv)
 
 
 def _grid():
-    return list(itertools.product((FP16, BF16), (64, 128), PAIRS, GROUPS, (False, True)))
+    return list(itertools.product((FP16, BF16), (64, 128, 256), PAIRS, GROUPS, (False, True)))
 
 
 def _rotation():
-    """Every pair with both dtypes, head dims and causal values, every group at least twice."""
+    """Every pair with both dtypes and causal values at head dims 64 and 128, every group at least twice; head dim
+    256 on three pairs."""
     cases = []
     for i, pair in enumerate(PAIRS):
         for j, d in enumerate((64, 128)):
             cases.append(((FP16, BF16)[(i + j) % 2], d, pair, list(GROUPS)[(2 * i + j) % 4], bool((i + j + 1) % 2)))
+    cases += [(BF16, 256, (113, 239), 2, True), (FP16, 256, (257, 300), 5, False), (FP16, 256, (1, 130), 1, True)]
     return cases
 
 
@@ -165,6 +170,7 @@ FEATURES = [
     ("softcap-alibi-window", 1, 1, 130, 5, 128, FP16, dict(softcap=10.0, alibi="h", window_size=(50, 50))),
     ("causal-top-left", 2, 239, 113, 2, 64, BF16, dict(causal=True, causal_align="top_left")),
     ("scale", 1, 65, 77, 1, 128, FP16, dict(softmax_scale=0.3)),
+    ("d256-window-alibi-softcap", 2, 150, 203, 2, 256, BF16, dict(window_size=(90, 3), alibi="bh", softcap=8.0)),
 ]
 
 
@@ -202,10 +208,13 @@ def test_strided_inputs(backend):
     _fwd_check(q, k, v, causal=True, config="strided")
 
 
-def test_head_dims_padded_into_64_and_128(backend):
-    """Head dims below a built one run with it: TMA reads columns past head_dim as 0, stores skip them."""
+def test_padded_head_dims(backend):
+    """Head dims below a built one (64, 128, 256) run with it: TMA reads columns past head_dim as 0, stores skip
+    them."""
     _require(backend, 128)
-    for d, dtype in ((8, FP16), (40, BF16), (72, FP16), (120, BF16)):
+    for d, dtype in ((8, FP16), (40, BF16), (72, FP16), (120, BF16), (200, FP16)):
+        if (d + 7) // 8 * 8 > max(_ca().head_dims(helpers.DEVICE.type)):
+            continue
         q, k, v = _inputs(1, 70, 90, 4, 1, d, dtype, seed=d)
         _fwd_check(q, k, v, causal=True, config=f"d{d}")
 
@@ -233,7 +242,7 @@ def test_work_count_is_the_tile_count(backend):
         pytest.skip("counts wgmma in the emulator")
     q, k, v = _inputs(1, 300, 300, 2, 1, 64, FP16, seed=11)
     _fwd_check(q, k, v, config="count", wgmma=_tiles(300, 300, 64, 1, 2))
-    _fwd_check(q, k, v, causal=True, config="count causal", wgmma=2 * (1 + 2 + 3) * 2 * (64 // 16 + BN // 16))
+    _fwd_check(q, k, v, causal=True, config="count causal", wgmma=2 * (1 + 2 + 3) * 2 * (64 // 16 + 128 // 16))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,10 +250,11 @@ def test_work_count_is_the_tile_count(backend):
 # ---------------------------------------------------------------------------------------------
 
 def test_calls_sm90_does_not_serve_run_sm80(backend):
-    """Varlen and head dims padded past 128 fall back to the sm_80 forward, correct and without wgmma."""
+    """Varlen (and head dims that run as 32, 96 or 192 in builds with those kernels) fall back to the sm_80
+    forward, correct and without wgmma."""
     _require(backend)
-    q, k, v = _inputs(1, 70, 90, 2, 1, 192, FP16, seed=12)
-    if 256 in _ca().head_dims(helpers.DEVICE.type):
+    if 192 in _ca().head_dims(helpers.DEVICE.type):
+        q, k, v = _inputs(1, 70, 90, 2, 1, 192, FP16, seed=12)
         _fwd_check(q, k, v, causal=True, config="d192", sm90=False)
     lens = [5, 130, 1]
     g = torch.Generator().manual_seed(13)
@@ -260,9 +270,13 @@ def test_calls_sm90_does_not_serve_run_sm80(backend):
         ref = reference.attention(tq[None, s:e], tk[None, s:e], tv[None, s:e], causal=True)
         low = reference.attention(tq[None, s:e], tk[None, s:e], tv[None, s:e], causal=True, compute_dtype=None)
         helpers.assert_close(out[None, s:e], ref, low, config=f"varlen seq {i}")
-    reason = _ops().attn_fwd_sm90_reason(64, True, -1)
-    assert "varlen" in reason and "head dims 64 and 128" in _ops().attn_fwd_sm90_reason(192, False, -1)
+    assert "varlen" in _ops().attn_fwd_sm90_reason(64, True, -1)
     assert "max_seqlen_k = 0" in _ops().attn_fwd_sm90_reason(64, False, 0)
+    assert "exceeds every compiled head dim" in _ops().attn_fwd_sm90_reason(264, False, -1)
+    if 192 in _ca().head_dims(helpers.DEVICE.type):
+        assert "head dims 64, 128 and 256" in _ops().attn_fwd_sm90_reason(192, False, -1)
+    for d in _ca().head_dims(helpers.DEVICE.type):
+        assert (_ops().attn_fwd_sm90_reason(d, False, -1) == "") == (d in (64, 128, 256))
 
 
 def test_sm80_forced_and_bad_value(backend, monkeypatch):
@@ -283,7 +297,8 @@ def test_explain_names_the_forward_kernel(backend, monkeypatch):
     q, k, v = _inputs(1, 8, 8, 2, 2, 64, FP16)
     text = transformer.backends.explain("flash_attention", q, k, v, backend="cuda")
     assert "cuda: selected (forward sm90 (wgmma + TMA)" in text, text
-    text = transformer.backends.explain("flash_attention", *_inputs(1, 8, 8, 2, 2, 192, FP16), backend="cuda")
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=helpers.DEVICE)
+    text = transformer.backends.explain("flash_attention_varlen", q[0], k[0], v[0], cu, cu, 5, 5, backend="cuda")
     assert "forward sm80 (mma.sync, w8 tiles): sm90 does not serve this call" in text, text
     monkeypatch.setenv("TILEFORMER_CUDA_ATTN_FWD", "sm80")
     assert "forward sm80 (mma.sync, w8 tiles): TILEFORMER_CUDA_ATTN_FWD=sm80" in transformer.backends.explain(

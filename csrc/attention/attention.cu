@@ -100,6 +100,7 @@ template <typename T>
 void fwd_sm90_typed(const Params& p, cudaStream_t s, int d) {
   if (d == 64) return run_attn_fwd_sm90<T, 64>(p, s);
   if (d == 128) return run_attn_fwd_sm90<T, 128>(p, s);
+  if (d == 256) return run_attn_fwd_sm90<T, 256>(p, s);
   throw std::invalid_argument("attention: no sm_90a forward for padded head dim " + std::to_string(d));
 }
 
@@ -109,10 +110,12 @@ std::string attn_fwd_sm90_reason(int head_dim, bool varlen, int64_t max_k) {
   if (varlen) return "varlen (packed sequences): the sm_90a forward takes dense [B, N, H, D] inputs";
   if (max_k == 0) return "max_seqlen_k = 0: no key to load";
   const int d = attn_padded_head_dim(head_dim);
-  if (d != 64 && d != 128)
+  if (d == 0) return "head dim " + std::to_string(head_dim) + " exceeds every compiled head dim";
+  if (d != 64 && d != 128 && d != 256)
     return "head dim " + std::to_string(head_dim) + " runs as " + std::to_string(d) +
-           ": the sm_90a forward is built for padded head dims 64 and 128";
-  if (!(d == 64 ? attn_fwd_sm90_has_code<64>() : attn_fwd_sm90_has_code<128>()))
+           ": the sm_90a forward is built for padded head dims 64, 128 and 256";
+  if (!(d == 64 ? attn_fwd_sm90_has_code<64>() : d == 128 ? attn_fwd_sm90_has_code<128>()
+                                                          : attn_fwd_sm90_has_code<256>()))
     return "this build holds no sm_90a code of the forward (TILEFORMER_CUDA_ARCHS without 9.0a)";
 #ifndef TILEFORMER_EMULATE
   int dev = 0, major = 0, minor = 0;

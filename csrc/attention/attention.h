@@ -84,7 +84,7 @@ void attn_bwd(const Params& p, cudaStream_t stream);   // fills p.delta, p.dq, p
 template <typename T, int D> void run_attn_fwd(const Params& p, cudaStream_t stream);
 template <typename T, int D> void run_attn_bwd(const Params& p, cudaStream_t stream);
 
-// The sm_90a forward (attention/fwd_sm90.cuh: wgmma + TMA + mbarrier; inst/fwd_sm90_d<D>.cu), D = 64, 128.
+// The sm_90a forward (attention/fwd_sm90.cuh: wgmma + TMA + mbarrier; inst/fwd_sm90_d<D>.cu), D = 64, 128, 256.
 // attn_fwd picks the forward kernel by TILEFORMER_CUDA_ATTN_FWD, read at every call:
 //   "auto" (default, also unset or empty): sm90 on a GPU when attn_fwd_sm90_reason is empty and the hardware
 //       check passed (attn_fwd_sm90_verified: the Python side runs the sm_90a self-tests once and reports);

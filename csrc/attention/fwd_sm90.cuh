@@ -30,12 +30,13 @@
 
 namespace tf::attention {
 
-// Tile shapes of the sm_90a forward (head dims 64 and 128).
+// Tile shapes of the sm_90a forward (head dims 64, 128, 256). Shared memory (fwd_sm90_smem_bytes): 81 KB at D = 64,
+// 161 KB at 128, 193 KB at 256 (64-key tiles: the 256-column O accumulator takes 128 registers per thread).
 template <int D>
 struct Sm90FwdTiles {
-  static_assert(D == 64 || D == 128, "the sm_90a forward is built for head dims 64 and 128");
-  static constexpr int kM = 128;          // query rows per block (2 consumer warpgroups x 64)
-  static constexpr int kN = 128;          // keys per K / V tile (the N of S = Q K^T)
+  static_assert(D == 64 || D == 128 || D == 256, "the sm_90a forward is built for head dims 64, 128 and 256");
+  static constexpr int kM = 128;                  // query rows per block (2 consumer warpgroups x 64)
+  static constexpr int kN = D <= 128 ? 128 : 64;  // keys per K / V tile (the N of S = Q K^T)
   static constexpr int kStages = 2;       // K / V ring
   static constexpr int kThreads = 384;    // producer warpgroup + 2 consumer warpgroups
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;   // 128 * 40 + 256 * 232 <= 65536

@@ -18,7 +18,7 @@ backward that adds dQ with fp32 atomics inside the dK/dV kernel (5 matrix produc
 bit-reproducible two-kernel backward (7); attn_fwd only carries it to the backward.
 
 Forward kernels: the sm_80 one (mma.sync, any compute capability >= 8.0) and the sm_90a one (wgmma + TMA +
-mbarrier, csrc/attention/fwd_sm90.cuh: dense inputs, padded head dims 64 and 128). ``TILEFORMER_CUDA_ATTN_FWD``
+mbarrier, csrc/attention/fwd_sm90.cuh: dense inputs, padded head dims 64, 128, 256). ``TILEFORMER_CUDA_ATTN_FWD``
 picks, read at every call: ``auto`` (default) runs sm90 on a compute capability 9.0 GPU for the calls it serves once
 the sm_90a self-tests (wgmma fragment layouts, descriptors, swizzle, TMA; csrc/selftest/hopper) have passed on
 that GPU -- they run once, at the first such call; a failure keeps sm80 with a one-time warning --, sm80
@@ -122,14 +122,15 @@ def _sm90_reason(device, head_dim, varlen, max_seqlen_k=-1) -> str:
 
 def sm90_selftest(device) -> str:
     """Run the sm_90a self-test kernels (csrc/selftest/hopper.cuh) on `device` against torch: wgmma with A from
-    shared memory and from registers, B K-major and N-major, N 64 / 128, fp16 / bf16, 128-byte swizzled tiles
+    shared memory and from registers, B K-major and N-major, N 64 / 128 / 256, fp16 / bf16, 128-byte swizzled tiles
     loaded by TMA (the forms and layouts the sm_90a attention forward uses), a TMA load / store round trip and the
     mbarrier producer / consumer ring. "" if all agree, else what failed."""
     ns = ops(device)
     g = torch.Generator().manual_seed(0)
     fails = []
     for dtype in (torch.float16, torch.bfloat16):
-        for n, a_regs, b_mn in ((128, False, False), (64, False, False), (128, True, True), (64, True, True)):
+        for n, a_regs, b_mn in ((128, False, False), (64, False, False), (64, True, True), (128, True, True),
+                                (256, True, True)):
             k = 64
             a = torch.randn(64, k, generator=g).to(dtype)
             b = torch.randn(k, n, generator=g).to(dtype)
@@ -177,13 +178,23 @@ def _sm90_verified(device) -> bool:
     return state == 1
 
 
+_fwd_settled: set = set()   # GPUs whose sm90 question is settled: not compute capability 9.0, or the check ran
+
+
+@backends._constant_under_compile
 def _prepare_fwd(device, head_dim, varlen, max_seqlen_k):
-    """Before a forward on a GPU under "auto": the hardware check of the sm_90a kernel, on the first call it
-    would serve."""
-    if device.type != "cuda" or fwd_mode() != "auto" or torch.cuda.get_device_capability(device) != (9, 0):
+    """Before a forward on a GPU under "auto": the hardware check of the sm_90a kernel, at the first call it
+    would serve (a no-op once settled, on other GPUs and on the CPU). Runs eagerly under torch.compile."""
+    if device.type != "cuda":
         return
-    if not _sm90_reason(device, head_dim, varlen, max_seqlen_k):
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key in _fwd_settled or fwd_mode() != "auto":
+        return
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        _fwd_settled.add(key)
+    elif not _sm90_reason(device, head_dim, varlen, max_seqlen_k):
         _sm90_verified(device)
+        _fwd_settled.add(key)
 
 
 def describe_path(call):
@@ -239,7 +250,7 @@ def _fwd(q, k, v, *args):
 
 def flash_attention(q, k, v, **kw):
     _check(q, k, v)
-    _prepare_fwd(q.device, q.shape[-1], False, k.shape[1])
+    _prepare_fwd(q.device, q.shape[-1], False, -1)
     return contract.flash_attention(_fwd, q, k, v, deterministic_arg=True, **kw)
 
 

@@ -11,7 +11,7 @@ per head dim it is built for (SM90_DIMS; compiled when TILEFORMER_CUDA_HEADDIMS 
 import os
 
 PAIRS = ((32, 64), (96, 128), (192, 256))
-SM90_DIMS = (64, 128)
+SM90_DIMS = (64, 128, 256)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 for small, large in PAIRS:
