@@ -40,8 +40,9 @@ HOPPER_KERNELS = [
 
 # The sm_90a attention forward (csrc/attention/fwd_sm90.cuh), per dtype and head dim.
 ATTENTION_SM90_KERNELS = [
-    (f"fwd_sm90_d{d}.cu", f"attn_fwd_sm90_kernel<{t}, {d}, 128, 128, 2>", ("HGMMA", "UTMALDG", "SYNCS", "USETMAXREG"))
-    for t in ("__half", "__nv_bfloat16") for d in (64, 128)
+    (f"fwd_sm90_d{d}.cu", f"attn_fwd_sm90_kernel<{t}, {d}, 128, {128 if d <= 128 else 64}, 2>",
+     ("HGMMA", "UTMALDG", "SYNCS", "USETMAXREG"))
+    for t in ("__half", "__nv_bfloat16") for d in (64, 128, 256)
 ]
 
 

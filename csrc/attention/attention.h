@@ -22,6 +22,9 @@
 // at index >= max_k may have their dk, dv rows unwritten (the forward and dq still see every key).
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
 #include <string>
 
 #include "common/types.h"
@@ -104,5 +107,14 @@ int attn_fwd_sm90_verified(int state);
 
 // The forward kernel attn_fwd runs for p: "sm90" or "sm80" (throws on a bad TILEFORMER_CUDA_ATTN_FWD).
 const char* attn_fwd_kernel(const Params& p);
+
+// TILEFORMER_CUDA_ATTN_FWD_TILES = "w8" (default, also when unset or empty) or "w4": the sm_80 forward's tiles
+// (launch.cuh FwdTiles); read at every call (attn_fwd checks it even when the sm_90a forward runs).
+inline bool fwd_tiles_w4() {
+  const char* v = std::getenv("TILEFORMER_CUDA_ATTN_FWD_TILES");
+  if (!v || !*v || !std::strcmp(v, "w8")) return false;
+  if (!std::strcmp(v, "w4")) return true;
+  throw std::invalid_argument(std::string("TILEFORMER_CUDA_ATTN_FWD_TILES must be \"w8\" or \"w4\", got \"") + v + "\"");
+}
 
 }  // namespace tf::attention
