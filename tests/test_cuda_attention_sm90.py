@@ -340,3 +340,17 @@ def test_auto_guard_self_test(backend, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ca._sm90_verified(helpers.DEVICE) is False
+
+
+@pytest.mark.parametrize("excluded", ["q", "k", "v", "out", "lse"])
+def test_accesses_are_bounds_checked(backend, excluded, monkeypatch):
+    """The emulated TMA loads and the epilogue's stores are checked against the call's tensors: with one tensor
+    left out of the checked set, the kernel's first access to it fails."""
+    _require(backend)
+    if helpers.HAS_GPU:
+        pytest.skip("emulator bounds checks")
+    monkeypatch.setenv("TILEFORMER_EMU_CHECK_BOUNDS_EXCLUDE", excluded)
+    q, k, v = _inputs(1, 40, 50, 2, 1, 64, FP16, seed=15)
+    what = "TMA load global read" if excluded in ("q", "k", "v") else "global memory access"
+    with pytest.raises(RuntimeError, match=f"{what}.*attn_fwd_sm90_kernel|attn_fwd_sm90_kernel.*{what}"):
+        transformer.flash_attention(q, k, v, backend="cuda", return_lse=True)

@@ -245,4 +245,15 @@ __global__ void __launch_bounds__(384, 1) attn_fwd_sm90_kernel(const __grid_cons
 #endif
 }
 
+// Writes 1 where the sm_90a code of attn_fwd_sm90_kernel exists (a build naming 9.0a), 0 where this is other code
+// (sm_80, or plain sm_90 whose attn_fwd_sm90_kernel body is __trap()): the launcher asks it before the first use.
+template <int D>
+__global__ void attn_fwd_sm90_probe_kernel(gptr<int> out) {
+#if defined(TF_ATTN_SM90_BODY)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
 }  // namespace tf::attention

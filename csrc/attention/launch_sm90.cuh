@@ -53,8 +53,9 @@ void run_attn_fwd_sm90(const Params& p, cudaStream_t stream) {
   }
 }
 
-// The GPU build: the extension holds sm_90 code of the kernel (a build with TILEFORMER_CUDA_ARCHS naming 9.0a;
-// the self-tests the Python side runs before the first "auto" use tell 9.0a from plain 9.0, whose body traps).
+// The GPU build: the code the current device runs for the kernel is its sm_90a code (a build with
+// TILEFORMER_CUDA_ARCHS naming 9.0a; plain 9.0 code of it is a __trap()): asked once per process, of the
+// device current then, by attn_fwd_sm90_probe_kernel (one 4-byte allocation, one synchronising copy).
 template <int D>
 bool attn_fwd_sm90_has_code() {
   if constexpr (headdim_enabled(D)) {
@@ -64,11 +65,25 @@ bool attn_fwd_sm90_has_code() {
     using F = Sm90FwdTiles<D>;
     static const bool has = [] {
       cudaFuncAttributes attr{};
-      if (cudaFuncGetAttributes(&attr, attn_fwd_sm90_kernel<__half, D, F::kM, F::kN, F::kStages>) != cudaSuccess) {
+      if (cudaFuncGetAttributes(&attr, attn_fwd_sm90_kernel<__half, D, F::kM, F::kN, F::kStages>) != cudaSuccess ||
+          attr.binaryVersion != 90) {
         (void)cudaGetLastError();
         return false;
       }
-      return attr.binaryVersion == 90;
+      int* flag = nullptr;
+      int host = 0;
+      bool ok = cudaMalloc(&flag, sizeof(int)) == cudaSuccess;
+      if (ok) {
+        try {
+          launch(attn_fwd_sm90_probe_kernel<D>, dim3(1), dim3(1), 0, cudaStream_t(nullptr), gptr<int>(flag));
+          ok = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
+        } catch (const std::runtime_error&) {
+          ok = false;
+        }
+        (void)cudaFree(flag);
+      }
+      (void)cudaGetLastError();
+      return ok && host == 1;
     }();
     return has;
 #endif
