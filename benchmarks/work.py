@@ -65,6 +65,9 @@ CUDA_KERNELS = {
     ("rms_norm", "fwd"): (r"norm_fwd_kernel<{T}, ",),
     ("rms_norm", "bwd"): (r"norm_bwd_kernel<{T}, ", r"norm_reduce_kernel"),
 }
+# On sm_90 the dense forward of head dims 64 / 128 / 256 runs the sm_90a kernel (TILEFORMER_CUDA_ATTN_FWD=auto);
+# cuda-fwd-sm80 and cuda-fwd-w4 force the sm_80 one.
+CUDA_SM90_FWD = r"attn_fwd_sm90_kernel<{T}, {D}, 128, \d+, 2>"
 CUDA_TYPES = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 CUDA_KV_FORMATS = {None: 0, "int8": 1, "fp8_e4m3": 2}     # the decode kernels' KV template argument (KvFormat)
 
@@ -79,13 +82,17 @@ def work_cases():
 
 
 def cuda_patterns(case, path="cuda"):
-    """Demangled-name regexes of the CUDA kernels that serve `case` on `path` (cuda or cuda-fwd-w4)."""
+    """Demangled-name regexes of the CUDA kernels that serve `case` on `path` (cuda, cuda-fwd-sm80 or
+    cuda-fwd-w4) on ARCH."""
     p = case.p
     if case.op == "decode_attention":
         rows = (p["Hq"] // p["Hkv"]) * p["Sq"]
         kv = CUDA_KV_FORMATS[p.get("kv")]
         pats = (rf"decode_simt_kernel<{{T}}, {{D}}, {kv}>" if rows <= 4 else rf"decode_mma_kernel<{{T}}, {{D}}, {kv}>",
                 r"decode_combine_kernel<{T}>")
+    elif (case.op, case.mode) == ("flash_attention", "fwd") and path == "cuda" and ARCH == 90 and \
+            p.get("D") in (64, 128, 256):
+        pats = (CUDA_SM90_FWD,)
     else:
         pats = CUDA_KERNELS[(case.op, case.mode)]
     if path == "cuda-fwd-w4":

@@ -963,7 +963,10 @@ def test_work_cuda_kernels_per_case():
                                                                                        mma.format(0))
     fwd = cases.attention_case("fwd", 1, 8, 8, 1, 1, 128, False)
     name = "void tf::attention::attn_fwd_kernel<__nv_bfloat16, 128, 128, 64, 8, true>(tf::attention::Params)"
-    assert _re.search(work.cuda_patterns(fwd)[0], name)
+    sm90 = ("void tf::attention::attn_fwd_sm90_kernel<__nv_bfloat16, 128, 128, 128, 2>(tf::TmaDesc, tf::TmaDesc, "
+            "tf::TmaDesc, tf::attention::Params)")
+    assert _re.search(work.cuda_patterns(fwd)[0], sm90) and not _re.search(work.cuda_patterns(fwd)[0], name)
+    assert _re.search(work.cuda_patterns(fwd, "cuda-fwd-sm80")[0], name)
     assert not _re.search(work.cuda_patterns(fwd, "cuda-fwd-w4")[0], name)
     assert _re.search(work.cuda_patterns(fwd, "cuda-fwd-w4")[0], name.replace(", 8, true", ", 4, false"))
     assert work.short_shape("B=1 Nq=8 Nk=8 Hq=2 Hkv=2 D=4 causal=1") == "B=1 Nq=8 Hq=2 D=4 causal=1"

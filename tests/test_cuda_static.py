@@ -7,7 +7,8 @@ frame included); the tensor-core kernels listed in TENSOR_CORE_KERNELS must cont
 their sm_80 SASS (the attention and decode kernels are checked the same way by their own static tests in
 test_cuda_attention.py and test_cuda_decode.py); the sm_90a self-test kernels listed in HOPPER_KERNELS must
 contain the Hopper instructions their wrappers stand for (HGMMA: wgmma.mma_async, UTMALDG / UTMASTG: TMA,
-SYNCS: mbarrier, USETMAXREG: setmaxnreg) in their sm_90a SASS.
+SYNCS: mbarrier, USETMAXREG: setmaxnreg) in their sm_90a SASS; so must the sm_90a attention forward
+(ATTENTION_SM90_KERNELS: wgmma, TMA loads, mbarriers, setmaxnreg, and no mma.sync).
 """
 import os
 
@@ -37,12 +38,21 @@ HOPPER_KERNELS = [
 ]
 
 
+# The sm_90a attention forward (csrc/attention/fwd_sm90.cuh), per dtype and head dim.
+ATTENTION_SM90_KERNELS = [
+    (f"fwd_sm90_d{d}.cu", f"attn_fwd_sm90_kernel<{t}, {d}, 128, {128 if d <= 128 else 64}, 2>",
+     ("HGMMA", "UTMALDG", "SYNCS", "USETMAXREG"))
+    for t in ("__half", "__nv_bfloat16") for d in (64, 128, 256)
+]
+
+
 @pytest.fixture(scope="module")
 def report():
     if not os.path.exists(kernel_report._nvcc()):
         pytest.skip(f"nvcc not found at {kernel_report._nvcc()} (set CUDA_HOME)")
     stats = kernel_report.cuda_report(sass_kernels=tuple(k for _, k in TENSOR_CORE_KERNELS) +
-                                      tuple(k for _, k, _ in HOPPER_KERNELS))
+                                      tuple(k for _, k, _ in HOPPER_KERNELS) +
+                                      tuple(k for _, k, _ in ATTENTION_SM90_KERNELS))
     print("\n" + kernel_report.format_table(stats))
     return stats
 
@@ -78,3 +88,15 @@ def test_hopper_selftest_kernels_use_hopper_instructions(report, source, kernel,
         missing = [m for m in markers if s.instructions.get(m, 0) == 0]
         assert not missing, f"{s.name}: no {missing} in the sm_90a SASS ({s.instructions})"
         assert s.instructions.get("HMMA", 0) == 0, f"{s.name}: HMMA (mma.sync) in a wgmma kernel"
+
+
+@pytest.mark.parametrize("source,kernel,markers", ATTENTION_SM90_KERNELS, ids=[k for _, k, _ in ATTENTION_SM90_KERNELS])
+def test_sm90_attention_forward_uses_wgmma_and_tma(report, source, kernel, markers):
+    hits = [s for s in report if s.arch == 90 and s.name.startswith(source + ":") and kernel in s.name]
+    assert hits, f"{kernel} not found in {source} (kernels: {[s.name for s in report if s.arch == 90]})"
+    for s in hits:
+        missing = [m for m in markers if s.instructions.get(m, 0) == 0]
+        assert not missing, f"{s.name}: no {missing} in the sm_90a SASS ({s.instructions})"
+        assert s.instructions.get("HMMA", 0) == 0, f"{s.name}: HMMA (mma.sync) in the wgmma forward"
+        assert not s.spills and not s.local_bytes, f"{s.name}: spills / local memory"
+        print(f"{s.name} sm_90a: {s.registers} registers, instructions {s.instructions}")

@@ -202,7 +202,8 @@ _TABLE = {
 
 # Optional details for explain(): per op and backend, "module:function"(call) -> str or None, e.g. which of the
 # backend's kernels serves the call. Imported on first use, like the implementations.
-_ATTN_DETAILS = {"triton": _target("transformer._triton.attention:describe_path")}
+_ATTN_DETAILS = {"triton": _target("transformer._triton.attention:describe_path"),
+                 "cuda": _target("transformer._cuda.attention:describe_path")}
 _DETAILS = {"flash_attention": _ATTN_DETAILS, "flash_attention_varlen": _ATTN_DETAILS,
             "padded_attention": _ATTN_DETAILS}
 

@@ -2,6 +2,9 @@
 // varlen tail fill. Compiled by nvcc (transformer._C) and by g++ against the host emulation (_C_emu).
 #include "attention/attention.h"
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -78,6 +81,71 @@ void zero_tail(gptr<void> x, gptr<void> y, gptr<float> lse, const Params& p, gpt
 
 }  // namespace
 
+namespace {
+
+std::atomic<int> g_sm90_verified{-1};
+
+enum class FwdMode { automatic, sm80, sm90 };
+
+FwdMode fwd_mode() {
+  const char* v = std::getenv("TILEFORMER_CUDA_ATTN_FWD");
+  if (!v || !*v || !std::strcmp(v, "auto")) return FwdMode::automatic;
+  if (!std::strcmp(v, "sm80")) return FwdMode::sm80;
+  if (!std::strcmp(v, "sm90")) return FwdMode::sm90;
+  throw std::invalid_argument(std::string("TILEFORMER_CUDA_ATTN_FWD must be \"auto\", \"sm80\" or \"sm90\", got \"") +
+                              v + "\"");
+}
+
+template <typename T>
+void fwd_sm90_typed(const Params& p, cudaStream_t s, int d) {
+  if (d == 64) return run_attn_fwd_sm90<T, 64>(p, s);
+  if (d == 128) return run_attn_fwd_sm90<T, 128>(p, s);
+  if (d == 256) return run_attn_fwd_sm90<T, 256>(p, s);
+  throw std::invalid_argument("attention: no sm_90a forward for padded head dim " + std::to_string(d));
+}
+
+}  // namespace
+
+std::string attn_fwd_sm90_reason(int head_dim, bool varlen, int64_t max_k) {
+  if (varlen) return "varlen (packed sequences): the sm_90a forward takes dense [B, N, H, D] inputs";
+  if (max_k == 0) return "max_seqlen_k = 0: no key to load";
+  const int d = attn_padded_head_dim(head_dim);
+  if (d == 0) return "head dim " + std::to_string(head_dim) + " exceeds every compiled head dim";
+  if (d != 64 && d != 128 && d != 256)
+    return "head dim " + std::to_string(head_dim) + " runs as " + std::to_string(d) +
+           ": the sm_90a forward is built for padded head dims 64, 128 and 256";
+  if (!(d == 64 ? attn_fwd_sm90_has_code<64>() : d == 128 ? attn_fwd_sm90_has_code<128>()
+                                                          : attn_fwd_sm90_has_code<256>()))
+    return "this build holds no sm_90a code of the forward (TILEFORMER_CUDA_ARCHS without 9.0a)";
+#ifndef TILEFORMER_EMULATE
+  int dev = 0, major = 0, minor = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+  if (major != 9 || minor != 0)
+    return "the sm_90a forward needs a compute capability 9.0 GPU; this one is " + std::to_string(major) + "." +
+           std::to_string(minor);
+#endif
+  return "";
+}
+
+int attn_fwd_sm90_verified(int state) {
+  if (state == 0 || state == 1) g_sm90_verified.store(state);
+  return g_sm90_verified.load();
+}
+
+const char* attn_fwd_kernel(const Params& p) {
+  const FwdMode mode = fwd_mode();
+  if (mode == FwdMode::sm80 || !attn_fwd_sm90_reason(p.head_dim, p.varlen, p.max_k).empty()) return "sm80";
+  if (p.rng_state) return "sm80";   // dropout: the sm_90a forward has no dropout mask
+  if (mode == FwdMode::sm90) return "sm90";
+#ifdef TILEFORMER_EMULATE
+  return "sm80";
+#else
+  return g_sm90_verified.load() == 1 ? "sm90" : "sm80";
+#endif
+}
+
 void attn_fwd(const Params& p, cudaStream_t s) {
   const int d = checked_head_dim(p, "attn_fwd");
   const bool half = p.dtype == DType::f16;
@@ -85,7 +153,14 @@ void attn_fwd(const Params& p, cudaStream_t s) {
     if (half) zero_tail<__half>(p.out, nullptr, p.lse, p, p.cu_q, p.total_q, p.hq, s);
     else zero_tail<__nv_bfloat16>(p.out, nullptr, p.lse, p, p.cu_q, p.total_q, p.hq, s);
   }
+  (void)fwd_tiles_w4();   // a bad value fails whichever kernel runs
+  const bool sm90 = !std::strcmp(attn_fwd_kernel(p), "sm90");
   if (p.batch == 0 || p.max_q == 0 || p.hq == 0) return;
+  if (sm90) {
+    if (half) fwd_sm90_typed<__half>(p, s, d);
+    else fwd_sm90_typed<__nv_bfloat16>(p, s, d);
+    return;
+  }
   if (half) fwd_typed<__half>(p, s, d);
   else fwd_typed<__nv_bfloat16>(p, s, d);
 }

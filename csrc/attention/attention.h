@@ -26,6 +26,11 @@
 // at index >= max_k may have their dk, dv rows unwritten (the forward and dq still see every key).
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
 #include "common/types.h"
 
 namespace tf::attention {
@@ -89,5 +94,35 @@ void attn_bwd(const Params& p, cudaStream_t stream);   // fills p.delta, p.dq, p
 // Per-(dtype, padded head dim) entry points, one translation unit each (attention/inst/*.cu).
 template <typename T, int D> void run_attn_fwd(const Params& p, cudaStream_t stream);
 template <typename T, int D> void run_attn_bwd(const Params& p, cudaStream_t stream);
+
+// The sm_90a forward (attention/fwd_sm90.cuh: wgmma + TMA + mbarrier; inst/fwd_sm90_d<D>.cu), D = 64, 128, 256.
+// attn_fwd picks the forward kernel by TILEFORMER_CUDA_ATTN_FWD, read at every call:
+//   "auto" (default, also unset or empty): sm90 on a GPU when attn_fwd_sm90_reason is empty and the hardware
+//       check passed (attn_fwd_sm90_verified: the Python side runs the sm_90a self-tests once and reports);
+//       the sm_80 kernel otherwise, and always in the emulator;
+//   "sm90": sm90 wherever attn_fwd_sm90_reason is empty (the emulator included), the sm_80 kernel elsewhere;
+//   "sm80": the sm_80 kernel. Any other value: std::invalid_argument naming the variable.
+template <typename T, int D> void run_attn_fwd_sm90(const Params& p, cudaStream_t stream);
+template <int D> bool attn_fwd_sm90_has_code();   // the build holds the kernel's sm_90 code (GPU) / the head dim
+
+// "" when the sm_90a forward serves a call with this head dim (before padding), layout and max_seqlen_k (< 0:
+// not known) on this build and the current device; else why not (the call then runs the sm_80 kernel).
+std::string attn_fwd_sm90_reason(int head_dim, bool varlen, int64_t max_k);
+
+// The hardware check of the sm_90a forward under "auto": -1 not run (the initial state), 0 failed, 1 passed.
+// state 0 or 1 records a result; any other value only reads. Returns the state.
+int attn_fwd_sm90_verified(int state);
+
+// The forward kernel attn_fwd runs for p: "sm90" or "sm80" (throws on a bad TILEFORMER_CUDA_ATTN_FWD).
+const char* attn_fwd_kernel(const Params& p);
+
+// TILEFORMER_CUDA_ATTN_FWD_TILES = "w8" (default, also when unset or empty) or "w4": the sm_80 forward's tiles
+// (launch.cuh FwdTiles); read at every call (attn_fwd checks it even when the sm_90a forward runs).
+inline bool fwd_tiles_w4() {
+  const char* v = std::getenv("TILEFORMER_CUDA_ATTN_FWD_TILES");
+  if (!v || !*v || !std::strcmp(v, "w8")) return false;
+  if (!std::strcmp(v, "w4")) return true;
+  throw std::invalid_argument(std::string("TILEFORMER_CUDA_ATTN_FWD_TILES must be \"w8\" or \"w4\", got \"") + v + "\"");
+}
 
 }  // namespace tf::attention

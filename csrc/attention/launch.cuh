@@ -32,13 +32,7 @@ struct FwdTiles {
   static constexpr bool kQReg = !W4 && D <= 128;
 };
 
-// TILEFORMER_CUDA_ATTN_FWD_TILES = "w8" (default, also when unset or empty) or "w4"; read at every call.
-inline bool fwd_tiles_w4() {
-  const char* v = std::getenv("TILEFORMER_CUDA_ATTN_FWD_TILES");
-  if (!v || !*v || !std::strcmp(v, "w8")) return false;
-  if (!std::strcmp(v, "w4")) return true;
-  throw std::invalid_argument(std::string("TILEFORMER_CUDA_ATTN_FWD_TILES must be \"w8\" or \"w4\", got \"") + v + "\"");
-}
+// fwd_tiles_w4() (attention.h) reads TILEFORMER_CUDA_ATTN_FWD_TILES at every call.
 
 // Backward tile shapes per padded head dim (4 warps). The backward accumulates two D-wide fp32 tiles per
 // warp (dK, dV or dQ), so it takes 32-wide query / key tiles above D = 64 to stay spill-free; above D = 128 the

@@ -461,6 +461,22 @@ TF_DEVICE void tma_load_3d(void* smem_dst, const TmaDesc* desc, int c0, int c1, 
 #endif
 }
 
+// 4-D: a [B][N][H][D]-shaped tensor (D innermost) read one (row tile, head, batch) box at a time.
+TF_DEVICE void tma_load_4d(void* smem_dst, const TmaDesc* desc, int c0, int c1, int c2, int c3, uint64_t* bar) {
+#ifdef TILEFORMER_EMULATE
+  const int c[4] = {c0, c1, c2, c3};
+  emu::tma_load(smem_dst, desc, c, 4, bar);
+#elif defined(TF_SM90)
+  asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+               " [%0], [%1, {%3, %4, %5, %6}], [%2];\n"
+               ::"r"(smem_addr(smem_dst)), "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1),
+                 "r"(c2), "r"(c3)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
 // Stores the box in smem_src to the tensor at (c0, c1[, c2]); elements outside the tensor are not written.
 // Shared-memory writes by threads must be made visible first: fence_proxy_async_shared() (+ a barrier).
 TF_DEVICE void tma_store_2d(const TmaDesc* desc, int c0, int c1, const void* smem_src) {

@@ -20,8 +20,20 @@ bit-reproducible two-kernel backward (7); attn_fwd only carries it to the backwa
 ``dropout_p=0., rng_state=None`` (the contract's dropout_arg): attention dropout with the counter-based mask of
 rng_state (int64 [2] seed, offset on q's device; transformer/reference.py, ``dropout_keep``), read by the
 kernels from device memory and regenerated in the backward (the same mask as the Triton kernels').
+
+Forward kernels: the sm_80 one (mma.sync, any compute capability >= 8.0) and the sm_90a one (wgmma + TMA +
+mbarrier, csrc/attention/fwd_sm90.cuh: dense inputs, padded head dims 64, 128, 256). ``TILEFORMER_CUDA_ATTN_FWD``
+picks, read at every call: ``auto`` (default) runs sm90 on a compute capability 9.0 GPU for the calls it serves once
+the sm_90a self-tests (wgmma fragment layouts, descriptors, swizzle, TMA; csrc/selftest/hopper) have passed on
+that GPU -- they run once, at the first such call; a failure keeps sm80 with a one-time warning --, sm80
+elsewhere and always in the emulator; ``sm90`` forces it wherever it serves the call (the emulator included),
+``sm80`` forces the sm_80 kernel. Calls sm90 does not serve (varlen, other head dims, dropout) run sm80.
+``transformer.backends.explain`` names the forward kernel (describe_path).
 """
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +43,7 @@ from ..ops import attention as contract
 from . import namespace_name, ops
 
 __all__ = ["flash_attention", "flash_attention_varlen", "padded_attention", "head_dims", "head_dim_reason",
-           "register", "supports"]
+           "register", "supports", "describe_path", "fwd_mode", "sm90_selftest", "FWD_ENV"]
 
 def register(ns):
     """Fakes + autograd of the namespace's attention ops (called once per namespace by ops())."""
@@ -86,6 +98,134 @@ def supports(call):
 
 
 # ---------------------------------------------------------------------------------------------
+# Forward kernel choice: sm80 (mma.sync) or sm90 (wgmma + TMA)
+# ---------------------------------------------------------------------------------------------
+
+FWD_ENV = "TILEFORMER_CUDA_ATTN_FWD"
+_FWD_MODES = ("auto", "sm80", "sm90")
+
+
+def fwd_mode() -> str:
+    """TILEFORMER_CUDA_ATTN_FWD: "auto" (also unset or empty), "sm80" or "sm90"; ValueError otherwise."""
+    v = os.environ.get(FWD_ENV, "") or "auto"
+    if v not in _FWD_MODES:
+        raise ValueError(f"{FWD_ENV} must be 'auto', 'sm80' or 'sm90', got {v!r}")
+    return v
+
+
+def _sm90_reason(device, head_dim, varlen, max_seqlen_k=-1) -> str:
+    """"" when the sm_90a forward serves such a call on this build and device (the C++ side decides), else why
+    not."""
+    try:
+        return ops(device).attn_fwd_sm90_reason(_round8(head_dim), varlen, max_seqlen_k)
+    except (RuntimeError, AttributeError) as e:   # an extension built before the sm_90a forward existed
+        return f"this build has no sm_90a forward ({type(e).__name__}: {e})"
+
+
+def sm90_selftest(device) -> str:
+    """Run the sm_90a self-test kernels (csrc/selftest/hopper.cuh) on `device` against torch: wgmma with A from
+    shared memory and from registers, B K-major and N-major, N 64 / 128 / 256, fp16 / bf16, 128-byte swizzled tiles
+    loaded by TMA (the forms and layouts the sm_90a attention forward uses), a TMA load / store round trip and the
+    mbarrier producer / consumer ring. "" if all agree, else what failed."""
+    ns = ops(device)
+    g = torch.Generator().manual_seed(0)
+    fails = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for n, a_regs, b_mn in ((128, False, False), (64, False, False), (64, True, True), (128, True, True),
+                                (256, True, True)):
+            k = 64
+            a = torch.randn(64, k, generator=g).to(dtype)
+            b = torch.randn(k, n, generator=g).to(dtype)
+            c = torch.randn(64, n, generator=g)
+            b_in = b.contiguous() if b_mn else b.t().contiguous()
+            d = ns.selftest_wgmma(a.to(device), b_in.to(device), c.to(device), n, 3, a_regs, b_mn, 0).cpu()
+            ref = a.double() @ b.double() + c.double()
+            err = (d.double() - ref).abs().max().item()
+            if not err <= 1e-5 * (k / 16) * (1 + ref.abs().max().item()):
+                fails.append(f"wgmma {dtype} n={n} {'RS' if a_regs else 'SS'} B {'N' if b_mn else 'K'}-major: "
+                             f"max error {err:.3e}")
+    x = torch.randn(64, 64, generator=g).to(torch.float16)
+    y = torch.zeros(64, 64, dtype=torch.float16)
+    y_dev = y.to(device)
+    tile = ns.selftest_tma_copy(x.to(device), y_dev, 0, 0, 0, 0, 64, 64, 3, False, False).cpu()
+    if not (torch.equal(tile, x) and torch.equal(y_dev.cpu(), x)):
+        fails.append("TMA 2-D load / store round trip (128-byte swizzle) differs")
+    xs = torch.randn(6, 128, generator=g)
+    out = ns.selftest_mbarrier(xs.to(device), 0).cpu()
+    want = torch.zeros(128)
+    for row in xs:
+        want = want * 0.5 + row
+    if not torch.allclose(out, want, rtol=1e-6, atol=1e-6):
+        fails.append("mbarrier producer / consumer ring differs")
+    return "; ".join(fails)
+
+
+@backends._constant_under_compile
+def _sm90_verified(device) -> bool:
+    """Under "auto" on a compute capability 9.0 GPU: run sm90_selftest once (the C++ side keeps the result: -1
+    not run, 0 failed, 1 passed) and report it there; True if it passed. A failure warns once."""
+    ns = ops(device)
+    state = ns.attn_fwd_sm90_verified(-1)
+    if state == -1:
+        try:
+            why = sm90_selftest(device)
+        except Exception as e:   # e.g. a build with 9.0 instead of 9.0a: the kernels trap
+            why = f"{type(e).__name__}: {e}"
+        state = ns.attn_fwd_sm90_verified(0 if why else 1)
+        if why:
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+            warnings.warn(f"the sm_90a attention forward is not used: its wgmma / TMA self-tests failed on "
+                          f"{name} ({why}); the sm_80 forward runs instead",
+                          RuntimeWarning, stacklevel=3)
+    return state == 1
+
+
+_fwd_settled: set = set()   # GPUs whose sm90 question is settled: not compute capability 9.0, or the check ran
+
+
+@backends._constant_under_compile
+def _prepare_fwd(device, head_dim, varlen, max_seqlen_k):
+    """Before a forward on a GPU under "auto": the hardware check of the sm_90a kernel, at the first call it
+    would serve (a no-op once settled, on other GPUs and on the CPU). Runs eagerly under torch.compile."""
+    if device.type != "cuda":
+        return
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key in _fwd_settled or fwd_mode() != "auto":
+        return
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        _fwd_settled.add(key)
+    elif not _sm90_reason(device, head_dim, varlen, max_seqlen_k):
+        _sm90_verified(device)
+        _fwd_settled.add(key)
+
+
+def describe_path(call):
+    """Which CUDA forward kernel serves the call (shown by transformer.backends.explain): sm90 (wgmma + TMA) or
+    sm80 (mma.sync, TILEFORMER_CUDA_ATTN_FWD_TILES w8 / w4 tiles), and why."""
+    device = call["device"]
+    tiles = os.environ.get("TILEFORMER_CUDA_ATTN_FWD_TILES", "") or "w8"
+    sm80 = f"forward sm80 (mma.sync, {tiles} tiles)"
+    mode = fwd_mode()
+    if mode == "sm80":
+        return f"{sm80}: {FWD_ENV}=sm80"
+    reason = _sm90_reason(device, call["head_dim"], call["varlen"])
+    if not reason and call.get("dropout", 0.0) > 0:
+        return "forward sm80 (mma.sync, w8 tiles): dropout (the sm_90a forward has no dropout mask)"
+    if reason:
+        return f"{sm80}: sm90 does not serve this call ({reason})"
+    if mode == "sm90":
+        return f"forward sm90 (wgmma + TMA): {FWD_ENV}=sm90"
+    if device.type != "cuda":
+        return f"{sm80}: the emulator runs sm90 only with {FWD_ENV}=sm90"
+    state = ops(device).attn_fwd_sm90_verified(-1)
+    if state == 1:
+        return "forward sm90 (wgmma + TMA): the sm_90a self-tests passed on this GPU"
+    if state == 0:
+        return f"{sm80}: the sm_90a self-tests failed on this GPU"
+    return "forward sm90 (wgmma + TMA) once the sm_90a self-tests pass at the first call, else sm80"
+
+
+# ---------------------------------------------------------------------------------------------
 # Canonical entry functions (called by transformer.attention through the dispatcher)
 # ---------------------------------------------------------------------------------------------
 
@@ -114,6 +254,7 @@ def _fwd(q, k, v, *args):
 
 def flash_attention(q, k, v, **kw):
     _check(q, k, v)
+    _prepare_fwd(q.device, q.shape[-1], False, -1)
     return contract.flash_attention(_fwd, q, k, v, deterministic_arg=True, dropout_arg=True, **kw)
 
 

@@ -1,0 +1,259 @@
+// Flash attention forward for Hopper (sm_90a): wgmma + TMA + mbarrier, warp-specialised. Notation and the
+// mask / score helpers (key_range, keys_of_query, score) in attention/common.cuh; the same semantics as the
+// sm_80 kernel (attention/fwd.cuh).
+//
+// One block = BM = 128 query rows of one (batch, query head), 3 warpgroups (384 threads):
+//   warpgroup 0, the producer (setmaxnreg.dec): thread 0 loads the Q tile once, then the K and V tiles of BN keys
+//     into a ring of S stages, all by 4-D TMA ([B][N][H][D] tensor maps: rows past the sequence and columns past
+//     head_dim arrive as zeros). Stage s is refilled after its `empty` mbarrier completed (every consumer thread
+//     arrived) and signals its `full` mbarrier with the transaction bytes of K + V.
+//   warpgroups 1 and 2, the consumers (setmaxnreg.inc): warpgroup c owns query rows 64(c-1) .. 64(c-1)+63. Per key
+//     tile: S = Q K^T by wgmma m64nBNk16 with both operands in shared memory (K-major descriptors), scores in the
+//     log2 domain (softcap, ALiBi; the band mask only on the tiles that cross its edges), online softmax in
+//     registers (row max / sum over the quad with shuffles, exp2), P rounded to T in registers and used as the
+//     register A operand of wgmma m64nDk16 for O += P V (V in shared memory through an MN-major descriptor);
+//     then every consumer thread arrives on the stage's `empty` barrier.
+//   Epilogue: O normalised once, staged (128-byte swizzled, as Q) in the warpgroup's own rows of the Q tile and
+//   written with 16-byte stores; lse per row.
+// Shared memory (dynamic, from a 1024-byte boundary), every tile 128-byte swizzled as [D / 64][rows][64]
+// (one 128-byte row per 64 elements): Q [D/64][BM][64], K [S][D/64][BN][64], V [S][D/64][BN][64]. The mbarriers
+// are static __shared__.
+#pragma once
+
+#include "attention/common.cuh"
+#include "common/ptx_sm90.cuh"
+#include "common/tma.h"
+
+#if defined(TILEFORMER_EMULATE) || defined(TF_SM90A)
+#define TF_ATTN_SM90_BODY 1
+#endif
+
+namespace tf::attention {
+
+// Tile shapes of the sm_90a forward (head dims 64, 128, 256). Shared memory (fwd_sm90_smem_bytes): 81 KB at D = 64,
+// 161 KB at 128, 193 KB at 256 (64-key tiles: the 256-column O accumulator takes 128 registers per thread).
+template <int D>
+struct Sm90FwdTiles {
+  static_assert(D == 64 || D == 128 || D == 256, "the sm_90a forward is built for head dims 64, 128 and 256");
+  static constexpr int kM = 128;                  // query rows per block (2 consumer warpgroups x 64)
+  static constexpr int kN = D <= 128 ? 128 : 64;  // keys per K / V tile (the N of S = Q K^T)
+  static constexpr int kStages = 2;       // K / V ring
+  static constexpr int kThreads = 384;    // producer warpgroup + 2 consumer warpgroups
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;   // 128 * 40 + 256 * 232 <= 65536
+};
+
+constexpr int kSm90Chunk = 64;   // elements of one 128-byte swizzled row
+
+template <int D, int BM, int BN, int S>
+constexpr size_t fwd_sm90_smem_bytes() {
+  return 1024 + size_t(BM + 2 * S * BN) * D * 2;   // alignment slack + Q + S x (K, V), 16-bit elements
+}
+
+// Byte offset of element (row, col) in a 128-byte-swizzled tile [D / 64][rows][64] starting at a 1024-byte
+// boundary (the swizzle XORs bits 4-6 with bits 7-9: 16-byte chunks stay whole).
+TF_DEVICE uint32_t sw128_offset(int rows, int row, int col) {
+  const uint32_t off = uint32_t(col / kSm90Chunk) * uint32_t(rows) * 128 + uint32_t(row) * 128 + uint32_t(col % kSm90Chunk) * 2;
+  return swizzle_addr(off, Swizzle::b128);
+}
+
+// One consumer warpgroup: rows m0 + 64 cw .. of the block; see the file comment.
+template <typename T, int D, int BM, int BN, int S>
+TF_DEVICE void fwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range& kr, int n_tiles, int b, int h,
+                                 int m0, int cw, T* sQ, const T* sK, const T* sV, uint64_t* bar_q, uint64_t* full,
+                                 uint64_t* empty) {
+  constexpr Swizzle SW = Swizzle::b128;
+  const int ltid = threadIdx.x % 128, w = ltid / 32, lane = ltid % 32, g = lane >> 2, t = lane & 3;
+  const Scale sc = make_scale(p, b, h);
+  const int row_lo = m0 + 64 * cw + 16 * w + g;   // this thread's rows: row_lo, row_lo + 8
+  const Band band[2] = {keys_of_query(p, si, row_lo), keys_of_query(p, si, row_lo + 8)};
+  // A operand: this warpgroup's 64 rows inside each 128-row chunk of Q (8192 bytes in: a multiple of 1024).
+  const uint32_t q_addr = ptx::smem_addr(sQ) + uint32_t(64 * cw) * 128;
+
+  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.f, 0.f};
+  float o[D / 2];
+#pragma unroll
+  for (int r = 0; r < D / 2; ++r) o[r] = 0.f;
+
+  ptx::mbarrier_wait(bar_q, 0);
+  for (int it = 0; it < n_tiles; ++it) {
+    const int s = it % S, n0 = kr.lo + it * BN;
+    ptx::mbarrier_wait(&full[s], uint32_t((it / S) & 1));
+    const uint32_t k_addr = ptx::smem_addr(sK + s * BN * D), v_addr = ptx::smem_addr(sV + s * BN * D);
+
+    // S = Q K^T: D / 16 k-steps, one commit group.
+    float sacc[BN / 2];
+#pragma unroll
+    for (int r = 0; r < BN / 2; ++r) sacc[r] = 0.f;
+    ptx::fence_operand(sacc);
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      ptx::wgmma_ss<T, BN, 0, 0>(sacc, ptx::desc_k_major(q_addr, BM, 16 * kk, SW),
+                                 ptx::desc_k_major(k_addr, BN, 16 * kk, SW), kk > 0 ? 1 : 0);
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<0>();
+    ptx::fence_operand(sacc);
+
+    // Scores (log2 domain), masked where the tile crosses the band (or the sequence end), and the row max.
+    // sacc[4j + i] = S[row_lo + 8 (i >= 2)][n0 + 8j + 2t + (i & 1)].
+    const bool masked = n0 < kr.full_lo || n0 >= kr.full_hi;
+    float mx[2] = {m_i[0], m_i[1]};
+#pragma unroll
+    for (int r = 0; r < BN / 2; ++r) {
+      const int i = r & 3, row = row_lo + (i >= 2 ? 8 : 0), col = n0 + 8 * (r >> 2) + 2 * t + (i & 1);
+      float unused;
+      float x = score(sacc[r], sc, row, col, si.off, unused);
+      if (masked && !band[i >> 1].has(col)) x = -INFINITY;
+      sacc[r] = x;
+      mx[i >> 1] = fmaxf(mx[i >> 1], x);
+    }
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
+      m_use[r] = mx[r] == -INFINITY ? 0.f : mx[r];   // a row that has seen nothing: keep exp2 off (-inf) - (-inf)
+      alpha[r] = ptx::ex2_approx(m_i[r] - m_use[r]);
+      m_i[r] = mx[r];
+    }
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < BN / 2; ++r) {
+      sacc[r] = ptx::ex2_approx(sacc[r] - m_use[(r & 3) >> 1]);
+      rs[(r & 3) >> 1] += sacc[r];
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l_i[r] = l_i[r] * alpha[r] + rs[r];   // per-thread partial sums (quad-reduced at the end)
+    // P as wgmma A fragments: k-step kk covers keys 16kk .. 16kk+15 = accumulators 8kk .. 8kk+7.
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) pa[kk][r] = ptx::pack2<T>(sacc[8 * kk + 2 * r], sacc[8 * kk + 2 * r + 1]);
+#pragma unroll
+    for (int r = 0; r < D / 2; ++r) o[r] *= alpha[(r & 3) >> 1];
+
+    // O += P V: BN / 16 k-steps, V [key][d] as the MN-major B operand.
+    ptx::fence_operand(o);
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+      ptx::wgmma_rs<T, D, 1>(o, pa[kk], ptx::desc_mn_major(v_addr, BN, 16 * kk, SW), 1);
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<0>();
+    ptx::fence_operand(o);
+    ptx::mbarrier_arrive(&empty[s]);   // this thread's wgmmas reading stage s have retired
+  }
+
+  // Epilogue: normalise once; a row that saw no key has l = 0 -> out 0, lse -inf (never NaN).
+  float inv[2], lse[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_i[r];
+    l += __shfl_xor_sync(kFullMask, l, 1);
+    l += __shfl_xor_sync(kFullMask, l, 2);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    lse[r] = l > 0.f ? (m_i[r] + __log2f(l)) * kLn2 : -INFINITY;
+  }
+  // Stage this warp's 16 rows in its rows of the Q tile (read only by this warpgroup's wgmmas, all retired),
+  // swizzled as Q, then 16-byte stores of rows < rows_q, columns < head_dim.
+  unsigned char* sq = reinterpret_cast<unsigned char*>(sQ);
+  const int tr = 64 * cw + 16 * w + g;   // row in the Q tile
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+      *reinterpret_cast<uint32_t*>(sq + sw128_offset(BM, tr + 8 * hf, 8 * j + 2 * t)) =
+          ptx::pack2<T>(o[4 * j + 2 * hf] * inv[hf], o[4 * j + 2 * hf + 1] * inv[hf]);
+  __syncwarp();
+  const int64_t b64 = b;
+  const gptr<T> O = gcast<T>(p.out) + b64 * p.stride_ob + h * p.stride_oh;
+  constexpr int CH = D / 8;   // 16-byte chunks per row
+#pragma unroll
+  for (int i = 0; i < 16 * CH / 32; ++i) {
+    const int c = lane + 32 * i, r = c / CH, col = (c % CH) * 8;
+    const int row = m0 + 64 * cw + 16 * w + r;
+    if (row < si.rows_q && col < p.head_dim)
+      *gcast<uint4>(O + int64_t(row) * p.stride_om + col) =
+          *reinterpret_cast<const uint4*>(sq + sw128_offset(BM, 64 * cw + 16 * w + r, col));
+  }
+  if (t == 0) {
+    const gptr<float> L = p.lse + (b64 * p.hq + h) * p.max_q;   // [B, Hq, Nq], contiguous
+    if (row_lo < si.rows_q) L[row_lo] = lse[0];
+    if (row_lo + 8 < si.rows_q) L[row_lo + 8] = lse[1];
+  }
+}
+
+// Dense inputs only (the launcher routes varlen to the sm_80 kernel). tq / tk / tv: 4-D tensor maps over
+// q [B][Nq][Hq][head_dim], k / v [B][Nk][Hkv][head_dim] with boxes [1][rows][1][64], 128-byte swizzled.
+template <typename T, int D, int BM, int BN, int S>
+__global__ void __launch_bounds__(384, 1) attn_fwd_sm90_kernel(const __grid_constant__ TmaDesc tq,
+                                                               const __grid_constant__ TmaDesc tk,
+                                                               const __grid_constant__ TmaDesc tv, const Params p) {
+#ifdef TF_ATTN_SM90_BODY
+  static_assert(BM == 128 && D % kSm90Chunk == 0 && BN % 16 == 0 && BN <= 256, "tile shapes");
+  using Tiles = Sm90FwdTiles<D>;
+  constexpr int C = D / kSm90Chunk;
+  TF_DYNAMIC_SMEM(unsigned char, smem_raw);
+  unsigned char* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
+  T* sQ = reinterpret_cast<T*>(smem);   // [C][BM][64]
+  T* sK = sQ + BM * D;                  // [S][C][BN][64]
+  T* sV = sK + S * BN * D;              // [S][C][BN][64]
+  __shared__ uint64_t bar_q, full[S], empty[S];
+
+  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * BM;
+  const SeqInfo si = seq_info(p, b);
+  if (m0 >= si.rows_q) return;
+  const int m_last = imin(m0 + BM, si.rows_q) - 1;
+  const Range kr = key_range(p, si, m0, m_last, BN);
+  const int n_tiles = (kr.hi - kr.lo + BN - 1) / BN;
+  const int tid = threadIdx.x, wg = tid / 128;
+  if (tid == 0) {
+    ptx::mbarrier_init(&bar_q, 1);
+    for (int s = 0; s < S; ++s) {
+      ptx::mbarrier_init(&full[s], 1);
+      ptx::mbarrier_init(&empty[s], 256);   // every consumer thread
+    }
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    ptx::setmaxnreg_dec<Tiles::kProducerRegs>();
+    if (tid == 0) {
+      const int hk = h / p.group;
+      ptx::mbarrier_arrive_expect_tx(&bar_q, uint32_t(BM * D * 2));
+#pragma unroll
+      for (int c = 0; c < C; ++c) ptx::tma_load_4d(sQ + c * BM * kSm90Chunk, &tq, c * kSm90Chunk, m0, h, b, &bar_q);
+      for (int it = 0; it < n_tiles; ++it) {
+        const int s = it % S, n0 = kr.lo + it * BN;
+        ptx::mbarrier_wait(&empty[s], uint32_t(((it / S) & 1) ^ 1));   // the first pass finds fresh stages
+        ptx::mbarrier_arrive_expect_tx(&full[s], uint32_t(2 * BN * D * 2));
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          ptx::tma_load_4d(sK + (s * C + c) * BN * kSm90Chunk, &tk, c * kSm90Chunk, n0, hk, b, &full[s]);
+          ptx::tma_load_4d(sV + (s * C + c) * BN * kSm90Chunk, &tv, c * kSm90Chunk, n0, hk, b, &full[s]);
+        }
+      }
+    }
+  } else {
+    ptx::setmaxnreg_inc<Tiles::kConsumerRegs>();
+    fwd_sm90_consumer<T, D, BM, BN, S>(p, si, kr, n_tiles, b, h, m0, wg - 1, sQ, sK, sV, &bar_q, full, empty);
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // sm_80, or sm_90 without the arch-specific features (built for 9.0 instead of 9.0a)
+#endif
+}
+
+// Writes 1 where the sm_90a code of attn_fwd_sm90_kernel exists (a build naming 9.0a), 0 where this is other code
+// (sm_80, or plain sm_90 whose attn_fwd_sm90_kernel body is __trap()): the launcher asks it before the first use.
+template <int D>
+__global__ void attn_fwd_sm90_probe_kernel(gptr<int> out) {
+#if defined(TF_ATTN_SM90_BODY)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+}  // namespace tf::attention
