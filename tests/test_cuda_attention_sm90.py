@@ -289,12 +289,12 @@ def test_dropout_runs_sm80(backend, monkeypatch):
                                       backend="cuda")
     if before is not None:
         assert _count() == before, "a dropout call ran the sm_90a forward"
+    call = dict(device=q.device, head_dim=64, varlen=False, dropout=0.3)
+    assert "dropout" in _ca().describe_path(call)
     monkeypatch.setenv("TILEFORMER_CUDA_ATTN_FWD", "sm80")
     sm80 = transformer.flash_attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(5),
                                        backend="cuda")
     assert torch.equal(out, sm80)
-    call = dict(device=q.device, head_dim=64, varlen=False, dropout=0.3)
-    assert "dropout" in _ca().describe_path(call)
 
 
 def test_sm80_forced_and_bad_value(backend, monkeypatch):
