@@ -333,7 +333,8 @@ def test_auto_guard_self_test(backend, monkeypatch):
     0 and one warning names the failure; later calls neither rerun nor warn."""
     _require(backend)
     ca = _ca()
-    assert ca.sm90_selftest(helpers.DEVICE) == ""
+    from transformer._cuda.selftest import hopper_check
+    assert hopper_check(_ops(), helpers.DEVICE) == ""
     real = _ops()
 
     class Broken:

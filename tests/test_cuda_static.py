@@ -80,23 +80,24 @@ def test_tensor_core_kernels_use_hmma(report, source, kernel):
         assert s.instructions.get("LDSM", 0) > 0, f"{s.name}: no LDSM (ldmatrix) in the sm_80 SASS"
 
 
-@pytest.mark.parametrize("source,kernel,markers", HOPPER_KERNELS, ids=[k for _, k, _ in HOPPER_KERNELS])
-def test_hopper_selftest_kernels_use_hopper_instructions(report, source, kernel, markers):
+def _sm90_hits(report, source, kernel, markers, what):
+    """The sm_90a SASS entries of `kernel` in `source`, each checked for every marker instruction and no HMMA."""
     hits = [s for s in report if s.arch == 90 and s.name.startswith(source + ":") and kernel in s.name]
     assert hits, f"{kernel} not found in {source} (kernels: {[s.name for s in report if s.arch == 90]})"
     for s in hits:
         missing = [m for m in markers if s.instructions.get(m, 0) == 0]
         assert not missing, f"{s.name}: no {missing} in the sm_90a SASS ({s.instructions})"
-        assert s.instructions.get("HMMA", 0) == 0, f"{s.name}: HMMA (mma.sync) in a wgmma kernel"
+        assert s.instructions.get("HMMA", 0) == 0, f"{s.name}: HMMA (mma.sync) in {what}"
+    return hits
+
+
+@pytest.mark.parametrize("source,kernel,markers", HOPPER_KERNELS, ids=[k for _, k, _ in HOPPER_KERNELS])
+def test_hopper_selftest_kernels_use_hopper_instructions(report, source, kernel, markers):
+    _sm90_hits(report, source, kernel, markers, "a wgmma kernel")
 
 
 @pytest.mark.parametrize("source,kernel,markers", ATTENTION_SM90_KERNELS, ids=[k for _, k, _ in ATTENTION_SM90_KERNELS])
 def test_sm90_attention_forward_uses_wgmma_and_tma(report, source, kernel, markers):
-    hits = [s for s in report if s.arch == 90 and s.name.startswith(source + ":") and kernel in s.name]
-    assert hits, f"{kernel} not found in {source} (kernels: {[s.name for s in report if s.arch == 90]})"
-    for s in hits:
-        missing = [m for m in markers if s.instructions.get(m, 0) == 0]
-        assert not missing, f"{s.name}: no {missing} in the sm_90a SASS ({s.instructions})"
-        assert s.instructions.get("HMMA", 0) == 0, f"{s.name}: HMMA (mma.sync) in the wgmma forward"
+    for s in _sm90_hits(report, source, kernel, markers, "the wgmma forward"):
         assert not s.spills and not s.local_bytes, f"{s.name}: spills / local memory"
         print(f"{s.name} sm_90a: {s.registers} registers, instructions {s.instructions}")

@@ -106,7 +106,8 @@ void fwd_sm90_typed(const Params& p, cudaStream_t s, int d) {
 
 }  // namespace
 
-std::string attn_fwd_sm90_reason(int head_dim, bool varlen, int64_t max_k) {
+std::string attn_fwd_sm90_reason(int head_dim, bool varlen, int64_t max_k, bool dropout) {
+  if (dropout) return "dropout: the sm_90a forward has no dropout mask";
   if (varlen) return "varlen (packed sequences): the sm_90a forward takes dense [B, N, H, D] inputs";
   if (max_k == 0) return "max_seqlen_k = 0: no key to load";
   const int d = attn_padded_head_dim(head_dim);
@@ -136,8 +137,8 @@ int attn_fwd_sm90_verified(int state) {
 
 const char* attn_fwd_kernel(const Params& p) {
   const FwdMode mode = fwd_mode();
-  if (mode == FwdMode::sm80 || !attn_fwd_sm90_reason(p.head_dim, p.varlen, p.max_k).empty()) return "sm80";
-  if (p.rng_state) return "sm80";   // dropout: the sm_90a forward has no dropout mask
+  if (mode == FwdMode::sm80 || !attn_fwd_sm90_reason(p.head_dim, p.varlen, p.max_k, bool(p.rng_state)).empty())
+    return "sm80";
   if (mode == FwdMode::sm90) return "sm90";
 #ifdef TILEFORMER_EMULATE
   return "sm80";

@@ -106,8 +106,8 @@ template <typename T, int D> void run_attn_fwd_sm90(const Params& p, cudaStream_
 template <int D> bool attn_fwd_sm90_has_code();   // the build holds the kernel's sm_90 code (GPU) / the head dim
 
 // "" when the sm_90a forward serves a call with this head dim (before padding), layout and max_seqlen_k (< 0:
-// not known) on this build and the current device; else why not (the call then runs the sm_80 kernel).
-std::string attn_fwd_sm90_reason(int head_dim, bool varlen, int64_t max_k);
+// not known) and dropout on this build and the current device; else why not (the call then runs the sm_80 kernel).
+std::string attn_fwd_sm90_reason(int head_dim, bool varlen, int64_t max_k, bool dropout = false);
 
 // The hardware check of the sm_90a forward under "auto": -1 not run (the initial state), 0 failed, 1 passed.
 // state 0 or 1 records a result; any other value only reads. Returns the state.

@@ -273,10 +273,11 @@ inline std::vector<int64_t> attn_head_dims() {
   return std::vector<int64_t>(dims, dims + (n < 16 ? n : 16));
 }
 
-// "" when the sm_90a forward can serve (head dim, varlen, max_seqlen_k; -1: not known) here, else why not.
-inline std::string attn_fwd_sm90_reason(int64_t head_dim, bool varlen, int64_t max_seqlen_k) {
+// "" when the sm_90a forward can serve (head dim, varlen, max_seqlen_k; -1: not known, dropout) here, else why
+// not.
+inline std::string attn_fwd_sm90_reason(int64_t head_dim, bool varlen, int64_t max_seqlen_k, bool dropout) {
   TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= 1024, "head_dim must be in 1..1024, got ", head_dim);
-  return tf::attention::attn_fwd_sm90_reason(int(head_dim), varlen, max_seqlen_k);
+  return tf::attention::attn_fwd_sm90_reason(int(head_dim), varlen, max_seqlen_k, dropout);
 }
 
 inline int64_t attn_fwd_sm90_verified(int64_t state) {
@@ -295,7 +296,8 @@ inline void define(torch::Library& m) {
   m.def("attn_head_dims() -> int[]", &attn_head_dims);
   // Tensor-less: the sm_90a forward's limits on this build / device (attention.h), and its hardware check state
   // (-1 not run, 0 failed, 1 passed; state 0 / 1 records a result, -1 only reads).
-  m.def("attn_fwd_sm90_reason(int head_dim, bool varlen, int max_seqlen_k) -> str", &attn_fwd_sm90_reason);
+  m.def("attn_fwd_sm90_reason(int head_dim, bool varlen, int max_seqlen_k, bool dropout=False) -> str",
+        &attn_fwd_sm90_reason);
   m.def("attn_fwd_sm90_verified(int state) -> int", &attn_fwd_sm90_verified);
 }
 

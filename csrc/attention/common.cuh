@@ -373,4 +373,20 @@ TF_DEVICE void acc_to_smem(T* s, const float (&acc)[NC / 8][4], float mul_lo, fl
   }
 }
 
+// One step of the online softmax for the two rows a thread holds in the m16n8 accumulator layout (row_lo and
+// row_lo + 8, each spread over the 4 lanes of a quad): mx[r] (this tile's row maxima over the thread's columns)
+// becomes the quad's maximum; alpha[r] = 2^(m_i - new max) rescales the running sums and outputs; m_use[r] is the
+// maximum to subtract from this tile's scores (0 for a row that has seen only -inf, keeping exp2 off
+// (-inf) - (-inf)); m_i[r] becomes the new running maximum.
+TF_DEVICE void online_max_step(float mx[2], float m_i[2], float alpha[2], float m_use[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
+    m_use[r] = mx[r] == -INFINITY ? 0.f : mx[r];
+    alpha[r] = ptx::ex2_approx(m_i[r] - m_use[r]);
+    m_i[r] = mx[r];
+  }
+}
+
 }  // namespace tf::attention

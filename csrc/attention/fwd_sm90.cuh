@@ -108,14 +108,7 @@ TF_DEVICE void fwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
       mx[i >> 1] = fmaxf(mx[i >> 1], x);
     }
     float alpha[2], m_use[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
-      m_use[r] = mx[r] == -INFINITY ? 0.f : mx[r];   // a row that has seen nothing: keep exp2 off (-inf) - (-inf)
-      alpha[r] = ptx::ex2_approx(m_i[r] - m_use[r]);
-      m_i[r] = mx[r];
-    }
+    online_max_step(mx, m_i, alpha, m_use);
     float rs[2] = {0.f, 0.f};
 #pragma unroll
     for (int r = 0; r < BN / 2; ++r) {

@@ -41,9 +41,10 @@ import torch.nn.functional as F
 from .. import _checks, backends
 from ..ops import attention as contract
 from . import namespace_name, ops
+from .selftest import hopper_check
 
 __all__ = ["flash_attention", "flash_attention_varlen", "padded_attention", "head_dims", "head_dim_reason",
-           "register", "supports", "describe_path", "fwd_mode", "sm90_selftest", "FWD_ENV"]
+           "register", "supports", "describe_path", "fwd_mode", "FWD_ENV"]
 
 def register(ns):
     """Fakes + autograd of the namespace's attention ops (called once per namespace by ops())."""
@@ -113,62 +114,24 @@ def fwd_mode() -> str:
     return v
 
 
-def _sm90_reason(device, head_dim, varlen, max_seqlen_k=-1) -> str:
+def _sm90_reason(device, head_dim, varlen, max_seqlen_k=-1, dropout=False) -> str:
     """"" when the sm_90a forward serves such a call on this build and device (the C++ side decides), else why
     not."""
     try:
-        return ops(device).attn_fwd_sm90_reason(_round8(head_dim), varlen, max_seqlen_k)
+        return ops(device).attn_fwd_sm90_reason(_round8(head_dim), varlen, max_seqlen_k, dropout)
     except (RuntimeError, AttributeError) as e:   # an extension built before the sm_90a forward existed
         return f"this build has no sm_90a forward ({type(e).__name__}: {e})"
 
 
-def sm90_selftest(device) -> str:
-    """Run the sm_90a self-test kernels (csrc/selftest/hopper.cuh) on `device` against torch: wgmma with A from
-    shared memory and from registers, B K-major and N-major, N 64 / 128 / 256, fp16 / bf16, 128-byte swizzled tiles
-    loaded by TMA (the forms and layouts the sm_90a attention forward uses), a TMA load / store round trip and the
-    mbarrier producer / consumer ring. "" if all agree, else what failed."""
-    ns = ops(device)
-    g = torch.Generator().manual_seed(0)
-    fails = []
-    for dtype in (torch.float16, torch.bfloat16):
-        for n, a_regs, b_mn in ((128, False, False), (64, False, False), (64, True, True), (128, True, True),
-                                (256, True, True)):
-            k = 64
-            a = torch.randn(64, k, generator=g).to(dtype)
-            b = torch.randn(k, n, generator=g).to(dtype)
-            c = torch.randn(64, n, generator=g)
-            b_in = b.contiguous() if b_mn else b.t().contiguous()
-            d = ns.selftest_wgmma(a.to(device), b_in.to(device), c.to(device), n, 3, a_regs, b_mn, 0).cpu()
-            ref = a.double() @ b.double() + c.double()
-            err = (d.double() - ref).abs().max().item()
-            if not err <= 1e-5 * (k / 16) * (1 + ref.abs().max().item()):
-                fails.append(f"wgmma {dtype} n={n} {'RS' if a_regs else 'SS'} B {'N' if b_mn else 'K'}-major: "
-                             f"max error {err:.3e}")
-    x = torch.randn(64, 64, generator=g).to(torch.float16)
-    y = torch.zeros(64, 64, dtype=torch.float16)
-    y_dev = y.to(device)
-    tile = ns.selftest_tma_copy(x.to(device), y_dev, 0, 0, 0, 0, 64, 64, 3, False, False).cpu()
-    if not (torch.equal(tile, x) and torch.equal(y_dev.cpu(), x)):
-        fails.append("TMA 2-D load / store round trip (128-byte swizzle) differs")
-    xs = torch.randn(6, 128, generator=g)
-    out = ns.selftest_mbarrier(xs.to(device), 0).cpu()
-    want = torch.zeros(128)
-    for row in xs:
-        want = want * 0.5 + row
-    if not torch.allclose(out, want, rtol=1e-6, atol=1e-6):
-        fails.append("mbarrier producer / consumer ring differs")
-    return "; ".join(fails)
-
-
 @backends._constant_under_compile
 def _sm90_verified(device) -> bool:
-    """Under "auto" on a compute capability 9.0 GPU: run sm90_selftest once (the C++ side keeps the result: -1
+    """Under "auto" on a compute capability 9.0 GPU: run selftest.hopper_check once (the C++ side keeps the result: -1
     not run, 0 failed, 1 passed) and report it there; True if it passed. A failure warns once."""
     ns = ops(device)
     state = ns.attn_fwd_sm90_verified(-1)
     if state == -1:
         try:
-            why = sm90_selftest(device)
+            why = hopper_check(ns, device)
         except Exception as e:   # e.g. a build with 9.0 instead of 9.0a: the kernels trap
             why = f"{type(e).__name__}: {e}"
         state = ns.attn_fwd_sm90_verified(0 if why else 1)
@@ -184,7 +147,7 @@ _fwd_settled: set = set()   # GPUs whose sm90 question is settled: not compute c
 
 
 @backends._constant_under_compile
-def _prepare_fwd(device, head_dim, varlen, max_seqlen_k):
+def _prepare_fwd(device, head_dim, varlen, max_seqlen_k, dropout):
     """Before a forward on a GPU under "auto": the hardware check of the sm_90a kernel, at the first call it
     would serve (a no-op once settled, on other GPUs and on the CPU). Runs eagerly under torch.compile."""
     if device.type != "cuda":
@@ -194,7 +157,7 @@ def _prepare_fwd(device, head_dim, varlen, max_seqlen_k):
         return
     if torch.cuda.get_device_capability(device) != (9, 0):
         _fwd_settled.add(key)
-    elif not _sm90_reason(device, head_dim, varlen, max_seqlen_k):
+    elif not _sm90_reason(device, head_dim, varlen, max_seqlen_k, dropout):
         _sm90_verified(device)
         _fwd_settled.add(key)
 
@@ -203,14 +166,14 @@ def describe_path(call):
     """Which CUDA forward kernel serves the call (shown by transformer.backends.explain): sm90 (wgmma + TMA) or
     sm80 (mma.sync, TILEFORMER_CUDA_ATTN_FWD_TILES w8 / w4 tiles), and why."""
     device = call["device"]
-    tiles = os.environ.get("TILEFORMER_CUDA_ATTN_FWD_TILES", "") or "w8"
+    dropout = call.get("dropout", 0.0) > 0
+    # dropout runs the w8 tiles whatever TILEFORMER_CUDA_ATTN_FWD_TILES says (csrc/attention/launch.cuh)
+    tiles = "w8" if dropout else os.environ.get("TILEFORMER_CUDA_ATTN_FWD_TILES", "") or "w8"
     sm80 = f"forward sm80 (mma.sync, {tiles} tiles)"
     mode = fwd_mode()
     if mode == "sm80":
         return f"{sm80}: {FWD_ENV}=sm80"
-    reason = _sm90_reason(device, call["head_dim"], call["varlen"])
-    if not reason and call.get("dropout", 0.0) > 0:
-        return "forward sm80 (mma.sync, w8 tiles): dropout (the sm_90a forward has no dropout mask)"
+    reason = _sm90_reason(device, call["head_dim"], call["varlen"], dropout=dropout)
     if reason:
         return f"{sm80}: sm90 does not serve this call ({reason})"
     if mode == "sm90":
@@ -254,7 +217,7 @@ def _fwd(q, k, v, *args):
 
 def flash_attention(q, k, v, **kw):
     _check(q, k, v)
-    _prepare_fwd(q.device, q.shape[-1], False, -1)
+    _prepare_fwd(q.device, q.shape[-1], False, -1, kw.get("dropout_p", 0.0) > 0)
     return contract.flash_attention(_fwd, q, k, v, deterministic_arg=True, dropout_arg=True, **kw)
 
 

@@ -1,4 +1,5 @@
-"""Fakes of the self-test ops (csrc/selftest/), so even the test ops trace under torch.compile."""
+"""Fakes of the self-test ops (csrc/selftest/), so even the test ops trace under torch.compile, and hopper_check:
+the sm_90a self-tests run against torch on a GPU (the hardware check of the sm_90a attention forward)."""
 from __future__ import annotations
 
 import torch
@@ -12,3 +13,40 @@ def register(ns: str):
     @torch.library.register_fake(f"{ns}::selftest_warp_ops")
     def _warp_fake(x, width):
         return x.new_empty((x.shape[0], 10))
+
+
+def hopper_check(ns, device) -> str:
+    """Run the sm_90a self-test kernels (csrc/selftest/hopper.cuh) of op namespace `ns` on `device` against torch:
+    wgmma with A from shared memory and from registers, B K-major and N-major, N 64 / 128 / 256, fp16 / bf16,
+    128-byte swizzled tiles loaded by TMA (the forms and layouts the sm_90a attention forward uses), a TMA load / store round trip and the
+    mbarrier producer / consumer ring. "" if all agree, else what failed."""
+    g = torch.Generator().manual_seed(0)
+    fails = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for n, a_regs, b_mn in ((128, False, False), (64, False, False), (64, True, True), (128, True, True),
+                                (256, True, True)):
+            k = 64
+            a = torch.randn(64, k, generator=g).to(dtype)
+            b = torch.randn(k, n, generator=g).to(dtype)
+            c = torch.randn(64, n, generator=g)
+            b_in = b.contiguous() if b_mn else b.t().contiguous()
+            d = ns.selftest_wgmma(a.to(device), b_in.to(device), c.to(device), n, 3, a_regs, b_mn, 0).cpu()
+            ref = a.double() @ b.double() + c.double()
+            err = (d.double() - ref).abs().max().item()
+            if not err <= 1e-5 * (k / 16) * (1 + ref.abs().max().item()):
+                fails.append(f"wgmma {dtype} n={n} {'RS' if a_regs else 'SS'} B {'N' if b_mn else 'K'}-major: "
+                             f"max error {err:.3e}")
+    x = torch.randn(64, 64, generator=g).to(torch.float16)
+    y = torch.zeros(64, 64, dtype=torch.float16)
+    y_dev = y.to(device)
+    tile = ns.selftest_tma_copy(x.to(device), y_dev, 0, 0, 0, 0, 64, 64, 3, False, False).cpu()
+    if not (torch.equal(tile, x) and torch.equal(y_dev.cpu(), x)):
+        fails.append("TMA 2-D load / store round trip (128-byte swizzle) differs")
+    xs = torch.randn(6, 128, generator=g)
+    out = ns.selftest_mbarrier(xs.to(device), 0).cpu()
+    want = torch.zeros(128)
+    for row in xs:
+        want = want * 0.5 + row
+    if not torch.allclose(out, want, rtol=1e-6, atol=1e-6):
+        fails.append("mbarrier producer / consumer ring differs")
+    return "; ".join(fails)
