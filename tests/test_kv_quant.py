@@ -543,7 +543,8 @@ def test_generate_agreement(trained_decoder):
     max 0.35 / mean 0.052, fp8 max 1.47 / mean 0.24; the fp32 model agrees with the fp16 one on 100%. Asserted:
     paged and contiguous caches give the same tokens (same quantized values, same kernels); teacher-forced
     agreement >= 98%; no decision with an fp16 top-2 gap of 1 logit or more flips; mean logit error <= 0.1 (int8)
-    and <= 0.5 (fp8). The free-running target (>= 95%) is test_generate_greedy_agreement_target (xfail)."""
+    and <= 0.5 (fp8). Free-running agreement over 64 prompts: test_generate_greedy_agreement (and its >= 95%
+    target, xfail)."""
     from transformer.models import DecoderOnly
     cfg, state, prompts = trained_decoder
     model = DecoderOnly(cfg).to(torch.float16).eval()
@@ -573,20 +574,68 @@ def test_generate_agreement(trained_decoder):
     print("\nagreement with the fp16 cache:\n" + "\n".join(lines))
 
 
-@pytest.mark.xfail(strict=True, reason="finding: with one scale per (token, head), greedy generation over an int8 "
-                   "cache keeps 81.0% of the fp16 cache's tokens on this model and fp8 e4m3 56.2% (target >= 95%); "
-                   "the per-token decisions are kept at 98.4% and every flip is a near-tie, but a fork changes "
-                   "every later token")
-def test_generate_greedy_agreement_target(trained_decoder):
-    """The accuracy target for free-running generation: greedy generate over an int8 or fp8 e4m3 cache (8 prompts,
-    48 tokens, paged) agrees with the fp16 cache on >= 95% of the tokens."""
+@pytest.fixture(scope="module")
+def greedy_figures(trained_decoder):
+    """Free-running greedy agreement with the fp16 cache over 64 prompts from the text (seeded offsets, 8-24
+    tokens, 48 generated tokens each, paged): one near-tie flip forks the rest of its sequence, so a small prompt
+    set measures mostly luck (on the 8 prompts of test_generate_agreement a bf16 copy of the cache scores 92.4%,
+    on these 64, 97.3%). Measured for int8, fp8 e4m3, and, as the floor of the measurement, the fp16 cache with
+    every key and value rounded through bf16 on its way in (a 16-bit storage nobody calls lossy). Returns
+    {name: (agreement, forked sequences)}."""
     from transformer.models import DecoderOnly
-    cfg, state, prompts = trained_decoder
+    from transformer.kv_cache import KVCache
+    import transformer.nn.attention as attention_module
+    cfg, state, _ = trained_decoder
     model = DecoderOnly(cfg).to(torch.float16).eval()
     model.load_state_dict(state)
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "data",
+                             "attention.txt"), encoding="utf-8").read()
+    chars = sorted(set(text))
+    data = torch.tensor([chars.index(ch) for ch in text])
+    gen = torch.Generator().manual_seed(1)
+    offsets = torch.randint(0, len(data) - 64, (64,), generator=gen).tolist()
+    lengths = torch.randint(8, 25, (64,), generator=gen).tolist()
+    prompts = [data[o:o + n] for o, n in zip(offsets, lengths)]
     base = _greedy(model, prompts, 48, None)
-    figures = {kd: _agreement(_greedy(model, prompts, 48, kd), base, prompts) for kd in FORMATS}
-    assert min(figures.values()) >= 0.95, figures
+
+    def measure(out):
+        return _agreement(out, base, prompts), sum(int(not torch.equal(a, b)) for a, b in zip(out, base))
+
+    figures = {kd: measure(_greedy(model, prompts, 48, kd)) for kd in FORMATS}
+    with pytest.MonkeyPatch.context() as mp:   # keys and values reach the cache by write (prefill) and by the
+        bf16 = lambda x: x.to(torch.bfloat16).to(x.dtype)   # noqa: E731   decode call's append (k=, v=)
+        write, decode = KVCache.write, attention_module.decode_attention
+        mp.setattr(KVCache, "write", lambda self, layer, k, v, *a: write(self, layer, bf16(k), bf16(v), *a))
+        mp.setattr(attention_module, "decode_attention", lambda q, kc, vc, sl, *, k=None, v=None, **kw: decode(
+            q, kc, vc, sl, k=None if k is None else bf16(k), v=None if v is None else bf16(v), **kw))
+        figures["bf16 storage"] = measure(_greedy(model, prompts, 48, None))
+    print("\nfree-running greedy agreement with the fp16 cache, 64 prompts x 48 tokens: " + ", ".join(
+        f"{name} {agree:.1%} ({forks} of 64 sequences fork)" for name, (agree, forks) in figures.items()))
+    return figures
+
+
+def test_generate_greedy_agreement(greedy_figures):
+    """What the 64-prompt measurement asserts: the floor (bf16 storage) meets the 95% target, so the measurement
+    can tell a 16-bit cache from an 8-bit one (measured 97.3%); int8 keeps >= 85% (measured 90.3%, 9 forked
+    sequences) and fp8 e4m3 >= 75% (measured 81.3%, 21 forked): the figures of the current quantizer, kept from
+    regressing. Fake-quantized variants measured the same way (keys / values quantized in fp32 and stored in
+    fp16): int8 keys only 92.4%, int8 values only 94.2%, per-32-channel-group scales 90.3%, keys divided by a
+    per-channel sqrt(amax) of the first write (a smoothing that needs no kernel change) with fp16 values 95.5% and
+    with int8 values 91.2%, a Hadamard rotation of both 91.5%, 10-bit per-token codes 99.1%."""
+    assert greedy_figures["bf16 storage"][0] >= 0.95, greedy_figures
+    assert greedy_figures["int8"][0] >= 0.85, greedy_figures
+    assert greedy_figures["fp8_e4m3"][0] >= 0.75, greedy_figures
+
+
+@pytest.mark.xfail(strict=True, reason="finding: greedy generation over an int8 cache keeps 90.3% of the fp16 "
+                   "cache's tokens over 64 prompts and fp8 e4m3 81.3% (target >= 95%); a bf16 copy of the fp16 "
+                   "cache keeps 97.3%. Every per-token flip is a near-tie (test_generate_agreement), but a fork "
+                   "changes every later token, and no 8-bit per-token, per-group, smoothed or rotated variant "
+                   "measured reaches 95% on this model (test_generate_greedy_agreement)")
+def test_generate_greedy_agreement_target(greedy_figures):
+    """The accuracy target for free-running generation: greedy generate over an int8 or fp8 e4m3 cache agrees
+    with the fp16 cache on >= 95% of the tokens (64 prompts x 48 tokens, paged)."""
+    assert min(greedy_figures[kd][0] for kd in FORMATS) >= 0.95, greedy_figures
 
 
 def test_generate_agreement_on_the_cuda_kernels(trained_decoder):
