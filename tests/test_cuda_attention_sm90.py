@@ -81,17 +81,18 @@ def _tiles(nq, nk, d, b, hq):
     return b * hq * math.ceil(nq / BM) * 2 * math.ceil(nk / _bn(d)) * (d // 16 + _bn(d) // 16)
 
 
-def _fwd_check(q, k, v, *, config, wgmma=None, sm90=True, **kw):
-    """Forward (out, lse) vs the fp32 reference and PyTorch in q's dtype; the sm_90a kernel ran (wgmma > 0, or
-    exactly `wgmma`) or, with sm90=False, the sm_80 kernel did (no wgmma)."""
+def _compared(entry, args, *, config, wgmma, sm90, **kw):
+    """(out, lse) of the cuda backend's `entry` (flash_attention or flash_attention_varlen) on args vs the fp32
+    reference and PyTorch in q's dtype; the sm_90a kernel ran (wgmma > 0, or exactly `wgmma`) or, with sm90=False,
+    the sm_80 kernel did (no wgmma)."""
     before = _count()
     if "causal_align" in kw:   # the SDPA drop-in's top-left causal: the backend's entry function takes it
-        full = dict(causal=False, softmax_scale=q.shape[-1] ** -0.5, window_size=(-1, -1), alibi_slopes=None,
+        full = dict(causal=False, softmax_scale=args[0].shape[-1] ** -0.5, window_size=(-1, -1), alibi_slopes=None,
                     softcap=0.0)
         full.update(kw)
-        out, lse = _ca().flash_attention(q, k, v, deterministic=False, return_lse=True, **full)
+        out, lse = getattr(_ca(), entry)(*args, deterministic=False, return_lse=True, **full)
     else:
-        out, lse = transformer.flash_attention(q, k, v, return_lse=True, backend="cuda", **kw)
+        out, lse = getattr(transformer, entry)(*args, return_lse=True, backend="cuda", **kw)
     after = _count()
     if before is not None:
         ran = after - before
@@ -101,12 +102,18 @@ def _fwd_check(q, k, v, *, config, wgmma=None, sm90=True, **kw):
             assert ran == wgmma, f"{config}: {ran} wgmma, expected {wgmma}"
         else:
             assert ran > 0, f"{config}: the sm_90a forward did not run (no wgmma)"
-    ref, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
-    low, low_lse = reference.attention(q, k, v, return_lse=True, compute_dtype=None, **kw)
+    ref_fn = reference.attention if entry == "flash_attention" else reference.attention_varlen
+    ref, ref_lse = ref_fn(*args, return_lse=True, **kw)
+    low, low_lse = ref_fn(*args, return_lse=True, compute_dtype=None, **kw)
     assert not out.isnan().any(), f"{config}: NaN in out (an element left unwritten shows the poison)"
     helpers.assert_close(out, ref, low, config=config)
     helpers.assert_close(lse, ref_lse, low_lse.float(), name="lse", config=config)
     return out, lse
+
+
+def _fwd_check(q, k, v, *, config, wgmma=None, sm90=True, **kw):
+    """Dense forward (out, lse) vs the references (_compared)."""
+    return _compared("flash_attention", (q, k, v), config=config, wgmma=wgmma, sm90=sm90, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,31 +275,9 @@ def _varlen_tiles(lens_q, lens_k, d, hq):
 
 
 def _varlen_check(q, k, v, lens_q, lens_k, *, config, wgmma=None, sm90=True, **kw):
-    """flash_attention_varlen (out, lse) vs the fp32 reference and PyTorch in q's dtype, as _fwd_check."""
-    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
-    args = (q, k, v, cu_q, cu_k, max(lens_q), max(lens_k))
-    before = _count()
-    if "causal_align" in kw:
-        full = dict(causal=False, softmax_scale=q.shape[-1] ** -0.5, window_size=(-1, -1), alibi_slopes=None,
-                    softcap=0.0)
-        full.update(kw)
-        out, lse = _ca().flash_attention_varlen(*args, deterministic=False, return_lse=True, **full)
-    else:
-        out, lse = transformer.flash_attention_varlen(*args, return_lse=True, backend="cuda", **kw)
-    if before is not None:
-        ran = _count() - before
-        if not sm90:
-            assert ran == 0, f"{config}: the sm_80 forward should have run, got {ran} wgmma"
-        elif wgmma is not None:
-            assert ran == wgmma, f"{config}: {ran} wgmma, expected {wgmma}"
-        else:
-            assert ran > 0, f"{config}: the sm_90a forward did not run (no wgmma)"
-    ref, ref_lse = reference.attention_varlen(*args, return_lse=True, **kw)
-    low, low_lse = reference.attention_varlen(*args, return_lse=True, compute_dtype=None, **kw)
-    assert not out.isnan().any(), f"{config}: NaN in out (an element left unwritten shows the poison)"
-    helpers.assert_close(out, ref, low, config=config)
-    helpers.assert_close(lse, ref_lse, low_lse.float(), name="lse", config=config)
-    return out, lse
+    """flash_attention_varlen (out, lse) of sequences of lens_q / lens_k vs the references (_compared)."""
+    args = (q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k))
+    return _compared("flash_attention_varlen", args, config=config, wgmma=wgmma, sm90=sm90, **kw)
 
 
 # (lens_q, lens_k): empty sequences on either side, 1, 113, 239, a sequence longer than one 128-row block

@@ -1,7 +1,7 @@
 """Self-tests of the sm_90a wrappers (csrc/common/ptx_sm90.cuh) and their host emulation (csrc/common/emu_hopper.h):
 wgmma.mma_async (SS and RS, every swizzle mode, fp16 / bf16, N 64 / 128 / 256, B K-major and N-major) fed by
-TMA loads through an mbarrier, TMA 2-D and 3-D load / store and 4-D loads with out-of-bounds boxes, and an mbarrier producer /
-consumer ring with setmaxnreg.
+TMA loads through an mbarrier, TMA 2-D and 3-D load / store and 4-D loads with out-of-bounds boxes, and an
+mbarrier producer / consumer ring with setmaxnreg.
 
 The kernels are in csrc/selftest/hopper.cuh. On this CPU machine they run through transformer._C_emu; on an
 H100 / H200 the "gpu" parametrisations run the same kernels on the hardware, which checks the emulated fragment
