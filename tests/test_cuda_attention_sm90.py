@@ -5,7 +5,9 @@ On a CPU machine the kernel runs through the host emulation (TILEFORMER_CUDA_ATT
 wgmma reads shared memory through its descriptors and swizzle as the hardware does, TMA loads land (zero fill,
 swizzle) at the mbarrier wait, outputs are NaN-poisoned, global accesses bounds-checked, threads run in a random
 order. Every forced call checks that the kernel ran by its warpgroup-level wgmma count (emu_wgmma_count) and
-compares out and lse with the fp32 reference by the flash-attn rule (helpers.assert_close). A representative
+compares out and lse with the fp32 reference by the flash-attn rule (helpers.assert_close). Varlen calls (packed
+sequences) run it too: ragged lengths with empty sequences, inf / NaN in the neighbouring sequence, invalid
+cu_seqlens values. A representative
 rotation of the grid runs by default, the full grid under ``-m slow``. On an H100 / H200 the same tests run the
 hardware kernel (no count).
 """
@@ -79,17 +81,18 @@ def _tiles(nq, nk, d, b, hq):
     return b * hq * math.ceil(nq / BM) * 2 * math.ceil(nk / _bn(d)) * (d // 16 + _bn(d) // 16)
 
 
-def _fwd_check(q, k, v, *, config, wgmma=None, sm90=True, **kw):
-    """Forward (out, lse) vs the fp32 reference and PyTorch in q's dtype; the sm_90a kernel ran (wgmma > 0, or
-    exactly `wgmma`) or, with sm90=False, the sm_80 kernel did (no wgmma)."""
+def _compared(entry, args, *, config, wgmma, sm90, **kw):
+    """(out, lse) of the cuda backend's `entry` (flash_attention or flash_attention_varlen) on args vs the fp32
+    reference and PyTorch in q's dtype; the sm_90a kernel ran (wgmma > 0, or exactly `wgmma`) or, with sm90=False,
+    the sm_80 kernel did (no wgmma)."""
     before = _count()
     if "causal_align" in kw:   # the SDPA drop-in's top-left causal: the backend's entry function takes it
-        full = dict(causal=False, softmax_scale=q.shape[-1] ** -0.5, window_size=(-1, -1), alibi_slopes=None,
+        full = dict(causal=False, softmax_scale=args[0].shape[-1] ** -0.5, window_size=(-1, -1), alibi_slopes=None,
                     softcap=0.0)
         full.update(kw)
-        out, lse = _ca().flash_attention(q, k, v, deterministic=False, return_lse=True, **full)
+        out, lse = getattr(_ca(), entry)(*args, deterministic=False, return_lse=True, **full)
     else:
-        out, lse = transformer.flash_attention(q, k, v, return_lse=True, backend="cuda", **kw)
+        out, lse = getattr(transformer, entry)(*args, return_lse=True, backend="cuda", **kw)
     after = _count()
     if before is not None:
         ran = after - before
@@ -99,12 +102,18 @@ def _fwd_check(q, k, v, *, config, wgmma=None, sm90=True, **kw):
             assert ran == wgmma, f"{config}: {ran} wgmma, expected {wgmma}"
         else:
             assert ran > 0, f"{config}: the sm_90a forward did not run (no wgmma)"
-    ref, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
-    low, low_lse = reference.attention(q, k, v, return_lse=True, compute_dtype=None, **kw)
+    ref_fn = reference.attention if entry == "flash_attention" else reference.attention_varlen
+    ref, ref_lse = ref_fn(*args, return_lse=True, **kw)
+    low, low_lse = ref_fn(*args, return_lse=True, compute_dtype=None, **kw)
     assert not out.isnan().any(), f"{config}: NaN in out (an element left unwritten shows the poison)"
     helpers.assert_close(out, ref, low, config=config)
     helpers.assert_close(lse, ref_lse, low_lse.float(), name="lse", config=config)
     return out, lse
+
+
+def _fwd_check(q, k, v, *, config, wgmma=None, sm90=True, **kw):
+    """Dense forward (out, lse) vs the references (_compared)."""
+    return _compared("flash_attention", (q, k, v), config=config, wgmma=wgmma, sm90=sm90, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,37 +255,243 @@ def test_work_count_is_the_tile_count(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# Varlen: packed [total, H, D] sequences
+# ---------------------------------------------------------------------------------------------
+
+def _cu(lens):
+    return torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=helpers.DEVICE)
+
+
+def _packed(lens_q, lens_k, hq, hkv, d, dtype, seed, extra=0):
+    """Packed q [sum(lens_q) + extra, Hq, D], k, v [sum(lens_k) + extra, Hkv, D] (extra tokens past cu[-1])."""
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda n, h: torch.randn(n + extra, h, d, generator=g).to(helpers.DEVICE, dtype)  # noqa: E731
+    return mk(sum(lens_q), hq), mk(sum(lens_k), hkv), mk(sum(lens_k), hkv)
+
+
+def _varlen_tiles(lens_q, lens_k, d, hq):
+    """wgmma of a varlen call without a mask: per sequence as a dense call of its lengths (0 for an empty one)."""
+    return sum(_tiles(nq, nk, d, 1, hq) for nq, nk in zip(lens_q, lens_k) if nq and nk)
+
+
+def _varlen_check(q, k, v, lens_q, lens_k, *, config, wgmma=None, sm90=True, **kw):
+    """flash_attention_varlen (out, lse) of sequences of lens_q / lens_k vs the references (_compared)."""
+    args = (q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k))
+    return _compared("flash_attention_varlen", args, config=config, wgmma=wgmma, sm90=sm90, **kw)
+
+
+# (lens_q, lens_k): empty sequences on either side, 1, 113, 239, a sequence longer than one 128-row block
+VARLEN_LENS = [
+    ([113, 0, 1, 239], [239, 5, 0, 113]),
+    ([1, 130, 7], [130, 1, 64]),
+    ([239, 113], [113, 239]),
+]
+
+
+def _varlen_grid():
+    return list(itertools.product((FP16, BF16), (64, 128, 256), range(len(VARLEN_LENS)), (1, 2, 5),
+                                  (False, True)))
+
+
+def _varlen_rotation():
+    """Every lens set, both dtypes, causal and not, groups 1 / 2 / 5 at head dims 64 and 128; two at 256."""
+    cases = []
+    for i in range(len(VARLEN_LENS)):
+        for j, d in enumerate((64, 128)):
+            cases.append(((FP16, BF16)[(i + j) % 2], d, i, (1, 2, 5)[(i + 2 * j) % 3], bool((i + j) % 2)))
+    cases += [(BF16, 256, 0, 2, True), (FP16, 256, 1, 5, False)]
+    return cases
+
+
+def _varlen_id(c):
+    dtype, d, i, group, causal = c
+    return f"{'fp16' if dtype == FP16 else 'bf16'}-d{d}-lens{i}-g{group}" + ("-causal" if causal else "")
+
+
+def _run_varlen_case(backend, case):
+    dtype, d, i, group, causal = case
+    _require(backend, d)
+    lens_q, lens_k = VARLEN_LENS[i]
+    hkv = 1 if group == 5 else 2
+    hq = group * hkv
+    q, k, v = _packed(lens_q, lens_k, hq, hkv, d, dtype, seed=7 * i + d + group, extra=3)
+    _varlen_check(q, k, v, lens_q, lens_k, causal=causal, config=_varlen_id(case),
+                  wgmma=None if causal else _varlen_tiles(lens_q, lens_k, d, hq))
+
+
+@pytest.mark.parametrize("case", _varlen_rotation(), ids=[_varlen_id(c) for c in _varlen_rotation()])
+def test_varlen_grid(backend, case):
+    _run_varlen_case(backend, case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _varlen_grid(), ids=[_varlen_id(c) for c in _varlen_grid()])
+def test_varlen_grid_full(backend, case):
+    _run_varlen_case(backend, case)
+
+
+VARLEN_FEATURES = [
+    # (name, lens_q, lens_k, group, d, dtype, kwargs)
+    ("window", [113, 40], [239, 90], 2, 64, BF16, dict(window_size=(37, 11))),
+    ("window-left-causal", [239, 1], [200, 130], 1, 128, FP16, dict(causal=True, window_size=(70, -1))),
+    ("alibi-per-sequence-causal", [113, 0, 60], [100, 9, 239], 5, 64, FP16, dict(causal=True, alibi="bh")),
+    ("softcap-alibi", [1, 129], [130, 64], 2, 128, BF16, dict(softcap=10.0, alibi="h")),
+    ("causal-top-left", [113, 239], [239, 113], 2, 64, BF16, dict(causal=True, causal_align="top_left")),
+    ("d256-window-softcap", [70, 150], [203, 64], 2, 256, FP16, dict(window_size=(90, 3), softcap=8.0)),
+]
+
+
+@pytest.mark.parametrize("feat", VARLEN_FEATURES, ids=[f[0] for f in VARLEN_FEATURES])
+def test_varlen_features(backend, feat):
+    name, lens_q, lens_k, group, d, dtype, kw = feat
+    _require(backend, d)
+    hkv = 1 if group == 5 else 2
+    q, k, v = _packed(lens_q, lens_k, group * hkv, hkv, d, dtype, seed=len(name))
+    kw = dict(kw)
+    if "alibi" in kw:
+        kw["alibi_slopes"] = _alibi(len(lens_q), group * hkv, per_batch=kw.pop("alibi") == "bh")
+    _varlen_check(q, k, v, lens_q, lens_k, config=name, **kw)
+
+
+@pytest.mark.parametrize("fwd", ["sm90", "sm80"])
+def test_varlen_neighbouring_sequence_does_not_leak(backend, fwd, monkeypatch):
+    """Sequence 1's tokens (and the tokens past cu[-1]) hold inf and NaN in q, k and v. The last tile of sequence 0
+    and of sequence 2 reads them (TMA zero-fills only past the tensor's end): their scores are masked, and V's rows
+    there must not reach P V (0 * inf = NaN). Sequences 0 and 2 must equal the reference on clean inputs, on
+    both forwards."""
+    _require(backend, 128)
+    monkeypatch.setenv("TILEFORMER_CUDA_ATTN_FWD", fwd)
+    lens_q, lens_k = [113, 50, 70], [113, 60, 39]
+    for causal in (False, True):
+        q, k, v = _packed(lens_q, lens_k, 4, 2, 128, FP16, seed=21, extra=20)
+        cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+        for t, cu in ((q, cu_q), (k, cu_k), (v, cu_k)):
+            t[cu[1]:cu[2], 0] = float("inf")
+            t[cu[1]:cu[2], 1:] = float("nan")
+            t[cu[3]:] = float("inf")
+        before = _count()
+        out, lse = transformer.flash_attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                                      return_lse=True, backend="cuda", validate=False)
+        if before is not None:
+            assert (_count() > before) == (fwd == "sm90"), f"{fwd}: the wrong forward ran"
+        for i in (0, 2):
+            qs, qe, ks, ke = cu_q[i].item(), cu_q[i + 1].item(), cu_k[i].item(), cu_k[i + 1].item()
+            one = (q[None, qs:qe], k[None, ks:ke], v[None, ks:ke])
+            ref, ref_lse = reference.attention(*one, causal=causal, return_lse=True)
+            low, low_lse = reference.attention(*one, causal=causal, return_lse=True, compute_dtype=None)
+            config = f"{fwd} sequence {i} causal={causal}"
+            helpers.assert_close(out[None, qs:qe], ref, low, config=config)
+            helpers.assert_close(lse[None, :, qs:qe], ref_lse, low_lse.float(), name="lse", config=config)
+
+
+def test_varlen_equals_dense_sm90_bit_for_bit(backend):
+    """Each sequence of a varlen call gives bit for bit the dense sm_90a forward of that sequence alone (same
+    tiles from the sequence start; rows past the sequence: masked scores, zeroed V rows), and equal-length
+    sequences give the dense batch."""
+    _require(backend)
+    lens_q, lens_k = [113, 1, 239], [239, 130, 0]
+    q, k, v = _packed(lens_q, lens_k, 4, 2, 64, BF16, seed=23)
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    for causal in (False, True):
+        out, lse = transformer.flash_attention_varlen(q, k, v, cu_q, cu_k, 239, 239, causal=causal, return_lse=True,
+                                                      backend="cuda")
+        for i in range(3):
+            qs, qe, ks, ke = cu_q[i].item(), cu_q[i + 1].item(), cu_k[i].item(), cu_k[i + 1].item()
+            if ke == ks:   # no key: out 0, lse -inf (the dense forward needs max_seqlen_k >= 1 for sm90)
+                assert not out[qs:qe].any() and torch.isneginf(lse[:, qs:qe]).all()
+                continue
+            o1, l1 = transformer.flash_attention(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal=causal,
+                                                 return_lse=True, backend="cuda")
+            assert torch.equal(out[qs:qe], o1[0]), f"out of sequence {i}, causal={causal}"
+            assert torch.equal(lse[:, qs:qe], l1[0]), f"lse of sequence {i}, causal={causal}"
+    qd, kd, vd = _inputs(3, 70, 90, 4, 2, 64, FP16, seed=24)
+    dense = transformer.flash_attention(qd, kd, vd, causal=True, backend="cuda")
+    flat = transformer.flash_attention_varlen(qd.flatten(0, 1), kd.flatten(0, 1), vd.flatten(0, 1), _cu([70] * 3),
+                                              _cu([90] * 3), 70, 90, causal=True, backend="cuda")
+    assert torch.equal(flat, dense.flatten(0, 1))
+
+
+def _raw_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True):
+    """The raw forward op (no Python-side cleaning of cu_seqlens): bottom-right causal or full, scale 1/8."""
+    cu = lambda c: torch.tensor(c, dtype=torch.int32, device=helpers.DEVICE)  # noqa: E731
+    return _ops().attn_fwd(q, k, v, None, cu(cu_q), cu(cu_k), max_q, max_k, 0.125, -1, 0 if causal else -1, 0.0,
+                           True)
+
+
+INT_MAX, INT_MIN = 2 ** 31 - 1, -2 ** 31
+
+
+def test_varlen_invalid_cu_seqlens(backend):
+    """Invalid cu_seqlens values under the emulator's bounds checks (the autouse fixture): as documented in
+    attention.h, sequence b spans [clamp(cu[b], 0, total), clamp(cu[b + 1], start, total)); tokens in no sequence
+    get out 0, lse -inf. The sm_90a forward gives bit for bit its result on the clamped values."""
+    _require(backend)
+    q, k, v = _packed([50], [70], 2, 1, 64, FP16, seed=25)
+    cases = [
+        ([0, 20, 59], [0, 30, 170], [0, 20, 50], [0, 30, 70], 40, 80),                  # past total
+        ([-50, 20, INT_MAX], [-7, 25, INT_MAX], [0, 20, 50], [0, 25, 70], 50, 70),      # negative / huge
+        ([INT_MIN, 10, 10], [0, INT_MIN, 30], [0, 10, 10], [0, 0, 30], 50, 70),         # INT_MIN
+        ([0, 30, 10, 10], [0, 20, 40, 70], [0, 30, 30, 30], [0, 20, 40, 70], 30, 30),    # non-monotone
+    ]
+    for bad_q, bad_k, good_q, good_k, max_q, max_k in cases:
+        for causal in (False, True):
+            before = _count()
+            got = _raw_varlen(q, k, v, bad_q, bad_k, max_q, max_k, causal)
+            pairs = zip(good_q, good_q[1:], good_k, good_k[1:])
+            if before is not None and any(qe > qs and ke > ks for qs, qe, ks, ke in pairs):
+                assert _count() > before, f"{bad_q} {bad_k}: the sm_90a forward did not run"
+            want = _raw_varlen(q, k, v, good_q, good_k, max_q, max_k, causal)
+            for a, b, name in zip(got, want, ("out", "lse")):
+                assert torch.equal(a, b), f"{name} for cu_q {bad_q}, cu_k {bad_k}, causal={causal}"
+    for cu_q, cu_k in (([INT_MAX, INT_MAX], [INT_MAX, INT_MAX]), ([-5, -1], [-9, -2]), ([0, 50], [70, 70])):
+        out, lse = _raw_varlen(q, k, v, cu_q, cu_k, 64, 64)
+        assert not out.any() and torch.isneginf(lse).all(), f"no key or no query: {cu_q} {cu_k}"
+
+
+def test_varlen_empty_and_max_seqlen_k_zero(backend):
+    """No key token at all (k, v with 0 rows): out 0, lse -inf from the sm_90a forward. max_seqlen_k = 0 runs the
+    sm_80 forward (attn_fwd_sm90_reason), which still sees every key of the sequences."""
+    _require(backend)
+    q, _, _ = _packed([5, 9], [1], 2, 1, 64, BF16, seed=26)
+    k = v = torch.empty(0, 1, 64, dtype=BF16, device=helpers.DEVICE)
+    before = _count()
+    out, lse = _raw_varlen(q, k, v, [0, 5, 14], [0, 0, 0], 9, 4)
+    if before is not None:
+        assert _count() == before, "no key tile: no wgmma"
+    assert not out.any() and torch.isneginf(lse).all()
+    q, k, v = _packed([5, 9], [7, 3], 2, 1, 64, BF16, seed=27)
+    assert "max_seqlen_k = 0" in _ops().attn_fwd_sm90_reason(64, True, 0)
+    before = _count()
+    got = _raw_varlen(q, k, v, [0, 5, 14], [0, 7, 10], 9, 0)
+    if before is not None:
+        assert _count() == before, "max_seqlen_k = 0 ran the sm_90a forward"
+    cu_q, cu_k = _cu([5, 9]), _cu([7, 3])
+    kw = dict(causal=True, softmax_scale=0.125, return_lse=True, validate=False)
+    ref, ref_lse = reference.attention_varlen(q, k, v, cu_q, cu_k, **kw)
+    low, low_lse = reference.attention_varlen(q, k, v, cu_q, cu_k, compute_dtype=None, **kw)
+    helpers.assert_close(got[0], ref, low, config="max_seqlen_k 0 (sm80)")
+    helpers.assert_close(got[1], ref_lse, low_lse.float(), name="lse", config="max_seqlen_k 0 (sm80)")
+
+
+# ---------------------------------------------------------------------------------------------
 # The choice of the forward kernel
 # ---------------------------------------------------------------------------------------------
 
 def test_calls_sm90_does_not_serve_run_sm80(backend):
-    """Varlen (and head dims that run as 32, 96 or 192 in builds with those kernels) fall back to the sm_80
-    forward, correct and without wgmma."""
+    """Head dims that run as 32, 96 or 192 (in builds with those kernels) fall back to the sm_80 forward, correct
+    and without wgmma; varlen calls run the sm_90a forward."""
     _require(backend)
     if 192 in _ca().head_dims(helpers.DEVICE.type):
         q, k, v = _inputs(1, 70, 90, 2, 1, 192, FP16, seed=12)
         _fwd_check(q, k, v, causal=True, config="d192", sm90=False)
-    lens = [5, 130, 1]
-    g = torch.Generator().manual_seed(13)
-    tq = torch.randn(sum(lens), 2, 64, generator=g).to(helpers.DEVICE, FP16)
-    tk, tv = (torch.randn(sum(lens), 2, 64, generator=g).to(helpers.DEVICE, FP16) for _ in range(2))
-    cu = torch.tensor([0, 5, 135, 136], dtype=torch.int32, device=helpers.DEVICE)
-    before = _count()
-    out = transformer.flash_attention_varlen(tq, tk, tv, cu, cu, 130, 130, causal=True, backend="cuda")
-    if before is not None:
-        assert _count() == before, "varlen ran the sm_90a forward"
-    for i in range(3):
-        s, e = cu[i].item(), cu[i + 1].item()
-        ref = reference.attention(tq[None, s:e], tk[None, s:e], tv[None, s:e], causal=True)
-        low = reference.attention(tq[None, s:e], tk[None, s:e], tv[None, s:e], causal=True, compute_dtype=None)
-        helpers.assert_close(out[None, s:e], ref, low, config=f"varlen seq {i}")
-    assert "varlen" in _ops().attn_fwd_sm90_reason(64, True, -1)
+    assert _ops().attn_fwd_sm90_reason(64, True, -1) == ""
     assert "max_seqlen_k = 0" in _ops().attn_fwd_sm90_reason(64, False, 0)
     assert "exceeds every compiled head dim" in _ops().attn_fwd_sm90_reason(264, False, -1)
     if 192 in _ca().head_dims(helpers.DEVICE.type):
         assert "head dims 64, 128 and 256" in _ops().attn_fwd_sm90_reason(192, False, -1)
     for d in _ca().head_dims(helpers.DEVICE.type):
-        assert (_ops().attn_fwd_sm90_reason(d, False, -1) == "") == (d in (64, 128, 256))
+        for varlen in (False, True):
+            assert (_ops().attn_fwd_sm90_reason(d, varlen, -1) == "") == (d in (64, 128, 256))
 
 
 def test_dropout_runs_sm80(backend, monkeypatch):
@@ -317,7 +532,7 @@ def test_explain_names_the_forward_kernel(backend, monkeypatch):
     assert "cuda: selected (forward sm90 (wgmma + TMA)" in text, text
     cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=helpers.DEVICE)
     text = transformer.backends.explain("flash_attention_varlen", q[0], k[0], v[0], cu, cu, 5, 5, backend="cuda")
-    assert "forward sm80 (mma.sync, w8 tiles): sm90 does not serve this call" in text, text
+    assert "cuda: selected (forward sm90 (wgmma + TMA)" in text, text
     monkeypatch.setenv("TILEFORMER_CUDA_ATTN_FWD", "sm80")
     assert "forward sm80 (mma.sync, w8 tiles): TILEFORMER_CUDA_ATTN_FWD=sm80" in transformer.backends.explain(
         "flash_attention", q, k, v, backend="cuda")

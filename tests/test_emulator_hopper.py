@@ -1,7 +1,7 @@
 """Self-tests of the sm_90a wrappers (csrc/common/ptx_sm90.cuh) and their host emulation (csrc/common/emu_hopper.h):
 wgmma.mma_async (SS and RS, every swizzle mode, fp16 / bf16, N 64 / 128 / 256, B K-major and N-major) fed by
-TMA loads through an mbarrier, TMA 2-D and 3-D load / store with out-of-bounds boxes, and an mbarrier producer /
-consumer ring with setmaxnreg.
+TMA loads through an mbarrier, TMA 2-D and 3-D load / store and 4-D loads with out-of-bounds boxes, and an
+mbarrier producer / consumer ring with setmaxnreg.
 
 The kernels are in csrc/selftest/hopper.cuh. On this CPU machine they run through transformer._C_emu; on an
 H100 / H200 the "gpu" parametrisations run the same kernels on the hardware, which checks the emulated fragment
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.test_emulator import _emu_ops
+from transformer._cuda.selftest import tma_box_4d
 
 pytestmark = pytest.mark.emulator
 
@@ -238,6 +239,42 @@ def test_tma_copy_out_of_bounds_and_swizzle(where, swizzle, rank3):
     tile = ops.selftest_tma_copy(x.to(dev), y_dev, x0, y0, x1, y1, box_rows, box_cols, swizzle, False, rank3).cpu()
     assert torch.equal(tile, expect_tile)
     assert torch.equal(y_dev.cpu(), expect_y)
+
+
+# (x0, y0, h0, b0) of the 4-D loads: inside; columns past D = 96 and rows past N = 40; negative column and row at
+# the last head and batch; a head past H (all zero); a batch past B (all zero).
+BOXES_4D = [(0, 0, 0, 0), (64, 30, 2, 1), (-8, -4, 3, 2), (0, 8, 4, 0), (32, 16, 1, 3)]
+
+
+def _strided_4d(seed):
+    """x [B 3, N 40, H 4, D 96] as a strided view (heads 1..4 of 6, every other token of 80, the last 96 of 104
+    columns): element strides (80 * 6 * 104, 2 * 6 * 104, 104, 1), as the forward's maps over packed qkv."""
+    g = torch.Generator().manual_seed(seed)
+    big = torch.randn(3, 80, 6, 104, generator=g).half()
+    return big[:, ::2, 1:5, 8:]
+
+
+@pytest.mark.parametrize("where", WHERE)
+@pytest.mark.parametrize("swizzle", SWIZZLES, ids=SWIZZLE_IDS)
+def test_tma_load_4d_out_of_bounds_and_swizzle(where, swizzle):
+    """4-D TMA loads (ptx::tma_load_4d, the attention forward's Q / K / V loads) over a strided [B][N][H][D] view:
+    boxes of [1][16][1][cols] at several (column, row, head, batch) coordinates, out-of-bounds rows, columns,
+    heads and batches read as 0, read back through tf::swizzle_addr."""
+    ops, dev = _ops(where)
+    x = _strided_4d(swizzle)
+    box_cols = 24 if swizzle == 0 else CHUNK[swizzle]
+    for x0, y0, h0, b0 in BOXES_4D:
+        tile = ops.selftest_tma_load_4d(x.to(dev), x0, y0, h0, b0, 16, box_cols, swizzle).cpu()
+        assert torch.equal(tile, tma_box_4d(x, x0, y0, h0, b0, 16, box_cols)), f"box at {(x0, y0, h0, b0)}"
+
+
+def test_tma_load_4d_reads_are_bounds_checked(monkeypatch):
+    """With x left out of the registered tensors the emulated 4-D load fails: its reads are checked."""
+    ops = _emu_ops()
+    monkeypatch.setenv("TILEFORMER_EMU_CHECK_BOUNDS", "1")
+    monkeypatch.setenv("TILEFORMER_EMU_CHECK_BOUNDS_EXCLUDE", "x")
+    with pytest.raises(RuntimeError, match=r"out-of-bounds TMA load global read of 2 bytes.*tma_copy_kernel"):
+        ops.selftest_tma_load_4d(_strided_4d(0), 0, 0, 1, 1, 8, 64, 3)
 
 
 @pytest.mark.parametrize("excluded,what", [("x", "TMA load global read"), ("y", "TMA store global write")])

@@ -108,7 +108,7 @@ void fwd_sm90_typed(const Params& p, cudaStream_t s, int d) {
 
 std::string attn_fwd_sm90_reason(int head_dim, bool varlen, int64_t max_k, bool dropout) {
   if (dropout) return "dropout: the sm_90a forward has no dropout mask";
-  if (varlen) return "varlen (packed sequences): the sm_90a forward takes dense [B, N, H, D] inputs";
+  (void)varlen;   // the kernel serves packed sequences too (starts and lengths read from cu_seqlens)
   if (max_k == 0) return "max_seqlen_k = 0: no key to load";
   const int d = attn_padded_head_dim(head_dim);
   if (d == 0) return "head dim " + std::to_string(head_dim) + " exceeds every compiled head dim";

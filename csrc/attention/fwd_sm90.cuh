@@ -4,17 +4,21 @@
 //
 // One block = BM = 128 query rows of one (batch, query head), 3 warpgroups (384 threads):
 //   warpgroup 0, the producer (setmaxnreg.dec): thread 0 loads the Q tile once, then the K and V tiles of BN keys
-//     into a ring of S stages, all by 4-D TMA ([B][N][H][D] tensor maps: rows past the sequence and columns past
-//     head_dim arrive as zeros). Stage s is refilled after its `empty` mbarrier completed (every consumer thread
-//     arrived) and signals its `full` mbarrier with the transaction bytes of K + V.
+//     into a ring of S stages, all by 4-D TMA ([B][N][H][D] tensor maps; varlen: [1][total][H][D], the row
+//     coordinate offset by the sequence start; rows past the tensor and columns past head_dim arrive as zeros).
+//     Stage s is refilled after its `empty` mbarrier completed (every consumer thread arrived) and signals its
+//     `full` mbarrier with the transaction bytes of K + V.
 //   warpgroups 1 and 2, the consumers (setmaxnreg.inc): warpgroup c owns query rows 64(c-1) .. 64(c-1)+63. Per key
 //     tile: S = Q K^T by wgmma m64nBNk16 with both operands in shared memory (K-major descriptors), scores in the
 //     log2 domain (softcap, ALiBi; the band mask only on the tiles that cross its edges), online softmax in
 //     registers (row max / sum over the quad with shuffles, exp2), P rounded to T in registers and used as the
 //     register A operand of wgmma m64nDk16 for O += P V (V in shared memory through an MN-major descriptor);
 //     then every consumer thread arrives on the stage's `empty` barrier.
+//   Varlen: the rows of a tile past the sequence are the next sequence's tokens. Query rows there only make
+//   rows that are never stored; key rows get -inf scores (the band ends at the sequence end); V rows there are
+//   zeroed in shared memory before P V (zero_v_tail: 0 * inf or NaN would be NaN).
 //   Epilogue: O normalised once, staged (128-byte swizzled, as Q) in the warpgroup's own rows of the Q tile and
-//   written with 16-byte stores; lse per row.
+//   written with 16-byte stores of the rows < rows_q; lse per row.
 // Shared memory (dynamic, from a 1024-byte boundary), every tile 128-byte swizzled as [D / 64][rows][64]
 // (one 128-byte row per 64 elements): Q [D/64][BM][64], K [S][D/64][BN][64], V [S][D/64][BN][64]. The mbarriers
 // are static __shared__.
@@ -56,11 +60,30 @@ TF_DEVICE uint32_t sw128_offset(int rows, int row, int col) {
   return swizzle_addr(off, Swizzle::b128);
 }
 
+// Varlen: rows [valid, BN) of the V tile of one stage ([D / 64][BN][64], 128-byte rows) hold the tokens after
+// the key sequence (TMA zero-fills only past the tensor's end). Their P is 0, but 0 * inf or NaN is NaN in P V,
+// so the 256 consumer threads zero them (as the sm_80 kernel's cp.async zero fill), order the writes before the
+// wgmmas' reads (fence.proxy.async) and meet on the mbarrier `done` (256 arrivals, one phase: only the last key
+// tile of a block crosses the sequence end). Whole 128-byte rows: the swizzle moves 16-byte chunks within a row.
+template <int D, int BN>
+TF_DEVICE void zero_v_tail(void* tile, int valid, uint64_t* done) {
+  constexpr int C = D / kSm90Chunk;
+  const int per_chunk = (BN - valid) * 8;   // 16-byte pieces of the rows to zero in one 64-column chunk
+  unsigned char* base = static_cast<unsigned char*>(tile);
+  for (int e = int(threadIdx.x) - 128; e < C * per_chunk; e += 256) {
+    const int c = e / per_chunk, r = valid + (e % per_chunk) / 8, piece = e % 8;
+    *reinterpret_cast<uint4*>(base + (c * BN + r) * 128 + piece * 16) = uint4{0u, 0u, 0u, 0u};
+  }
+  ptx::fence_proxy_async_shared();
+  ptx::mbarrier_arrive(done);
+  ptx::mbarrier_wait(done, 0);
+}
+
 // One consumer warpgroup: rows m0 + 64 cw .. of the block; see the file comment.
 template <typename T, int D, int BM, int BN, int S>
 TF_DEVICE void fwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range& kr, int n_tiles, int b, int h,
-                                 int m0, int cw, T* sQ, const T* sK, const T* sV, uint64_t* bar_q, uint64_t* full,
-                                 uint64_t* empty) {
+                                 int m0, int cw, T* sQ, const T* sK, T* sV, uint64_t* bar_q, uint64_t* full,
+                                 uint64_t* empty, uint64_t* v_zeroed) {
   constexpr Swizzle SW = Swizzle::b128;
   const int ltid = threadIdx.x % 128, w = ltid / 32, lane = ltid % 32, g = lane >> 2, t = lane & 3;
   const Scale sc = make_scale(p, b, h);
@@ -78,6 +101,8 @@ TF_DEVICE void fwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
   for (int it = 0; it < n_tiles; ++it) {
     const int s = it % S, n0 = kr.lo + it * BN;
     ptx::mbarrier_wait(&full[s], uint32_t((it / S) & 1));
+    if (p.varlen && n0 + BN > si.seqlen_k && si.k_start + si.seqlen_k < p.total_k)
+      zero_v_tail<D, BN>(sV + s * BN * D, si.seqlen_k - n0, v_zeroed);
     const uint32_t k_addr = ptx::smem_addr(sK + s * BN * D), v_addr = ptx::smem_addr(sV + s * BN * D);
 
     // S = Q K^T: D / 16 k-steps, one commit group.
@@ -160,7 +185,7 @@ TF_DEVICE void fwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
           ptx::pack2<T>(o[4 * j + 2 * hf] * inv[hf], o[4 * j + 2 * hf + 1] * inv[hf]);
   __syncwarp();
   const int64_t b64 = b;
-  const gptr<T> O = gcast<T>(p.out) + b64 * p.stride_ob + h * p.stride_oh;
+  const gptr<T> O = gcast<T>(p.out) + b64 * p.stride_ob + h * p.stride_oh + int64_t(si.q_start) * p.stride_om;
   constexpr int CH = D / 8;   // 16-byte chunks per row
 #pragma unroll
   for (int i = 0; i < 16 * CH / 32; ++i) {
@@ -171,14 +196,15 @@ TF_DEVICE void fwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
           *reinterpret_cast<const uint4*>(sq + sw128_offset(BM, 64 * cw + 16 * w + r, col));
   }
   if (t == 0) {
-    const gptr<float> L = p.lse + (b64 * p.hq + h) * p.max_q;   // [B, Hq, Nq], contiguous
+    // lse [B, Hq, Nq] or varlen [Hq, Tq], contiguous
+    const gptr<float> L = p.lse + (p.varlen ? h * p.total_q + si.q_start : (b64 * p.hq + h) * p.max_q);
     if (row_lo < si.rows_q) L[row_lo] = lse[0];
     if (row_lo + 8 < si.rows_q) L[row_lo + 8] = lse[1];
   }
 }
 
-// Dense inputs only (the launcher routes varlen to the sm_80 kernel). tq / tk / tv: 4-D tensor maps over
-// q [B][Nq][Hq][head_dim], k / v [B][Nk][Hkv][head_dim] with boxes [1][rows][1][64], 128-byte swizzled.
+// tq / tk / tv: 4-D tensor maps over q [B][Nq][Hq][head_dim], k / v [B][Nk][Hkv][head_dim] (varlen: B = 1,
+// N = the packed tokens) with boxes [1][rows][1][64], 128-byte swizzled.
 template <typename T, int D, int BM, int BN, int S>
 __global__ void __launch_bounds__(384, 1) attn_fwd_sm90_kernel(const __grid_constant__ TmaDesc tq,
                                                                const __grid_constant__ TmaDesc tk,
@@ -192,7 +218,7 @@ __global__ void __launch_bounds__(384, 1) attn_fwd_sm90_kernel(const __grid_cons
   T* sQ = reinterpret_cast<T*>(smem);   // [C][BM][64]
   T* sK = sQ + BM * D;                  // [S][C][BN][64]
   T* sV = sK + S * BN * D;              // [S][C][BN][64]
-  __shared__ uint64_t bar_q, full[S], empty[S];
+  __shared__ uint64_t bar_q, full[S], empty[S], v_zeroed;
 
   const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * BM;
   const SeqInfo si = seq_info(p, b);
@@ -207,6 +233,7 @@ __global__ void __launch_bounds__(384, 1) attn_fwd_sm90_kernel(const __grid_cons
       ptx::mbarrier_init(&full[s], 1);
       ptx::mbarrier_init(&empty[s], 256);   // every consumer thread
     }
+    ptx::mbarrier_init(&v_zeroed, 256);
     ptx::fence_mbarrier_init();
   }
   __syncthreads();
@@ -214,24 +241,26 @@ __global__ void __launch_bounds__(384, 1) attn_fwd_sm90_kernel(const __grid_cons
   if (wg == 0) {
     ptx::setmaxnreg_dec<Tiles::kProducerRegs>();
     if (tid == 0) {
-      const int hk = h / p.group;
+      const int hk = h / p.group, tb = p.varlen ? 0 : b;   // varlen: rows offset by the sequence starts
       ptx::mbarrier_arrive_expect_tx(&bar_q, uint32_t(BM * D * 2));
 #pragma unroll
-      for (int c = 0; c < C; ++c) ptx::tma_load_4d(sQ + c * BM * kSm90Chunk, &tq, c * kSm90Chunk, m0, h, b, &bar_q);
+      for (int c = 0; c < C; ++c)
+        ptx::tma_load_4d(sQ + c * BM * kSm90Chunk, &tq, c * kSm90Chunk, si.q_start + m0, h, tb, &bar_q);
       for (int it = 0; it < n_tiles; ++it) {
-        const int s = it % S, n0 = kr.lo + it * BN;
+        const int s = it % S, n0 = si.k_start + kr.lo + it * BN;
         ptx::mbarrier_wait(&empty[s], uint32_t(((it / S) & 1) ^ 1));   // the first pass finds fresh stages
         ptx::mbarrier_arrive_expect_tx(&full[s], uint32_t(2 * BN * D * 2));
 #pragma unroll
         for (int c = 0; c < C; ++c) {
-          ptx::tma_load_4d(sK + (s * C + c) * BN * kSm90Chunk, &tk, c * kSm90Chunk, n0, hk, b, &full[s]);
-          ptx::tma_load_4d(sV + (s * C + c) * BN * kSm90Chunk, &tv, c * kSm90Chunk, n0, hk, b, &full[s]);
+          ptx::tma_load_4d(sK + (s * C + c) * BN * kSm90Chunk, &tk, c * kSm90Chunk, n0, hk, tb, &full[s]);
+          ptx::tma_load_4d(sV + (s * C + c) * BN * kSm90Chunk, &tv, c * kSm90Chunk, n0, hk, tb, &full[s]);
         }
       }
     }
   } else {
     ptx::setmaxnreg_inc<Tiles::kConsumerRegs>();
-    fwd_sm90_consumer<T, D, BM, BN, S>(p, si, kr, n_tiles, b, h, m0, wg - 1, sQ, sK, sV, &bar_q, full, empty);
+    fwd_sm90_consumer<T, D, BM, BN, S>(p, si, kr, n_tiles, b, h, m0, wg - 1, sQ, sK, sV, &bar_q, full, empty,
+                                       &v_zeroed);
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // sm_80, or sm_90 without the arch-specific features (built for 9.0 instead of 9.0a)

@@ -21,8 +21,9 @@ inline const void* host_ptr(gptr<const void> p) {
 #endif
 }
 
-// 4-D tensor map over a dense [B][N][H][head_dim] tensor (element strides sb, sn, sh; 0 for a dimension of size 1)
-// with boxes of [1][rows][1][64] elements, 128-byte swizzled. Elements past N or head_dim load as 0.
+// 4-D tensor map over a [B][N][H][head_dim] tensor (varlen: [1][total][H][head_dim]; element strides sb, sn, sh,
+// 0 for a dimension of size 1) with boxes of [1][rows][1][64] elements, 128-byte swizzled. Elements past N or
+// head_dim load as 0.
 inline TmaDesc attn_tma_map(gptr<const void> base, DType dtype, int head_dim, int64_t n, int64_t heads,
                             int64_t batch, int64_t sn, int64_t sh, int64_t sb, int rows) {
   const int64_t dims[4] = {head_dim, n, heads, batch};
@@ -36,14 +37,20 @@ template <typename T, int D>
 void run_attn_fwd_sm90(const Params& p, cudaStream_t stream) {
   if constexpr (headdim_enabled(D)) {
     using F = Sm90FwdTiles<D>;
-    if (p.varlen || p.max_k < 1 || p.max_q < 1)
-      throw std::invalid_argument("attention: the sm_90a forward takes dense inputs with max_seqlen_k >= 1");
-    const TmaDesc tq = attn_tma_map(p.q, p.dtype, p.head_dim, p.max_q, p.hq, p.batch, p.stride_qm, p.stride_qh,
+    if (p.max_k < 1 || p.max_q < 1)
+      throw std::invalid_argument("attention: the sm_90a forward takes max_seqlen_q, max_seqlen_k >= 1");
+    if (p.varlen && p.total_q == 0) return;   // no query token: nothing to compute
+    // varlen: [1][total][H][D] maps, rows offset by the sequence starts in the kernel. With no key token at all
+    // every sequence has 0 keys: no K / V tile is loaded, and the maps (over q's memory) are never used.
+    const int64_t nq = p.varlen ? p.total_q : p.max_q, nk = p.varlen ? p.total_k : p.max_k;
+    const int batch = p.varlen ? 1 : p.batch;
+    const bool no_keys = nk == 0;
+    const TmaDesc tq = attn_tma_map(p.q, p.dtype, p.head_dim, nq, p.hq, batch, p.stride_qm, p.stride_qh,
                                     p.stride_qb, F::kM);
-    const TmaDesc tk = attn_tma_map(p.k, p.dtype, p.head_dim, p.max_k, p.hkv, p.batch, p.stride_kn, p.stride_kh,
-                                    p.stride_kb, F::kN);
-    const TmaDesc tv = attn_tma_map(p.v, p.dtype, p.head_dim, p.max_k, p.hkv, p.batch, p.stride_vn, p.stride_vh,
-                                    p.stride_vb, F::kN);
+    const TmaDesc tk = no_keys ? tq : attn_tma_map(p.k, p.dtype, p.head_dim, nk, p.hkv, batch, p.stride_kn,
+                                                   p.stride_kh, p.stride_kb, F::kN);
+    const TmaDesc tv = no_keys ? tq : attn_tma_map(p.v, p.dtype, p.head_dim, nk, p.hkv, batch, p.stride_vn,
+                                                   p.stride_vh, p.stride_vb, F::kN);
     launch(attn_fwd_sm90_kernel<T, D, F::kM, F::kN, F::kStages>,
            dim3(static_cast<unsigned>((p.max_q + F::kM - 1) / F::kM), p.hq, p.batch), dim3(F::kThreads),
            fwd_sm90_smem_bytes<D, F::kM, F::kN, F::kStages>(), stream, tq, tk, tv, p);

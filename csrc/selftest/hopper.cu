@@ -75,6 +75,11 @@ void wgmma_dispatch(int N, bool a_regs, bool b_mn_major, bool a_mn_major, const 
   else wgmma_dispatch_ab<T, 256>(a_regs, b_mn_major, a_mn_major, ta, tb, p, smem, stream);
 }
 
+// One block; shared memory: 1 KB alignment slack, the mbarrier's 1 KB, the box.
+void launch_tma_copy(const TmaDesc& ts, const TmaDesc& td, const TmaCopyParams& p, cudaStream_t stream) {
+  launch(tma_copy_kernel, dim3(1), dim3(128), 2048 + size_t(p.box_rows) * p.box_cols * 2, stream, ts, td, p);
+}
+
 }  // namespace
 
 void wgmma_tile(DType dtype, const void* A, int a_rows, const void* B, const float* C, float* D, int N, int K,
@@ -102,9 +107,21 @@ void tma_copy(const void* src, int src_rows, int src_cols, void* dst, int dst_ro
   const int64_t src_strides[3] = {1, src_cols, 2 * src_cols}, dst_strides[3] = {1, dst_cols, 2 * dst_cols};
   const TmaDesc ts = make_tma_desc(src, DType::f16, rank, src_dims, src_strides, box, sw);
   const TmaDesc td = make_tma_desc(dst, DType::f16, rank, dst_dims, dst_strides, box, sw);
-  TmaCopyParams p{static_cast<uint16_t*>(tile), x0, y0, x1, y1, box_rows, box_cols, swizzle, int(skip_wait),
-                  int(rank3)};
-  launch(tma_copy_kernel, dim3(1), dim3(128), 2048 + size_t(box_rows) * box_cols * 2, stream, ts, td, p);
+  TmaCopyParams p{static_cast<uint16_t*>(tile), x0, y0, x1, y1, box_rows, box_cols, swizzle, int(skip_wait), rank,
+                  0, 0};
+  launch_tma_copy(ts, td, p, stream);
+}
+
+void tma_load_4d(const void* src, const int64_t* sizes, const int64_t* strides, void* tile, int box_rows,
+                 int box_cols, int x0, int y0, int h0, int b0, int swizzle, cudaStream_t stream) {
+  require_sm90a(tma_copy_kernel, "selftest_tma_load_4d");
+  // [B][N][H][D] as the attention forward's maps: dims innermost first, element strides (d, n, h, b)
+  const int64_t dims[4] = {sizes[3], sizes[1], sizes[2], sizes[0]};
+  const int64_t elem_strides[4] = {1, strides[1], strides[2], strides[0]};
+  const int box[4] = {box_cols, box_rows, 1, 1};
+  const TmaDesc ts = make_tma_desc(src, DType::f16, 4, dims, elem_strides, box, Swizzle(swizzle));
+  TmaCopyParams p{static_cast<uint16_t*>(tile), x0, y0, 0, 0, box_rows, box_cols, swizzle, 0, 4, h0, b0};
+  launch_tma_copy(ts, ts, p, stream);   // no store: the destination map is not used
 }
 
 void mbarrier_pingpong(const float* x, float* out, int iters, int mode, cudaStream_t stream) {

@@ -162,12 +162,15 @@ struct TmaCopyParams {
   int box_rows, box_cols;
   int swizzle;          // of both tensor maps
   int skip_wait;        // read the box without waiting on the mbarrier (a deliberate bug)
-  int rank3;            // the maps are 3-D views [rows / 2][2][cols]: 3-D load / store at (x, y % 2, y / 2)
+  int rank;             // 2: [rows][cols] maps; 3: views [rows / 2][2][cols], load / store at (x, y % 2, y / 2);
+                        // 4: the source map is [B][N][H][cols] ([1][box_rows][1][box_cols] boxes), loaded at
+                        // (x0, y0, h0, b0), and nothing is stored
+  int h0, b0;           // rank 4: head and batch coordinates of the load
 };
 
-// One 2-D (or 3-D) TMA load (16-bit elements, out-of-bounds elements read as 0) into a swizzled box, the box
-// written out by the threads through tf::swizzle_addr, then one 2-D (3-D) TMA store of the box (out-of-bounds
-// elements skipped).
+// One 2-D (3-D, 4-D) TMA load (16-bit elements, out-of-bounds elements read as 0) into a swizzled box, the box
+// written out by the threads through tf::swizzle_addr, then (ranks 2, 3) one TMA store of the box of the same
+// rank (out-of-bounds elements skipped).
 __global__ void __launch_bounds__(128) tma_copy_kernel(const __grid_constant__ TmaDesc tma_src,
                                                        const __grid_constant__ TmaDesc tma_dst, TmaCopyParams p) {
 #ifdef TF_HOPPER_BODY
@@ -184,7 +187,8 @@ __global__ void __launch_bounds__(128) tma_copy_kernel(const __grid_constant__ T
   __syncthreads();
   if (tid == 0) {
     ptx::mbarrier_arrive_expect_tx(bar, uint32_t(n * 2));
-    if (p.rank3) ptx::tma_load_3d(box, &tma_src, p.x0, p.y0 % 2, p.y0 / 2, bar);
+    if (p.rank == 4) ptx::tma_load_4d(box, &tma_src, p.x0, p.y0, p.h0, p.b0, bar);
+    else if (p.rank == 3) ptx::tma_load_3d(box, &tma_src, p.x0, p.y0 % 2, p.y0 / 2, bar);
     else ptx::tma_load_2d(box, &tma_src, p.x0, p.y0, bar);
   }
   if (!p.skip_wait) ptx::mbarrier_wait(bar, 0);
@@ -192,9 +196,9 @@ __global__ void __launch_bounds__(128) tma_copy_kernel(const __grid_constant__ T
   for (int e = tid; e < n; e += blockDim.x)
     p.tile[e] = *reinterpret_cast<const uint16_t*>(box + (swizzle_addr(base + uint32_t(e) * 2, sw) - base));
   __syncthreads();
-  if (tid == 0) {
+  if (tid == 0 && p.rank != 4) {
     ptx::fence_proxy_async_shared();
-    if (p.rank3) ptx::tma_store_3d(&tma_dst, p.x1, p.y1 % 2, p.y1 / 2, box);
+    if (p.rank == 3) ptx::tma_store_3d(&tma_dst, p.x1, p.y1 % 2, p.y1 / 2, box);
     else ptx::tma_store_2d(&tma_dst, p.x1, p.y1, box);
     ptx::bulk_commit();
     ptx::bulk_wait<0>();

@@ -20,6 +20,12 @@ void tma_copy(const void* src, int src_rows, int src_cols, void* dst, int dst_ro
               int box_rows, int box_cols, int x0, int y0, int x1, int y1, int swizzle, bool skip_wait, bool rank3,
               cudaStream_t stream);
 
+// 16-bit src [B][N][H][D] (sizes {B, N, H, D}, element strides {sb, sn, sh, 1}: a strided view as the attention
+// forward's tensor maps take) -> tile[box_rows][box_cols]: one 4-D TMA load of the box [1][box_rows][1][box_cols]
+// at column x0, row y0, head h0, batch b0 (elements outside the tensor read as 0); see tma_copy_kernel.
+void tma_load_4d(const void* src, const int64_t* sizes, const int64_t* strides, void* tile, int box_rows,
+                 int box_cols, int x0, int y0, int h0, int b0, int swizzle, cudaStream_t stream);
+
 // out[128] from x[iters][128] through the producer / consumer mbarrier ring; see mbarrier_pingpong_kernel.
 void mbarrier_pingpong(const float* x, float* out, int iters, int mode, cudaStream_t stream);
 

@@ -1,5 +1,6 @@
 // Torch bindings of the sm_90a self-test ops (tests/test_emulator_hopper.py): torch.ops.<ns>.selftest_wgmma,
-// selftest_tma_copy, selftest_mbarrier. On the GPU they run only on a compute capability 9.0 device.
+// selftest_tma_copy, selftest_tma_load_4d, selftest_mbarrier. On the GPU they run only on a compute capability 9.0
+// device.
 #pragma once
 
 #include "common/bindings.h"
@@ -51,6 +52,15 @@ inline at::Tensor wgmma(const at::Tensor& a, const at::Tensor& b, const std::opt
   return d;
 }
 
+// A TMA box of 16-bit elements: [box_rows][box_cols], rows of box_cols = the swizzle span when swizzled.
+inline void check_box(int64_t box_rows, int64_t box_cols, int64_t swizzle) {
+  TORCH_CHECK_VALUE(swizzle >= 0 && swizzle <= 3, "swizzle must be 0..3, got ", swizzle);
+  TORCH_CHECK_VALUE(box_rows >= 1 && box_rows <= 256 && box_cols >= 8 && box_cols <= 256 && box_cols % 8 == 0,
+                    "box_rows must be in 1..256, box_cols a multiple of 8 in 8..256");
+  TORCH_CHECK_VALUE(swizzle == 0 || box_cols == (8 << swizzle), "a swizzled box has rows of the swizzle span: "
+                    "box_cols must be ", 8 << swizzle);
+}
+
 // x: [R, C] fp16 source, y: [R2, C2] fp16 destination (written in place where the stored box lands). Returns the
 // loaded box [box_rows, box_cols] as the threads read it. rank3: the same through 3-D tensor maps.
 inline at::Tensor tma_copy(const at::Tensor& x, const at::Tensor& y, int64_t x0, int64_t y0, int64_t x1, int64_t y1,
@@ -59,11 +69,7 @@ inline at::Tensor tma_copy(const at::Tensor& x, const at::Tensor& y, int64_t x0,
   check_device(y, "y", &x);
   TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf && y.scalar_type() == at::kHalf, "x and y must be float16");
   TORCH_CHECK_VALUE(x.dim() == 2 && y.dim() == 2, "x and y must be 2-D");
-  TORCH_CHECK_VALUE(swizzle >= 0 && swizzle <= 3, "swizzle must be 0..3, got ", swizzle);
-  TORCH_CHECK_VALUE(box_rows >= 1 && box_rows <= 256 && box_cols >= 8 && box_cols <= 256 && box_cols % 8 == 0,
-                    "box_rows must be in 1..256, box_cols a multiple of 8 in 8..256");
-  TORCH_CHECK_VALUE(swizzle == 0 || box_cols == (8 << swizzle), "a swizzled box has rows of the swizzle span: "
-                    "box_cols must be ", 8 << swizzle);
+  check_box(box_rows, box_cols, swizzle);
   TORCH_CHECK_VALUE(x.size(1) % 8 == 0 && y.size(1) % 8 == 0, "rows of x and y must be multiples of 16 bytes");
   TORCH_CHECK_VALUE(!rank3 || (x.size(0) % 2 == 0 && y.size(0) % 2 == 0 && box_rows % 2 == 0 && y0 % 2 == 0 &&
                                y1 % 2 == 0),
@@ -77,6 +83,30 @@ inline at::Tensor tma_copy(const at::Tensor& x, const at::Tensor& y, int64_t x0,
   tf::selftest::tma_copy(x.data_ptr(), int(x.size(0)), int(x.size(1)), y.data_ptr(), int(y.size(0)), int(y.size(1)),
                          tile.data_ptr(), int(box_rows), int(box_cols), int(x0), int(y0), int(x1), int(y1),
                          int(swizzle), skip_wait, rank3, stream_for(x));
+  return tile;
+}
+
+// x: [B, N, H, D] fp16, any strides with a contiguous last dim (each other stride a multiple of 8 elements,
+// 16-byte aligned start): the layout of the attention forward's 4-D tensor maps. Returns the box
+// [box_rows, box_cols] loaded at (column x0, row y0, head h0, batch b0), elements outside x read as 0.
+inline at::Tensor tma_load_4d(const at::Tensor& x, int64_t x0, int64_t y0, int64_t h0, int64_t b0, int64_t box_rows,
+                              int64_t box_cols, int64_t swizzle) {
+  check_device(x, "x");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf, "x must be float16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.numel() > 0, "x must be a non-empty [B, N, H, D] tensor, got ", x.sizes());
+  check_box(box_rows, box_cols, swizzle);
+  TORCH_CHECK_VALUE(x.stride(3) == 1 && x.size(3) % 8 == 0, "x must have a contiguous last dim of a multiple of 8");
+  for (int d = 0; d < 3; ++d)
+    TORCH_CHECK_VALUE(x.stride(d) % 8 == 0 && x.stride(d) > 0, "x's strides must be positive multiples of 8 elements, "
+                      "got ", x.strides());
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must start 16-byte aligned");
+  DeviceGuard guard(x);
+  at::Tensor tile = at::empty({box_rows, box_cols}, x.options());
+  const KernelMemory memory({{"x", &x}, {"tile", &tile}});
+  const int64_t sizes[4] = {x.size(0), x.size(1), x.size(2), x.size(3)};
+  const int64_t strides[4] = {x.stride(0), x.stride(1), x.stride(2), 1};
+  tf::selftest::tma_load_4d(x.data_ptr(), sizes, strides, tile.data_ptr(), int(box_rows), int(box_cols), int(x0),
+                            int(y0), int(h0), int(b0), int(swizzle), stream_for(x));
   return tile;
 }
 
@@ -101,12 +131,15 @@ inline void define(torch::Library& m) {
         "int mutate, bool a_mn_major=False) -> Tensor");
   m.def("selftest_tma_copy(Tensor x, Tensor(a!) y, int x0, int y0, int x1, int y1, int box_rows, int box_cols, "
         "int swizzle, bool skip_wait, bool rank3) -> Tensor");
+  m.def("selftest_tma_load_4d(Tensor x, int x0, int y0, int h0, int b0, int box_rows, int box_cols, int swizzle) "
+        "-> Tensor");
   m.def("selftest_mbarrier(Tensor x, int mode) -> Tensor");
 }
 
 inline void impl(torch::Library& m) {
   m.impl("selftest_wgmma", &wgmma);
   m.impl("selftest_tma_copy", &tma_copy);
+  m.impl("selftest_tma_load_4d", &tma_load_4d);
   m.impl("selftest_mbarrier", &mbarrier);
 }
 

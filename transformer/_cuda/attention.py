@@ -22,12 +22,12 @@ rng_state (int64 [2] seed, offset on q's device; transformer/reference.py, ``dro
 kernels from device memory and regenerated in the backward (the same mask as the Triton kernels').
 
 Forward kernels: the sm_80 one (mma.sync, any compute capability >= 8.0) and the sm_90a one (wgmma + TMA +
-mbarrier, csrc/attention/fwd_sm90.cuh: dense inputs, padded head dims 64, 128, 256). ``TILEFORMER_CUDA_ATTN_FWD``
-picks, read at every call: ``auto`` (default) runs sm90 on a compute capability 9.0 GPU for the calls it serves once
+mbarrier, csrc/attention/fwd_sm90.cuh: dense and varlen inputs, padded head dims 64, 128, 256).
+``TILEFORMER_CUDA_ATTN_FWD`` picks, read at every call: ``auto`` (default) runs sm90 on a compute capability 9.0 GPU for the calls it serves once
 the sm_90a self-tests (wgmma fragment layouts, descriptors, swizzle, TMA; csrc/selftest/hopper) have passed on
 that GPU -- they run once, at the first such call; a failure keeps sm80 with a one-time warning --, sm80
 elsewhere and always in the emulator; ``sm90`` forces it wherever it serves the call (the emulator included),
-``sm80`` forces the sm_80 kernel. Calls sm90 does not serve (varlen, other head dims, dropout) run sm80.
+``sm80`` forces the sm_80 kernel. Calls sm90 does not serve (other head dims, dropout, max_seqlen_k = 0) run sm80.
 ``transformer.backends.explain`` names the forward kernel (describe_path).
 """
 from __future__ import annotations
