@@ -95,6 +95,39 @@ TF_DEVICE float div_rn(float a, float b) {
 #endif
 }
 
+// a * b, a + b, a - b rounded to nearest even, each on its own (mul.rn / add.rn / sub.rn .f32: never contracted
+// into an fma, no flush to zero under --use_fast_math): the products and sums of torch's element-wise fp32 ops,
+// bit for bit; exact IEEE fp32 operations when emulated.
+TF_DEVICE float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+#else
+  return a * b;
+#endif
+}
+
+TF_DEVICE float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+#else
+  return a + b;
+#endif
+}
+
+TF_DEVICE float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+#else
+  return a - b;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // fp8 e4m3 (OCP e4m3fn: bias 7, no infinities, 0x7F / 0xFF NaN, largest 448) <-> fp32. sm_89+: cvt;
 // sm_80 and the emulator: the integer conversions below, bit for bit the same results.

@@ -14,7 +14,7 @@ register = contract.register     # the fake, per namespace (called once per name
 
 
 def supports(call):
-    return contract.supports(call, "cuda decode kernel", rotary=False)
+    return contract.supports(call, "cuda decode kernel")
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, **kw):
