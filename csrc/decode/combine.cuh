@@ -86,7 +86,7 @@ TF_DEVICE void rotate_query(const AppendParams& p, int b, int s, int h, int t, i
 // Grid (B * Sq, max(Hq, Hkv)): block y rotates query head y (y < Hq) and appends KV head y (y < Hkv), its key
 // rotated and rounded to T.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) decode_append_rotary_kernel(AppendParams p) {
+__global__ void __launch_bounds__(kThreads, 1) decode_append_rotary_kernel(AppendParams p) {
   const int b = blockIdx.x / p.sq, s = blockIdx.x % p.sq, h = blockIdx.y;
   if (h < p.hq) rotate_query<T>(p, b, s, h, threadIdx.x, kThreads);
   if (h >= p.hkv) return;   // no barrier in this kernel
