@@ -268,3 +268,37 @@ def test_rotary_kernel_entry_checks(backend):
         op(*args, cos[:2], cos[:2], False)                                  # fewer rows than the capacity
     with pytest.raises(ValueError, match="rotary"):
         op(*args[:4], None, None, *args[6:], cos, cos, False)               # no k / v
+
+
+# ---------------------------------------------------------------------------------------------
+# The Attention module's decode step: RoPE tables passed to decode_attention
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", [pytest.param("torch", id="torch")] + kernel_backends("triton"))
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_module_decode_step_rotates_in_the_call(backend, page_size):
+    """A causal Attention module's decode step (tables from RotaryEmbedding.tables) equals, bit for bit, the same
+    step with q and k rotated by apply_rotary at positions seqlens + i before a decode_attention without tables."""
+    if backend != "torch":
+        require_backend(backend)
+    from transformer.nn import Attention
+    torch.manual_seed(0)
+    dtype = torch.float32 if backend == "torch" else torch.float16
+    attn = Attention(64, 4, 2, backend=backend, device=DEVICE).to(dtype).eval()
+    prompt, step = torch.randn(2, 5, 64, device=DEVICE, dtype=dtype), torch.randn(2, 3, 64, device=DEVICE, dtype=dtype)
+    caches = [transformer.KVCache(1, 2, 12, 2, 16, dtype=dtype, device=DEVICE, page_size=page_size) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            attn(prompt, cache=cache)
+            cache.advance(5)
+        got = attn(step, cache=caches[0])
+        q, k, v = attn._qkv(step)
+        q, k = attn._rotate(q, k, caches[1].seqlens.long()[:, None] + torch.arange(3, device=DEVICE))
+        out = transformer.decode_attention(q, caches[1].k[0], caches[1].v[0], caches[1].seqlens, k=k, v=v,
+                                           block_table=caches[1].block_table, backend=backend)
+        want = attn.wo(out.flatten(-2))
+    assert torch.equal(bits(got), bits(want))
+    assert torch.equal(bits(caches[0].k[0]), bits(caches[1].k[0]))
+    cos, sin = attn.rope.tables(12)
+    full_cos, full_sin = attn.rope(torch.arange(12, device=DEVICE))
+    assert torch.equal(cos, full_cos[:, :8]) and torch.equal(sin, full_sin[:, :8])
