@@ -549,7 +549,8 @@ def decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, 
         rot_args, rot_strides, q_per_token, seqlen_ro = (q, q, lse, lse), (0,) * 10, 0, 1   # placeholders
     if k is not None:
         heads = hq if rotary_dim else hkv
-        block_h = min(triton.next_power_of_2(heads), max(1, 4096 // block_d))
+        # rotary: a smaller tile per program (the partner elements and table rows are registers too)
+        block_h = min(triton.next_power_of_2(heads), max(1, (1024 if rotary_dim else 4096) // block_d))
         _decode_append[(batch * sq, triton.cdiv(heads, block_h))](
             k, v, k_cache, v_cache, cache_seqlens, bt, *scales, *rot_args,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -682,8 +683,8 @@ def aot_configs():
         cfgs.append(AotConfig(name=f"decode_combine d{d} {t} S<={MAX_SPLITS}", kernel=_decode_combine,
                               signature=sig, constexprs=dict(BLOCK_S=MAX_SPLITS, BLOCK_D=d), num_warps=1,
                               num_stages=1))
-    # append: 16-bit and quantizing, without rotary and with it (rotate half and interleaved; the launcher's
-    # block of query heads, 32 at D 128)
+    # append: 16-bit and quantizing, without rotary and with it (rotate half and interleaved; BLOCK_H 8 at D 128,
+    # the launcher's block of heads with rotary)
     for paged, quant, rotary, interleaved in ((False, 0, 0, False), (True, 0, 0, False), (True, 1, 0, False),
                                               (True, 2, 0, False), (False, 0, 128, False), (True, 0, 64, True),
                                               (True, 1, 128, False), (True, 2, 128, True)):
@@ -704,7 +705,7 @@ def aot_configs():
         for suffix, hw, archs in _quant_variants(quant):
             cfgs.append(AotConfig(name=f"decode_append d128 {'paged' if paged else 'contig'}{suffix}{rot}",
                                   kernel=_decode_append, signature=sig,
-                                  constexprs=dict(PAGED=paged, BLOCK_H=32 if rotary else 8, BLOCK_D=128,
+                                  constexprs=dict(PAGED=paged, BLOCK_H=8, BLOCK_D=128,
                                                   KV_QUANT=quant, FP8_HW=hw, ROTARY_DIM=rotary,
                                                   INTERLEAVED=interleaved),
                                   num_warps=4, num_stages=1, archs=archs, options={"enable_fp_fusion": False}))
