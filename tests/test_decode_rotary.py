@@ -302,3 +302,45 @@ def test_module_decode_step_rotates_in_the_call(backend, page_size):
     cos, sin = attn.rope.tables(12)
     full_cos, full_sin = attn.rope(torch.arange(12, device=DEVICE))
     assert torch.equal(cos, full_cos[:, :8]) and torch.equal(sin, full_sin[:, :8])
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: schema / fake (opcheck) and torch.compile with the tables
+# ---------------------------------------------------------------------------------------------
+
+def _kernel_op(backend, device):
+    if backend == "triton":
+        import transformer._triton.decode  # noqa: F401  registers tileformer_triton::decode_attention
+        return torch.ops.tileformer_triton.decode_attention.default
+    from transformer._cuda import ops
+    return ops(device).decode_attention.default
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_rotary_opcheck(backend):
+    require_backend(backend)
+    case, kw = RCase(d=64, rotary_dim=32, group=2, sq=2, page_size=16, lens=(3, 20)).make()
+    args = (case.q, case.k_cache.nan_to_num(), case.v_cache.nan_to_num(), case.cache_seqlens, case.k, case.v,
+            case.block_table, None, 0.125, -1, 0, 0.0, 2, None, None, kw["rotary_cos"], kw["rotary_sin"], True)
+    torch.library.opcheck(_kernel_op(backend, case.q.device), args)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_rotary_torch_compile(backend):
+    """torch.compile(fullgraph=True) of the public op with the tables: the eager results, bit for bit."""
+    require_backend(backend)
+    case, kw = RCase(d=64, rotary_dim=64, interleaved=True, group=2, sq=2, page_size=4).make()
+
+    def step(q, kc, vc, lens, k, v, bt, cos, sin):
+        return transformer.decode_attention(q, kc, vc, lens, k=k, v=v, block_table=bt, rotary_cos=cos,
+                                            rotary_sin=sin, rotary_interleaved=True, return_lse=True,
+                                            backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    kc1, vc1, kc2, vc2 = (t.clone() for t in (case.k_cache, case.v_cache) * 2)
+    tabs = (kw["rotary_cos"], kw["rotary_sin"])
+    eager = step(case.q, kc1, vc1, case.cache_seqlens, case.k, case.v, case.block_table, *tabs)
+    comp = compiled(case.q, kc2, vc2, case.cache_seqlens, case.k, case.v, case.block_table, *tabs)
+    assert torch.equal(bits(eager[0]), bits(comp[0])) and torch.equal(eager[1], comp[1])
+    assert torch.equal(bits(kc1), bits(kc2)) and torch.equal(bits(vc1), bits(vc2))
