@@ -137,7 +137,8 @@ def _rotary(x, Rows, offs_d, mask, Cos, Sin, pos, stride_cr, stride_cd, stride_s
     """x [H, D] (fp32, loaded from Rows[:, None] + offs_d[None, :] under mask) with its first ROTARY_DIM dims
     turned by row pos of the tables Cos / Sin [seqlen_ro, ROTARY_DIM / 2], as transformer.nn.rope.apply_rotary:
     the first element of a pair becomes x * cos - y * sin, the second x * cos + y * sin (y its partner), each
-    product and the sum rounded once in fp32 (the launch disables fp fusion). Dims >= ROTARY_DIM pass through."""
+    product and the sum rounded once in fp32 (a launch with rotary disables fp fusion: mul.rn / add.rn / sub.rn,
+    no fma). Dims >= ROTARY_DIM pass through."""
     HALF: tl.constexpr = ROTARY_DIM // 2
     if INTERLEAVED:      # pairs (2j, 2j + 1)
         partner = offs_d ^ 1
@@ -558,7 +559,7 @@ def decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, 
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides, cache_seqlens.stride(0),
             *bt_strides, *rot_strides, sq, hkv, d, capacity, page_size, num_pages, hq, seqlen_ro, q_per_token,
             PAGED=paged, BLOCK_H=block_h, BLOCK_D=block_d, KV_QUANT=quant, FP8_HW=fp8_hw, ROTARY_DIM=rotary_dim,
-            INTERLEAVED=bool(rotary_interleaved), num_warps=4, enable_fp_fusion=False)
+            INTERLEAVED=bool(rotary_interleaved), num_warps=4, enable_fp_fusion=not rotary_dim)
     if rotary_dim:
         q = q_rot
 
@@ -708,5 +709,6 @@ def aot_configs():
                                   constexprs=dict(PAGED=paged, BLOCK_H=8, BLOCK_D=128,
                                                   KV_QUANT=quant, FP8_HW=hw, ROTARY_DIM=rotary,
                                                   INTERLEAVED=interleaved),
-                                  num_warps=4, num_stages=1, archs=archs, options={"enable_fp_fusion": False}))
+                                  num_warps=4, num_stages=1, archs=archs,
+                                  options={"enable_fp_fusion": False} if rotary else {}))
     return cfgs

@@ -18,19 +18,29 @@
 
 namespace tf::decode {
 
-// Grid (B * Sq, Hkv); bit-exact 16-bit copies (one kernel serves fp16 and bf16).
-__global__ void __launch_bounds__(kThreads) decode_append_kernel(AppendParams p) {
-  const int b = blockIdx.x / p.sq, s = blockIdx.x % p.sq, h = blockIdx.y;
+// Where token s of sequence b is appended: false when its position cache_seqlens[b] + s lies outside
+// [0, capacity) or in a page id outside [0, num_pages) (the token is dropped), else its row of dim 0 (batch or
+// page) and its slot.
+TF_DEVICE bool append_slot(const AppendParams& p, int b, int s, int64_t& page, int64_t& slot) {
   const int64_t pos64 = int64_t(p.cache_seqlens[b]) + s;   // any int32 value: no overflow
-  if (pos64 < 0 || pos64 >= p.capacity) return;   // no barrier in this kernel
+  if (pos64 < 0 || pos64 >= p.capacity) return false;
   const int pos = int(pos64);
-  int64_t page = b, slot = pos;
+  page = b;
+  slot = pos;
   if (p.block_table) {
     const int id = p.block_table[int64_t(b) * p.stride_btb + pos / p.page_size];
-    if (unsigned(id) >= unsigned(p.num_pages)) return;   // a page id outside [0, num_pages): dropped
+    if (unsigned(id) >= unsigned(p.num_pages)) return false;
     page = id;
     slot = pos % p.page_size;
   }
+  return true;
+}
+
+// Grid (B * Sq, Hkv); bit-exact 16-bit copies (one kernel serves fp16 and bf16).
+__global__ void __launch_bounds__(kThreads) decode_append_kernel(AppendParams p) {
+  const int b = blockIdx.x / p.sq, s = blockIdx.x % p.sq, h = blockIdx.y;
+  int64_t page, slot;
+  if (!append_slot(p, b, s, page, slot)) return;   // no barrier in these kernels
   const gptr<const uint16_t> k = gcast<const uint16_t>(p.k) + int64_t(b) * p.stride_kb + int64_t(s) * p.stride_ks +
                                  int64_t(h) * p.stride_kh;
   const gptr<const uint16_t> v = gcast<const uint16_t>(p.v) + int64_t(b) * p.stride_vb + int64_t(s) * p.stride_vs +
@@ -90,16 +100,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_append_rotary_kernel(Appen
   const int b = blockIdx.x / p.sq, s = blockIdx.x % p.sq, h = blockIdx.y;
   if (h < p.hq) rotate_query<T>(p, b, s, h, threadIdx.x, kThreads);
   if (h >= p.hkv) return;   // no barrier in this kernel
-  const int64_t pos64 = int64_t(p.cache_seqlens[b]) + s;   // any int32 value: no overflow
-  if (pos64 < 0 || pos64 >= p.capacity) return;
-  const int pos = int(pos64);
-  int64_t page = b, slot = pos;
-  if (p.block_table) {
-    const int id = p.block_table[int64_t(b) * p.stride_btb + pos / p.page_size];
-    if (unsigned(id) >= unsigned(p.num_pages)) return;   // a page id outside [0, num_pages): dropped
-    page = id;
-    slot = pos % p.page_size;
-  }
+  int64_t page, slot;
+  if (!append_slot(p, b, s, page, slot)) return;   // no barrier in these kernels
   const int64_t row = rotary_row(p, b, s);
   const gptr<const T> k = gcast<const T>(p.k) + int64_t(b) * p.stride_kb + int64_t(s) * p.stride_ks +
                           int64_t(h) * p.stride_kh;
@@ -126,16 +128,8 @@ __global__ void __launch_bounds__(kThreads) decode_append_quant_kernel(AppendPar
     if (h < p.hq) rotate_query<T>(p, b, s, h, lane, 32);
   }
   if (h >= p.hkv) return;
-  const int64_t pos64 = int64_t(p.cache_seqlens[b]) + s;   // any int32 value: no overflow
-  if (pos64 < 0 || pos64 >= p.capacity) return;
-  const int pos = int(pos64);
-  int64_t page = b, slot = pos;
-  if (p.block_table) {
-    const int id = p.block_table[int64_t(b) * p.stride_btb + pos / p.page_size];
-    if (unsigned(id) >= unsigned(p.num_pages)) return;   // a page id outside [0, num_pages): dropped
-    page = id;
-    slot = pos % p.page_size;
-  }
+  int64_t page, slot;
+  if (!append_slot(p, b, s, page, slot)) return;   // no barrier in these kernels
 #pragma unroll 1
   for (int which = 0; which < 2; ++which) {   // k, then v
     const gptr<const T> src = which == 0
