@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import transformer
-from helpers import DEVICE, assert_close, bits, check_decode, kernel_backends, make_case, require_backend, run_decode
+from helpers import DEVICE, HAS_GPU, assert_close, bits, check_decode, kernel_backends, make_case, require_backend, run_decode
 from test_kv_quant import check_qdecode, make_qcase, raw, run_qdecode
 from transformer import reference
 from transformer.nn.rope import RotaryEmbedding, apply_rotary
@@ -163,11 +163,20 @@ def test_reference_rotary_is_the_modules_rope():
 # Quantized caches: the rotated key is rounded to k's dtype, then quantized (values and scales bit for bit)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
-@pytest.mark.parametrize("backend", KERNELS + [pytest.param("torch", id="torch")])
-def test_rotary_quantized(backend, kv_dtype):
+QUANT_PARAMS = [pytest.param(p.values[0], kv, conv, marks=p.marks, id=f"{p.id}-{kv}{'-' + conv if conv else ''}")
+                for p in KERNELS + [pytest.param("torch", id="torch")] for kv in ("int8", "fp8_e4m3")
+                for conv in (("hw", "sw") if p.values[0] == "triton" and kv == "fp8_e4m3" and not HAS_GPU else (None,))]
+
+
+@pytest.mark.parametrize("backend, kv_dtype, fp8_conversion", QUANT_PARAMS)
+def test_rotary_quantized(backend, kv_dtype, fp8_conversion, monkeypatch):
+    """fp8_conversion: the Triton interpreter's fp8 path, the cvt casts of sm_90 ("hw") or the integer conversion
+    of sm_80 ("sw")."""
     if backend != "torch":
         require_backend(backend)
+    if fp8_conversion:
+        import triton_kernels.decode as tkd
+        monkeypatch.setattr(tkd, "FP8_CONVERSION", fp8_conversion)
     for rc in (RCase(d=64, rotary_dim=64, group=5, sq=2, page_size=4, lens=(0, 6, 11)),
                RCase(d=96, rotary_dim=32, interleaved=True, group=1, sq=3, causal=False, dtype=torch.bfloat16,
                      table_dtype=torch.bfloat16, lens=(4, 0, 2))):
