@@ -212,7 +212,8 @@ def compile_triton(cfg, arch):
         attrs = cfg.attrs() if getattr(cfg, "divisible", ()) else None
         src = ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                    **getattr(cfg, "options", {})})
     except Exception as e:  # report, the test turns it into a failure
         st.error = f"{type(e).__name__}: {str(e)[:400]}"
         return st

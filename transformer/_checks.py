@@ -304,9 +304,40 @@ def check_norm(x, weight, bias, eps, residual, *, has_bias=True):
     return n
 
 
+def check_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k, capacity):
+    """Rotary tables of decode_attention: rotary_cos / rotary_sin [seqlen_ro, rotary_dim / 2] of a float dtype on
+    q's device, rotary_dim even in 2..D, seqlen_ro >= the cache capacity (so every position a valid cache_seqlens
+    gives is a row of the tables), k / v given (the tables rotate the appended keys). Returns rotary_dim (0: no
+    tables)."""
+    check_bool("rotary_interleaved", rotary_interleaved)
+    if rotary_cos is None and rotary_sin is None:
+        return 0
+    if rotary_cos is None or rotary_sin is None:
+        raise ValueError(f"rotary_cos and rotary_sin must be given together, got only "
+                         f"{'rotary_cos' if rotary_sin is None else 'rotary_sin'}")
+    if k is None:
+        raise ValueError("rotary_cos / rotary_sin rotate the appended keys: pass k and v with them")
+    d = q.shape[-1]
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES)
+        check_same_device(name, t, "q", q)
+    if rotary_sin.shape != rotary_cos.shape:
+        raise ValueError(f"rotary_sin must have the shape of rotary_cos {tuple(rotary_cos.shape)}, got "
+                         f"{tuple(rotary_sin.shape)}")
+    seqlen_ro, half = rotary_cos.shape
+    if not 1 <= half <= d // 2:
+        raise ValueError(f"rotary_cos must have shape [seqlen_ro, rotary_dim / 2] with an even rotary_dim in 2..{d} "
+                         f"(the head dim), got {tuple(rotary_cos.shape)}")
+    if seqlen_ro < capacity:
+        raise ValueError(f"rotary_cos / rotary_sin must have at least as many rows as the cache has positions "
+                         f"({capacity}), got {seqlen_ro}")
+    return 2 * half
+
+
 def check_decode(q, k_cache, v_cache, cache_seqlens, k=None, v=None, block_table=None,
                  window_size=(-1, -1), softcap=0.0, softmax_scale=None, alibi_slopes=None,
-                 dtypes=FLOAT_DTYPES, k_scale=None, v_scale=None):
+                 dtypes=FLOAT_DTYPES, k_scale=None, v_scale=None, rotary_cos=None, rotary_sin=None,
+                 rotary_interleaved=False):
     check_tensor("q", q, ndim=4, dtypes=dtypes, last_dim_contiguous=True)
     b, sq, hq, d = q.shape
     if sq < 1 or sq > MAX_DECODE_QUERIES:
@@ -363,8 +394,9 @@ def check_decode(q, k_cache, v_cache, cache_seqlens, k=None, v=None, block_table
     scale = check_scale(softmax_scale, d)
     check_alibi(alibi_slopes, b, hq, q)
     kv_dtype = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
+    rotary_dim = check_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k, capacity)
     return dict(batch=b, sq=sq, hq=hq, hkv=hkv, head_dim=d, paged=paged, page_size=page_size,
-                capacity=capacity, window=window, softcap=cap, scale=scale, kv_dtype=kv_dtype)
+                capacity=capacity, window=window, softcap=cap, scale=scale, kv_dtype=kv_dtype, rotary_dim=rotary_dim)
 
 
 def check_decode_values(cache_seqlens, block_table, num_pages, page_size, capacity, appended):

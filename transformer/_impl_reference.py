@@ -56,11 +56,13 @@ def rms_norm(x, weight, eps, *, residual, prenorm, residual_in_fp32):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, softmax_scale, causal,
-                     window_size, alibi_slopes, softcap, num_splits, return_lse, k_scale=None, v_scale=None):
+                     window_size, alibi_slopes, softcap, num_splits, return_lse, k_scale=None, v_scale=None,
+                     rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
     res = reference.decode_attention(q, k_cache, v_cache, cache_seqlens, k=k, v=v, block_table=block_table,
                                      softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                                      alibi_slopes=alibi_slopes, softcap=softcap, return_lse=return_lse,
-                                     validate=False, k_scale=k_scale, v_scale=v_scale)
+                                     validate=False, k_scale=k_scale, v_scale=v_scale, rotary_cos=rotary_cos,
+                                     rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
     if return_lse:
         return res[0].to(q.dtype), res[1].float()
     return res.to(q.dtype)

@@ -211,11 +211,13 @@ def decode_supports(call):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, softmax_scale, causal,
-                     window_size, alibi_slopes, softcap, num_splits, return_lse, k_scale=None, v_scale=None):
+                     window_size, alibi_slopes, softcap, num_splits, return_lse, k_scale=None, v_scale=None,
+                     rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
     """Vectorised over the batch (no host sync): gather the cache, mask by length, one SDPA call. Index values
     are taken as the kernels take them (transformer/_checks.py): lengths clamped to 0..capacity, appends outside
     the cache or into invalid pages dropped, tokens of invalid pages not visible. A quantized cache (k_scale /
-    v_scale given) stores appends as reference.quantize_kv and is read as reference.dequantize_kv in q's dtype."""
+    v_scale given) stores appends as reference.quantize_kv and is read as reference.dequantize_kv in q's dtype.
+    Rotary tables rotate q and k first (reference.rotary_decode, vectorised)."""
     from . import reference
     kv_dtype = None if k_scale is None else ("int8" if k_cache.dtype == torch.int8 else "fp8_e4m3")
     b, sq = q.shape[0], q.shape[1]
@@ -224,6 +226,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k, v, block_table, s
     num_pages = k_cache.shape[0]
     page_size = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    if rotary_cos is not None:
+        q, k = reference.rotary_decode(q, k, cache_seqlens, rotary_cos, rotary_sin, interleaved=rotary_interleaved,
+                                       q_per_token=reference.rotary_q_per_token(causal, window_size, capacity))
     lens = cache_seqlens.long()
     if paged:
         bt = block_table.long()

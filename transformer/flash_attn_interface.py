@@ -33,11 +33,13 @@ Differences from flash-attn, none silent:
   B_cache pages of S_max tokens with ``block_table = cache_batch_idx[:, None]`` (no copy), so appends land in
   row cache_batch_idx[b]. Values outside 0..B_cache-1 raise ValueError when checked (CPU tensors); unchecked
   ones follow the paged rule (that row holds no visible token, appends to it are dropped).
-* ``rotary_cos`` / ``rotary_sin`` [seqlen_ro, rotary_dim / 2]: q and the appended k are rotated in Python by
-  ``transformer.nn.rope.apply_rotary`` (fp32 math, the modules' RoPE) before the call; k at positions
+* ``rotary_cos`` / ``rotary_sin`` [seqlen_ro, rotary_dim / 2]: q and the appended k are rotated as
+  ``transformer.nn.rope.apply_rotary`` does (fp32 math, the modules' RoPE, bit for bit); k at positions
   cache_seqlens + i, q at cache_seqlens + i when causal or local (a window smaller than the cache) and at
-  cache_seqlens otherwise, as flash-attn. Positions past the table are clamped to its last row (only tokens
-  that would fall outside the cache reach them).
+  cache_seqlens otherwise, as flash-attn (cache_leftpad does not shift them). Where the appends run inside the
+  decode calls, the tables go to ``decode_attention``, whose kernels rotate in the append's launch; otherwise
+  (the cases of the next point) q and k are rotated by ``reference.rotary_decode`` before the calls. Positions
+  past the table are clamped to its last row (only tokens that would fall outside the cache reach them).
 * Appends: k / v with as many tokens as q go into the cache inside the decode call (the kernels' append).
   Otherwise (seqlen_new != Sq, more than 16 queries that are not causal, or cache_leftpad) they are appended
   first through ``decode_attention``'s in-place append (same quantization and index rules) with zero queries
@@ -61,7 +63,6 @@ import torch
 from . import _checks, reference
 from .attention import attention, dropout_rng_state, flash_attention, flash_attention_varlen
 from .decode import decode_attention
-from .nn.rope import apply_rotary
 from .ops.decode import MAX_SPLITS
 
 __all__ = ["FlashAttnCompatError", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
@@ -369,22 +370,29 @@ def _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                                        f"{k_cache.shape[1]} tokens = {capacity})")
 
     # Rotary embedding of q and the appended k, at their positions in the sequence.
+    rotary = {}
     if rotary_cos is not None or rotary_sin is not None:
-        q, k = _rotate(q, k, rotary_cos, rotary_sin, seqlens, capacity, causal, window, rotary_interleaved)
+        _checks.check_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k, capacity)
+        rotary = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
 
     kw = dict(softmax_scale=softmax_scale, window_size=window, alibi_slopes=alibi_slopes, softcap=softcap,
               backend=backend)
     step = _checks.MAX_DECODE_QUERIES
+    if k is not None and snew == sq and (sq <= step or causal) and cache_leftpad is None:
+        # Appends inside the decode calls: chunk i appends its tokens and sees the cache up to them; the rotary
+        # tables turn each chunk's keys and queries in the call (query i of chunk c at seqlens + c + i when causal).
+        kw.update(num_splits=num_splits, causal=causal, return_lse=return_lse, **rotary)
+        res = [decode_attention(q[:, i:i + step], k_cache, v_cache, seqlens + i, k=k[:, i:i + step],
+                                v=v[:, i:i + step], block_table=block_table, **kw) for i in range(0, sq, step)]
+        return _cat(res, return_lse)
+    if rotary:   # the appends and queries below run apart: rotate first
+        q, k = reference.rotary_decode(q, k, seqlens, rotary_cos, rotary_sin, interleaved=rotary_interleaved,
+                                       q_per_token=reference.rotary_q_per_token(causal, window, capacity))
     dense = cache_leftpad is not None or (sq > step and not causal and (window != (-1, -1) or alibi_slopes is not None))
     if dense:
         return _attend_dense(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, cache_leftpad, block_table, causal,
                              return_lse, kw, check)
     kw.update(num_splits=num_splits, causal=causal, return_lse=return_lse)
-    if k is not None and snew == sq and (sq <= step or causal):
-        # Appends inside the decode calls: chunk i appends its tokens and sees the cache up to them.
-        res = [decode_attention(q[:, i:i + step], k_cache, v_cache, seqlens + i, k=k[:, i:i + step],
-                                v=v[:, i:i + step], block_table=block_table, **kw) for i in range(0, sq, step)]
-        return _cat(res, return_lse)
     if k is not None:
         _append(k_cache, v_cache, seqlens, k, v, block_table, backend)
     total = seqlens + snew
@@ -403,36 +411,6 @@ def _cat(res, return_lse):
     if return_lse:
         return torch.cat([r[0] for r in res], dim=1), torch.cat([r[1] for r in res], dim=2)
     return torch.cat(res, dim=1)
-
-
-def _rotate(q, k, rotary_cos, rotary_sin, seqlens, capacity, causal, window, interleaved):
-    if rotary_cos is None or rotary_sin is None:
-        raise FlashAttnCompatError("rotary_cos and rotary_sin must be given together")
-    if k is None:
-        raise FlashAttnCompatError("rotary_cos / rotary_sin rotate the appended keys: pass k and v with them")
-    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
-        _checks.check_tensor(name, t, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-        _checks.check_same_device(name, t, "q", q)
-    if rotary_sin.shape != rotary_cos.shape:
-        raise FlashAttnCompatError(f"rotary_sin must have the shape of rotary_cos {tuple(rotary_cos.shape)}, got "
-                                   f"{tuple(rotary_sin.shape)}")
-    seqlen_ro, half = rotary_cos.shape
-    d = q.shape[-1]
-    if not 1 <= half <= d // 2:
-        raise FlashAttnCompatError(f"rotary_cos must have shape [seqlen_ro, rotary_dim / 2] with an even rotary_dim "
-                                   f"in 2..{d} (the head dim), got {tuple(rotary_cos.shape)}")
-    if seqlen_ro < capacity:
-        raise FlashAttnCompatError(f"rotary_cos / rotary_sin must have at least as many rows as the cache has "
-                                   f"positions ({capacity}), got {seqlen_ro}")
-    cos = torch.cat((rotary_cos, rotary_cos), dim=-1).float()     # [seqlen_ro, rotary_dim]: RotaryEmbedding's layout
-    sin = torch.cat((rotary_sin, rotary_sin), dim=-1).float()
-    start = seqlens.long()[:, None]
-    local = causal or any(0 <= w < capacity for w in window)
-    pos_q = start + (torch.arange(q.shape[1], device=q.device) if local else 0)
-    pos_k = start + torch.arange(k.shape[1], device=q.device)
-    pos_q, pos_k = pos_q.expand(-1, q.shape[1]).clamp(0, seqlen_ro - 1), pos_k.clamp(0, seqlen_ro - 1)
-    return (apply_rotary(q, cos[pos_q], sin[pos_q], interleaved=interleaved),
-            apply_rotary(k, cos[pos_k], sin[pos_k], interleaved=interleaved))
 
 
 def _append(k_cache, v_cache, seqlens, k, v, block_table, backend):

@@ -25,7 +25,7 @@ import torch
 from . import _checks
 
 __all__ = ["attention", "attention_varlen", "attention_mask", "attention_probs", "layer_norm", "rms_norm",
-           "decode_attention", "quantize_kv", "dequantize_kv", "philox4x32", "dropout_keep", "dropout_threshold"]
+           "decode_attention", "rotary_decode", "rotary_q_per_token", "quantize_kv", "dequantize_kv", "philox4x32", "dropout_keep", "dropout_threshold"]
 
 
 def _cast(t, dtype):
@@ -339,9 +339,34 @@ def cache_positions(cache_seqlens_b, n, block_table_b, page_size):
     return block_table_b[pos // page_size].long(), pos % page_size
 
 
+def rotary_q_per_token(causal, window_size, capacity):
+    """Whether decode_attention's rotary tables rotate query i at cache_seqlens + i (causal, or a window side
+    in 0..capacity-1) rather than every query at cache_seqlens (flash-attn's flash_attn_with_kvcache rule)."""
+    return bool(causal) or any(0 <= w < capacity for w in window_size)
+
+
+def rotary_decode(q, k, cache_seqlens, rotary_cos, rotary_sin, *, interleaved=False, q_per_token=True):
+    """q [B, Sq, Hq, D] and k [B, Sq, Hkv, D] rotated as decode_attention does with rotary_cos / rotary_sin
+    [seqlen_ro, rotary_dim / 2] (any float dtype, read as fp32): key i of sequence b at position
+    cache_seqlens[b] + i, query i there too when q_per_token, else at cache_seqlens[b]; positions clamped to
+    0..seqlen_ro-1. The rotation is `transformer.nn.rope.apply_rotary` (fp32 math, rounded to the input dtype
+    once; pairs (x[j], x[j + rotary_dim / 2]), or (x[2j], x[2j + 1]) when interleaved, turned by row[j])."""
+    from .nn.rope import apply_rotary
+    seqlen_ro = rotary_cos.shape[0]
+    cos = torch.cat((rotary_cos, rotary_cos), dim=-1).float()     # [seqlen_ro, rotary_dim]: RotaryEmbedding's layout
+    sin = torch.cat((rotary_sin, rotary_sin), dim=-1).float()
+    start = cache_seqlens.long()[:, None]
+    steps = torch.arange(q.shape[1], device=q.device)
+    pos_k = (start + steps).clamp(0, seqlen_ro - 1)
+    pos_q = pos_k if q_per_token else start.expand(-1, q.shape[1]).clamp(0, seqlen_ro - 1)
+    return (apply_rotary(q, cos[pos_q], sin[pos_q], interleaved=interleaved),
+            apply_rotary(k, cos[pos_k], sin[pos_k], interleaved=interleaved))
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None,
                      softmax_scale=None, causal=True, window_size=(-1, -1), alibi_slopes=None, softcap=0.0,
-                     return_lse=False, compute_dtype=torch.float32, validate=True, k_scale=None, v_scale=None):
+                     return_lse=False, compute_dtype=torch.float32, validate=True, k_scale=None, v_scale=None,
+                     rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
     """Attention of q [B, Sq, Hq, D] over a KV cache.
 
     Contiguous cache: k_cache/v_cache [B, S_max, Hkv, D]. Paged cache: [num_pages, page_size, Hkv, D]
@@ -354,16 +379,23 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, bloc
     Quantized cache: int8 / float8_e4m3fn k_cache, v_cache with fp32 k_scale, v_scale shaped like the cache
     without D; appended tokens are stored as ``quantize_kv(k, kv_dtype)`` (values and scales), and attention
     reads ``dequantize_kv(cache, scale)`` rounded to q's dtype when compute_dtype is None.
+    Rotary embedding: rotary_cos / rotary_sin [seqlen_ro >= capacity, rotary_dim / 2] (k / v required) rotate q
+    and k first, as `rotary_decode` with q_per_token = `rotary_q_per_token(causal, window_size, capacity)`; the
+    cache stores the rotated (then quantized) keys.
     """
     info = _checks.check_decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, window_size=window_size,
                                 softcap=softcap, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes,
-                                k_scale=k_scale, v_scale=v_scale)
+                                k_scale=k_scale, v_scale=v_scale, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                rotary_interleaved=rotary_interleaved)
     kv_dtype = info["kv_dtype"]
     b, sq, hq, d = info["batch"], info["sq"], info["hq"], info["head_dim"]
     capacity, page_size, num_pages = info["capacity"], info["page_size"], k_cache.shape[0]
     appended = sq if k is not None else 0
     if validate:
         _checks.check_decode_values(cache_seqlens, block_table, num_pages, page_size, capacity, appended)
+    if info["rotary_dim"]:
+        q, k = rotary_decode(q, k, cache_seqlens, rotary_cos, rotary_sin, interleaved=rotary_interleaved,
+                             q_per_token=rotary_q_per_token(causal, info["window"], capacity))
     lens = cache_seqlens.tolist()
     dtype = compute_dtype or q.dtype
     out = zeros_like_output((b, sq, hq, d), dtype, q, k_cache, v_cache, k, v)

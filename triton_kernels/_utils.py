@@ -61,6 +61,7 @@ class AotConfig:
     divisible: names of the arguments the launcher guarantees divisible by 16 (16-byte aligned pointers,
     strides and sizes that are multiples of 16) -- the specialisation Triton applies at launch for such
     values; without it the AOT compile sees scalar, unpipelined loads the GPU never runs.
+    options: further compile options the launcher passes, e.g. {"enable_fp_fusion": False}.
     """
     name: str
     kernel: object
@@ -71,6 +72,7 @@ class AotConfig:
     archs: tuple = (80, 90)
     expect: dict = dataclasses.field(default_factory=dict)
     divisible: tuple = ()
+    options: dict = dataclasses.field(default_factory=dict)
 
     def attrs(self):
         """Triton's ASTSource attrs for `divisible`."""

@@ -128,12 +128,43 @@ def _quant(x, mask, KV_QUANT: tl.constexpr, FP8_HW: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
+# Rotary embedding
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _rotary(x, Rows, offs_d, mask, Cos, Sin, pos, stride_cr, stride_cd, stride_sr, stride_sd,
+            ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """x [H, D] (fp32, loaded from Rows[:, None] + offs_d[None, :] under mask) with its first ROTARY_DIM dims
+    turned by row pos of the tables Cos / Sin [seqlen_ro, ROTARY_DIM / 2], as transformer.nn.rope.apply_rotary:
+    the first element of a pair becomes x * cos - y * sin, the second x * cos + y * sin (y its partner), each
+    product and the sum rounded once in fp32 (a launch with rotary disables fp fusion: mul.rn / add.rn / sub.rn,
+    no fma). Dims >= ROTARY_DIM pass through."""
+    HALF: tl.constexpr = ROTARY_DIM // 2
+    if INTERLEAVED:      # pairs (2j, 2j + 1)
+        partner = offs_d ^ 1
+        idx = offs_d // 2
+        first = (offs_d % 2) == 0
+    else:                # pairs (j, j + HALF)
+        first = offs_d < HALF
+        partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+        idx = tl.where(first, offs_d, offs_d - HALF)
+    rot = offs_d < ROTARY_DIM
+    y = tl.load(Rows[:, None] + partner[None, :], mask=mask & rot[None, :], other=0.0).to(tl.float32)
+    c = tl.load(Cos + pos * stride_cr + idx * stride_cd, mask=rot, other=1.0).to(tl.float32)
+    s = tl.load(Sin + pos * stride_sr + idx * stride_sd, mask=rot, other=0.0).to(tl.float32)
+    xc = x * c[None, :]
+    ys = y * s[None, :]
+    return tl.where(rot[None, :], tl.where(first[None, :], xc - ys, xc + ys), x)
+
+
+# ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
 def _decode_append(
     K, V, KCache, VCache, CacheSeqlens, BlockTable, KScale, VScale,
+    Q, QRot, Cos, Sin,                        # rotary: q [B, Sq, Hq, D] -> QRot (contiguous), tables (ROTARY_DIM > 0)
     stride_kb, stride_ks, stride_kh,          # new k [B, Sq, Hkv, D]
     stride_vb, stride_vs, stride_vh,          # new v [B, Sq, Hkv, D]
     stride_kcb, stride_kcs, stride_kch,       # k cache: dim 0 is the batch (contiguous) or the page (paged)
@@ -142,22 +173,43 @@ def _decode_append(
     stride_vsb, stride_vss, stride_vsh,
     stride_cs,                                # cache_seqlens [B]
     stride_btb, stride_btp,                   # block_table [B, max_pages]
+    stride_qb, stride_qs, stride_qh,          # q (rotary)
+    stride_rb, stride_rs, stride_rh,          # QRot
+    stride_cr, stride_cd, stride_sr, stride_sd,   # rotary_cos / rotary_sin [seqlen_ro, ROTARY_DIM / 2]
     Sq, Hkv, D,
     capacity,                                 # tokens per sequence the cache can hold
     page_size, num_pages,
+    Hq, seqlen_ro,                            # rotary: query heads, table rows
+    q_per_token,                              # rotary: query s turns at cache_seqlens + s (1) or cache_seqlens (0)
     PAGED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     KV_QUANT: tl.constexpr,                   # 0: copy (16-bit cache); 1 / 2: quantize to int8 / fp8 e4m3
     FP8_HW: tl.constexpr,
+    ROTARY_DIM: tl.constexpr = 0,             # 0: no rotary; else the rotated dims (even, <= D)
+    INTERLEAVED: tl.constexpr = False,        # rotary pairs (2j, 2j + 1), else (j, j + ROTARY_DIM / 2)
 ):
     """Program (b * Sq + s, head block): copy (or quantize, with its scale) token s of sequence b, BLOCK_H KV
     heads, into the cache. A position outside 0..capacity-1, or in a page outside 0..num_pages-1, is not
-    written (neither values nor scales)."""
+    written (neither values nor scales). With ROTARY_DIM > 0 the key is rotated at position cache_seqlens[b] + s
+    and rounded to k's dtype before it is stored (or quantized), and query s of BLOCK_H query heads is rotated
+    into QRot (every query row is written, whether or not its key lands in the cache); table rows are clamped to
+    0..seqlen_ro-1."""
     pid = tl.program_id(0)
     b = pid // Sq
     s = pid % Sq
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     pos = tl.load(CacheSeqlens + b.to(tl.int64) * stride_cs).to(tl.int64) + s
+    if ROTARY_DIM > 0:
+        last_row = seqlen_ro - 1
+        pos_k = tl.minimum(tl.maximum(pos, 0), last_row)
+        pos_q = tl.minimum(tl.maximum(pos - s * (1 - q_per_token), 0), last_row)
+        q_mask = (offs_h[:, None] < Hq) & (offs_d[None, :] < D)
+        q_rows = Q + b.to(tl.int64) * stride_qb + s * stride_qs + offs_h * stride_qh
+        qn = tl.load(q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        qn = _rotary(qn, q_rows, offs_d, q_mask, Cos, Sin, pos_q, stride_cr, stride_cd, stride_sr, stride_sd,
+                     ROTARY_DIM, INTERLEAVED)
+        tl.store(QRot + b.to(tl.int64) * stride_rb + s * stride_rs + offs_h[:, None] * stride_rh + offs_d[None, :],
+                 qn.to(QRot.dtype.element_ty), mask=q_mask)
     in_cache = (pos >= 0) & (pos < capacity)
     pos = tl.where(in_cache, pos, 0)
     if PAGED:
@@ -174,6 +226,10 @@ def _decode_append(
     hd_v = offs_h[:, None] * stride_vh + offs_d[None, :]
     kn = tl.load(K + b.to(tl.int64) * stride_kb + s * stride_ks + hd_k, mask=mask, other=0.0)
     vn = tl.load(V + b.to(tl.int64) * stride_vb + s * stride_vs + hd_v, mask=mask, other=0.0)
+    if ROTARY_DIM > 0:
+        k_rows = K + b.to(tl.int64) * stride_kb + s * stride_ks + offs_h * stride_kh
+        kn = _rotary(kn.to(tl.float32), k_rows, offs_d, mask, Cos, Sin, pos_k, stride_cr, stride_cd, stride_sr,
+                     stride_sd, ROTARY_DIM, INTERLEAVED).to(K.dtype.element_ty)
     if KV_QUANT != 0:
         head_ok = in_cache & (offs_h < Hkv)
         kn, k_sc = _quant(kn.to(tl.float32), mask, KV_QUANT, FP8_HW)
@@ -426,13 +482,33 @@ def _check_scales(k_cache, v_cache, k_scale, v_scale):
     return quant
 
 
+def _check_rotary(q, k, rotary_cos, rotary_sin, capacity):
+    """rotary_dim of tables [seqlen_ro >= capacity, rotary_dim / 2] of a float dtype on q's device (k given)."""
+    if k is None:
+        raise ValueError("rotary_cos / rotary_sin rotate the appended keys: pass k and v with them")
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if t is None or t.dim() != 2 or t.device != q.device or t.dtype not in (torch.float16, torch.bfloat16,
+                                                                                 torch.float32):
+            raise ValueError(f"{name} must be a float16/bfloat16/float32 [seqlen_ro, rotary_dim / 2] tensor on "
+                             f"{q.device}, got {None if t is None else (tuple(t.shape), t.dtype, t.device)}")
+    if rotary_sin.shape != rotary_cos.shape or not 1 <= rotary_cos.shape[1] <= q.shape[-1] // 2 \
+            or rotary_cos.shape[0] < capacity:
+        raise ValueError(f"rotary_cos / rotary_sin must both have shape [seqlen_ro >= {capacity}, rotary_dim / 2 <= "
+                         f"{q.shape[-1] // 2}], got {tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+    return 2 * rotary_cos.shape[1]
+
+
 def decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, softmax_scale, window_left,
-           window_right, softcap, num_splits, k_scale=None, v_scale=None):
+           window_right, softcap, num_splits, k_scale=None, v_scale=None, rotary_cos=None, rotary_sin=None,
+           rotary_interleaved=False):
     """(out [B, Sq, Hq, D], lse [B, Hq, Sq] fp32, natural log); appends k / v into the caches first when given.
 
     window_left / window_right: -1 unbounded (causal is window_right = 0); softcap 0 = off; num_splits 0 picks
     a count from the shapes and the SM count. k_scale / v_scale: the fp32 scales of an int8 / float8_e4m3fn
-    cache (the cache's shape without D), written with the quantized appends."""
+    cache (the cache's shape without D), written with the quantized appends. rotary_cos / rotary_sin
+    [seqlen_ro, rotary_dim / 2] (with k / v): the append kernel rotates the new keys and q (into a buffer the
+    split kernel reads) in its launch; query i turns at cache_seqlens + i when a window side (causal: right 0)
+    is in 0..capacity-1, else at cache_seqlens."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q must be float16 or bfloat16 for the triton decode kernel, got {q.dtype}")
     quant = _check_scales(k_cache, v_cache, k_scale, v_scale)
@@ -462,15 +538,30 @@ def decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, 
     else:
         scales, scale_strides = (lse, lse), (0,) * 6               # placeholder pointers, never read
 
+    rotary_dim = 0
+    if rotary_cos is not None:
+        rotary_dim = _check_rotary(q, k, rotary_cos, rotary_sin, capacity)
+        q_rot = empty(q.shape, q.dtype, dev)
+        rot_args = (q, q_rot, rotary_cos, rotary_sin)
+        rot_strides = (*q.stride()[:3], *q_rot.stride()[:3], *rotary_cos.stride(), *rotary_sin.stride())
+        q_per_token = int(any(0 <= w < capacity for w in (window_left, window_right)))
+        seqlen_ro = rotary_cos.shape[0]
+    else:
+        rot_args, rot_strides, q_per_token, seqlen_ro = (q, q, lse, lse), (0,) * 10, 0, 1   # placeholders
     if k is not None:
-        block_h = min(triton.next_power_of_2(hkv), max(1, 4096 // block_d))
-        _decode_append[(batch * sq, triton.cdiv(hkv, block_h))](
-            k, v, k_cache, v_cache, cache_seqlens, bt, *scales,
+        heads = hq if rotary_dim else hkv
+        # rotary: a smaller tile per program (the partner elements and table rows are registers too)
+        block_h = min(triton.next_power_of_2(heads), max(1, (1024 if rotary_dim else 4096) // block_d))
+        _decode_append[(batch * sq, triton.cdiv(heads, block_h))](
+            k, v, k_cache, v_cache, cache_seqlens, bt, *scales, *rot_args,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides, cache_seqlens.stride(0),
-            *bt_strides, sq, hkv, d, capacity, page_size, num_pages,
-            PAGED=paged, BLOCK_H=block_h, BLOCK_D=block_d, KV_QUANT=quant, FP8_HW=fp8_hw, num_warps=4)
+            *bt_strides, *rot_strides, sq, hkv, d, capacity, page_size, num_pages, hq, seqlen_ro, q_per_token,
+            PAGED=paged, BLOCK_H=block_h, BLOCK_D=block_d, KV_QUANT=quant, FP8_HW=fp8_hw, ROTARY_DIM=rotary_dim,
+            INTERLEAVED=bool(rotary_interleaved), num_warps=4, enable_fp_fusion=not rotary_dim)
+    if rotary_dim:
+        q = q_rot
 
     split = num_splits > 1
     if split:
@@ -593,20 +684,31 @@ def aot_configs():
         cfgs.append(AotConfig(name=f"decode_combine d{d} {t} S<={MAX_SPLITS}", kernel=_decode_combine,
                               signature=sig, constexprs=dict(BLOCK_S=MAX_SPLITS, BLOCK_D=d), num_warps=1,
                               num_stages=1))
-    for paged, quant in ((False, 0), (True, 0), (True, 1), (True, 2)):
+    # append: 16-bit and quantizing, without rotary and with it (rotate half and interleaved; BLOCK_H 8 at D 128,
+    # the launcher's block of heads with rotary)
+    for paged, quant, rotary, interleaved in ((False, 0, 0, False), (True, 0, 0, False), (True, 1, 0, False),
+                                              (True, 2, 0, False), (False, 0, 128, False), (True, 0, 64, True),
+                                              (True, 1, 128, False), (True, 2, 128, True)):
         kv = _CACHE_PTR[quant] or "*bf16"
         sig = {"K": "*bf16", "V": "*bf16", "KCache": kv, "VCache": kv, "CacheSeqlens": "*i32",
-               "BlockTable": "*i32", "KScale": "*fp32", "VScale": "*fp32"}
+               "BlockTable": "*i32", "KScale": "*fp32", "VScale": "*fp32", "Q": "*bf16", "QRot": "*bf16",
+               "Cos": "*fp32", "Sin": "*fp32"}
         for name in ("stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_kcb",
                      "stride_kcs", "stride_kch", "stride_vcb", "stride_vcs", "stride_vch", "stride_ksb", "stride_kss",
                      "stride_ksh", "stride_vsb", "stride_vss", "stride_vsh", "stride_cs", "stride_btb",
-                     "stride_btp", "Sq", "Hkv", "D", "capacity", "page_size", "num_pages"):
+                     "stride_btp", "stride_qb", "stride_qs", "stride_qh", "stride_rb", "stride_rs", "stride_rh",
+                     "stride_cr", "stride_cd", "stride_sr", "stride_sd", "Sq", "Hkv", "D", "capacity", "page_size",
+                     "num_pages", "Hq", "seqlen_ro", "q_per_token"):
             sig[name] = "i32"
         sig.update(PAGED="constexpr", BLOCK_H="constexpr", BLOCK_D="constexpr", KV_QUANT="constexpr",
-                   FP8_HW="constexpr")
+                   FP8_HW="constexpr", ROTARY_DIM="constexpr", INTERLEAVED="constexpr")
+        rot = f" rotary{rotary}{' interleaved' if interleaved else ''}" if rotary else ""
         for suffix, hw, archs in _quant_variants(quant):
-            cfgs.append(AotConfig(name=f"decode_append d128 {'paged' if paged else 'contig'}{suffix}",
+            cfgs.append(AotConfig(name=f"decode_append d128 {'paged' if paged else 'contig'}{suffix}{rot}",
                                   kernel=_decode_append, signature=sig,
-                                  constexprs=dict(PAGED=paged, BLOCK_H=8, BLOCK_D=128, KV_QUANT=quant, FP8_HW=hw),
-                                  num_warps=4, num_stages=1, archs=archs))
+                                  constexprs=dict(PAGED=paged, BLOCK_H=8, BLOCK_D=128,
+                                                  KV_QUANT=quant, FP8_HW=hw, ROTARY_DIM=rotary,
+                                                  INTERLEAVED=interleaved),
+                                  num_warps=4, num_stages=1, archs=archs,
+                                  options={"enable_fp_fusion": False} if rotary else {}))
     return cfgs

@@ -83,17 +83,26 @@ TF_DEVICE float rcp_approx(float x) {
 #endif
 }
 
-// a / b rounded to nearest even (IEEE, div.rn.f32: no flush to zero, unaffected by --use_fast_math, which
-// turns the / operator into an approximate division); exact division when emulated.
-TF_DEVICE float div_rn(float a, float b) {
+// IEEE fp32 a OP b rounded to nearest even, each on its own (the .rn form: never contracted into an fma, no flush
+// to zero, unaffected by --use_fast_math, which turns the / operator into an approximate division); the exact
+// fp32 operation when emulated. mul_rn / add_rn / sub_rn give the products and sums of torch's element-wise
+// fp32 ops bit for bit.
 #ifdef __CUDA_ARCH__
-  float y;
-  asm("div.rn.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
-  return y;
+#define TF_FP32_RN(name, inst, op)                                          \
+  TF_DEVICE float name(float a, float b) {                                  \
+    float y;                                                                \
+    asm(inst " %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));                    \
+    return y;                                                               \
+  }
 #else
-  return a / b;
+#define TF_FP32_RN(name, inst, op) \
+  TF_DEVICE float name(float a, float b) { return a op b; }
 #endif
-}
+TF_FP32_RN(div_rn, "div.rn.f32", /)
+TF_FP32_RN(mul_rn, "mul.rn.f32", *)
+TF_FP32_RN(add_rn, "add.rn.f32", +)
+TF_FP32_RN(sub_rn, "sub.rn.f32", -)
+#undef TF_FP32_RN
 
 // ---------------------------------------------------------------------------------------------
 // fp8 e4m3 (OCP e4m3fn: bias 7, no infinities, 0x7F / 0xFF NaN, largest 448) <-> fp32. sm_89+: cvt;

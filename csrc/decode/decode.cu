@@ -78,20 +78,35 @@ void decode_append(const AppendParams& p, cudaStream_t stream) {
   if (p.batch == 0) return;
   if (int64_t(p.batch) * p.sq > 2147483647 || p.hkv > 65535)
     throw std::invalid_argument("decode_append: B * Sq must be < 2^31 and Hkv <= 65535");
+  const bool rotary = p.rotary_dim > 0;
+  if (rotary) {
+    if (!p.q || !p.q_rot || !p.rotary_cos || !p.rotary_sin || p.seqlen_ro < 1 || p.rotary_dim % 2 != 0 ||
+        p.rotary_dim > p.head_dim || p.hq < p.hkv || p.hq > 65535)
+      throw std::invalid_argument("decode_append: rotary needs q, q_rot, tables of >= 1 rows, an even rotary_dim "
+                                  "<= head_dim and Hkv <= Hq <= 65535");
+  }
+  const int heads = rotary ? p.hq : p.hkv;   // blocks (16-bit) or warps (quantizing) per token
   const dim3 rows(static_cast<unsigned>(p.batch * p.sq));
+  const bool f16 = p.dtype == DType::f16;
   if (p.kv == KvFormat::same) {
-    launch(decode_append_kernel, dim3(rows.x, static_cast<unsigned>(p.hkv)), dim3(kThreads), 0, stream, p);
+    const dim3 grid(rows.x, static_cast<unsigned>(heads));
+    if (!rotary) launch(decode_append_kernel, grid, dim3(kThreads), 0, stream, p);
+    else if (f16) launch(decode_append_rotary_kernel<__half>, grid, dim3(kThreads), 0, stream, p);
+    else launch(decode_append_rotary_kernel<__nv_bfloat16>, grid, dim3(kThreads), 0, stream, p);
     return;
   }
   if (!p.k_scale || !p.v_scale) throw std::invalid_argument("decode_append: a quantized cache needs k_scale / v_scale");
-  const dim3 grid(rows.x, static_cast<unsigned>(ceil_div(p.hkv, kThreads / 32)));   // a warp per KV head
-  const bool f16 = p.dtype == DType::f16;
+  const dim3 grid(rows.x, static_cast<unsigned>(ceil_div(heads, kThreads / 32)));   // a warp per head
   if (p.kv == KvFormat::int8) {
-    if (f16) launch(decode_append_quant_kernel<__half, 1>, grid, dim3(kThreads), 0, stream, p);
-    else launch(decode_append_quant_kernel<__nv_bfloat16, 1>, grid, dim3(kThreads), 0, stream, p);
+    if (f16) launch(rotary ? decode_append_quant_kernel<__half, 1, true> : decode_append_quant_kernel<__half, 1>,
+                    grid, dim3(kThreads), 0, stream, p);
+    else launch(rotary ? decode_append_quant_kernel<__nv_bfloat16, 1, true>
+                       : decode_append_quant_kernel<__nv_bfloat16, 1>, grid, dim3(kThreads), 0, stream, p);
   } else if (p.kv == KvFormat::fp8e4m3) {
-    if (f16) launch(decode_append_quant_kernel<__half, 2>, grid, dim3(kThreads), 0, stream, p);
-    else launch(decode_append_quant_kernel<__nv_bfloat16, 2>, grid, dim3(kThreads), 0, stream, p);
+    if (f16) launch(rotary ? decode_append_quant_kernel<__half, 2, true> : decode_append_quant_kernel<__half, 2>,
+                    grid, dim3(kThreads), 0, stream, p);
+    else launch(rotary ? decode_append_quant_kernel<__nv_bfloat16, 2, true>
+                       : decode_append_quant_kernel<__nv_bfloat16, 2>, grid, dim3(kThreads), 0, stream, p);
   } else {
     throw std::invalid_argument("decode_append: unknown KV cache format");
   }

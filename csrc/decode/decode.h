@@ -18,6 +18,15 @@
 // (transformer.reference.dequantize_kv), dequantized to q's dtype in the kernel. An append quantizes the new
 // token as transformer.reference.quantize_kv (scale = amax / 127 or / 448 by IEEE division, 1 where 0; values
 // x / scale, IEEE, clamped, rounded to nearest even) and writes values and scale under the rules above.
+// Rotary embedding (AppendParams::rotary_dim > 0, tables rotary_cos / rotary_sin [seqlen_ro, rotary_dim / 2] of
+// any float dtype): the append kernels rotate new key s of sequence b at position cache_seqlens[b] + s before
+// it is stored or quantized (rounded to k's dtype first), and write query s of every query head, rotated at
+// cache_seqlens[b] + s (q_per_token) or cache_seqlens[b], into q_rot, which the split kernel then reads as q.
+// Pairs (j, j + rotary_dim / 2), or (2j, 2j + 1) when interleaved, turn by row[j]: x * c - y * s for the first
+// of a pair, x * c + y * s for the second, each product and sum rounded once in fp32
+// (transformer.nn.rope.apply_rotary, bit for bit); dims >= rotary_dim pass through. Table rows are clamped to
+// [0, seqlen_ro) (seqlen_ro >= capacity is host-checked, so only invalid cache_seqlens reach the clamp); every
+// query row is written whether or not its key lands in the cache.
 #pragma once
 
 #include "common/types.h"
@@ -49,6 +58,19 @@ struct AppendParams {
   int num_pages;                  // paged: k_cache.shape[0] (valid page ids 0..num_pages-1)
   DType dtype;                    // of k / v: f16 or bf16
   KvFormat kv;                    // of the caches: same (copy) or int8 / fp8e4m3 (quantize)
+  // Rotary embedding (rotary_dim > 0; else the pointers are null)
+  gptr<const void> q;             // [B, Sq, Hq, D], k's dtype
+  gptr<void> q_rot;               // [B, Sq, Hq, D] rotated q
+  gptr<const void> rotary_cos;    // [seqlen_ro, rotary_dim / 2], rotary_dtype
+  gptr<const void> rotary_sin;
+  int64_t stride_qb, stride_qs, stride_qh, stride_rb, stride_rs, stride_rh;
+  int64_t stride_cr, stride_cd, stride_sr, stride_sd;
+  int hq;                         // query heads
+  int rotary_dim;                 // even, <= head_dim; 0: no rotary
+  int seqlen_ro;                  // table rows (>= 1)
+  bool rotary_interleaved;        // pairs (2j, 2j + 1), else (j, j + rotary_dim / 2)
+  bool q_per_token;               // query s at cache_seqlens + s, else at cache_seqlens
+  DType rotary_dtype;             // of the tables
 };
 
 struct Params {

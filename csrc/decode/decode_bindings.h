@@ -2,11 +2,16 @@
 // backend, and the fake, are in transformer/ops/decode.py.
 //
 //   decode_attention(q, k_cache!, v_cache!, cache_seqlens, k?, v?, block_table?, alibi_slopes?, softmax_scale,
-//                    window_left, window_right, softcap, num_splits, k_scale!?=None, v_scale!?=None)
+//                    window_left, window_right, softcap, num_splits, k_scale!?=None, v_scale!?=None,
+//                    rotary_cos?=None, rotary_sin?=None, rotary_interleaved=False)
 //       -> (out [B, Sq, Hq, D], lse [B, Hq, Sq])
 //
 // k_cache / v_cache: q's dtype, or int8 / float8_e4m3fn with fp32 k_scale / v_scale (the cache's shape without D,
 // any strides), written with the quantized appends (decode/decode.h).
+// rotary_cos / rotary_sin [seqlen_ro >= capacity, rotary_dim / 2] (float32 / float16 / bfloat16, any strides; k / v
+// required): the append kernels rotate the new keys and write the rotated q into a buffer the split kernel reads
+// (decode/decode.h); query i turns at cache_seqlens + i when a window side (causal: right 0) is in
+// [0, capacity), else at cache_seqlens.
 // window_* = -1 is unbounded (causal is window_right = 0); a window wider than the cache plus the new tokens
 // sees every token, so sizes are clamped to that before they are narrowed to 32 bits.
 // With k/v the new tokens are written into the caches in place first. num_splits = 0 picks a count on the host
@@ -75,7 +80,9 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
     const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
     const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& alibi_slopes,
     double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
-    int64_t num_splits, const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+    int64_t num_splits, const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+    const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+    bool rotary_interleaved) {
   check_device(q, "q");
   check_half(q, "q");
   check_rank4(q, "q");
@@ -152,6 +159,22 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
     TORCH_CHECK_VALUE(ok, "alibi_slopes must have shape [Hq]=[", Hq, "] or [B, Hq]=[", B, ", ", Hq, "], got ",
                       alibi_slopes->sizes());
   }
+  const bool rotary = rotary_cos.has_value() || rotary_sin.has_value();
+  if (rotary) {
+    TORCH_CHECK_VALUE(rotary_cos.has_value() && rotary_sin.has_value(), "rotary_cos and rotary_sin must be given "
+                      "together");
+    TORCH_CHECK_VALUE(k.has_value(), "rotary_cos / rotary_sin rotate the appended keys: pass k and v with them");
+    for (auto [t, name] : {std::pair{&*rotary_cos, "rotary_cos"}, std::pair{&*rotary_sin, "rotary_sin"}}) {
+      check_device(*t, name, &q);
+      dtype_of(*t, name);
+      TORCH_CHECK_VALUE(t->dim() == 2 && t->sizes() == rotary_cos->sizes() && t->size(0) >= capacity &&
+                        t->size(1) >= 1 && 2 * t->size(1) <= D, name, " must have shape [seqlen_ro >= ", capacity,
+                        ", rotary_dim / 2 <= ", D / 2, "] (rotary_cos's), got ", t->sizes());
+    }
+    TORCH_CHECK_TYPE(rotary_sin->scalar_type() == rotary_cos->scalar_type(), "rotary_sin must have rotary_cos's "
+                     "dtype ", rotary_cos->scalar_type(), ", got ", rotary_sin->scalar_type());
+    TORCH_CHECK_VALUE(Hq <= 65535, "rotary embeddings take at most 65535 query heads, got ", Hq);
+  }
   TORCH_CHECK_VALUE(softmax_scale > 0, "softmax_scale must be > 0, got ", softmax_scale);
   TORCH_CHECK_VALUE(softcap >= 0, "softcap must be >= 0, got ", softcap);
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "window_size entries must be >= -1, got (", window_left,
@@ -165,6 +188,7 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
   at::Tensor out = empty({B, Sq, Hq, D}, q.scalar_type(), q);
   at::Tensor lse = empty({B, Hq, Sq}, at::kFloat, q);
   if (B == 0) return {out, lse};
+  at::Tensor q_rot = rotary ? empty({B, Sq, Hq, D}, q.scalar_type(), q) : at::Tensor();   // the rotated q
 
   const int group = int(Hq / Hkv);
   int splits = int(num_splits);
@@ -177,7 +201,8 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
                              {"k", opt(k)}, {"v", opt(v)}, {"block_table", paged ? &bt : nullptr},
                              {"alibi_slopes", opt(alibi_slopes)}, {"out", &out}, {"lse", &lse},
                              {"out_part", &out_part}, {"lse_part", &lse_part}, {"k_scale", opt(k_scale)},
-                             {"v_scale", opt(v_scale)}});
+                             {"v_scale", opt(v_scale)}, {"rotary_cos", opt(rotary_cos)},
+                             {"rotary_sin", opt(rotary_sin)}, {"q_rot", rotary ? &q_rot : nullptr}});
   const auto scale_strides = [&](const std::optional<at::Tensor>& sc, int64_t& sb, int64_t& ss, int64_t& sh) {
     sb = sc ? sc->stride(0) : 0;
     ss = sc ? sc->stride(1) : 0;
@@ -207,11 +232,29 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
     a.num_pages = num_pages;
     a.dtype = dt;
     a.kv = kv;
+    if (rotary) {
+      a.q = q.data_ptr();
+      a.q_rot = q_rot.data_ptr();
+      a.rotary_cos = rotary_cos->data_ptr();
+      a.rotary_sin = rotary_sin->data_ptr();
+      a.stride_qb = q.stride(0); a.stride_qs = q.stride(1); a.stride_qh = q.stride(2);
+      a.stride_rb = q_rot.stride(0); a.stride_rs = q_rot.stride(1); a.stride_rh = q_rot.stride(2);
+      a.stride_cr = rotary_cos->stride(0); a.stride_cd = rotary_cos->stride(1);
+      a.stride_sr = rotary_sin->stride(0); a.stride_sd = rotary_sin->stride(1);
+      a.hq = int(Hq);
+      a.rotary_dim = int(2 * rotary_cos->size(1));
+      a.seqlen_ro = int(std::min<int64_t>(rotary_cos->size(0), std::numeric_limits<int>::max()));
+      a.rotary_interleaved = rotary_interleaved;
+      const auto local = [&](int64_t w) { return w >= 0 && w < capacity; };
+      a.q_per_token = local(window_left) || local(window_right);
+      a.rotary_dtype = dtype_of(*rotary_cos, "rotary_cos");
+    }
     tf::decode::decode_append(a, stream);
   }
+  const at::Tensor& q_in = rotary ? q_rot : q;   // what the split kernel reads
 
   tf::decode::Params p{};
-  p.q = q.data_ptr();
+  p.q = q_in.data_ptr();
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
   p.cache_seqlens = lens.data_ptr<int>();
@@ -221,7 +264,7 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
   p.lse = lse.data_ptr<float>();
   p.out_part = splits > 1 ? out_part.data_ptr<float>() : nullptr;
   p.lse_part = splits > 1 ? lse_part.data_ptr<float>() : nullptr;
-  p.stride_qb = q.stride(0); p.stride_qs = q.stride(1); p.stride_qh = q.stride(2);
+  p.stride_qb = q_in.stride(0); p.stride_qs = q_in.stride(1); p.stride_qh = q_in.stride(2);
   p.stride_kb = k_cache.stride(0); p.stride_ks = k_cache.stride(1); p.stride_kh = k_cache.stride(2);
   p.stride_vb = v_cache.stride(0); p.stride_vs = v_cache.stride(1); p.stride_vh = v_cache.stride(2);
   p.stride_btb = paged ? bt.stride(0) : 0;
@@ -253,8 +296,8 @@ inline std::tuple<at::Tensor, at::Tensor> decode_attention(
 inline void define(torch::Library& m) {
   m.def("decode_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, "
         "Tensor? v, Tensor? block_table, Tensor? alibi_slopes, float softmax_scale, int window_left, "
-        "int window_right, float softcap, int num_splits, Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None) "
-        "-> (Tensor, Tensor)");
+        "int window_right, float softcap, int num_splits, Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None, "
+        "Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=False) -> (Tensor, Tensor)");
 }
 
 inline void impl(torch::Library& m) { m.impl("decode_attention", &decode_attention); }

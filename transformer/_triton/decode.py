@@ -20,9 +20,12 @@ def decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cac
               k: Optional[torch.Tensor], v: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
               alibi_slopes: Optional[torch.Tensor], softmax_scale: float, window_left: int, window_right: int,
               softcap: float, num_splits: int, k_scale: Optional[torch.Tensor] = None,
-              v_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+              v_scale: Optional[torch.Tensor] = None, rotary_cos: Optional[torch.Tensor] = None,
+              rotary_sin: Optional[torch.Tensor] = None,
+              rotary_interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     return kernels.decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, softmax_scale,
-                          window_left, window_right, softcap, num_splits, k_scale, v_scale)
+                          window_left, window_right, softcap, num_splits, k_scale, v_scale, rotary_cos, rotary_sin,
+                          rotary_interleaved)
 
 
 contract.register("tileformer_triton")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _checks
+from .. import _checks, reference
 from ..attention import attention, flash_attention_varlen, padded_attention
 from ..decode import decode_attention
 from ..sdpa import classify_sdpa_mask, key_run_bounds
@@ -178,14 +178,23 @@ class Attention(nn.Module):
         b, s = q.shape[0], q.shape[1]
         if b != cache.batch_size:
             raise ValueError(f"x has batch {b} but the cache holds {cache.batch_size} sequences")
-        positions = cache.seqlens.long()[:, None] + torch.arange(s, device=q.device)      # (B, S)
-        q, k = self._rotate(q, k, positions)
+        rotary = {}
+        if self.rope is not None:
+            # Token i of the step sits at position seqlens + i. decode_attention rotates q and the appended k in the
+            # call (RoPE tables over the cache's positions) when it turns query i at seqlens + i too: causal or
+            # windowed calls, or one token; otherwise q and k are rotated here.
+            rows = cache.k[layer].shape[1] * (cache.block_table.shape[1] if cache.block_table is not None else 1)
+            if s == 1 or reference.rotary_q_per_token(self.causal, self.window_size, rows):
+                cos, sin = self.rope.tables(rows)
+                rotary = dict(rotary_cos=cos, rotary_sin=sin)
+            else:
+                q, k = self._rotate(q, k, cache.seqlens.long()[:, None] + torch.arange(s, device=q.device))
         # Causal: queries i.. of a chunk see the cache, the earlier chunks (appended by then) and their own
         # chunk up to themselves, as in one call; decode_attention takes at most MAX_DECODE_QUERIES queries.
         step = _checks.MAX_DECODE_QUERIES if self.causal else s
         outs = [decode_attention(q[:, i:i + step], cache.k[layer], cache.v[layer], cache.seqlens + i,
                                  k=k[:, i:i + step], v=v[:, i:i + step], block_table=cache.block_table,
-                                 causal=self.causal, **cache.scales(layer), **self._kw())
+                                 causal=self.causal, **cache.scales(layer), **rotary, **self._kw())
                 for i in range(0, s, step)]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return self.wo(out.flatten(-2))

@@ -56,6 +56,18 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.theta = head_dim, float(theta)
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables = None     # (inv_freq it was computed from, cos, sin) of `tables`
+
+    def tables(self, n):
+        """(cos, sin) fp32 [n, head_dim / 2] for positions 0..n-1, the rotary_cos / rotary_sin layout of
+        ``decode_attention``: row p is the first half of ``forward(p)``'s (the second repeats it). Kept between
+        calls; recomputed when n exceeds the kept rows or inv_freq was replaced (e.g. by ``.to(device)``)."""
+        kept = self._tables
+        if kept is None or kept[0] is not self.inv_freq or kept[1].shape[0] < n:
+            cos, sin = self(torch.arange(n, device=self.inv_freq.device))
+            half = self.head_dim // 2
+            self._tables = kept = (self.inv_freq, cos[:, :half].contiguous(), sin[:, :half].contiguous())
+        return kept[1][:n], kept[2][:n]
 
     def forward(self, positions):
         """positions: int tensor [...] -> (cos, sin), each fp32 [..., head_dim]."""
