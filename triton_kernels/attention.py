@@ -128,6 +128,13 @@ _DROPOUT_NO_SOFTCAP = {
 # Under the interpreter: one config; BLOCK_M != BLOCK_N so tests exercise both tile sizes.
 _INTERPRET_CONFIG = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dkdv_dq": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dkdv_dq": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+# Calls whose sequences all have at most LOCAL_KEYS keys run the deterministic pair (dK/dV kernel without atomics,
+# dQ kernel) with LOCAL_DELTA: delta and rowsum(P) from their one key tile (see attention_bwd.py), whatever
+# `deterministic` says. One (BLOCK_M, BLOCK_N = LOCAL_KEYS, num_warps, num_stages) per kernel and head-dim bucket,
+# under the interpreter too; spill-free on sm_80 and sm_90 with every feature, dropout included (_aot_local).
+LOCAL_KEYS = 16
+_LOCAL_CONFIGS = {"dkdv": {64: (32, LOCAL_KEYS, 4, 2), 128: (32, LOCAL_KEYS, 4, 1), 256: (16, LOCAL_KEYS, 4, 1)},
+                  "dq": {64: (64, LOCAL_KEYS, 4, 2), 128: (32, LOCAL_KEYS, 4, 2), 256: (16, LOCAL_KEYS, 4, 2)}}
 # Rows of padding after each batch element's (varlen: after the last) rows of the dQ accumulator: a query tile
 # that starts inside a sequence adds its (zero) rows past the end there, unmasked.
 _DQ_ACC_PAD = max([_INTERPRET_CONFIG["dkdv_dq"][0]] + [e[0] for per_arch in _GPU_CONFIGS.values()
@@ -176,6 +183,13 @@ def _tuned(which, arch, d_bucket, softcap=False, dropout=False):
 def _kernel(which, device, block_d, softcap=False, dropout=False):
     arch = None if _utils.interpreting() else _arch(device)
     return _tuned(which, arch, _d_bucket(block_d), softcap, dropout)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_local(which, d_bucket):
+    bm, bn, warps, stages = _LOCAL_CONFIGS[which][d_bucket]
+    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+    return triton.autotune(configs=[config], key=_TUNE_KEYS)(_KERNELS[which])
 
 
 def _tune_key(max_q, max_k):
@@ -471,8 +485,9 @@ def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sca
     atomic adds (S, P, dP, dS once per tile pair: 5 products), which a last kernel scales and converts; the
     order of the adds, so dq's rounding, can change from run to run. deterministic=True, and calls whose arch
     and head dim have no such config (_GPU_CONFIGS "dkdv_dq"): dQ by a kernel of its own that recomputes S, P,
-    dP, dS per query tile (7 products), no atomics: bit-identical gradients. dropout_p / rng_state: those of
-    the forward; every kernel regenerates the keep mask from them."""
+    dP, dS per query tile (7 products), no atomics: bit-identical gradients. Calls with at most LOCAL_KEYS keys
+    per sequence always take the latter, with delta from the one key tile (_LOCAL_CONFIGS). dropout_p /
+    rng_state: those of the forward; every kernel regenerates the keep mask from them."""
     head_dim, padded = q.shape[-1], _padded_head_dim(q.shape[-1])
     if padded != head_dim:   # see _forward
         grads = backward(_pad(dout, padded), _pad(q, padded), _pad(k, padded), _pad(v, padded), _pad(out, padded),
@@ -494,7 +509,8 @@ def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sca
     block_d = _block_d(head_dim)
     # The default backward: dK/dV kernel with ATOMIC_DQ (where the arch and head dim have a config for the call)
     dropout = dropout_p > 0
-    atomic_kernel = (None if deterministic or max_k == 0
+    local = 0 < max_k <= LOCAL_KEYS   # see _LOCAL_CONFIGS
+    atomic_kernel = (None if deterministic or local or max_k == 0
                      else _kernel("dkdv_dq", q.device, block_d, softcap > 0, dropout))
     atomic = atomic_kernel is not None
     if varlen:
@@ -513,7 +529,8 @@ def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sca
             out, dout, dlse if dlse is not None else lse, delta, cu_q if varlen else lse,
             *_seq_strides(out, varlen), *sdo, *sl,
             *(_lse_strides(dlse, varlen) if dlse is not None else (0, 0, 0)), max_q,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_pre, IS_VARLEN=varlen, HAS_DLSE=dlse is not None)
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_pre, IS_VARLEN=varlen, HAS_DLSE=dlse is not None,
+            LOCAL_DELTA=local)
     ptrs, args, consts = _common(q, k, alibi, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, bottom_right,
                                  dropout_p, rng_state)
     args["sm_scale"] = scale
@@ -525,7 +542,7 @@ def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sca
         shape = (q.shape[0] + _DQ_ACC_PAD, hq, block_d) if varlen else (batch, q.shape[1] + _DQ_ACC_PAD, hq, block_d)
         dq_acc = torch.zeros(shape, dtype=torch.float32, device=q.device)
         atomic_kernel[grid](q, k, v, dout, lse, delta, dk, dv, dq_acc, *dkdv_args, *_seq_strides(dq_acc, varlen),
-                            *sl, **args, **consts, ATOMIC_DQ=True)
+                            *sl, **args, **consts, ATOMIC_DQ=True, LOCAL_DELTA=False)
         n_rows, acc_b, out_b = (q.shape[0], 1, 1) if varlen else (q.shape[1], batch, batch)
         sa = _seq_strides(dq_acc, varlen)
         block_t = 32
@@ -534,14 +551,16 @@ def backward(dout, q, k, v, out, lse, dlse, alibi, cu_q, cu_k, max_q, max_k, sca
             HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d)
         return dq, dk, dv
     if max_k > 0:
-        kernel = _kernel("dkdv", q.device, block_d, softcap > 0, dropout)
+        kernel = (_tuned_local("dkdv", _d_bucket(block_d)) if local
+                  else _kernel("dkdv", q.device, block_d, softcap > 0, dropout))
         kernel[grid](q, k, v, dout, lse, delta, dk, dv, dq, *dkdv_args, 0, 0, 0, *sl, **args, **consts,
-                     ATOMIC_DQ=False)
+                     ATOMIC_DQ=False, LOCAL_DELTA=local)
     if max_q > 0:
-        kernel = _kernel("dq", q.device, block_d, softcap > 0, dropout)
+        kernel = _tuned_local("dq", _d_bucket(block_d)) if local else _kernel("dq", q.device, block_d, softcap > 0,
+                                                                                dropout)
         grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
         kernel[grid](q, k, v, dout, lse, delta, dq, *ptrs, *sq, *sk, *sv, *sdo, *_seq_strides(dq, varlen), *sl,
-                     **args, **consts)
+                     **args, **consts, LOCAL_DELTA=local)
     return dq, dk, dv
 
 
@@ -613,7 +632,36 @@ def aot_configs():
         cfgs.append(_utils.AotConfig(name=name, kernel=kernel, signature=sig,
                                      constexprs=consts, num_warps=warps, num_stages=stages, archs=(arch,),
                                      expect=expect, divisible=_utils.divisible_args(sig, exclude=_NOT_DIVISIBLE)))
-    return cfgs + _aot_fwd_tma() + _aot_bwd() + _aot_dropout()
+    return cfgs + _aot_fwd_tma() + _aot_bwd() + _aot_dropout() + _aot_local()
+
+
+def _aot_local():
+    """Every _LOCAL_CONFIGS entry (the dK/dV kernel without atomics and the dQ kernel, with LOCAL_DELTA) for sm_80 and
+    sm_90: fp16 causal + ALiBi, and bf16 with every feature and dropout."""
+    every = dict(IS_VARLEN=True, MASK_LEFT=True, MASK_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_DROPOUT=True)
+    cfgs = []
+    for arch in (80, 90):
+        for which, per_d in _LOCAL_CONFIGS.items():
+            kernel = _KERNELS[which]
+            for d, (bm, bn, warps, stages) in per_d.items():
+                for dtype, feats in ((torch.float16, dict(MASK_RIGHT=True, HAS_ALIBI=True)), (torch.bfloat16, every)):
+                    consts = dict(GROUP=2, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=False,
+                                  BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False,
+                                  HAS_ALIBI=False, HAS_DROPOUT=False, UPCAST=False, LOCAL_DELTA=True)
+                    if kernel is _attn_bwd_dkdv:
+                        consts["ATOMIC_DQ"] = False
+                    consts.update(feats)
+                    tag = "+".join(k.lower().replace("has_", "").replace("mask_", "").replace("is_", "")
+                                   for k, v in sorted(feats.items()) if v)
+                    name = f"attn_{which} d{d} {str(dtype)[6:]} local_delta+{tag} M{bm}xN{bn} w{warps}s{stages}"
+                    sig = _signature(kernel, dtype)
+                    rows = bn if kernel is _attn_bwd_dkdv else bm   # >= 64 product rows: wgmma on sm_90
+                    cfgs.append(_utils.AotConfig(name=name, kernel=kernel, signature=sig, constexprs=consts,
+                                                 num_warps=warps, num_stages=stages, archs=(arch,),
+                                                 expect={arch: ("mma.sync",) if arch == 80 or rows < 64
+                                                         else ("wgmma",)},
+                                                 divisible=_utils.divisible_args(sig, exclude=_NOT_DIVISIBLE)))
+    return cfgs
 
 
 def _aot_dropout():
@@ -646,6 +694,8 @@ def _aot_dropout():
         expect = {arch: ("mma.sync",) if arch == 80 or rows < 64 else ("wgmma",)}
         if kernel is _attn_bwd_dkdv:
             consts["ATOMIC_DQ"] = which == "dkdv_dq"
+        if kernel in (_attn_bwd_dkdv, _attn_bwd_dq):
+            consts["LOCAL_DELTA"] = False
         ws = entry[4] if which == "fwd_tma" else False
         if which == "fwd_tma":
             consts["WARP_SPEC"] = ws
@@ -718,6 +768,7 @@ def _aot_bwd():
                       HAS_ALIBI=False, HAS_DROPOUT=False, UPCAST=False)
         if kernel is _attn_bwd_dkdv:
             consts["ATOMIC_DQ"] = which == "dkdv_dq"
+        consts["LOCAL_DELTA"] = False
         consts.update(feats)
         on = dict(feats, ATOMIC_DQ=consts.get("ATOMIC_DQ", False))
         tag = "+".join(k.lower().replace("has_", "").replace("mask_", "") for k, v in sorted(on.items()) if v)

@@ -18,7 +18,14 @@ log-sum-exp; a row that saw no key (lse = -inf) is treated as lse = +inf, so its
 exactly 0. Dropout (``HAS_DROPOUT``, flash-attn 2's derivation): with Z the keep mask of the forward
 (regenerated from the same counters, ``dropout_keep``) and r = 1 / (1 - p), dV = (P o Z r)^T dO and
 dS = P o (Z r o dP - delta), where dP = dO V^T and delta = rowsum(dO o O) with O the dropped output (equal to
-rowsum(P o Z r o dP)). ``_zero_tail`` writes the outputs of packed varlen tokens past ``cu_seqlens[-1]`` (out/grads 0,
+rowsum(P o Z r o dP)).
+
+``LOCAL_DELTA`` (the dK/dV kernel without ATOMIC_DQ and the dQ kernel, when every sequence's keys fit their one
+key tile): delta is taken from the tile itself, delta = rowsum(P o dP) - dlse, and dS = P o (dP rowsum(P) - delta), the softmax
+gradient of P normalised by its own row sum (what PyTorch's softmax backward computes from its output). Equal
+to the form above in exact arithmetic; in fp32 it does not leave the rounding difference of two summation
+orders of dO . V (dP from the product, rowsum(dO o O) from the preprocess) in dS: with one key, P = 1 and the
+true dS, dK, dQ are exactly 0, and so are these. ``_zero_tail`` writes the outputs of packed varlen tokens past ``cu_seqlens[-1]`` (out/grads 0,
 lse -inf).
 """
 from __future__ import annotations
@@ -39,8 +46,9 @@ def _attn_bwd_preprocess(
     stride_glb, stride_glh, stride_glm,
     Nq,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, LOCAL_DELTA: tl.constexpr,
 ):
+    """delta = rowsum(dO o O) - dlse; with LOCAL_DELTA only -dlse (the gradient kernels add the row sum)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -54,11 +62,14 @@ def _attn_bwd_preprocess(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = m0 + offs_m < seqlen_q
     mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + tok * stride_om
-                + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + tok * stride_dom
-                 + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
+    if LOCAL_DELTA:
+        delta = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + tok * stride_om
+                    + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + tok * stride_dom
+                     + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        delta = tl.sum(o * do, 1)
     if HAS_DLSE:
         delta -= tl.load(DLse + b64 * stride_glb + h64 * stride_glh + (tok + offs_m) * stride_glm,
                          mask=row_ok, other=0.0)
@@ -82,11 +93,12 @@ def _query_range(n0, n_last, seqlen_q, off, win_left, win_right, BLOCK_M: tl.con
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, DQ_head, n0, cols, offs_m, offs_d, lo, hi,
-                seqlen_q, off, qk_scale, softcap2, slope2, win_left, win_right,
+                seqlen_q, seqlen_k, off, qk_scale, softcap2, slope2, win_left, win_right,
                 stride_qm, stride_dom, stride_lm, stride_dqm, seed, offset, bh, drop_thr, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr):
+                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr,
+                LOCAL_DELTA: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles lo, lo+BLOCK_M, ... < hi of one query head;
     ATOMIC_DQ: also add each tile's (dS K)^T = K^T dS^T into the fp32 dQ accumulator.
 
@@ -117,7 +129,11 @@ def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, DQ_head, n0, cols
         delta = tl.load(D_head + rows * stride_lm, mask=row_ok, other=0.0)
         if HAS_DROPOUT:          # keep mask Z^T [BLOCK_N, BLOCK_M]; dP^T o Z r - delta
             keep = tl.trans(dropout_keep(seed, offset, bh, rows, n0, drop_thr, BLOCK_M, BLOCK_N))
-            dpt = tl.where(keep, tl.dot(v, tl.trans(do)) * drop_scale, 0.0) - delta[None, :]
+            dpt = tl.where(keep, tl.dot(v, tl.trans(do)) * drop_scale, 0.0)
+            if not LOCAL_DELTA:
+                dpt = dpt - delta[None, :]
+        elif LOCAL_DELTA:
+            dpt = tl.dot(v, tl.trans(do))                                                        # dP^T
         else:
             dpt = tl.dot(v, tl.trans(do), tl.broadcast_to(-delta[None, :], (BLOCK_N, BLOCK_M)))  # dP^T - delta
         rel = cols - off - m0    # key j, query m0 + i: i + off - j = offs_m - rel
@@ -140,6 +156,10 @@ def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, DQ_head, n0, cols
         if HAS_ALIBI:
             st = st - slope2 * tl.abs((offs_m[None, :] - rel[:, None]).to(tl.float32))
         pt = tl.math.exp2(tl.minimum(st, 0.0))                              # P^T
+        if LOCAL_DELTA:          # this tile holds every key of the rows: delta and rowsum(P) from it
+            pt = tl.where((cols < seqlen_k)[:, None], pt, 0.0)
+            delta_t = tl.sum(pt * dpt, 0) + delta
+            dpt = dpt * tl.sum(pt, 0)[None, :] - delta_t[None, :]
         if HAS_DROPOUT:
             pt16 = _round_to(tl.where(keep, pt * drop_scale, 0.0), DO_head.dtype.element_ty, UPCAST)
         else:
@@ -178,7 +198,7 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, LOCAL_DELTA: tl.constexpr,
 ):
     """One program = BLOCK_N keys of one (batch, KV head). Grid (cdiv(max Nk, BLOCK_N), Hkv, B).
     ATOMIC_DQ: the program also adds dS K of every tile pair it visits into DQAcc (unscaled). A tile's rows
@@ -219,10 +239,10 @@ def _attn_bwd_dkdv(
         if HAS_ALIBI:
             slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah) * K_LOG2E
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, L_head, D_head, DQ_head, n0, cols, offs_m, offs_d, lo,
-                             hi, seqlen_q, off, qk_scale, softcap2, slope2, win_left, win_right,
+                             hi, seqlen_q, seqlen_k, off, qk_scale, softcap2, slope2, win_left, win_right,
                              stride_qm, stride_dom, stride_lm, stride_dqam, seed, offset, bh, drop_thr, drop_scale,
                              HEAD_DIM, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                             ATOMIC_DQ, UPCAST)
+                             ATOMIC_DQ, UPCAST, LOCAL_DELTA)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + tok * stride_dkn
              + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -236,7 +256,7 @@ def _dq_inner(dq, q, do, lse2, delta, K_head, V_head, rows, offs_n, offs_d, lo, 
               seed, offset, bh, drop_thr, drop_scale,
               MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, LOCAL_DELTA: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles lo, lo+BLOCK_N, ... < hi."""
     kt_offs = offs_n[None, :] * stride_kn + offs_d[:, None]      # K^T tile [BLOCK_D, BLOCK_N]
     vt_offs = offs_n[None, :] * stride_vn + offs_d[:, None]      # V^T tile [BLOCK_D, BLOCK_N]
@@ -256,7 +276,10 @@ def _dq_inner(dq, q, do, lse2, delta, K_head, V_head, rows, offs_n, offs_d, lo, 
         dp = tl.dot(do, vt)
         if HAS_DROPOUT:   # dP o Z r
             dp = tl.where(dropout_keep(seed, offset, bh, rows, n0, drop_thr, BLOCK_M, BLOCK_N), dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
+        if LOCAL_DELTA:   # the rows' only key tile (its padding keys are MASKED: p = 0)
+            ds = p * (dp * tl.sum(p, 1)[:, None] - (tl.sum(p * dp, 1) + delta)[:, None])
+        else:
+            ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(_round_to(ds, K_head.dtype.element_ty, UPCAST), tl.trans(kt), dq)
@@ -281,6 +304,7 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    LOCAL_DELTA: tl.constexpr,
 ):
     """One program = BLOCK_M queries of one (batch, query head). Grid (cdiv(max Nq, BLOCK_M), Hq, B).
     The last query tiles (the longest key loops under causal masking) are scheduled first."""
@@ -324,15 +348,15 @@ def _attn_bwd_dq(
     dq = _dq_inner(dq, q, do, lse2, delta, K_head, V_head, rows, offs_n, offs_d, lo, full_lo, seqlen_k, off,
                    qk_scale, softcap2, slope2, win_left, win_right, stride_kn, stride_vn, seed, offset, bh, drop_thr,
                    drop_scale, True, EVEN_D, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP,
-                   HAS_ALIBI, HAS_DROPOUT, UPCAST)
+                   HAS_ALIBI, HAS_DROPOUT, UPCAST, LOCAL_DELTA)
     dq = _dq_inner(dq, q, do, lse2, delta, K_head, V_head, rows, offs_n, offs_d, full_lo, full_hi, seqlen_k, off,
                    qk_scale, softcap2, slope2, win_left, win_right, stride_kn, stride_vn, seed, offset, bh, drop_thr,
                    drop_scale, False, EVEN_D, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP,
-                   HAS_ALIBI, HAS_DROPOUT, UPCAST)
+                   HAS_ALIBI, HAS_DROPOUT, UPCAST, LOCAL_DELTA)
     dq = _dq_inner(dq, q, do, lse2, delta, K_head, V_head, rows, offs_n, offs_d, full_hi, hi, seqlen_k, off,
                    qk_scale, softcap2, slope2, win_left, win_right, stride_kn, stride_vn, seed, offset, bh, drop_thr,
                    drop_scale, True, EVEN_D, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_LEFT, MASK_RIGHT, HAS_SOFTCAP,
-                   HAS_ALIBI, HAS_DROPOUT, UPCAST)
+                   HAS_ALIBI, HAS_DROPOUT, UPCAST, LOCAL_DELTA)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + tok * stride_dqm
              + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)

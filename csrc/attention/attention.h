@@ -37,6 +37,8 @@ namespace tf::attention {
 
 // Longest sequence (tokens of q or k) the kernels index with 32 bits, with room for the tiles past its end.
 constexpr int64_t kMaxTokens = (int64_t(1) << 31) - 1024;
+// Backward: key counts up to this fit one warp's keys of the dK/dV tile.
+constexpr int kLocalDeltaKeys = 16;
 
 struct Params {
   // forward inputs / outputs
@@ -78,6 +80,8 @@ struct Params {
   float softcap;             // 0: none
   int win_left, win_right;   // used when mask_left / mask_right
   bool mask_left, mask_right, bottom_right, varlen;
+  bool local_delta;          // backward: max_k <= kLocalDeltaKeys (then dq_accum is set too): delta and
+                             // rowsum(P) from the dK/dV + dQ kernel's tile (attention/bwd.cuh)
   DType dtype;               // f16 or bf16
 };
 

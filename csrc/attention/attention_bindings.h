@@ -234,8 +234,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   at::Tensor dk = empty(k.sizes(), k.scalar_type(), q);
   at::Tensor dv = empty(v.sizes(), v.scalar_type(), q);
   at::Tensor delta = empty(ls, at::kFloat, q);
-  // deterministic = false: dQ by fp32 atomics into this workspace (zeroed by the launcher)
-  at::Tensor dq_accum = deterministic ? at::Tensor() : empty(q.sizes(), at::kFloat, q);
+  // deterministic = false, and every call whose sequences have at most kLocalDeltaKeys keys (then one atomic add
+  // per element: deterministic too; see attention/bwd.cuh): dQ by fp32 atomics into this workspace (zeroed by the
+  // launcher)
+  p.local_delta = p.max_k <= tf::attention::kLocalDeltaKeys;
+  const bool atomic = !deterministic || p.local_delta;
+  at::Tensor dq_accum = atomic ? empty(q.sizes(), at::kFloat, q) : at::Tensor();
   const int o = p.varlen ? 1 : 0;
   p.out = out_c.data_ptr();
   p.lse = lse_c.data_ptr<float>();
@@ -251,7 +255,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
+  p.dq_accum = atomic ? dq_accum.data_ptr<float>() : nullptr;
   if (!p.varlen && (p.max_q == 0 || p.max_k == 0)) {   // nothing attends: every gradient is 0
     dq.zero_();
     dk.zero_();
@@ -262,7 +266,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
                              {"cu_seqlens_q", &c.cu_q}, {"cu_seqlens_k", &c.cu_k}, {"rng_state", &c.rng},
                              {"dout", &dout_c}, {"out", &out_c},
                              {"lse", &lse_c}, {"dlse", dlse ? &dlse_c : nullptr}, {"delta", &delta}, {"dq", &dq},
-                             {"dk", &dk}, {"dv", &dv}, {"dq_accum", deterministic ? nullptr : &dq_accum}});
+                             {"dk", &dk}, {"dv", &dv}, {"dq_accum", atomic ? &dq_accum : nullptr}});
   tf::attention::attn_bwd(p, stream_for(q));
   return {dq, dk, dv};
 }

@@ -13,6 +13,13 @@
 //   its last bits); dK, dV do not.
 //
 // * attn_bwd_preprocess_kernel: delta = rowsum(dO * O) - dlse (one warp per query row).
+// * p.local_delta (every sequence has at most kLocalDeltaKeys = 16 keys, one warp's keys of the dK/dV tile): the
+//   preprocess writes -dlse and attn_bwd_dkdvdq_kernel<..., LOCAL = true> adds rowsum(P o dP) from its tile,
+//   with dS = P o (dP rowsum(P) - delta), the softmax gradient of P normalised by its own row sum. Equal to the
+//   form below in exact arithmetic; in fp32 it leaves no difference of two summation orders of dO . V in dS:
+//   with one key P = 1, and dS, dK, dQ are exactly 0, as they are in PyTorch. Such calls always take the atomic
+//   path, which is then deterministic too: one key block per sequence, so every dQ element receives exactly one
+//   atomic add (onto zero).
 // * attn_bwd_dkdv_kernel: one block = BN = 16 * NWARPS keys of one (batch, KV head); warp w owns keys
 //   16w..16w+15 and accumulates dK, dV in registers over every query tile (BM queries, double-buffered
 //   Q / dO tiles by cp.async) of every query head of its GQA group:
@@ -52,7 +59,7 @@ __global__ void __launch_bounds__(256) attn_bwd_preprocess_kernel(const Params p
   for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(kFullMask, acc, s);
   if (lane == 0) {
     const int64_t li = p.varlen ? h * p.total_q + tok : (int64_t(b) * p.hq + h) * p.max_q + m;
-    p.delta[li] = acc - (p.dlse ? p.dlse[li] : 0.f);
+    p.delta[li] = (p.local_delta ? 0.f : acc) - (p.dlse ? p.dlse[li] : 0.f);
   }
 }
 
@@ -67,7 +74,7 @@ constexpr size_t dkdv_smem_bytes() {
 
 // One query tile for one warp's 16 keys: accumulate dK, dV. DQ: also store dS^T (as T, 0 for keys past the
 // sequence) into this warp's 16 rows of sdSw ([key][query], row stride BM + 8) for the block's dQ product.
-template <bool MASKED, bool DQ, bool DROPOUT, typename T, int D, int DC, int BM>
+template <bool MASKED, bool DQ, bool DROPOUT, bool LOCAL, typename T, int D, int DC, int BM>
 TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, const Dropout& dr, const T* sKw,
                          const T* sVw, const T* sQb, const T* sdOb, const float* sL, const float* sDl, int m0,
                          int col_lo, int c0, float (&dk)[DC / 8][4], float (&dv)[DC / 8][4], T* sdSw, int lane) {
@@ -95,30 +102,59 @@ TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, co
     }
   }
   // P^T and dS^T, element-wise (row = key, col = query); with dropout P^T o Z r (for dV) and
-  // dS^T = P^T o (Z r o dP^T - delta)
+  // dS^T = P^T o (Z r o dP^T - delta). LOCAL (the block's keys are this warp's 16 rows): delta and rowsum(P)
+  // of each query column from the tile, summed over the warp's rows g, g + 8 (lanes xor 4, 8, 16).
   const Band band[2] = {queries_of_key(p, si, col_lo), queries_of_key(p, si, col_lo + 8)};   // used if MASKED
   ColKeep<BM> keep;
   if constexpr (DROPOUT) keep = col_keep<BM>(dr, col_lo, m0, lane);
-#pragma unroll
-  for (int j = 0; j < BM / 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int key = col_lo + (i >= 2 ? 8 : 0), cq = 8 * j + 2 * t + (i & 1), query = m0 + cq;
-      float tc;
-      float x = score(s[j][i], sc, query, key, si.off, tc);
-      if (MASKED && !band[i >> 1].has(query)) x = -INFINITY;
-      const float pt = ptx::ex2_approx(x - sL[cq]);
-      float dpz = dp[j][i], ptz = pt;
-      if constexpr (DROPOUT) {
-        const bool kept = keep.keep(j, i, lane >> 2);
-        dpz = kept ? dpz * p.drop_scale : 0.f;
-        ptz = kept ? pt * p.drop_scale : 0.f;
-      }
-      float ds = pt * (dpz - sDl[cq]);
-      if (sc.cap2 != 0.f) ds *= 1.f - tc * tc;
-      s[j][i] = ptz;
-      dp[j][i] = ds;
+  // element (j, i): P^T, with dropout Z r o dP^T into dpz; s[j][i] <- P^T o Z r, tc: tanh for the softcap
+  auto prob = [&](int j, int i, float& dpz, float& tc) {
+    const int key = col_lo + (i >= 2 ? 8 : 0), cq = 8 * j + 2 * t + (i & 1), query = m0 + cq;
+    float x = score(s[j][i], sc, query, key, si.off, tc);
+    if ((MASKED || LOCAL) && !band[i >> 1].has(query)) x = -INFINITY;
+    const float pt = ptx::ex2_approx(x - sL[cq]);
+    dpz = dp[j][i];
+    s[j][i] = pt;
+    if constexpr (DROPOUT) {
+      const bool kept = keep.keep(j, i, lane >> 2);
+      dpz = kept ? dpz * p.drop_scale : 0.f;
+      s[j][i] = kept ? pt * p.drop_scale : 0.f;
     }
+    return pt;
+  };
+  if constexpr (LOCAL) {
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {   // query column 8 j + 2 t + e: elements e, e + 2 (keys g, g + 8) of each lane
+        float dpz[2], tc[2];
+        const float pt[2] = {prob(j, e, dpz[0], tc[0]), prob(j, e + 2, dpz[1], tc[1])};
+        float sp = pt[0] + pt[1], spd = pt[0] * dpz[0] + pt[1] * dpz[1];
+#pragma unroll
+        for (int x = 4; x < 32; x <<= 1) {   // the other rows g: lanes with the same t
+          sp += __shfl_xor_sync(kFullMask, sp, x);
+          spd += __shfl_xor_sync(kFullMask, spd, x);
+        }
+        const float delta = spd + sDl[8 * j + 2 * t + e];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          float ds = pt[u] * (dpz[u] * sp - delta);
+          if (sc.cap2 != 0.f) ds *= 1.f - tc[u] * tc[u];
+          dp[j][e + 2 * u] = ds;
+        }
+      }
+  } else {
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float dpz, tc;
+        const float pt = prob(j, i, dpz, tc);
+        float ds = pt * (dpz - sDl[8 * j + 2 * t + (i & 1)]);
+        if (sc.cap2 != 0.f) ds *= 1.f - tc * tc;
+        dp[j][i] = ds;
+      }
+  }
   if constexpr (DQ) {   // dS^T rows g, g + 8 (keys col_lo, col_lo + 8), columns 2t, 2t + 1 of each 8-query tile
     constexpr int SS = BM + 8;
     const int g = lane >> 2;
@@ -223,7 +259,7 @@ TF_DEVICE void dq_atomic_tile(const Params& p, const SeqInfo& si, int b, int h, 
 }
 
 // The dK/dV kernel (DQ = false) and the dK/dV + atomic dQ kernel (DQ = true) share this body.
-template <bool DQ, bool DROPOUT, typename T, int D, int DC, int BM, int BN, int NWARPS>
+template <bool DQ, bool DROPOUT, typename T, int D, int DC, int BM, int BN, int NWARPS, bool LOCAL = false>
 TF_DEVICE void dkdv_body(const Params& p) {
   static_assert(BN == 16 * NWARPS && BM % 16 == 0 && D % 16 == 0 && DC % 16 == 0 && D % DC == 0, "tile shapes");
   constexpr int SD = D + 8, NT = NWARPS * 32;
@@ -287,10 +323,10 @@ TF_DEVICE void dkdv_body(const Params& p) {
     const T* sdOb = sdO + buf * BM * SD;
     T* sdSw = sdS + 16 * warp * (BM + 8);
     if (m0 < qr.full_lo || m0 >= qr.full_hi)
-      dkdv_tile<true, DQ, DROPOUT, T, D, DC, BM>(p, si, sc, dr, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM,
+      dkdv_tile<true, DQ, DROPOUT, LOCAL, T, D, DC, BM>(p, si, sc, dr, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM,
                                                 m0, col_lo, c0, dk, dv, sdSw, lane);
     else
-      dkdv_tile<false, DQ, DROPOUT, T, D, DC, BM>(p, si, sc, dr, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM,
+      dkdv_tile<false, DQ, DROPOUT, LOCAL, T, D, DC, BM>(p, si, sc, dr, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM,
                                                  m0, col_lo, c0, dk, dv, sdSw, lane);
     if constexpr (DQ) {
       __syncthreads();   // every warp's dS^T rows are in sdS
@@ -323,9 +359,9 @@ __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdv_kernel(const Params
   dkdv_body<false, DROPOUT, T, D, DC, BM, BN, NWARPS>(p);
 }
 
-template <typename T, int D, int DC, int BM, int BN, int NWARPS, bool DROPOUT = false>
+template <typename T, int D, int DC, int BM, int BN, int NWARPS, bool DROPOUT = false, bool LOCAL = false>
 __global__ void __launch_bounds__(NWARPS * 32) attn_bwd_dkdvdq_kernel(const Params p) {
-  dkdv_body<true, DROPOUT, T, D, DC, BM, BN, NWARPS>(p);
+  dkdv_body<true, DROPOUT, T, D, DC, BM, BN, NWARPS, LOCAL>(p);
 }
 
 // x[0, 4 n4) = 0 (fp32, 16-byte aligned). Grid-stride, NT threads (a template: defined in every unit).

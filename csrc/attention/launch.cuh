@@ -74,6 +74,7 @@ void run_attn_fwd(const Params& p, cudaStream_t stream) {
 template <typename T, int D, bool DROPOUT>
 void run_attn_bwd_kernels(const Params& p, cudaStream_t stream) {
   using C = Config<D>;
+  static_assert(kLocalDeltaKeys <= 16, "one warp's keys of the dK/dV tile");
   // max_q = 0 computes no query (dq rows unwritten, dk = dv = 0); max_k = 0 writes no dk / dv row.
   if (p.max_q > 0)
     launch(attn_bwd_preprocess_kernel<T>, dim3(grid_dim(p.max_q, 8), p.hq, p.batch), dim3(256), 0, stream, p);
@@ -85,10 +86,15 @@ void run_attn_bwd_kernels(const Params& p, cudaStream_t stream) {
     const int64_t n = p.total_q * p.hq * p.head_dim;   // a multiple of 8
     const unsigned blocks = static_cast<unsigned>(n / 8 / 256 + 1 < 65536 ? n / 8 / 256 + 1 : 65536);
     launch(attn_fill_zero_kernel<256>, dim3(blocks), dim3(256), 0, stream, p.dq_accum, n / 4);
-    if (p.max_k > 0)
-      launch(attn_bwd_dkdvdq_kernel<T, D, C::kDkdvC, C::kDkdvM, C::kDkdvN, C::kWarps, DROPOUT>,
+    auto run = [&](auto local) {
+      launch(attn_bwd_dkdvdq_kernel<T, D, C::kDkdvC, C::kDkdvM, C::kDkdvN, C::kWarps, DROPOUT, decltype(local)::value>,
              dim3(grid_dim(p.max_k, C::kDkdvN) * (D / C::kDkdvC), p.hkv, p.batch), dim3(32 * C::kWarps),
              dkdv_smem_bytes<D, C::kDkdvM, C::kDkdvN, true>(), stream, p);
+    };
+    if (p.max_k > 0 && p.local_delta)
+      run(std::true_type{});
+    else if (p.max_k > 0)
+      run(std::false_type{});
     launch(attn_bwd_dq_convert_kernel<T>, dim3(blocks), dim3(256), 0, stream, gptr<const float>(p.dq_accum),
            gcast<T>(p.dq), n / 8, p.scale);
     return;
