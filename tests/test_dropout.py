@@ -91,10 +91,12 @@ def test_one_key(backend, p):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_varlen_matches_reference(backend, p):
-    """Sequence i takes the mask of batch index i: lengths 1, 113, 0 and 40 queries over 50, 113, 9, 1 keys."""
+@pytest.mark.parametrize("lq, lk", [([1, 113, 0, 40], [50, 113, 9, 1]), ([37, 5, 0, 70], [1, 16, 3, 0])],
+                         ids=["mixed", "few-keys"])
+def test_varlen_matches_reference(backend, p, lq, lk):
+    """Sequence i takes the mask of batch index i. "few-keys": every sequence has at most 16 keys (the backward
+    then takes delta from its one key tile), one of them exactly 16, one none."""
     require_backend(backend)
-    lq, lk = [1, 113, 0, 40], [50, 113, 9, 1]
     hq, hkv, d = 4, 2, 40
     g = torch.Generator().manual_seed(3)
     q = torch.randn(sum(lq), hq, d, generator=g).to(DEVICE, FP16).requires_grad_(True)
