@@ -1,6 +1,7 @@
 // Torch bindings of the flash-attention kernels: torch.ops.<ns>.attn_fwd / attn_bwd / attn_head_dims. Both
 // attention ops end in `bool deterministic=False` (the contract's deterministic_arg): attn_fwd ignores it, attn_bwd
-// runs the atomic-dQ backward when it is false and the two-kernel deterministic one when it is true. Then both end
+// runs the atomic-dQ backward when it is false and the two-kernel deterministic one when it is true (calls with
+// at most kLocalDeltaKeys keys per sequence always run the atomic one, deterministic there). Then both end
 // in `float dropout_p=0., Tensor? rng_state=None` (the contract's dropout_arg): dropout_p > 0 applies the
 // counter-based mask of rng_state (int64 [2] seed, offset on q's device, read by the kernels; attention.h).
 // The op contract shared with the Triton backend, with the fakes and autograd, is transformer/ops/attention.py;

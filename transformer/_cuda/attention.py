@@ -16,7 +16,9 @@ log. The kernels take head dims that are multiples of 8 up to a compiled one and
 other head dims are zero-padded here (F.pad, differentiable), which changes neither scores nor outputs.
 Both ops end in ``deterministic=False`` (the contract's deterministic_arg): False (the default) runs the
 backward that adds dQ with fp32 atomics inside the dK/dV kernel (5 matrix products per tile pair), True the
-bit-reproducible two-kernel backward (7); attn_fwd only carries it to the backward. Both then end in
+bit-reproducible two-kernel backward (7); calls with at most 16 keys per sequence run the first, which is
+bit-reproducible there (one atomic add per dQ element; csrc/attention/bwd.cuh); attn_fwd only carries it to the
+backward. Both then end in
 ``dropout_p=0., rng_state=None`` (the contract's dropout_arg): attention dropout with the counter-based mask of
 rng_state (int64 [2] seed, offset on q's device; transformer/reference.py, ``dropout_keep``), read by the
 kernels from device memory and regenerated in the backward (the same mask as the Triton kernels').
