@@ -598,6 +598,19 @@ def _signature(kernel, dtype):
 _NOT_DIVISIBLE = ("stride_ab", "stride_ah", "stride_lm", "stride_glm", "stride_glb", "stride_glh")
 
 
+def _aot_consts(kernel, head_dim, bm, bn, feats, **extra):
+    """Constexprs of one AOT entry: every feature off (LOCAL_DELTA too, in the backward kernels), then `extra`,
+    then `feats`."""
+    consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=False,
+                  BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False,
+                  HAS_DROPOUT=False, UPCAST=False)
+    if kernel in (_attn_bwd_dkdv, _attn_bwd_dq):
+        consts["LOCAL_DELTA"] = False
+    consts.update(extra)
+    consts.update(feats)
+    return consts
+
+
 def aot_configs():
     """Every entry of _GPU_CONFIGS for its arch, compiled causal with ALiBi (masked and unmasked loops, the
     most registers); plus, for the first D=128 entry of each kernel and arch, a bf16 varlen variant with a
@@ -617,13 +630,10 @@ def aot_configs():
             cases.append((arch, which, first, _padded_head_dim(111), torch.float16, dict(MASK_RIGHT=True)))
     cfgs = []
     for arch, which, (bm, bn, warps, stages), head_dim, dtype, feats in cases:
-        consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
-                      IS_VARLEN=False, BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False,
-                      HAS_ALIBI=False, HAS_DROPOUT=False, UPCAST=False)
-        consts.update(feats)
+        kernel = _KERNELS[which]
+        consts = _aot_consts(kernel, head_dim, bm, bn, feats)
         tag = "+".join(k.lower().replace("has_", "").replace("mask_", "") for k, v in sorted(feats.items()) if v)
         name = f"attn_{which} d{head_dim} {str(dtype)[6:]} {tag} M{bm}xN{bn} w{warps}s{stages}"
-        kernel = _KERNELS[which]
         if arch == 80:
             expect = {arch: ("mma.sync",)}
         else:
@@ -645,12 +655,8 @@ def _aot_local():
             kernel = _KERNELS[which]
             for d, (bm, bn, warps, stages) in per_d.items():
                 for dtype, feats in ((torch.float16, dict(MASK_RIGHT=True, HAS_ALIBI=True)), (torch.bfloat16, every)):
-                    consts = dict(GROUP=2, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=False,
-                                  BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False,
-                                  HAS_ALIBI=False, HAS_DROPOUT=False, UPCAST=False, LOCAL_DELTA=True)
-                    if kernel is _attn_bwd_dkdv:
-                        consts["ATOMIC_DQ"] = False
-                    consts.update(feats)
+                    atomic = dict(ATOMIC_DQ=False) if kernel is _attn_bwd_dkdv else {}
+                    consts = _aot_consts(kernel, d, bm, bn, feats, LOCAL_DELTA=True, **atomic)
                     tag = "+".join(k.lower().replace("has_", "").replace("mask_", "").replace("is_", "")
                                    for k, v in sorted(feats.items()) if v)
                     name = f"attn_{which} d{d} {str(dtype)[6:]} local_delta+{tag} M{bm}xN{bn} w{warps}s{stages}"
@@ -685,17 +691,12 @@ def _aot_dropout():
     for arch, which, entry, d, dtype, feats in cases:
         bm, bn, warps, stages = entry[:4]
         kernel = _attn_fwd_tma if which == "fwd_tma" else _KERNELS[which]
-        consts = dict(GROUP=2, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=False,
-                      BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False,
-                      HAS_DROPOUT=True, UPCAST=False)
-        consts.update(feats)
+        consts = _aot_consts(kernel, d, bm, bn, feats, HAS_DROPOUT=True)
         # sm_90 runs a product as wgmma when its tile has >= 64 rows (dK/dV kernel: BLOCK_N, the others: BLOCK_M)
         rows = bn if kernel is _attn_bwd_dkdv else bm
         expect = {arch: ("mma.sync",) if arch == 80 or rows < 64 else ("wgmma",)}
         if kernel is _attn_bwd_dkdv:
             consts["ATOMIC_DQ"] = which == "dkdv_dq"
-        if kernel in (_attn_bwd_dkdv, _attn_bwd_dq):
-            consts["LOCAL_DELTA"] = False
         ws = entry[4] if which == "fwd_tma" else False
         if which == "fwd_tma":
             consts["WARP_SPEC"] = ws
@@ -728,10 +729,7 @@ def _aot_fwd_tma():
     cfgs = []
     sig = {dtype: _signature(_attn_fwd_tma, dtype) for dtype in (torch.float16, torch.bfloat16)}
     for (bm, bn, warps, stages, ws), head_dim, dtype, feats in cases:
-        consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
-                      IS_VARLEN=False, BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False,
-                      HAS_ALIBI=False, HAS_DROPOUT=False, UPCAST=False, WARP_SPEC=ws)
-        consts.update(feats)
+        consts = _aot_consts(_attn_fwd_tma, head_dim, bm, bn, feats, WARP_SPEC=ws)
         tag = "+".join(k.lower().replace("has_", "").replace("mask_", "").replace("is_", "")
                        for k, v in sorted(feats.items()) if v)
         name = f"attn_fwd_tma d{head_dim} {str(dtype)[6:]} {tag} M{bm}xN{bn} w{warps}s{stages}{' ws' if ws else ''}"
@@ -763,13 +761,8 @@ def _aot_bwd():
     cfgs = []
     for arch, which, (bm, bn, warps, stages), head_dim, dtype, feats in cases:
         kernel = _KERNELS[which]
-        consts = dict(GROUP=2, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
-                      IS_VARLEN=False, BOTTOM_RIGHT=True, MASK_LEFT=False, MASK_RIGHT=False, HAS_SOFTCAP=False,
-                      HAS_ALIBI=False, HAS_DROPOUT=False, UPCAST=False)
-        if kernel is _attn_bwd_dkdv:
-            consts["ATOMIC_DQ"] = which == "dkdv_dq"
-        consts["LOCAL_DELTA"] = False
-        consts.update(feats)
+        atomic = dict(ATOMIC_DQ=which == "dkdv_dq") if kernel is _attn_bwd_dkdv else {}
+        consts = _aot_consts(kernel, head_dim, bm, bn, feats, **atomic)
         on = dict(feats, ATOMIC_DQ=consts.get("ATOMIC_DQ", False))
         tag = "+".join(k.lower().replace("has_", "").replace("mask_", "") for k, v in sorted(on.items()) if v)
         name = f"attn_{which.split('_')[0]} d{head_dim} {str(dtype)[6:]} {tag} M{bm}xN{bn} w{warps}s{stages}"

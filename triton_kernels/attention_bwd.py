@@ -21,12 +21,12 @@ dS = P o (Z r o dP - delta), where dP = dO V^T and delta = rowsum(dO o O) with O
 rowsum(P o Z r o dP)).
 
 ``LOCAL_DELTA`` (the dK/dV kernel without ATOMIC_DQ and the dQ kernel, when every sequence's keys fit their one
-key tile): delta is taken from the tile itself, delta = rowsum(P o dP) - dlse, and dS = P o (dP rowsum(P) - delta), the softmax
-gradient of P normalised by its own row sum (what PyTorch's softmax backward computes from its output). Equal
-to the form above in exact arithmetic; in fp32 it does not leave the rounding difference of two summation
-orders of dO . V (dP from the product, rowsum(dO o O) from the preprocess) in dS: with one key, P = 1 and the
-true dS, dK, dQ are exactly 0, and so are these. ``_zero_tail`` writes the outputs of packed varlen tokens past ``cu_seqlens[-1]`` (out/grads 0,
-lse -inf).
+key tile): delta is taken from the tile itself, delta = rowsum(P o dP) - dlse, and dS = P o (dP rowsum(P) -
+delta), the softmax gradient of P normalised by its own row sum (what PyTorch's softmax backward computes from
+its output). Equal to the form above in exact arithmetic; in fp32 it does not leave the rounding difference of
+two summation orders of dO . V (dP from the product, rowsum(dO o O) from the preprocess) in dS: with one key,
+P = 1 and the true dS, dK, dQ are exactly 0, and so are these. ``_zero_tail`` writes the outputs of packed varlen
+tokens past ``cu_seqlens[-1]`` (out/grads 0, lse -inf).
 """
 from __future__ import annotations
 

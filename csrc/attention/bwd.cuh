@@ -323,11 +323,11 @@ TF_DEVICE void dkdv_body(const Params& p) {
     const T* sdOb = sdO + buf * BM * SD;
     T* sdSw = sdS + 16 * warp * (BM + 8);
     if (m0 < qr.full_lo || m0 >= qr.full_hi)
-      dkdv_tile<true, DQ, DROPOUT, LOCAL, T, D, DC, BM>(p, si, sc, dr, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM,
-                                                m0, col_lo, c0, dk, dv, sdSw, lane);
+      dkdv_tile<true, DQ, DROPOUT, LOCAL, T, D, DC, BM>(p, si, sc, dr, sKw, sVw, sQb, sdOb, sL + buf * BM,
+                                                       sDl + buf * BM, m0, col_lo, c0, dk, dv, sdSw, lane);
     else
-      dkdv_tile<false, DQ, DROPOUT, LOCAL, T, D, DC, BM>(p, si, sc, dr, sKw, sVw, sQb, sdOb, sL + buf * BM, sDl + buf * BM,
-                                                 m0, col_lo, c0, dk, dv, sdSw, lane);
+      dkdv_tile<false, DQ, DROPOUT, LOCAL, T, D, DC, BM>(p, si, sc, dr, sKw, sVw, sQb, sdOb, sL + buf * BM,
+                                                        sDl + buf * BM, m0, col_lo, c0, dk, dv, sdSw, lane);
     if constexpr (DQ) {
       __syncthreads();   // every warp's dS^T rows are in sdS
       dq_atomic_tile<T, D, DC, BM, BN, NWARPS>(p, si, b, hk * p.group + gi, m0, c0, sdS, sK, warp, lane);

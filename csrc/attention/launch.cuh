@@ -86,15 +86,17 @@ void run_attn_bwd_kernels(const Params& p, cudaStream_t stream) {
     const int64_t n = p.total_q * p.hq * p.head_dim;   // a multiple of 8
     const unsigned blocks = static_cast<unsigned>(n / 8 / 256 + 1 < 65536 ? n / 8 / 256 + 1 : 65536);
     launch(attn_fill_zero_kernel<256>, dim3(blocks), dim3(256), 0, stream, p.dq_accum, n / 4);
-    auto run = [&](auto local) {
+    auto run = [&](auto local) {   // local: p.local_delta as a type (attention/bwd.cuh)
       launch(attn_bwd_dkdvdq_kernel<T, D, C::kDkdvC, C::kDkdvM, C::kDkdvN, C::kWarps, DROPOUT, decltype(local)::value>,
              dim3(grid_dim(p.max_k, C::kDkdvN) * (D / C::kDkdvC), p.hkv, p.batch), dim3(32 * C::kWarps),
              dkdv_smem_bytes<D, C::kDkdvM, C::kDkdvN, true>(), stream, p);
     };
-    if (p.max_k > 0 && p.local_delta)
-      run(std::true_type{});
-    else if (p.max_k > 0)
-      run(std::false_type{});
+    if (p.max_k > 0) {
+      if (p.local_delta)
+        run(std::true_type{});
+      else
+        run(std::false_type{});
+    }
     launch(attn_bwd_dq_convert_kernel<T>, dim3(blocks), dim3(256), 0, stream, gptr<const float>(p.dq_accum),
            gcast<T>(p.dq), n / 8, p.scale);
     return;
