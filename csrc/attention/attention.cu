@@ -87,14 +87,16 @@ std::atomic<int> g_sm90_verified{-1};
 
 enum class FwdMode { automatic, sm80, sm90 };
 
-FwdMode fwd_mode() {
-  const char* v = std::getenv("TILEFORMER_CUDA_ATTN_FWD");
+// TILEFORMER_CUDA_ATTN_FWD (forward) or TILEFORMER_CUDA_ATTN_BWD (backward)
+FwdMode kernel_mode(const char* var) {
+  const char* v = std::getenv(var);
   if (!v || !*v || !std::strcmp(v, "auto")) return FwdMode::automatic;
   if (!std::strcmp(v, "sm80")) return FwdMode::sm80;
   if (!std::strcmp(v, "sm90")) return FwdMode::sm90;
-  throw std::invalid_argument(std::string("TILEFORMER_CUDA_ATTN_FWD must be \"auto\", \"sm80\" or \"sm90\", got \"") +
-                              v + "\"");
+  throw std::invalid_argument(std::string(var) + " must be \"auto\", \"sm80\" or \"sm90\", got \"" + v + "\"");
 }
+
+FwdMode fwd_mode() { return kernel_mode("TILEFORMER_CUDA_ATTN_FWD"); }
 
 template <typename T>
 void fwd_sm90_typed(const Params& p, cudaStream_t s, int d) {
@@ -102,6 +104,13 @@ void fwd_sm90_typed(const Params& p, cudaStream_t s, int d) {
   if (d == 128) return run_attn_fwd_sm90<T, 128>(p, s);
   if (d == 256) return run_attn_fwd_sm90<T, 256>(p, s);
   throw std::invalid_argument("attention: no sm_90a forward for padded head dim " + std::to_string(d));
+}
+
+template <typename T>
+void bwd_sm90_typed(const Params& p, cudaStream_t s, int d) {
+  if (d == 64) return run_attn_bwd_sm90<T, 64>(p, s);
+  if (d == 128) return run_attn_bwd_sm90<T, 128>(p, s);
+  throw std::invalid_argument("attention: no sm_90a backward for padded head dim " + std::to_string(d));
 }
 
 }  // namespace
@@ -147,6 +156,33 @@ const char* attn_fwd_kernel(const Params& p) {
 #endif
 }
 
+std::string attn_bwd_sm90_reason(int head_dim, bool varlen, int64_t max_k, bool dropout, bool deterministic,
+                                 bool local_delta) {
+  if (deterministic) return "deterministic: the sm_90a backward adds dQ with atomics";
+  if (local_delta)
+    return "at most " + std::to_string(kLocalDeltaKeys) + " keys per sequence: the one-tile sm_80 backward serves it";
+  if (dropout) return "dropout: the sm_90a backward has no dropout mask";
+  const int d = attn_padded_head_dim(head_dim);
+  if (d != 0 && d != 64 && d != 128)
+    return "head dim " + std::to_string(head_dim) + " runs as " + std::to_string(d) +
+           ": the sm_90a backward is built for padded head dims 64 and 128";
+  // the rest (build, device, max_seqlen_k) as the forward: the kernels come from the same 9.0a units
+  return attn_fwd_sm90_reason(head_dim, varlen, max_k, false);
+}
+
+const char* attn_bwd_kernel(const Params& p) {
+  const FwdMode mode = kernel_mode("TILEFORMER_CUDA_ATTN_BWD");
+  if (mode == FwdMode::sm80 || !attn_bwd_sm90_reason(p.head_dim, p.varlen, p.max_k, bool(p.rng_state), !p.dq_accum,
+                                                     p.local_delta).empty())
+    return "sm80";
+  if (mode == FwdMode::sm90) return "sm90";
+#ifdef TILEFORMER_EMULATE
+  return "sm80";
+#else
+  return g_sm90_verified.load() == 1 ? "sm90" : "sm80";
+#endif
+}
+
 void attn_fwd(const Params& p, cudaStream_t s) {
   const int d = checked_head_dim(p, "attn_fwd");
   const bool half = p.dtype == DType::f16;
@@ -178,7 +214,13 @@ void attn_bwd(const Params& p, cudaStream_t s) {
       zero_tail<__nv_bfloat16>(p.dk, p.dv, nullptr, p, p.cu_k, p.total_k, p.hkv, s);
     }
   }
+  const bool sm90 = !std::strcmp(attn_bwd_kernel(p), "sm90");
   if (p.batch == 0 || p.hq == 0 || (p.max_q == 0 && p.max_k == 0)) return;
+  if (sm90) {
+    if (half) bwd_sm90_typed<__half>(p, s, d);
+    else bwd_sm90_typed<__nv_bfloat16>(p, s, d);
+    return;
+  }
   if (half) bwd_typed<__half>(p, s, d);
   else bwd_typed<__nv_bfloat16>(p, s, d);
 }

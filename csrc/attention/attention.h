@@ -120,6 +120,20 @@ int attn_fwd_sm90_verified(int state);
 // The forward kernel attn_fwd runs for p: "sm90" or "sm80" (throws on a bad TILEFORMER_CUDA_ATTN_FWD).
 const char* attn_fwd_kernel(const Params& p);
 
+// The sm_90a backward (attention/bwd_sm90.cuh: wgmma + TMA + mbarrier; inst/bwd_sm90_d<D>.cu), D = 64, 128: the
+// atomic-dQ backward (p.dq_accum set) without dropout and without the local delta. attn_bwd picks it by
+// TILEFORMER_CUDA_ATTN_BWD, read at every call, with the values and rules of TILEFORMER_CUDA_ATTN_FWD ("auto" runs
+// it on a GPU whose sm_90a self-tests passed: attn_fwd_sm90_verified, the same instructions).
+template <typename T, int D> void run_attn_bwd_sm90(const Params& p, cudaStream_t stream);
+
+// "" when the sm_90a backward serves a backward call with this head dim (before padding), max_seqlen_k,
+// dropout, determinism and local delta on this build and the current device; else why not.
+std::string attn_bwd_sm90_reason(int head_dim, bool varlen, int64_t max_k, bool dropout, bool deterministic,
+                                 bool local_delta);
+
+// The backward kernel attn_bwd runs for p: "sm90" or "sm80" (throws on a bad TILEFORMER_CUDA_ATTN_BWD).
+const char* attn_bwd_kernel(const Params& p);
+
 // TILEFORMER_CUDA_ATTN_FWD_TILES = "w8" (default, also when unset or empty) or "w4": the sm_80 forward's tiles
 // (launch.cuh FwdTiles); read at every call (attn_fwd checks it even when the sm_90a forward runs).
 inline bool fwd_tiles_w4() {

@@ -285,6 +285,14 @@ inline std::string attn_fwd_sm90_reason(int64_t head_dim, bool varlen, int64_t m
   return tf::attention::attn_fwd_sm90_reason(int(head_dim), varlen, max_seqlen_k, dropout);
 }
 
+// The same for the sm_90a backward (and deterministic).
+inline std::string attn_bwd_sm90_reason(int64_t head_dim, bool varlen, int64_t max_seqlen_k, bool dropout,
+                                        bool deterministic) {
+  TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= 1024, "head_dim must be in 1..1024, got ", head_dim);
+  const bool local = max_seqlen_k >= 0 && max_seqlen_k <= tf::attention::kLocalDeltaKeys;   // as attn_bwd
+  return tf::attention::attn_bwd_sm90_reason(int(head_dim), varlen, max_seqlen_k, dropout, deterministic, local);
+}
+
 inline int64_t attn_fwd_sm90_verified(int64_t state) {
   return tf::attention::attn_fwd_sm90_verified(int(state));
 }
@@ -304,6 +312,8 @@ inline void define(torch::Library& m) {
   m.def("attn_fwd_sm90_reason(int head_dim, bool varlen, int max_seqlen_k, bool dropout=False) -> str",
         &attn_fwd_sm90_reason);
   m.def("attn_fwd_sm90_verified(int state) -> int", &attn_fwd_sm90_verified);
+  m.def("attn_bwd_sm90_reason(int head_dim, bool varlen, int max_seqlen_k, bool dropout=False, "
+        "bool deterministic=False) -> str", &attn_bwd_sm90_reason);
 }
 
 inline void impl(torch::Library& m) {

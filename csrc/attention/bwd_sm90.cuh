@@ -1,0 +1,371 @@
+// Flash attention backward for Hopper (sm_90a): wgmma + TMA + mbarrier, warp-specialised; the atomic-dQ
+// backward of attention/bwd.cuh (preprocess, dK/dV + dQ, convert) with its dK/dV + dQ kernel replaced by
+// attn_bwd_sm90_kernel. Notation and the mask / score helpers in attention/common.cuh; the same semantics as
+// attn_bwd_dkdvdq_kernel without dropout and without the local delta.
+//
+// One block = BN = 128 keys of one (batch, KV head), 3 warpgroups (384 threads):
+//   warpgroup 0, the producer (setmaxnreg.dec): thread 0 loads the block's K and V tiles once, then the Q and dO
+//     tiles of BM = 64 queries of every (query head of the GQA group, query tile) work item into a ring of S
+//     stages, all by 4-D TMA ([B][N][H][D] tensor maps as the sm_90a forward; rows past the tensor and columns
+//     past head_dim arrive as zeros); warp 1 copies the item's lse (log2 domain, +inf for rows past the
+//     sequence) and delta into the stage. Stage s is refilled after its `empty` mbarrier completed (every
+//     consumer thread arrived); its `full` mbarrier completes with the TMA bytes and warp 1's 32 arrivals.
+//   warpgroups 1 and 2, the consumers (setmaxnreg.inc): warpgroup c owns keys n0 + 64(c-1) .. n0 + 64(c-1) + 63
+//     and accumulates their dK, dV (64 x D fp32 each) in registers over every work item:
+//       S^T = K Q^T and dP^T = V dO^T: wgmma m64n64k16, both operands in shared memory (K-major descriptors);
+//       P^T = exp2(S^T - lse), dS^T = P^T o (dP^T - delta) (softcap: o (1 - tanh^2)), in registers; 0 outside the
+//         band, for keys past the sequence and for queries past it (on the tiles that cross an edge);
+//       dV += P^T dO and dK += dS^T Q: wgmma m64nDk16 with P^T / dS^T as the register A operand and dO / Q
+//         through MN-major descriptors;
+//       dQ_c = dS_c K_c (this warpgroup's 64 keys): dS^T stored in the warpgroup's own [64 keys][64 queries]
+//         tile, read back as the MN-major A operand, K as the MN-major B operand, 64 columns at a time
+//         (wgmma m64n64k16), each added into dq_accum with fp32 atomicAdd.
+//     Matrix products per tile pair: 5 (S^T, dP^T, dV, dK, dQ). Each dQ element receives one atomic add per
+//     warpgroup (two per key block, the sm_80 kernel one).
+//   Varlen: rows of a tile past the sequence are the neighbouring sequence's tokens; the consumers zero them in
+//   shared memory (K and V once per block, Q and dO on the tiles that cross the sequence end; as zero_v_tail in
+//   the forward), so a neighbour's inf or NaN never reaches a product.
+// Epilogue: dK (times the softmax scale) and dV written from registers with 4-byte stores of rows < seqlen_k,
+// columns < head_dim.
+// Shared memory (dynamic, from a 1024-byte boundary), every tile 128-byte swizzled as [D / 64][rows][64]: K, V
+// [D/64][BN][64], Q and dO [S][D/64][BM][64], dS^T [2][64][64]. lse / delta and the mbarriers are static.
+#pragma once
+
+#include "attention/bwd.cuh"
+#include "attention/fwd_sm90.cuh"
+
+namespace tf::attention {
+
+// Tile shapes of the sm_90a backward (head dims 64 and 128: at 256 the dK, dV accumulators alone would take
+// 256 registers per thread). Shared memory (bwd_sm90_smem_bytes): 57 KB at D = 64, 113 KB at 128.
+template <int D>
+struct Sm90BwdTiles {
+  static_assert(D == 64 || D == 128, "the sm_90a backward is built for head dims 64 and 128");
+  static constexpr int kM = 64;           // queries per Q / dO tile (the N of S^T = K Q^T)
+  static constexpr int kN = 128;          // keys per block (2 consumer warpgroups x 64)
+  static constexpr int kStages = 2;       // Q / dO ring
+  static constexpr int kThreads = 384;    // producer warpgroup + 2 consumer warpgroups
+  static constexpr int kProducerRegs = 32, kConsumerRegs = 240;   // 128 * 32 + 256 * 240 = 65536
+};
+
+template <int D, int BM, int BN, int S>
+constexpr size_t bwd_sm90_smem_bytes() {
+  return 1024 + (size_t(2 * BN + 2 * S * BM) * D + 2 * 64 * BM) * 2;   // slack + K, V + S x (Q, dO) + 2 x dS^T
+}
+
+// Rows [valid, ROWS) of a [D / 64][ROWS][64] tile (128-byte rows) set to 0 by the 256 consumer threads, ordered
+// before the wgmmas' reads (fence.proxy.async), then every consumer thread meets on `done` (256 arrivals; the
+// caller counts its phases).
+template <int D, int ROWS>
+TF_DEVICE void zero_tile_rows(void* tile, int valid, uint64_t* done, uint32_t phase) {
+  constexpr int C = D / kSm90Chunk;
+  const int per_chunk = (ROWS - valid) * 8;   // 16-byte pieces of the rows to zero in one 64-column chunk
+  unsigned char* base = static_cast<unsigned char*>(tile);
+  for (int e = int(threadIdx.x) - 128; e < C * per_chunk; e += 256) {
+    const int c = e / per_chunk, r = valid + (e % per_chunk) / 8, piece = e % 8;
+    *reinterpret_cast<uint4*>(base + (c * ROWS + r) * 128 + piece * 16) = uint4{0u, 0u, 0u, 0u};
+  }
+  ptx::fence_proxy_async_shared();
+  ptx::mbarrier_arrive(done);
+  ptx::mbarrier_wait(done, phase & 1u);
+}
+
+// v, opaque to the compiler: descriptors derived from it are recomputed at each use instead of being hoisted out
+// of the work-item loop and held in registers next to the dK, dV accumulators.
+TF_DEVICE uint32_t opaque(uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+
+// One consumer warpgroup (cw = 0, 1): keys n0 + 64 cw .. of the block; see the file comment.
+template <typename T, int D, int BM, int BN, int S>
+TF_DEVICE void bwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range& qr, int q_tiles, int b, int hk,
+                                 int n0, int cw, T* sK, T* sV, T* sQ, T* sdO, T* sdS, const float (*sL)[BM],
+                                 const float (*sDl)[BM], uint64_t* bar_kv, uint64_t* full, uint64_t* empty,
+                                 uint64_t* zeroed, uint64_t* ds_ready) {
+  constexpr Swizzle SW = Swizzle::b128;
+  constexpr int C = D / kSm90Chunk;
+  const int ltid = threadIdx.x % 128, w = ltid / 32, lane = ltid % 32, g = lane >> 2, t = lane & 3;
+  const int key_lo = n0 + 64 * cw + 16 * w + g;   // this thread's accumulator rows: keys key_lo, key_lo + 8
+  // A operands: this warpgroup's 64 rows of each 128-row chunk of K / V (8192 bytes in: a multiple of 1024)
+  const uint32_t k_addr = ptx::smem_addr(sK) + uint32_t(64 * cw) * 128;
+  const uint32_t v_addr = ptx::smem_addr(sV) + uint32_t(64 * cw) * 128;
+  T* sdSw = sdS + cw * 64 * BM;   // [64 keys][BM queries]
+  const uint32_t ds_addr = ptx::smem_addr(sdSw);
+  const bool key_tail = n0 + BN > si.seqlen_k;   // the block holds keys past the sequence
+
+  float dk[D / 2], dv[D / 2];
+#pragma unroll
+  for (int r = 0; r < D / 2; ++r) dk[r] = dv[r] = 0.f;
+
+  uint32_t zphase = 0;   // phases of `zeroed` completed (uniform over the consumers)
+  ptx::mbarrier_wait(bar_kv, 0);
+  if (p.varlen && key_tail && si.k_start + si.seqlen_k < p.total_k) {   // tokens after the sequence's keys
+    zero_tile_rows<D, BN>(sK, si.seqlen_k - n0, zeroed, zphase++);
+    zero_tile_rows<D, BN>(sV, si.seqlen_k - n0, zeroed, zphase++);
+  }
+
+  const int64_t dq_row_stride = int64_t(p.hq) * p.head_dim;
+  const int items = q_tiles * p.group;
+  int gi = 0, m0 = qr.lo;
+  for (int it = 0; it < items; ++it) {
+    const int s = it % S;
+    const int h = hk * p.group + gi;
+    ptx::mbarrier_wait(&full[s], uint32_t((it / S) & 1));
+    T* sQs = sQ + s * BM * D;
+    T* sdOs = sdO + s * BM * D;
+    const bool q_tail = m0 + BM > si.rows_q;
+    if (p.varlen && q_tail && si.q_start + si.rows_q < p.total_q) {   // tokens after the sequence's queries
+      zero_tile_rows<D, BM>(sQs, si.rows_q - m0, zeroed, zphase++);
+      zero_tile_rows<D, BM>(sdOs, si.rows_q - m0, zeroed, zphase++);
+    }
+    const uint32_t q_addr = opaque(ptx::smem_addr(sQs)), do_addr = opaque(ptx::smem_addr(sdOs));
+    const uint32_t ka = opaque(k_addr), va = opaque(v_addr);
+    const Scale sc = make_scale(p, b, h);
+
+    // S^T = K Q^T and dP^T = V dO^T: D / 16 k-steps each, one commit group.
+    float st[BM / 2], dpt[BM / 2];
+#pragma unroll
+    for (int r = 0; r < BM / 2; ++r) st[r] = dpt[r] = 0.f;
+    ptx::fence_operand(st);
+    ptx::fence_operand(dpt);
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      ptx::wgmma_ss<T, BM, 0, 0>(st, ptx::desc_k_major(ka, BN, 16 * kk, SW),
+                                 ptx::desc_k_major(q_addr, BM, 16 * kk, SW), kk > 0 ? 1 : 0);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      ptx::wgmma_ss<T, BM, 0, 0>(dpt, ptx::desc_k_major(va, BN, 16 * kk, SW),
+                                 ptx::desc_k_major(do_addr, BM, 16 * kk, SW), kk > 0 ? 1 : 0);
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<0>();
+    ptx::fence_operand(st);
+    ptx::fence_operand(dpt);
+
+    // P^T and dS^T: st[4j + i] = S^T[key_lo + 8 (i >= 2)][m0 + 8j + 2t + (i & 1)]. On tiles crossing the band,
+    // the key sequence end or the query sequence end, elements outside are exactly 0 (selected, not computed).
+    const bool masked = m0 < qr.full_lo || m0 >= qr.full_hi || key_tail || q_tail;
+    // the queries that see each of this thread's keys (empty past seqlen_k); recomputed per item rather than kept
+    const Band band[2] = {queries_of_key(p, si, key_lo), queries_of_key(p, si, key_lo + 8)};
+    const float* sLs = sL[s];
+    const float* sDs = sDl[s];
+#pragma unroll
+    for (int r = 0; r < BM / 2; ++r) {
+      const int i = r & 3, cq = 8 * (r >> 2) + 2 * t + (i & 1), query = m0 + cq;
+      const int key = key_lo + (i >= 2 ? 8 : 0);
+      float tc;
+      const float x = score(st[r], sc, query, key, si.off, tc);
+      const bool ok = !masked || (band[i >> 1].has(query) && query < si.rows_q);
+      const float pt = ok ? ptx::ex2_approx(x - sLs[cq]) : 0.f;
+      float ds = ok ? pt * (dpt[r] - sDs[cq]) : 0.f;
+      if (sc.cap2 != 0.f) ds *= 1.f - tc * tc;
+      st[r] = pt;
+      dpt[r] = ds;
+    }
+    // As wgmma A fragments (k-step kk: queries 16kk .. 16kk+15 = accumulators 8kk .. 8kk+7), and dS^T into this
+    // warpgroup's tile ([key][query], 128-byte rows swizzled) for dQ.
+    uint32_t pa[BM / 16][4], da[BM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        pa[kk][r] = ptx::pack2<T>(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1]);
+        da[kk][r] = ptx::pack2<T>(dpt[8 * kk + 2 * r], dpt[8 * kk + 2 * r + 1]);
+      }
+    unsigned char* sds = reinterpret_cast<unsigned char*>(sdSw);
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+        *reinterpret_cast<uint32_t*>(sds + sw128_offset(64, 16 * w + g + 8 * hf, 8 * j + 2 * t)) =
+            da[j / 2][2 * (j & 1) + hf];
+    ptx::fence_proxy_async_shared();   // generic-proxy writes before the dQ wgmma's reads
+
+    // dV += P^T dO, dK += dS^T Q: BM / 16 k-steps each, dO and Q [query][d] as MN-major B operands.
+    ptx::fence_operand(dv);
+    ptx::fence_operand(dk);
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) ptx::wgmma_rs<T, D, 1>(dv, pa[kk], ptx::desc_mn_major(do_addr, BM, 16 * kk, SW), 1);
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) ptx::wgmma_rs<T, D, 1>(dk, da[kk], ptx::desc_mn_major(q_addr, BM, 16 * kk, SW), 1);
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<0>();
+    ptx::fence_operand(dv);
+    ptx::fence_operand(dk);
+    // Every thread of the warpgroup has written its dS^T elements (128 arrivals; one phase per item).
+    ptx::mbarrier_arrive(&ds_ready[cw]);
+    ptx::mbarrier_wait(&ds_ready[cw], uint32_t(it & 1));
+
+    // dQ_c = dS_c K_c, 64 columns at a time: A = dS (query x key; the [key][query] tile is MN-major), B = K
+    // (key x d; [key][d] rows of this warpgroup, MN-major); then fp32 atomic adds of rows < rows_q, columns
+    // < head_dim into dq_accum (unscaled; the convert kernel multiplies by the softmax scale).
+    const int64_t dq_base = (p.varlen ? 0 : int64_t(b) * p.max_q * dq_row_stride) + int64_t(h) * p.head_dim;
+    const int row0 = m0 + 16 * w + g;   // this thread's dQ rows: row0, row0 + 8
+#pragma unroll 1
+    for (int c = 0; c < C; ++c) {
+      float dq[32];
+#pragma unroll
+      for (int r = 0; r < 32; ++r) dq[r] = 0.f;
+      const uint32_t kc_addr = opaque(k_addr + uint32_t(c * BN) * 128), dsa = opaque(ds_addr);
+      ptx::fence_operand(dq);
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        ptx::wgmma_ss<T, 64, 1, 1>(dq, ptx::desc_mn_major(dsa, 64, 16 * kk, SW),
+                                   ptx::desc_mn_major(kc_addr, BN, 16 * kk, SW), kk > 0 ? 1 : 0);
+      ptx::wgmma_commit();
+      ptx::wgmma_wait<0>();
+      ptx::fence_operand(dq);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = row0 + 8 * hf;
+        if (row >= si.rows_q) continue;
+        const gptr<float> dst = p.dq_accum + dq_base + int64_t(si.q_start + row) * dq_row_stride + c * kSm90Chunk;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * j + 2 * t + e;
+            if (c * kSm90Chunk + col < p.head_dim) atomicAdd(dst + col, dq[4 * j + 2 * hf + e]);
+          }
+      }
+    }
+    ptx::mbarrier_arrive(&empty[s]);   // this thread's wgmmas reading stage s have retired
+
+    if (m0 + BM >= qr.lo + q_tiles * BM) {
+      ++gi;
+      m0 = qr.lo;
+    } else {
+      m0 += BM;
+    }
+  }
+
+  // Epilogue: rows < seqlen_k, columns < head_dim of dK (times the softmax scale) and dV; dk, dv are
+  // contiguous [.., Nk, Hkv, head_dim] (varlen [Tk, Hkv, head_dim]).
+  const int64_t k_row_stride = int64_t(p.hkv) * p.head_dim;
+  const int64_t k_base = (p.varlen ? 0 : int64_t(b) * p.max_k * k_row_stride) + int64_t(hk) * p.head_dim;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int key = key_lo + 8 * hf;
+    if (key >= si.seqlen_k) continue;
+    const gptr<T> DK = gcast<T>(p.dk) + k_base + int64_t(si.k_start + key) * k_row_stride;
+    const gptr<T> DV = gcast<T>(p.dv) + k_base + int64_t(si.k_start + key) * k_row_stride;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const int col = 8 * j + 2 * t;
+      if (col >= p.head_dim) continue;
+      *gcast<uint32_t>(DK + col) = ptx::pack2<T>(dk[4 * j + 2 * hf] * p.scale, dk[4 * j + 2 * hf + 1] * p.scale);
+      *gcast<uint32_t>(DV + col) = ptx::pack2<T>(dv[4 * j + 2 * hf], dv[4 * j + 2 * hf + 1]);
+    }
+  }
+}
+
+// tq / tk / tv / tdo: 4-D tensor maps over q, dout [B][Nq][Hq][head_dim], k / v [B][Nk][Hkv][head_dim] (varlen:
+// B = 1, N = the packed tokens) with boxes [1][rows][1][64], 128-byte swizzled. Launched with the atomic-dQ
+// Params of the sm_80 backward (dq_accum zeroed, delta from attn_bwd_preprocess_kernel).
+template <typename T, int D, int BM, int BN, int S>
+__global__ void __launch_bounds__(384, 1) attn_bwd_sm90_kernel(const __grid_constant__ TmaDesc tq,
+                                                               const __grid_constant__ TmaDesc tk,
+                                                               const __grid_constant__ TmaDesc tv,
+                                                               const __grid_constant__ TmaDesc tdo, const Params p) {
+#ifdef TF_ATTN_SM90_BODY
+  static_assert(BM == 64 && BN == 128 && D % kSm90Chunk == 0, "tile shapes");
+  using Tiles = Sm90BwdTiles<D>;
+  constexpr int C = D / kSm90Chunk;
+  TF_DYNAMIC_SMEM(unsigned char, smem_raw);
+  unsigned char* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
+  T* sK = reinterpret_cast<T*>(smem);   // [C][BN][64]
+  T* sV = sK + BN * D;                  // [C][BN][64]
+  T* sQ = sV + BN * D;                  // [S][C][BM][64]
+  T* sdO = sQ + S * BM * D;             // [S][C][BM][64]
+  T* sdS = sdO + S * BM * D;            // [2][64][BM]
+  __shared__ float sL[S][BM], sDl[S][BM];
+  __shared__ uint64_t bar_kv, full[S], empty[S], zeroed, ds_ready[2];
+
+  const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * BN;
+  const SeqInfo si = seq_info(p, b);
+  if (n0 >= si.seqlen_k) return;
+  const int n_last = imin(n0 + BN, si.seqlen_k) - 1;
+  const Range qr = query_range(p, si, n0, n_last, BM);
+  const int q_tiles = (qr.hi - qr.lo + BM - 1) / BM;
+  const int items = q_tiles * p.group;
+  const int tid = threadIdx.x, wg = tid / 128;
+  if (tid == 0) {
+    ptx::mbarrier_init(&bar_kv, 1);
+    for (int s = 0; s < S; ++s) {
+      ptx::mbarrier_init(&full[s], 1 + 32);   // the TMA thread's expect_tx arrival + warp 1's lse / delta copy
+      ptx::mbarrier_init(&empty[s], 256);     // every consumer thread
+    }
+    ptx::mbarrier_init(&zeroed, 256);
+    ptx::mbarrier_init(&ds_ready[0], 128);
+    ptx::mbarrier_init(&ds_ready[1], 128);
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    ptx::setmaxnreg_dec<Tiles::kProducerRegs>();
+    const int tb = p.varlen ? 0 : b;   // varlen: rows offset by the sequence starts
+    if (tid == 0) {
+      ptx::mbarrier_arrive_expect_tx(&bar_kv, uint32_t(2 * BN * D * 2));
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        ptx::tma_load_4d(sK + c * BN * kSm90Chunk, &tk, c * kSm90Chunk, si.k_start + n0, hk, tb, &bar_kv);
+        ptx::tma_load_4d(sV + c * BN * kSm90Chunk, &tv, c * kSm90Chunk, si.k_start + n0, hk, tb, &bar_kv);
+      }
+      int gi = 0, m0 = qr.lo;
+      for (int it = 0; it < items; ++it) {
+        const int s = it % S, h = hk * p.group + gi;
+        ptx::mbarrier_wait(&empty[s], uint32_t(((it / S) & 1) ^ 1));   // the first pass finds fresh stages
+        ptx::mbarrier_arrive_expect_tx(&full[s], uint32_t(2 * BM * D * 2));
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          ptx::tma_load_4d(sQ + (s * C + c) * BM * kSm90Chunk, &tq, c * kSm90Chunk, si.q_start + m0, h, tb, &full[s]);
+          ptx::tma_load_4d(sdO + (s * C + c) * BM * kSm90Chunk, &tdo, c * kSm90Chunk, si.q_start + m0, h, tb,
+                           &full[s]);
+        }
+        if (m0 + BM >= qr.lo + q_tiles * BM) {
+          ++gi;
+          m0 = qr.lo;
+        } else {
+          m0 += BM;
+        }
+      }
+    } else if (tid / 32 == 1) {
+      const int lane = tid % 32;
+      int gi = 0, m0 = qr.lo;
+      for (int it = 0; it < items; ++it) {
+        const int s = it % S;
+        const int64_t h = int64_t(hk) * p.group + gi;
+        ptx::mbarrier_wait(&empty[s], uint32_t(((it / S) & 1) ^ 1));
+        const int64_t lrow = p.varlen ? h * p.total_q + si.q_start + m0 : (int64_t(b) * p.hq + h) * p.max_q + m0;
+#pragma unroll
+        for (int r = lane; r < BM; r += 32) {
+          const bool ok = m0 + r < si.rows_q;
+          sL[s][r] = ok ? lse2_of(p.lse[lrow + r]) : INFINITY;
+          sDl[s][r] = ok ? p.delta[lrow + r] : 0.f;
+        }
+        ptx::mbarrier_arrive(&full[s]);
+        if (m0 + BM >= qr.lo + q_tiles * BM) {
+          ++gi;
+          m0 = qr.lo;
+        } else {
+          m0 += BM;
+        }
+      }
+    }
+  } else {
+    ptx::setmaxnreg_inc<Tiles::kConsumerRegs>();
+    bwd_sm90_consumer<T, D, BM, BN, S>(p, si, qr, q_tiles, b, hk, n0, wg - 1, sK, sV, sQ, sdO, sdS, sL, sDl,
+                                       &bar_kv, full, empty, &zeroed, ds_ready);
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // sm_80, or sm_90 without the arch-specific features (built for 9.0 instead of 9.0a)
+#endif
+}
+
+}  // namespace tf::attention
