@@ -44,24 +44,23 @@ struct Sm90BwdTiles {
   static constexpr int kM = 64;           // queries per Q / dO tile (the N of S^T = K Q^T)
   static constexpr int kN = 128;          // keys per block (2 consumer warpgroups x 64)
   static constexpr int kStages = 2;       // Q / dO ring
-  static constexpr int kThreads = 384;    // producer warpgroup + 2 consumer warpgroups
-  static constexpr int kProducerRegs = 32, kConsumerRegs = 240;   // 128 * 32 + 256 * 240 = 65536
+  static constexpr int kThreads = 256;    // 2 warpgroups (up to 255 registers per thread)
 };
 
 template <int D, int BM, int BN, int S>
 constexpr size_t bwd_sm90_smem_bytes() {
-  return 1024 + (size_t(2 * BN + 2 * S * BM) * D + 2 * 64 * BM) * 2;   // slack + K, V + S x (Q, dO) + 2 x dS^T
+  return 1024 + (size_t(2 * BN + 2 * S * BM) * D + 4 * 64 * BM) * 2;   // slack + K, V + S x (Q, dO) + 2 x (dS^T, P^T)
 }
 
-// Rows [valid, ROWS) of a [D / 64][ROWS][64] tile (128-byte rows) set to 0 by the 256 consumer threads, ordered
-// before the wgmmas' reads (fence.proxy.async), then every consumer thread meets on `done` (256 arrivals; the
-// caller counts its phases).
+// Rows [valid, ROWS) of a [D / 64][ROWS][64] tile (128-byte rows) set to 0 by the block's 256 threads, ordered
+// before the wgmmas' reads (fence.proxy.async), then every thread meets on `done` (256 arrivals; the caller
+// counts its phases).
 template <int D, int ROWS>
 TF_DEVICE void zero_tile_rows(void* tile, int valid, uint64_t* done, uint32_t phase) {
   constexpr int C = D / kSm90Chunk;
   const int per_chunk = (ROWS - valid) * 8;   // 16-byte pieces of the rows to zero in one 64-column chunk
   unsigned char* base = static_cast<unsigned char*>(tile);
-  for (int e = int(threadIdx.x) - 128; e < C * per_chunk; e += 256) {
+  for (int e = int(threadIdx.x); e < C * per_chunk; e += 256) {
     const int c = e / per_chunk, r = valid + (e % per_chunk) / 8, piece = e % 8;
     *reinterpret_cast<uint4*>(base + (c * ROWS + r) * 128 + piece * 16) = uint4{0u, 0u, 0u, 0u};
   }
@@ -79,12 +78,55 @@ TF_DEVICE uint32_t opaque(uint32_t v) {
   return v;
 }
 
+// Work items: (query head gi of the group, query tile m0), tile-major per head.
+TF_DEVICE void next_item(const Range& qr, int q_tiles, int BM, int& gi, int& m0) {
+  if (m0 + BM >= qr.lo + q_tiles * BM) {
+    ++gi;
+    m0 = qr.lo;
+  } else {
+    m0 += BM;
+  }
+}
+
+// Fill stage it % S with work item it (query head hk * group + gi, tile m0) once its previous item released it:
+// thread 0 issues the Q and dO TMA loads (full[s] expects their bytes), the 32 threads of warp 1 copy lse (log2
+// domain, +inf past the sequence) and delta and arrive on full[s]. Other threads do nothing.
+template <typename T, int D, int BM, int S>
+TF_DEVICE void bwd_sm90_issue(const Params& p, const SeqInfo& si, int b, int hk, int it, int gi, int m0,
+                              const TmaDesc* tq, const TmaDesc* tdo, T* sQ, T* sdO, float (*sL)[BM],
+                              float (*sDl)[BM], uint64_t* full, uint64_t* empty) {
+  constexpr int C = D / kSm90Chunk;
+  const int tid = threadIdx.x, s = it % S;
+  const int64_t h = int64_t(hk) * p.group + gi;
+  if (tid == 0) {
+    ptx::mbarrier_wait(&empty[s], uint32_t(((it / S) & 1) ^ 1));   // the first pass finds fresh stages
+    ptx::mbarrier_arrive_expect_tx(&full[s], uint32_t(2 * BM * D * 2));
+    const int tb = p.varlen ? 0 : b;   // varlen: rows offset by the sequence starts
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      ptx::tma_load_4d(sQ + (s * C + c) * BM * kSm90Chunk, tq, c * kSm90Chunk, si.q_start + m0, int(h), tb, &full[s]);
+      ptx::tma_load_4d(sdO + (s * C + c) * BM * kSm90Chunk, tdo, c * kSm90Chunk, si.q_start + m0, int(h), tb,
+                       &full[s]);
+    }
+  } else if (tid / 32 == 1) {
+    ptx::mbarrier_wait(&empty[s], uint32_t(((it / S) & 1) ^ 1));
+    const int64_t lrow = p.varlen ? h * p.total_q + si.q_start + m0 : (int64_t(b) * p.hq + h) * p.max_q + m0;
+#pragma unroll
+    for (int r = tid % 32; r < BM; r += 32) {
+      const bool ok = m0 + r < si.rows_q;
+      sL[s][r] = ok ? lse2_of(p.lse[lrow + r]) : INFINITY;
+      sDl[s][r] = ok ? p.delta[lrow + r] : 0.f;
+    }
+    ptx::mbarrier_arrive(&full[s]);
+  }
+}
+
 // One consumer warpgroup (cw = 0, 1): keys n0 + 64 cw .. of the block; see the file comment.
 template <typename T, int D, int BM, int BN, int S>
 TF_DEVICE void bwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range& qr, int q_tiles, int b, int hk,
-                                 int n0, int cw, T* sK, T* sV, T* sQ, T* sdO, T* sdS, const float (*sL)[BM],
-                                 const float (*sDl)[BM], uint64_t* bar_kv, uint64_t* full, uint64_t* empty,
-                                 uint64_t* zeroed, uint64_t* ds_ready) {
+                                 int n0, int cw, const TmaDesc* tq, const TmaDesc* tdo, T* sK, T* sV, T* sQ, T* sdO,
+                                 T* sdS, float (*sL)[BM], float (*sDl)[BM], uint64_t* bar_kv, uint64_t* full,
+                                 uint64_t* empty, uint64_t* zeroed, uint64_t* ds_ready) {
   constexpr Swizzle SW = Swizzle::b128;
   constexpr int C = D / kSm90Chunk;
   const int ltid = threadIdx.x % 128, w = ltid / 32, lane = ltid % 32, g = lane >> 2, t = lane & 3;
@@ -92,8 +134,9 @@ TF_DEVICE void bwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
   // A operands: this warpgroup's 64 rows of each 128-row chunk of K / V (8192 bytes in: a multiple of 1024)
   const uint32_t k_addr = ptx::smem_addr(sK) + uint32_t(64 * cw) * 128;
   const uint32_t v_addr = ptx::smem_addr(sV) + uint32_t(64 * cw) * 128;
-  T* sdSw = sdS + cw * 64 * BM;   // [64 keys][BM queries]
-  const uint32_t ds_addr = ptx::smem_addr(sdSw);
+  T* sdSw = sdS + cw * 64 * BM;           // dS^T [64 keys][BM queries]
+  T* sPtw = sdS + (2 + cw) * 64 * BM;     // P^T [64 keys][BM queries]
+  const uint32_t ds_addr = ptx::smem_addr(sdSw), pt_addr = ptx::smem_addr(sPtw);
   const bool key_tail = n0 + BN > si.seqlen_k;   // the block holds keys past the sequence
 
   float dk[D / 2], dv[D / 2];
@@ -113,6 +156,11 @@ TF_DEVICE void bwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
   for (int it = 0; it < items; ++it) {
     const int s = it % S;
     const int h = hk * p.group + gi;
+    if (it + 1 < items && threadIdx.x < 64) {   // prefetch the next item into the other stage
+      int gi1 = gi, m01 = m0;
+      next_item(qr, q_tiles, BM, gi1, m01);
+      bwd_sm90_issue<T, D, BM, S>(p, si, b, hk, it + 1, gi1, m01, tq, tdo, sQ, sdO, sL, sDl, full, empty);
+    }
     ptx::mbarrier_wait(&full[s], uint32_t((it / S) & 1));
     T* sQs = sQ + s * BM * D;
     T* sdOs = sdO + s * BM * D;
@@ -147,58 +195,58 @@ TF_DEVICE void bwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
 
     // P^T and dS^T: st[4j + i] = S^T[key_lo + 8 (i >= 2)][m0 + 8j + 2t + (i & 1)]. On tiles crossing the band,
     // the key sequence end or the query sequence end, elements outside are exactly 0 (selected, not computed).
-    const bool masked = m0 < qr.full_lo || m0 >= qr.full_hi || key_tail || q_tail;
-    // the queries that see each of this thread's keys (empty past seqlen_k); recomputed per item rather than kept
-    const Band band[2] = {queries_of_key(p, si, key_lo), queries_of_key(p, si, key_lo + 8)};
+    // Values first needed here are derived from copies made here (opaque: not moved above the wgmmas, where
+    // they would be live next to the accumulators).
+    const int kl = int(opaque(uint32_t(key_lo))), mq = int(opaque(uint32_t(m0)));
+    const bool masked = mq < qr.full_lo || mq >= qr.full_hi || key_tail || q_tail;
+    // the queries that see each of this thread's keys (empty past seqlen_k)
+    const Band band[2] = {queries_of_key(p, si, kl), queries_of_key(p, si, kl + 8)};
     const float* sLs = sL[s];
     const float* sDs = sDl[s];
-#pragma unroll
-    for (int r = 0; r < BM / 2; ++r) {
-      const int i = r & 3, cq = 8 * (r >> 2) + 2 * t + (i & 1), query = m0 + cq;
-      const int key = key_lo + (i >= 2 ? 8 : 0);
-      float tc;
-      const float x = score(st[r], sc, query, key, si.off, tc);
-      const bool ok = !masked || (band[i >> 1].has(query) && query < si.rows_q);
-      const float pt = ok ? ptx::ex2_approx(x - sLs[cq]) : 0.f;
-      float ds = ok ? pt * (dpt[r] - sDs[cq]) : 0.f;
-      if (sc.cap2 != 0.f) ds *= 1.f - tc * tc;
-      st[r] = pt;
-      dpt[r] = ds;
-    }
-    // As wgmma A fragments (k-step kk: queries 16kk .. 16kk+15 = accumulators 8kk .. 8kk+7), and dS^T into this
-    // warpgroup's tile ([key][query], 128-byte rows swizzled) for dQ.
-    uint32_t pa[BM / 16][4], da[BM / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        pa[kk][r] = ptx::pack2<T>(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1]);
-        da[kk][r] = ptx::pack2<T>(dpt[8 * kk + 2 * r], dpt[8 * kk + 2 * r + 1]);
-      }
+    // Each pair of elements (keys key_lo + 8 hf, queries m0 + 8j + 2t + {0, 1}) goes as T straight into this
+    // warpgroup's P^T and dS^T tiles ([key][query], 128-byte rows swizzled): the A operands of dV += P^T dO and
+    // dK += dS^T Q (K-major) and, through an MN-major descriptor, of dQ = dS K.
+    unsigned char* sps = reinterpret_cast<unsigned char*>(sPtw);
     unsigned char* sds = reinterpret_cast<unsigned char*>(sdSw);
 #pragma unroll
     for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-        *reinterpret_cast<uint32_t*>(sds + sw128_offset(64, 16 * w + g + 8 * hf, 8 * j + 2 * t)) =
-            da[j / 2][2 * (j & 1) + hf];
-    ptx::fence_proxy_async_shared();   // generic-proxy writes before the dQ wgmma's reads
+      for (int hf = 0; hf < 2; ++hf) {
+        float pt[2], ds[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int r = 4 * j + 2 * hf + e, cq = 8 * j + 2 * t + e, query = mq + cq;
+          float tc;
+          const float x = score(st[r], sc, query, kl + 8 * hf, si.off, tc);
+          const bool ok = !masked || (band[hf].has(query) && query < si.rows_q);
+          pt[e] = ok ? ptx::ex2_approx(x - sLs[cq]) : 0.f;
+          ds[e] = ok ? pt[e] * (dpt[r] - sDs[cq]) : 0.f;
+          if (sc.cap2 != 0.f) ds[e] *= 1.f - tc * tc;
+        }
+        const uint32_t off = sw128_offset(64, 16 * w + g + 8 * hf, 8 * j + 2 * t);
+        *reinterpret_cast<uint32_t*>(sps + off) = ptx::pack2<T>(pt[0], pt[1]);
+        *reinterpret_cast<uint32_t*>(sds + off) = ptx::pack2<T>(ds[0], ds[1]);
+      }
+    ptx::fence_proxy_async_shared();   // generic-proxy writes before the wgmmas' reads
+    // Every thread of the warpgroup has written its elements (128 arrivals; one phase per item).
+    ptx::mbarrier_arrive(&ds_ready[cw]);
+    ptx::mbarrier_wait(&ds_ready[cw], uint32_t(it & 1));
 
     // dV += P^T dO, dK += dS^T Q: BM / 16 k-steps each, dO and Q [query][d] as MN-major B operands.
+    const uint32_t pa = opaque(pt_addr), da = opaque(ds_addr);
     ptx::fence_operand(dv);
     ptx::fence_operand(dk);
     ptx::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) ptx::wgmma_rs<T, D, 1>(dv, pa[kk], ptx::desc_mn_major(do_addr, BM, 16 * kk, SW), 1);
+    for (int kk = 0; kk < BM / 16; ++kk)
+      ptx::wgmma_ss<T, D, 0, 1>(dv, ptx::desc_k_major(pa, 64, 16 * kk, SW), ptx::desc_mn_major(do_addr, BM, 16 * kk, SW), 1);
 #pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) ptx::wgmma_rs<T, D, 1>(dk, da[kk], ptx::desc_mn_major(q_addr, BM, 16 * kk, SW), 1);
+    for (int kk = 0; kk < BM / 16; ++kk)
+      ptx::wgmma_ss<T, D, 0, 1>(dk, ptx::desc_k_major(da, 64, 16 * kk, SW), ptx::desc_mn_major(q_addr, BM, 16 * kk, SW), 1);
     ptx::wgmma_commit();
     ptx::wgmma_wait<0>();
     ptx::fence_operand(dv);
     ptx::fence_operand(dk);
-    // Every thread of the warpgroup has written its dS^T elements (128 arrivals; one phase per item).
-    ptx::mbarrier_arrive(&ds_ready[cw]);
-    ptx::mbarrier_wait(&ds_ready[cw], uint32_t(it & 1));
 
     // dQ_c = dS_c K_c, 64 columns at a time: A = dS (query x key; the [key][query] tile is MN-major), B = K
     // (key x d; [key][d] rows of this warpgroup, MN-major); then fp32 atomic adds of rows < rows_q, columns
@@ -235,13 +283,7 @@ TF_DEVICE void bwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
       }
     }
     ptx::mbarrier_arrive(&empty[s]);   // this thread's wgmmas reading stage s have retired
-
-    if (m0 + BM >= qr.lo + q_tiles * BM) {
-      ++gi;
-      m0 = qr.lo;
-    } else {
-      m0 += BM;
-    }
+    next_item(qr, q_tiles, BM, gi, m0);
   }
 
   // Epilogue: rows < seqlen_k, columns < head_dim of dK (times the softmax scale) and dV; dk, dv are
@@ -268,13 +310,12 @@ TF_DEVICE void bwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
 // B = 1, N = the packed tokens) with boxes [1][rows][1][64], 128-byte swizzled. Launched with the atomic-dQ
 // Params of the sm_80 backward (dq_accum zeroed, delta from attn_bwd_preprocess_kernel).
 template <typename T, int D, int BM, int BN, int S>
-__global__ void __launch_bounds__(384, 1) attn_bwd_sm90_kernel(const __grid_constant__ TmaDesc tq,
+__global__ void __launch_bounds__(256, 1) attn_bwd_sm90_kernel(const __grid_constant__ TmaDesc tq,
                                                                const __grid_constant__ TmaDesc tk,
                                                                const __grid_constant__ TmaDesc tv,
                                                                const __grid_constant__ TmaDesc tdo, const Params p) {
 #ifdef TF_ATTN_SM90_BODY
   static_assert(BM == 64 && BN == 128 && D % kSm90Chunk == 0, "tile shapes");
-  using Tiles = Sm90BwdTiles<D>;
   constexpr int C = D / kSm90Chunk;
   TF_DYNAMIC_SMEM(unsigned char, smem_raw);
   unsigned char* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
@@ -282,7 +323,7 @@ __global__ void __launch_bounds__(384, 1) attn_bwd_sm90_kernel(const __grid_cons
   T* sV = sK + BN * D;                  // [C][BN][64]
   T* sQ = sV + BN * D;                  // [S][C][BM][64]
   T* sdO = sQ + S * BM * D;             // [S][C][BM][64]
-  T* sdS = sdO + S * BM * D;            // [2][64][BM]
+  T* sdS = sdO + S * BM * D;            // dS^T [2][64][BM], then P^T [2][64][BM]
   __shared__ float sL[S][BM], sDl[S][BM];
   __shared__ uint64_t bar_kv, full[S], empty[S], zeroed, ds_ready[2];
 
@@ -297,8 +338,8 @@ __global__ void __launch_bounds__(384, 1) attn_bwd_sm90_kernel(const __grid_cons
   if (tid == 0) {
     ptx::mbarrier_init(&bar_kv, 1);
     for (int s = 0; s < S; ++s) {
-      ptx::mbarrier_init(&full[s], 1 + 32);   // the TMA thread's expect_tx arrival + warp 1's lse / delta copy
-      ptx::mbarrier_init(&empty[s], 256);     // every consumer thread
+      ptx::mbarrier_init(&full[s], 1 + 32);   // thread 0's expect_tx arrival + warp 1's lse / delta copy
+      ptx::mbarrier_init(&empty[s], 256);     // every thread
     }
     ptx::mbarrier_init(&zeroed, 256);
     ptx::mbarrier_init(&ds_ready[0], 128);
@@ -306,63 +347,18 @@ __global__ void __launch_bounds__(384, 1) attn_bwd_sm90_kernel(const __grid_cons
     ptx::fence_mbarrier_init();
   }
   __syncthreads();
-
-  if (wg == 0) {
-    ptx::setmaxnreg_dec<Tiles::kProducerRegs>();
-    const int tb = p.varlen ? 0 : b;   // varlen: rows offset by the sequence starts
-    if (tid == 0) {
-      ptx::mbarrier_arrive_expect_tx(&bar_kv, uint32_t(2 * BN * D * 2));
+  if (tid == 0) {   // K and V once
+    const int tb = p.varlen ? 0 : b;
+    ptx::mbarrier_arrive_expect_tx(&bar_kv, uint32_t(2 * BN * D * 2));
 #pragma unroll
-      for (int c = 0; c < C; ++c) {
-        ptx::tma_load_4d(sK + c * BN * kSm90Chunk, &tk, c * kSm90Chunk, si.k_start + n0, hk, tb, &bar_kv);
-        ptx::tma_load_4d(sV + c * BN * kSm90Chunk, &tv, c * kSm90Chunk, si.k_start + n0, hk, tb, &bar_kv);
-      }
-      int gi = 0, m0 = qr.lo;
-      for (int it = 0; it < items; ++it) {
-        const int s = it % S, h = hk * p.group + gi;
-        ptx::mbarrier_wait(&empty[s], uint32_t(((it / S) & 1) ^ 1));   // the first pass finds fresh stages
-        ptx::mbarrier_arrive_expect_tx(&full[s], uint32_t(2 * BM * D * 2));
-#pragma unroll
-        for (int c = 0; c < C; ++c) {
-          ptx::tma_load_4d(sQ + (s * C + c) * BM * kSm90Chunk, &tq, c * kSm90Chunk, si.q_start + m0, h, tb, &full[s]);
-          ptx::tma_load_4d(sdO + (s * C + c) * BM * kSm90Chunk, &tdo, c * kSm90Chunk, si.q_start + m0, h, tb,
-                           &full[s]);
-        }
-        if (m0 + BM >= qr.lo + q_tiles * BM) {
-          ++gi;
-          m0 = qr.lo;
-        } else {
-          m0 += BM;
-        }
-      }
-    } else if (tid / 32 == 1) {
-      const int lane = tid % 32;
-      int gi = 0, m0 = qr.lo;
-      for (int it = 0; it < items; ++it) {
-        const int s = it % S;
-        const int64_t h = int64_t(hk) * p.group + gi;
-        ptx::mbarrier_wait(&empty[s], uint32_t(((it / S) & 1) ^ 1));
-        const int64_t lrow = p.varlen ? h * p.total_q + si.q_start + m0 : (int64_t(b) * p.hq + h) * p.max_q + m0;
-#pragma unroll
-        for (int r = lane; r < BM; r += 32) {
-          const bool ok = m0 + r < si.rows_q;
-          sL[s][r] = ok ? lse2_of(p.lse[lrow + r]) : INFINITY;
-          sDl[s][r] = ok ? p.delta[lrow + r] : 0.f;
-        }
-        ptx::mbarrier_arrive(&full[s]);
-        if (m0 + BM >= qr.lo + q_tiles * BM) {
-          ++gi;
-          m0 = qr.lo;
-        } else {
-          m0 += BM;
-        }
-      }
+    for (int c = 0; c < C; ++c) {
+      ptx::tma_load_4d(sK + c * BN * kSm90Chunk, &tk, c * kSm90Chunk, si.k_start + n0, hk, tb, &bar_kv);
+      ptx::tma_load_4d(sV + c * BN * kSm90Chunk, &tv, c * kSm90Chunk, si.k_start + n0, hk, tb, &bar_kv);
     }
-  } else {
-    ptx::setmaxnreg_inc<Tiles::kConsumerRegs>();
-    bwd_sm90_consumer<T, D, BM, BN, S>(p, si, qr, q_tiles, b, hk, n0, wg - 1, sK, sV, sQ, sdO, sdS, sL, sDl,
-                                       &bar_kv, full, empty, &zeroed, ds_ready);
   }
+  if (items > 0 && tid < 64) bwd_sm90_issue<T, D, BM, S>(p, si, b, hk, 0, 0, qr.lo, &tq, &tdo, sQ, sdO, sL, sDl, full, empty);
+  bwd_sm90_consumer<T, D, BM, BN, S>(p, si, qr, q_tiles, b, hk, n0, wg, &tq, &tdo, sK, sV, sQ, sdO, sdS, sL, sDl,
+                                     &bar_kv, full, empty, &zeroed, ds_ready);
 #elif defined(__CUDA_ARCH__)
   __trap();  // sm_80, or sm_90 without the arch-specific features (built for 9.0 instead of 9.0a)
 #endif
