@@ -129,10 +129,11 @@ class BackendVariant(Backend):
 # The CUDA forward's first tiles (csrc/attention/launch.cuh FwdTiles: 4 warps, 64-query blocks, Q re-read
 # from shared memory), against which the default 8-warp tiles were chosen without a GPU; and the sm_80 forward
 # with its default tiles where "cuda" runs the sm_90a one (TILEFORMER_CUDA_ATTN_FWD auto on an H100 / H200). Both
-# force the sm_80 forward.
+# force the sm_80 forward. And the sm_80 backward where "cuda" runs the sm_90a one (TILEFORMER_CUDA_ATTN_BWD).
 VARIANTS = (BackendVariant("cuda-fwd-w4", "cuda", {"TILEFORMER_CUDA_ATTN_FWD_TILES": "w4",
                                                    "TILEFORMER_CUDA_ATTN_FWD": "sm80"}, ("flash_attention",)),
-            BackendVariant("cuda-fwd-sm80", "cuda", {"TILEFORMER_CUDA_ATTN_FWD": "sm80"}, ("flash_attention",)))
+            BackendVariant("cuda-fwd-sm80", "cuda", {"TILEFORMER_CUDA_ATTN_FWD": "sm80"}, ("flash_attention",)),
+            BackendVariant("cuda-bwd-sm80", "cuda", {"TILEFORMER_CUDA_ATTN_BWD": "sm80"}, ("flash_attention",)))
 # Triton kernel modules whose BENCH_VARIANTS become providers, and the ops they serve.
 VARIANT_MODULES = {"triton_kernels.attention": ("flash_attention",), "triton_kernels.decode": ("decode_attention",),
                    "triton_kernels.norms": ("layer_norm", "rms_norm")}

@@ -66,8 +66,11 @@ CUDA_KERNELS = {
     ("rms_norm", "bwd"): (r"norm_bwd_kernel<{T}, ", r"norm_reduce_kernel"),
 }
 # On sm_90 the dense forward of head dims 64 / 128 / 256 runs the sm_90a kernel (TILEFORMER_CUDA_ATTN_FWD=auto);
-# cuda-fwd-sm80 and cuda-fwd-w4 force the sm_80 one.
+# cuda-fwd-sm80 and cuda-fwd-w4 force the sm_80 one. The default backward of head dims 64 / 128 runs the sm_90a
+# dK/dV + dQ kernel (TILEFORMER_CUDA_ATTN_BWD=auto); cuda-bwd-sm80 forces the sm_80 one.
 CUDA_SM90_FWD = r"attn_fwd_sm90_kernel<{T}, {D}, 128, \d+, 2>"
+CUDA_SM90_BWD = (r"attn_bwd_preprocess_kernel<{T}>", r"attn_bwd_sm90_kernel<{T}, {D}, 64, 128, 2>",
+                 r"attn_bwd_dq_convert_kernel<{T}>")
 CUDA_TYPES = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 CUDA_KV_FORMATS = {None: 0, "int8": 1, "fp8_e4m3": 2}     # the decode kernels' KV template argument (KvFormat)
 
@@ -82,17 +85,20 @@ def work_cases():
 
 
 def cuda_patterns(case, path="cuda"):
-    """Demangled-name regexes of the CUDA kernels that serve `case` on `path` (cuda, cuda-fwd-sm80 or
-    cuda-fwd-w4) on ARCH."""
+    """Demangled-name regexes of the CUDA kernels that serve `case` on `path` (cuda, cuda-fwd-sm80, cuda-fwd-w4 or
+    cuda-bwd-sm80) on ARCH."""
     p = case.p
     if case.op == "decode_attention":
         rows = (p["Hq"] // p["Hkv"]) * p["Sq"]
         kv = CUDA_KV_FORMATS[p.get("kv")]
         pats = (rf"decode_simt_kernel<{{T}}, {{D}}, {kv}>" if rows <= 4 else rf"decode_mma_kernel<{{T}}, {{D}}, {kv}>",
                 r"decode_combine_kernel<{T}>")
-    elif (case.op, case.mode) == ("flash_attention", "fwd") and path == "cuda" and ARCH == 90 and \
-            p.get("D") in (64, 128, 256):
+    elif (case.op, case.mode) == ("flash_attention", "fwd") and path in ("cuda", "cuda-bwd-sm80") and ARCH == 90 \
+            and p.get("D") in (64, 128, 256) and not p.get("dropout"):
         pats = (CUDA_SM90_FWD,)
+    elif (case.op, case.mode) == ("flash_attention", "bwd") and path != "cuda-bwd-sm80" and ARCH == 90 \
+            and p.get("D") in (64, 128) and p.get("Nk", 17) > 16 and not p.get("dropout"):
+        pats = CUDA_SM90_BWD
     else:
         pats = CUDA_KERNELS[(case.op, case.mode)]
     if path == "cuda-fwd-w4":

@@ -969,6 +969,16 @@ def test_work_cuda_kernels_per_case():
     assert _re.search(work.cuda_patterns(fwd, "cuda-fwd-sm80")[0], name)
     assert not _re.search(work.cuda_patterns(fwd, "cuda-fwd-w4")[0], name)
     assert _re.search(work.cuda_patterns(fwd, "cuda-fwd-w4")[0], name.replace(", 8, true", ", 4, false"))
+    assert _re.search(work.cuda_patterns(fwd, "cuda-bwd-sm80")[0], sm90)   # forces the backward only
+    bwd = cases.attention_case("bwd", 1, 64, 64, 2, 2, 128, False)
+    sm90_bwd = ("void tf::attention::attn_bwd_sm90_kernel<__nv_bfloat16, 128, 64, 128, 2>(tf::TmaDesc, tf::TmaDesc, "
+                "tf::TmaDesc, tf::TmaDesc, tf::attention::Params)")
+    sm80_bwd = "void tf::attention::attn_bwd_dkdvdq_kernel<__nv_bfloat16, 128, 128, 16, 64, 4, false, false>(tf::attention::Params)"
+    assert any(_re.search(x, sm90_bwd) for x in work.cuda_patterns(bwd))
+    assert not any(_re.search(x, sm80_bwd) for x in work.cuda_patterns(bwd))
+    assert any(_re.search(x, sm80_bwd) for x in work.cuda_patterns(bwd, "cuda-bwd-sm80"))
+    few_keys = cases.attention_case("bwd", 1, 64, 16, 2, 2, 128, False)   # <= 16 keys: the sm_80 backward
+    assert any(_re.search(x, sm80_bwd) for x in work.cuda_patterns(few_keys))
     assert work.short_shape("B=1 Nq=8 Nk=8 Hq=2 Hkv=2 D=4 causal=1") == "B=1 Nq=8 Hq=2 D=4 causal=1"
 
 

@@ -195,5 +195,28 @@ def test_bad_value_raises(backend, monkeypatch):
     q, k, v = helpers.attn_inputs(1, 40, 50, 2, 2, 64, FP16, seed=1)
     out = transformer.flash_attention(q, k, v, backend=backend)
     monkeypatch.setenv("TILEFORMER_CUDA_ATTN_BWD", "hopper")
-    with pytest.raises((ValueError, RuntimeError), match="TILEFORMER_CUDA_ATTN_BWD must be"):
+    with pytest.raises(ValueError, match="TILEFORMER_CUDA_ATTN_BWD must be"):
         torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+
+def test_explain_names_the_backward_kernel(backend, monkeypatch):
+    """For a call that requires grad, explain() names the backward kernel after the forward one, and why."""
+    helpers.require_backend(backend)
+    q, k, v = helpers.attn_inputs(1, 40, 50, 2, 2, 64, FP16, seed=1)
+    text = transformer.backends.explain("flash_attention", q, k, v, backend=backend)
+    assert "backward sm90 (wgmma + TMA) (sm80 where a sequence has at most 16 keys): TILEFORMER_CUDA_ATTN_BWD=sm90" in text
+    text = transformer.backends.explain("flash_attention", q, k, v, deterministic=True, backend=backend)
+    assert "backward sm80 (mma.sync, two kernels, no atomics): sm90 does not serve this call (deterministic" in text
+    q256, k256, v256 = helpers.attn_inputs(1, 40, 50, 2, 2, 256, FP16, seed=1)
+    assert "built for padded head dims 64 and 128" in transformer.backends.explain(
+        "flash_attention", q256, k256, v256, backend=backend)
+    monkeypatch.setenv("TILEFORMER_CUDA_ATTN_BWD", "sm80")
+    assert "backward sm80 (mma.sync, dQ by atomics): TILEFORMER_CUDA_ATTN_BWD=sm80" in transformer.backends.explain(
+        "flash_attention", q, k, v, backend=backend)
+    if not helpers.HAS_GPU:
+        monkeypatch.setenv("TILEFORMER_CUDA_ATTN_BWD", "auto")
+        assert "the emulator runs sm90 only with TILEFORMER_CUDA_ATTN_BWD=sm90" in transformer.backends.explain(
+            "flash_attention", q, k, v, backend=backend)
+    with torch.no_grad():
+        assert "backward" not in transformer.backends.explain("flash_attention", q.detach(), k.detach(), v.detach(),
+                                                              backend=backend)

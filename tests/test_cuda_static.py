@@ -44,6 +44,11 @@ ATTENTION_SM90_KERNELS = [
      ("HGMMA", "UTMALDG", "SYNCS", "USETMAXREG"))
     for t in ("__half", "__nv_bfloat16") for d in (64, 128, 256)
 ]
+# The sm_90a attention backward (csrc/attention/bwd_sm90.cuh): two warpgroups, no setmaxnreg.
+ATTENTION_SM90_BWD_KERNELS = [
+    (f"bwd_sm90_d{d}.cu", f"attn_bwd_sm90_kernel<{t}, {d}, 64, 128, 2>", ("HGMMA", "UTMALDG", "SYNCS"))
+    for t in ("__half", "__nv_bfloat16") for d in (64, 128)
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,8 @@ def report():
         pytest.skip(f"nvcc not found at {kernel_report._nvcc()} (set CUDA_HOME)")
     stats = kernel_report.cuda_report(sass_kernels=tuple(k for _, k in TENSOR_CORE_KERNELS) +
                                       tuple(k for _, k, _ in HOPPER_KERNELS) +
-                                      tuple(k for _, k, _ in ATTENTION_SM90_KERNELS))
+                                      tuple(k for _, k, _ in ATTENTION_SM90_KERNELS) +
+                                      tuple(k for _, k, _ in ATTENTION_SM90_BWD_KERNELS))
     print("\n" + kernel_report.format_table(stats))
     return stats
 
@@ -100,4 +106,17 @@ def test_hopper_selftest_kernels_use_hopper_instructions(report, source, kernel,
 def test_sm90_attention_forward_uses_wgmma_and_tma(report, source, kernel, markers):
     for s in _sm90_hits(report, source, kernel, markers, "the wgmma forward"):
         assert not s.spills and not s.local_bytes, f"{s.name}: spills / local memory"
+        print(f"{s.name} sm_90a: {s.registers} registers, instructions {s.instructions}")
+
+
+@pytest.mark.parametrize("source,kernel,markers", ATTENTION_SM90_BWD_KERNELS,
+                         ids=[k for _, k, _ in ATTENTION_SM90_BWD_KERNELS])
+def test_sm90_attention_backward_uses_wgmma_and_tma(report, source, kernel, markers):
+    """Every product of the sm_90a backward is a wgmma (HGMMA with N = 64 for S^T, dP^T and dQ, N = head dim for dV
+    and dK), Q / dO / K / V arrive by TMA, no HMMA, 0 spills."""
+    for s in _sm90_hits(report, source, kernel, markers, "the wgmma backward"):
+        assert not s.spills and not s.local_bytes, f"{s.name}: spills / local memory"
+        d = int(kernel.split(", ")[1])
+        widths = {k for k in s.instructions if k.startswith("HGMMA.64x")}
+        assert widths == {"HGMMA.64x64x16", f"HGMMA.64x{d}x16"}, f"{s.name}: {widths}"
         print(f"{s.name} sm_90a: {s.registers} registers, instructions {s.instructions}")

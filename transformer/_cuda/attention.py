@@ -30,7 +30,12 @@ the sm_90a self-tests (wgmma fragment layouts, descriptors, swizzle, TMA; csrc/s
 that GPU -- they run once, at the first such call; a failure keeps sm80 with a one-time warning --, sm80
 elsewhere and always in the emulator; ``sm90`` forces it wherever it serves the call (the emulator included),
 ``sm80`` forces the sm_80 kernel. Calls sm90 does not serve (other head dims, dropout, max_seqlen_k = 0) run sm80.
-``transformer.backends.explain`` names the forward kernel (describe_path).
+Backward kernels: the sm_80 ones (csrc/attention/bwd.cuh) and, for the default backward (``deterministic=False``)
+without dropout, with more than 16 keys per sequence, at padded head dims 64 and 128, the sm_90a one (wgmma + TMA +
+mbarrier, csrc/attention/bwd_sm90.cuh). ``TILEFORMER_CUDA_ATTN_BWD`` picks it with the values and rules of
+``TILEFORMER_CUDA_ATTN_FWD`` (``auto`` trusts the same sm_90a self-tests, run at the first forward the sm_90a forward
+serves; a call the sm_90a backward does not serve runs sm80). ``transformer.backends.explain`` names the forward
+kernel and, for calls that require grad, the backward kernel (describe_path).
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ from . import namespace_name, ops
 from .selftest import hopper_check
 
 __all__ = ["flash_attention", "flash_attention_varlen", "padded_attention", "head_dims", "head_dim_reason",
-           "register", "supports", "describe_path", "fwd_mode", "FWD_ENV"]
+           "register", "supports", "describe_path", "fwd_mode", "FWD_ENV", "bwd_mode", "BWD_ENV"]
 
 def register(ns):
     """Fakes + autograd of the namespace's attention ops (called once per namespace by ops())."""
@@ -108,12 +113,24 @@ FWD_ENV = "TILEFORMER_CUDA_ATTN_FWD"
 _FWD_MODES = ("auto", "sm80", "sm90")
 
 
+BWD_ENV = "TILEFORMER_CUDA_ATTN_BWD"
+
+
+def _mode(var) -> str:
+    v = os.environ.get(var, "") or "auto"
+    if v not in _FWD_MODES:
+        raise ValueError(f"{var} must be 'auto', 'sm80' or 'sm90', got {v!r}")
+    return v
+
+
 def fwd_mode() -> str:
     """TILEFORMER_CUDA_ATTN_FWD: "auto" (also unset or empty), "sm80" or "sm90"; ValueError otherwise."""
-    v = os.environ.get(FWD_ENV, "") or "auto"
-    if v not in _FWD_MODES:
-        raise ValueError(f"{FWD_ENV} must be 'auto', 'sm80' or 'sm90', got {v!r}")
-    return v
+    return _mode(FWD_ENV)
+
+
+def bwd_mode() -> str:
+    """TILEFORMER_CUDA_ATTN_BWD: "auto" (also unset or empty), "sm80" or "sm90"; ValueError otherwise."""
+    return _mode(BWD_ENV)
 
 
 def _sm90_reason(device, head_dim, varlen, max_seqlen_k=-1, dropout=False) -> str:
@@ -166,7 +183,40 @@ def _prepare_fwd(device, head_dim, varlen, max_seqlen_k, dropout):
 
 def describe_path(call):
     """Which CUDA forward kernel serves the call (shown by transformer.backends.explain): sm90 (wgmma + TMA) or
-    sm80 (mma.sync, TILEFORMER_CUDA_ATTN_FWD_TILES w8 / w4 tiles), and why."""
+    sm80 (mma.sync, TILEFORMER_CUDA_ATTN_FWD_TILES w8 / w4 tiles), and why; for a call that requires grad, then
+    the backward kernel (_describe_bwd)."""
+    fwd = _describe_fwd(call)
+    return f"{fwd}; {_describe_bwd(call)}" if call.get("requires_grad") else fwd
+
+
+def _describe_bwd(call):
+    device = call["device"]
+    deterministic = bool(call.get("deterministic", False))
+    sm80 = "backward sm80 (mma.sync, " + ("two kernels, no atomics)" if deterministic else "dQ by atomics)")
+    mode = bwd_mode()
+    if mode == "sm80":
+        return f"{sm80}: {BWD_ENV}=sm80"
+    try:
+        reason = ops(device).attn_bwd_sm90_reason(_round8(call["head_dim"]), call["varlen"], -1,
+                                                  call.get("dropout", 0.0) > 0, deterministic)
+    except (RuntimeError, AttributeError) as e:   # an extension built before the sm_90a backward existed
+        reason = f"this build has no sm_90a backward ({type(e).__name__}: {e})"
+    if reason:
+        return f"{sm80}: sm90 does not serve this call ({reason})"
+    keys = " (sm80 where a sequence has at most 16 keys)"
+    if mode == "sm90":
+        return f"backward sm90 (wgmma + TMA){keys}: {BWD_ENV}=sm90"
+    if device.type != "cuda":
+        return f"{sm80}: the emulator runs sm90 only with {BWD_ENV}=sm90"
+    state = ops(device).attn_fwd_sm90_verified(-1)
+    if state == 1:
+        return f"backward sm90 (wgmma + TMA){keys}: the sm_90a self-tests passed on this GPU"
+    if state == 0:
+        return f"{sm80}: the sm_90a self-tests failed on this GPU"
+    return "backward sm90 (wgmma + TMA) once the sm_90a self-tests pass at the first forward, else sm80"
+
+
+def _describe_fwd(call):
     device = call["device"]
     dropout = call.get("dropout", 0.0) > 0
     # dropout runs the w8 tiles whatever TILEFORMER_CUDA_ATTN_FWD_TILES says (csrc/attention/launch.cuh)
