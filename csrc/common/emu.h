@@ -720,6 +720,15 @@ inline void wake(const void* key) {
     }
 }
 
+// Requeue the calling thread and give control to the scheduler: after an arrival (mbarrier or named barrier),
+// the threads it released may run before the caller's next instruction, as on a GPU.
+inline void reschedule() {
+  Fiber& f = cur();
+  f.state = State::Ready;
+  g_launch->ready.push_back(f.linear);
+  yield_to_scheduler();
+}
+
 // bar.sync id, count (wait = true) / bar.arrive id, count: see the file comment. The caller is requeued after
 // an arrive too, so the order in which threads continue is the scheduler's.
 inline void named_barrier(int id, int count, bool wait, const char* file, int line) {
@@ -761,9 +770,7 @@ inline void named_barrier(int id, int count, bool wait, const char* file, int li
     while (b.phase == phase) block_on(&b, what, file, line);
     return;
   }
-  f.state = State::Ready;
-  L.ready.push_back(f.linear);
-  yield_to_scheduler();
+  reschedule();
 }
 
 }  // namespace tf::emu
