@@ -151,8 +151,9 @@ if [ -n "$BUILD_PID" ]; then
   fi
 fi
 $PY -c "import transformer; [print('  backend', k, v) for k, v in transformer.backends.available().items()]"
-say "b. the sm_90a self-tests' GPU halves (wgmma / TMA / mbarrier against torch; skipped unless sm_90), before timing"
+say "b. the sm_90a self-tests' GPU halves (wgmma / TMA / mbarrier against torch; skipped unless sm_90) and the named-barrier turns the sm_90a forward uses, before timing"
 run_for 90 selftest_hopper "${PYTEST[@]}" -k gpu tests/test_emulator_hopper.py \
+  tests/test_emulator.py::test_named_barrier_turns_alternate \
   --junitxml="$LOGS/selftest_hopper.xml" > "$LOGS/selftest_hopper.log" 2>&1
 tail -n 15 "$LOGS/selftest_hopper.log"
 run_for 60 profile_cuda $PY -m benchmarks.profile_kernels --out "$BENCH" --append --d 128,64 \

@@ -61,10 +61,12 @@ def wgmma_shapes(ptx):
 
 
 SASS_MARKERS = {"HMMA": r"\bHMMA\.", "HGMMA": r"\bHGMMA\.", "UTMALDG": r"\bUTMALDG", "LDSM": r"\bLDSM\b",
-                "USETMAXREG": r"\bUSETMAXREG\b", "UTMASTG": r"\bUTMASTG", "SYNCS": r"\bSYNCS\."}
+                "USETMAXREG": r"\bUSETMAXREG\b", "UTMASTG": r"\bUTMASTG", "SYNCS": r"\bSYNCS\.",
+                # named-barrier arrive (bar.arrive); a wgmma.wait_group 1 (one commit group left in flight)
+                "BAR.ARV": r"\bBAR\.ARV\b", "GSB.WAIT1": r"\bWARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x1\b"}
 # HGMMA shapes in SASS ("HGMMA.64x128x16.F32.BF16"): an "HGMMA.64xNx16" entry (count) per shape, as wgmma_shapes.
 HGMMA_SHAPE = re.compile(r"\bHGMMA\.(\d+x\d+x\d+)")
-STATS_VERSION = 3       # part of the static report's cache key: bump when what KernelStats holds changes
+STATS_VERSION = 4       # part of the static report's cache key: bump when what KernelStats holds changes
 
 
 def hgmma_shapes(sass):

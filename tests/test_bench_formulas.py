@@ -1022,6 +1022,8 @@ def test_gpu_session_runs_the_hopper_selftest_gpu_halves_before_timing():
     assert ids and all(ln.endswith("-gpu]") or "test_gpu_" in ln for ln in ids), res.stdout[-2000:]
     for name in ("test_wgmma_equals_matmul", "test_tma_copy_out_of_bounds_and_swizzle", "test_mbarrier_ping_pong"):
         assert any(name in ln for ln in ids), name
+    # the named-barrier turns of the sm_90a forward, on the hardware before timing too
+    assert "tests/test_emulator.py::test_named_barrier_turns_alternate" in part[:part.index("profile_cuda")]
 
 
 def test_a_forced_kernel_path_that_cannot_run_is_not_available(monkeypatch):

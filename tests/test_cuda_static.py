@@ -11,6 +11,7 @@ SYNCS: mbarrier, USETMAXREG: setmaxnreg) in their sm_90a SASS; so must the sm_90
 (ATTENTION_SM90_KERNELS: wgmma, TMA loads, mbarriers, setmaxnreg, and no mma.sync).
 """
 import os
+import re
 
 import pytest
 
@@ -38,10 +39,12 @@ HOPPER_KERNELS = [
 ]
 
 
-# The sm_90a attention forward (csrc/attention/fwd_sm90.cuh), per dtype and head dim.
+# The sm_90a attention forward (csrc/attention/fwd_sm90.cuh), per dtype and head dim: besides wgmma, TMA, mbarriers
+# and setmaxnreg, the consumers' turns (bar.arrive on a named barrier) and the softmax overlapped with P V
+# (wgmma.wait_group 1).
 ATTENTION_SM90_KERNELS = [
     (f"fwd_sm90_d{d}.cu", f"attn_fwd_sm90_kernel<{t}, {d}, 128, {128 if d <= 128 else 64}, 2>",
-     ("HGMMA", "UTMALDG", "SYNCS", "USETMAXREG"))
+     ("HGMMA", "UTMALDG", "SYNCS", "USETMAXREG", "BAR.ARV", "GSB.WAIT1"))
     for t in ("__half", "__nv_bfloat16") for d in (64, 128, 256)
 ]
 # The sm_90a attention backward (csrc/attention/bwd_sm90.cuh): two warpgroups, no setmaxnreg.
@@ -120,3 +123,21 @@ def test_sm90_attention_backward_uses_wgmma_and_tma(report, source, kernel, mark
         widths = {k for k in s.instructions if k.startswith("HGMMA.64x")}
         assert widths == {"HGMMA.64x64x16", f"HGMMA.64x{d}x16"}, f"{s.name}: {widths}"
         print(f"{s.name} sm_90a: {s.registers} registers, instructions {s.instructions}")
+
+
+# ptxas notes that undo the overlap of the sm_90a forward: wgmma serialised (C7514, C7515, ...), a
+# warpgroup.wait injected to read wgmma registers (C7517), setmaxnreg ignored (C7508).
+PTXAS_SERIALISATION = re.compile(r"\(C75(08|1[0-9])\)[^\n]*")
+
+
+@pytest.mark.parametrize("unit", [f"fwd_sm90_d{d}" for d in (64, 128, 256)] + [f"bwd_sm90_d{d}" for d in (64, 128)])
+def test_sm90_attention_wgmma_not_serialised(unit):
+    """ptxas keeps the wgmma pipeline of the sm_90a forward (S of the next tile and P V of the previous one in
+    flight together, no wait injected before the softmax reads S, setmaxnreg honoured) and of the backward (no
+    serialisation note either)."""
+    if not os.path.exists(kernel_report._nvcc()):
+        pytest.skip(f"nvcc not found at {kernel_report._nvcc()} (set CUDA_HOME)")
+    src = os.path.join(kernel_report.ROOT, "csrc", "attention", "inst", f"{unit}.cu")
+    log, _ = kernel_report._nvcc_compile(src, 90, kernel_report._csrc_digest())
+    notes = [m.group(0)[:200] for m in PTXAS_SERIALISATION.finditer(log)]
+    assert not notes, "ptxas serialises or ignores:\n" + "\n".join(notes)

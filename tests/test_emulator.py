@@ -188,6 +188,50 @@ def test_divergent_barrier_is_reported_not_hung(mode, pattern):
     assert torch.equal(ops.selftest_warp_ops(x, 32)[:, 8], torch.where(x < 16, x ^ 1, -1))
 
 
+# ---------------------------------------------------------------------------------------------
+# Named barriers (bar.sync / bar.arrive id, count): two warpgroups taking turns
+# ---------------------------------------------------------------------------------------------
+
+def _turns(x):
+    return torch.stack([2 * x, 2 * x + 1], 1).flatten()
+
+
+@pytest.mark.parametrize("where", WHERE)
+@pytest.mark.parametrize("iters", [1, 2, 7])
+def test_named_barrier_turns_alternate(where, iters):
+    ops, dev = _ops(where)
+    x = torch.randint(0, 1000, (iters,), dtype=torch.int32, generator=torch.Generator().manual_seed(iters))
+    assert torch.equal(ops.selftest_named_barrier(x.to(dev), 0).cpu(), _turns(x))
+
+
+def test_named_barrier_turns_under_thread_orders(schedule):
+    ops = _emu_ops()
+    x = torch.arange(5, dtype=torch.int32)
+    for seed in range(6):
+        schedule(True, seed)
+        assert torch.equal(ops.selftest_named_barrier(x, 0), _turns(x)), f"seed {seed}"
+    schedule(False, 0)
+    assert torch.equal(ops.selftest_named_barrier(x, 0), _turns(x))
+
+
+@pytest.mark.parametrize("mode,pattern", [
+    (1, r"deadlock in kernel tf::selftest::named_barrier_kernel.*waits in bar.sync [12], 256 \(phase 0: 128 of 256 "
+        r"threads arrived\).*or an mbarrier or named-barrier phase that never completes"),
+    (2, r"named barrier 1 has arrivals no phase completed when the block exited \(phase 3: 128 of 256 threads "
+        r"arrived.*a bar.arrive without the matching bar.sync \[kernel tf::selftest::named_barrier_kernel"),
+    (3, r"named barrier 2 has arrivals no phase completed when the block exited|deadlock in kernel "
+        r"tf::selftest::named_barrier_kernel|the phase completed with \d+ arrivals from warp \d+ \(bar.sync / "
+        r"bar.arrive are .aligned"),
+], ids=["missing-first-arrive", "extra-last-arrive", "ids-swapped"])
+def test_named_barrier_misuse_is_reported_not_hung(mode, pattern):
+    """Turns that never come are a deadlock naming the barrier's arrivals; arrivals no bar.sync consumes are
+    an error at block exit (both would hang or race on a GPU)."""
+    ops = _emu_ops()
+    with pytest.raises(RuntimeError, match=pattern):
+        ops.selftest_named_barrier(torch.arange(3, dtype=torch.int32), mode)
+    assert torch.equal(ops.selftest_named_barrier(torch.arange(2, dtype=torch.int32), 0), _turns(torch.arange(2)))
+
+
 
 # ---------------------------------------------------------------------------------------------
 # Bounds checking of global memory (TILEFORMER_EMU_CHECK_BOUNDS=1, common/gmem.h)

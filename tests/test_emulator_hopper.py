@@ -332,9 +332,10 @@ def test_mbarrier_wait_that_never_completes_is_reported_not_hung():
     the empty barrier). The emulator reports the deadlock naming the mbarrier waits instead of hanging."""
     ops = _emu_ops()
     with pytest.raises(RuntimeError, match=r"deadlock in kernel tf::selftest::mbarrier_pingpong_kernel.*wait in "
-                                           r"warpgroup collectives or on mbarriers; thread \d+ waits in "
-                                           r"mbarrier.try_wait.parity 0 \(phase 0: 1 of 33 arrivals pending, "
-                                           r"tx-count 0\).*or an mbarrier phase that never completes"):
+                                           r"warpgroup collectives, on mbarriers or named barriers; thread \d+ "
+                                           r"waits in mbarrier.try_wait.parity 0 \(phase 0: 1 of 33 arrivals "
+                                           r"pending, tx-count 0\).*or an mbarrier or named-barrier phase that "
+                                           r"never completes"):
         ops.selftest_mbarrier(torch.zeros(4, 128), 1)
     assert torch.equal(ops.selftest_mbarrier(torch.ones(1, 128), 0), torch.ones(128))   # usable afterwards
 

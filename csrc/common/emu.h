@@ -12,6 +12,12 @@
 //   * Warpgroup collectives (wgmma, setmaxnreg: 128 consecutive threads) work as warp collectives do, over
 //     the 4 warps of the warpgroup; a thread waiting on an mbarrier phase is suspended until an arrival or
 //     a landed TMA copy completes that phase (common/emu_hopper.h). Both count in the deadlock check.
+//   * Named barriers (bar.sync / bar.arrive with an id 1..15 and a thread count): a phase completes when
+//     `count` threads have arrived (bar.sync or bar.arrive; every thread counts one, so a whole warp counts 32
+//     as on the hardware, which counts arriving warps); the bar.sync threads of the phase then continue.
+//     Checked: the count is a multiple of 32 and the same for every arrival of a phase; each warp arrives with
+//     all its threads (.aligned); no arrivals are left pending when the block exits; a bar.sync whose phase
+//     never completes is a deadlock (reported with the barrier's arrivals).
 //   * __syncthreads releases when every thread of the block has arrived at the same barrier (same
 //     source line). A barrier some threads never reach (they exited or wait elsewhere) is a deadlock:
 //     the launch stops with std::runtime_error naming the kernel, the block and who waits where.
@@ -133,6 +139,16 @@ struct GroupState {
   void* args[kWarpgroupThreads];
 };
 
+// One named barrier (ids 1..15) of a block: the current phase's expected count, arrivals so far (per warp).
+constexpr int kNamedBarriers = 16;
+struct NamedBarrier {
+  int count = 0, arrived = 0;
+  uint64_t phase = 0;                             // phases completed
+  std::vector<int> warp_arrived;                  // per warp of the block, in the current phase
+  const char* site = "";                          // where the current phase's first arrival came from
+  int line = 0;
+};
+
 struct Launch {
   const char* kernel = "?";
   uint64_t block_serial = 0;                      // distinct for every block run (state keyed by shared memory
@@ -146,6 +162,7 @@ struct Launch {
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
   std::vector<GroupState> groups;                 // warpgroups (complete ones only)
+  NamedBarrier named[kNamedBarriers];             // bar.sync / bar.arrive ids (0 is __syncthreads')
   std::vector<int> ready;
   size_t ready_head = 0;
   int block_arrived = 0;                          // threads waiting at __syncthreads
@@ -260,6 +277,18 @@ inline void fiber_main() {
   std::abort();
 }
 
+inline std::string named_barrier_state(const NamedBarrier& b) {
+  return "phase " + std::to_string(b.phase) + ": " + std::to_string(b.arrived) + " of " + std::to_string(b.count) +
+         " threads arrived";
+}
+
+// The state of what a CondWait thread waits for: a named barrier of the block, else an mbarrier.
+inline std::string wait_state(const Launch& L, const void* key) {
+  for (const NamedBarrier& b : L.named)
+    if (key == &b) return named_barrier_state(b);
+  return g_wait_state ? g_wait_state(key) : std::string();
+}
+
 inline std::string deadlock_report(Launch& L) {
   int done = 0, at_block = 0, at_warp = 0, at_other = 0;
   std::string exited, warp_detail, other_detail;
@@ -279,7 +308,7 @@ inline std::string deadlock_report(Launch& L) {
     } else if (f.state == State::GroupWait || f.state == State::CondWait) {
       if (++at_other <= 4)
         other_detail += "; thread " + std::to_string(f.linear) + " waits in " + f.wait_what +
-                        (f.state == State::CondWait && g_wait_state ? " (" + g_wait_state(f.wait_key) + ")" : "") +
+                        (f.state == State::CondWait ? " (" + wait_state(L, f.wait_key) + ")" : "") +
                         " at " + f.wait_site + ":" + std::to_string(f.wait_line);
     }
   }
@@ -293,9 +322,10 @@ inline std::string deadlock_report(Launch& L) {
   msg += "; " + std::to_string(done) + " threads exited" + (done ? " (e.g." + exited + ")" : "");
   msg += "; " + std::to_string(at_warp) + " wait in warp collectives" + warp_detail;
   if (at_other)
-    msg += "; " + std::to_string(at_other) + " wait in warpgroup collectives or on mbarriers" + other_detail;
+    msg += "; " + std::to_string(at_other) + " wait in warpgroup collectives, on mbarriers or named barriers" +
+           other_detail;
   msg += " (a barrier or warp collective not reached by every participating thread";
-  msg += at_other ? ", or an mbarrier phase that never completes)" : ")";
+  msg += at_other ? ", or an mbarrier or named-barrier phase that never completes)" : ")";
   return msg;
 }
 
@@ -320,6 +350,10 @@ inline void run_block(Launch& L) {
   L.ready_head = 0;
   L.block_arrived = 0;
   L.block_site = nullptr;
+  for (NamedBarrier& b : L.named) {
+    b = NamedBarrier{};
+    b.warp_arrived.assign(L.warps.size(), 0);
+  }
   if (L.dyn_smem_bytes) std::memset(L.dyn_smem, 0xFF, L.dyn_smem_bytes);
   for (int i = 0; i < n; ++i) {
     Fiber& f = L.fibers[i];
@@ -361,6 +395,15 @@ inline void run_block(Launch& L) {
     g_fiber = nullptr;
     if (!L.error.empty()) break;
     if (f.state == State::Done) ++done;
+  }
+  for (int id = 1; id < kNamedBarriers && L.error.empty(); ++id) {
+    const NamedBarrier& b = L.named[id];
+    if (b.arrived)
+      L.error = "named barrier " + std::to_string(id) + " has arrivals no phase completed when the block exited (" +
+                named_barrier_state(b) + ", the first from " + b.site + ":" + std::to_string(b.line) +
+                "): a bar.arrive without the matching bar.sync [kernel " + L.kernel + ", block (" +
+                std::to_string(L.block_idx.x) + "," + std::to_string(L.block_idx.y) + "," +
+                std::to_string(L.block_idx.z) + ")]";
   }
 }
 
@@ -675,6 +718,59 @@ inline void wake(const void* key) {
       g.wait_key = nullptr;
       make_ready(g.linear);
     }
+}
+
+// Requeue the calling thread and give control to the scheduler: after an arrival (mbarrier or named barrier),
+// the threads it released may run before the caller's next instruction, as on a GPU.
+inline void reschedule() {
+  Fiber& f = cur();
+  f.state = State::Ready;
+  g_launch->ready.push_back(f.linear);
+  yield_to_scheduler();
+}
+
+// bar.sync id, count (wait = true) / bar.arrive id, count: see the file comment. The caller is requeued after
+// an arrive too, so the order in which threads continue is the scheduler's.
+inline void named_barrier(int id, int count, bool wait, const char* file, int line) {
+  Launch& L = *g_launch;
+  Fiber& f = cur();
+  const std::string what = std::string(wait ? "bar.sync " : "bar.arrive ") + std::to_string(id) + ", " +
+                           std::to_string(count);
+  if (id < 1 || id >= kNamedBarriers)
+    fail(what + " at " + file + ":" + std::to_string(line) + ": named barrier ids are 1..15 (0 is __syncthreads')");
+  if (count < 32 || count % 32 || count > L.nthreads)
+    fail(what + " at " + file + ":" + std::to_string(line) + ": the thread count must be a multiple of 32 and at "
+         "most the block's " + std::to_string(L.nthreads) + " threads");
+  NamedBarrier& b = L.named[id];
+  if (b.arrived == 0) {
+    b.count = count;
+    b.site = file;
+    b.line = line;
+  } else if (b.count != count) {
+    fail(what + " at " + file + ":" + std::to_string(line) + ": the phase was opened with a count of " +
+         std::to_string(b.count) + " (at " + b.site + ":" + std::to_string(b.line) + "); every arrival of a phase "
+         "gives the same count");
+  }
+  ++b.warp_arrived[f.warp];
+  if (++b.arrived == b.count) {
+    for (size_t w = 0; w < L.warps.size(); ++w) {
+      const int lanes = __builtin_popcount(L.warps[w].exists);
+      if (b.warp_arrived[w] % lanes)
+        fail(what + " at " + file + ":" + std::to_string(line) + ": the phase completed with " +
+             std::to_string(b.warp_arrived[w]) + " arrivals from warp " + std::to_string(w) + " (bar.sync / "
+             "bar.arrive are .aligned: every thread of a warp executes them, the warp counts as " +
+             std::to_string(lanes) + ")");
+      b.warp_arrived[w] = 0;
+    }
+    b.arrived = 0;
+    ++b.phase;
+    wake(&b);
+  } else if (wait) {
+    const uint64_t phase = b.phase;
+    while (b.phase == phase) block_on(&b, what, file, line);
+    return;
+  }
+  reschedule();
 }
 
 }  // namespace tf::emu

@@ -11,7 +11,9 @@
 //     completes when both pending arrivals and tx-count are 0: the phase flips, pending arrivals reset.
 //     try_wait.parity(P) succeeds once the phase with parity P has completed, i.e. while the current phase's
 //     parity differs from P (so parity 1 succeeds at once on a fresh barrier). A waiting thread is suspended
-//     until the phase completes; if it never does, the launch fails with the deadlock report.
+//     until the phase completes; if it never does, the launch fails with the deadlock report. An arrival is a
+//     scheduling point: the threads it releases may run before the arriving thread's next instruction (so a
+//     stage released before the wgmma reading it retired is refilled while the read is in flight: an error).
 //   * A TMA load is recorded on its mbarrier and lands (copy, zero fill, complete_tx of the full box bytes)
 //     when a thread waits on that barrier: shared memory read before the wait shows the 0xFF poison.
 //   * A TMA store lands at the cp.async.bulk.wait_group that retires its bulk group (never without one).
@@ -287,6 +289,7 @@ inline void mbarrier_arrive(void* bar, int count) {
          " of " + std::to_string(m.expected) + " pending in the current phase (tx-count " + std::to_string(m.tx) + ")");
   m.pending -= count;
   mbar_complete_if_done(bar, m);
+  reschedule();   // a released waiter (the producer refilling a stage) may run before the arriver's next step
 }
 
 inline void mbarrier_expect_tx(void* bar, uint32_t bytes) { mbar(bar, "mbarrier.expect_tx").tx += bytes; }

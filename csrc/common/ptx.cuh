@@ -377,4 +377,29 @@ TF_DEVICE void cp_async_wait() {
 
 TF_DEVICE void cp_async_wait_all() { cp_async_wait<0>(); }
 
+// ---------------------------------------------------------------------------------------------
+// Named barriers (PTX "bar / barrier"): barrier `id` in 1..15 (0 is __syncthreads') counting `count` threads, a
+// multiple of 32. A phase completes when `count` threads have arrived through either instruction; bar.sync waits
+// for that (and orders the memory accesses of the participants), bar.arrive only counts. Every thread of a warp
+// executes them (.aligned), so a warp counts 32.
+// ---------------------------------------------------------------------------------------------
+
+#ifdef TILEFORMER_EMULATE
+TF_DEVICE void named_barrier_sync(int id, int count, const char* file = __builtin_FILE(),
+                                  int line = __builtin_LINE()) {
+  emu::named_barrier(id, count, true, file, line);
+}
+TF_DEVICE void named_barrier_arrive(int id, int count, const char* file = __builtin_FILE(),
+                                    int line = __builtin_LINE()) {
+  emu::named_barrier(id, count, false, file, line);
+}
+#else
+TF_DEVICE void named_barrier_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+TF_DEVICE void named_barrier_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+#endif
+
 }  // namespace tf::ptx

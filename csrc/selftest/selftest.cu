@@ -21,6 +21,10 @@ void warp_ops(const int* x, int* out, int n, int width, cudaStream_t stream) {
   launch(warp_ops_kernel, dim3(1), dim3(n), 0, stream, x, out, width);
 }
 
+void named_barrier(const int* x, int* out, int iters, int mode, cudaStream_t stream) {
+  launch(named_barrier_kernel, dim3(1), dim3(256), 0, stream, x, out, iters, mode);
+}
+
 #ifdef TILEFORMER_EMULATE
 void neighbour(float* out, int blocks, int threads, bool with_barrier, float base) {
   launch(neighbour_kernel, dim3(blocks), dim3(threads), 0, nullptr, out, int(with_barrier), base);

@@ -103,6 +103,33 @@ __global__ void warp_ops_kernel(const int* __restrict__ x, int* __restrict__ out
   o[9] = __syncthreads_count(v > 0);
 }
 
+// Two warpgroups (256 threads) take turns through named barriers, as the consumers of the sm_90a attention forward
+// do: barrier 1 + w is warpgroup w's turn, completed by its 128 bar.sync threads and the other warpgroup's 128
+// bar.arrive threads. Warpgroup 1 arrives on barrier 1 once before its loop (warpgroup 0 takes the first turn) and
+// after every turn but its last (warpgroup 0 has none left), so every arrival is consumed by a bar.sync. In its
+// turn `it`, thread 0 of warpgroup w appends 2 x[it] + w to out (a shared counter): out alternates
+// 2 x[0], 2 x[0] + 1, 2 x[1], ... exactly when the turns alternate.
+// mode (emulator-only bugs, they hang or race on a GPU): 1 warpgroup 1 skips the first arrive (both wait: deadlock);
+// 2 warpgroup 1 also arrives after its last turn (arrivals left pending at exit); 3 warpgroup 1 swaps the two ids.
+__global__ void __launch_bounds__(256) named_barrier_kernel(const int* __restrict__ x, int* __restrict__ out,
+                                                            int iters, int mode) {
+  __shared__ int count;
+  if (threadIdx.x == 0) count = 0;
+  __syncthreads();
+  const int w = threadIdx.x / 128;
+  const int mine = mode == 3 && w == 1 ? 2 - w : 1 + w, other = mode == 3 && w == 1 ? 1 + w : 2 - w;
+  if (w == 1 && iters > 0 && mode != 1) ptx::named_barrier_arrive(1, 256);
+  for (int it = 0; it < iters; ++it) {
+    ptx::named_barrier_sync(mine, 256);
+    if (threadIdx.x % 128 == 0) {
+      const int k = count;
+      out[k] = 2 * x[it] + w;
+      count = k + 1;
+    }
+    if (w == 0 || it < iters - 1 || mode == 2) ptx::named_barrier_arrive(other, 256);
+  }
+}
+
 #ifdef TILEFORMER_EMULATE
 // Emulator-only kernels with deliberate bugs (they would hang or race on a GPU).
 

@@ -10,6 +10,8 @@ void mma_tile(DType dtype, const void* A, const void* B, const float* C, float* 
               int variant, bool skip_wait, cudaStream_t stream);
 // out[n * 10] from x[n] (n threads, one block); see warp_ops_kernel.
 void warp_ops(const int* x, int* out, int n, int width, cudaStream_t stream);
+// out[2 * iters] from x[iters]: two warpgroups alternating turns through named barriers; see named_barrier_kernel.
+void named_barrier(const int* x, int* out, int iters, int mode, cudaStream_t stream);
 
 #ifdef TILEFORMER_EMULATE
 void neighbour(float* out, int blocks, int threads, bool with_barrier, float base);

@@ -49,6 +49,22 @@ inline at::Tensor warp_ops(const at::Tensor& x, int64_t width) {
   return out;
 }
 
+// x: int32 [iters >= 1]. Returns int32 [2 * iters]. Modes 1..3 (deliberate bugs) only in the emulator.
+inline at::Tensor named_barrier(const at::Tensor& x, int64_t mode) {
+  check_device(x, "x");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kInt, "x must be int32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 1 && x.size(0) >= 1 && x.size(0) <= 4096, "x must be 1-D with 1..4096 elements, got ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(mode >= 0 && mode <= 3, "mode must be 0, 1, 2 or 3, got ", mode);
+  TORCH_CHECK_VALUE(mode == 0 || kDeviceType == c10::DeviceType::CPU, "modes 1 to 3 hang or race a GPU: emulator-only");
+  check_contiguous(x, "x");
+  DeviceGuard guard(x);
+  at::Tensor out = at::empty({2 * x.size(0)}, x.options());
+  out.fill_(-1);
+  tf::selftest::named_barrier(x.data_ptr<int>(), out.data_ptr<int>(), int(x.size(0)), int(mode), stream_for(x));
+  return out;
+}
+
 #ifdef TILEFORMER_EMULATE
 inline at::Tensor neighbour(int64_t blocks, int64_t threads, bool with_barrier, double base) {
   TORCH_CHECK_VALUE(blocks >= 1 && threads >= 1 && threads <= 1024, "blocks >= 1 and threads in 1..1024");
@@ -83,6 +99,7 @@ inline at::Tensor bounds(const at::Tensor& x, int64_t offset, int64_t mode) {
 inline void define(torch::Library& m) {
   m.def("selftest_mma(Tensor a, Tensor b, Tensor c, bool a_trans, bool b_trans, int variant, bool skip_wait) -> Tensor");
   m.def("selftest_warp_ops(Tensor x, int width) -> Tensor");
+  m.def("selftest_named_barrier(Tensor x, int mode) -> Tensor");
 #ifdef TILEFORMER_EMULATE
   // Tensor-less test ops: one catch-all kernel each.
   m.def("selftest_neighbour(int blocks, int threads, bool with_barrier, float base) -> Tensor", &neighbour);
@@ -97,6 +114,7 @@ inline void define(torch::Library& m) {
 inline void impl(torch::Library& m) {
   m.impl("selftest_mma", &mma);
   m.impl("selftest_warp_ops", &warp_ops);
+  m.impl("selftest_named_barrier", &named_barrier);
 #ifdef TILEFORMER_EMULATE
   m.impl("selftest_bounds", &bounds);
 #endif
