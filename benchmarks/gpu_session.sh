@@ -157,7 +157,7 @@ run_for 90 selftest_hopper "${PYTEST[@]}" -k gpu tests/test_emulator_hopper.py \
   --junitxml="$LOGS/selftest_hopper.xml" > "$LOGS/selftest_hopper.log" 2>&1
 tail -n 15 "$LOGS/selftest_hopper.log"
 run_for 60 profile_cuda $PY -m benchmarks.profile_kernels --out "$BENCH" --append --d 128,64 \
-  --providers cuda,cuda-fwd-w4 --deadline $(( $(date +%s) + 45 )) "${DRYARG[@]}"
+  --providers cuda,cuda-fwd-sm80,cuda-bwd-sm80 --deadline $(( $(date +%s) + 45 )) "${DRYARG[@]}"
 
 # ---- c. timing sweep -------------------------------------------------------------------------------------
 say "c. timing, quick sweep (every backend and variant but the fp32 reference; the peers that import)"
@@ -180,6 +180,7 @@ say "d. CUDA-backend GPU tests (+ the emulator self-tests' GPU halves: fragment 
 run_for $(( $(left) - 60 )) tests_cuda "${PYTEST[@]}" \
   -k "(cuda and not test_triton_cuda_graph_capture) or (test_emulator and gpu)" \
   tests/test_emulator.py tests/test_cuda_attention.py tests/test_cuda_decode.py tests/test_cuda_norms.py \
+  tests/test_cuda_attention_sm90.py tests/test_cuda_attention_bwd_sm90.py \
   tests/test_attention.py tests/test_norms.py tests/test_decode.py \
   --junitxml="$LOGS/tests_cuda.xml" > "$LOGS/tests_cuda.log" 2>&1
 tail -n 30 "$LOGS/tests_cuda.log"
