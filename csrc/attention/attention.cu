@@ -96,7 +96,17 @@ FwdMode kernel_mode(const char* var) {
   throw std::invalid_argument(std::string(var) + " must be \"auto\", \"sm80\" or \"sm90\", got \"" + v + "\"");
 }
 
-FwdMode fwd_mode() { return kernel_mode("TILEFORMER_CUDA_ATTN_FWD"); }
+// The kernel a call runs under `var` when sm90 does or does not serve it (served: its reason is empty).
+const char* pick_kernel(const char* var, bool served) {
+  const FwdMode mode = kernel_mode(var);
+  if (mode == FwdMode::sm80 || !served) return "sm80";
+  if (mode == FwdMode::sm90) return "sm90";
+#ifdef TILEFORMER_EMULATE
+  return "sm80";
+#else
+  return g_sm90_verified.load() == 1 ? "sm90" : "sm80";
+#endif
+}
 
 template <typename T>
 void fwd_sm90_typed(const Params& p, cudaStream_t s, int d) {
@@ -145,15 +155,8 @@ int attn_fwd_sm90_verified(int state) {
 }
 
 const char* attn_fwd_kernel(const Params& p) {
-  const FwdMode mode = fwd_mode();
-  if (mode == FwdMode::sm80 || !attn_fwd_sm90_reason(p.head_dim, p.varlen, p.max_k, bool(p.rng_state)).empty())
-    return "sm80";
-  if (mode == FwdMode::sm90) return "sm90";
-#ifdef TILEFORMER_EMULATE
-  return "sm80";
-#else
-  return g_sm90_verified.load() == 1 ? "sm90" : "sm80";
-#endif
+  return pick_kernel("TILEFORMER_CUDA_ATTN_FWD",
+                     attn_fwd_sm90_reason(p.head_dim, p.varlen, p.max_k, bool(p.rng_state)).empty());
 }
 
 std::string attn_bwd_sm90_reason(int head_dim, bool varlen, int64_t max_k, bool dropout, bool deterministic,
@@ -171,16 +174,8 @@ std::string attn_bwd_sm90_reason(int head_dim, bool varlen, int64_t max_k, bool 
 }
 
 const char* attn_bwd_kernel(const Params& p) {
-  const FwdMode mode = kernel_mode("TILEFORMER_CUDA_ATTN_BWD");
-  if (mode == FwdMode::sm80 || !attn_bwd_sm90_reason(p.head_dim, p.varlen, p.max_k, bool(p.rng_state), !p.dq_accum,
-                                                     p.local_delta).empty())
-    return "sm80";
-  if (mode == FwdMode::sm90) return "sm90";
-#ifdef TILEFORMER_EMULATE
-  return "sm80";
-#else
-  return g_sm90_verified.load() == 1 ? "sm90" : "sm80";
-#endif
+  return pick_kernel("TILEFORMER_CUDA_ATTN_BWD", attn_bwd_sm90_reason(p.head_dim, p.varlen, p.max_k, bool(p.rng_state),
+                                                                      !p.dq_accum, p.local_delta).empty());
 }
 
 void attn_fwd(const Params& p, cudaStream_t s) {

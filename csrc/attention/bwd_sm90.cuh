@@ -23,8 +23,8 @@
 //     Matrix products per tile pair: 5 (S^T, dP^T, dV, dK, dQ). Each dQ element receives one atomic add per
 //     warpgroup (two per key block, the sm_80 kernel one).
 //   Varlen: rows of a tile past the sequence are the neighbouring sequence's tokens; the consumers zero them in
-//   shared memory (K and V once per block, Q and dO on the tiles that cross the sequence end; as zero_v_tail in
-//   the forward), so a neighbour's inf or NaN never reaches a product.
+//   shared memory (K and V once per block, Q and dO on the tiles that cross the sequence end; zero_tile_rows,
+//   as the forward's V), so a neighbour's inf or NaN never reaches a product.
 // Epilogue: dK (times the softmax scale) and dV written from registers with 4-byte stores of rows < seqlen_k,
 // columns < head_dim.
 // Shared memory (dynamic, from a 1024-byte boundary), every tile 128-byte swizzled as [D / 64][rows][64]: K, V
@@ -50,23 +50,6 @@ struct Sm90BwdTiles {
 template <int D, int BM, int BN, int S>
 constexpr size_t bwd_sm90_smem_bytes() {
   return 1024 + (size_t(2 * BN + 2 * S * BM) * D + 4 * 64 * BM) * 2;   // slack + K, V + S x (Q, dO) + 2 x (dS^T, P^T)
-}
-
-// Rows [valid, ROWS) of a [D / 64][ROWS][64] tile (128-byte rows) set to 0 by the block's 256 threads, ordered
-// before the wgmmas' reads (fence.proxy.async), then every thread meets on `done` (256 arrivals; the caller
-// counts its phases).
-template <int D, int ROWS>
-TF_DEVICE void zero_tile_rows(void* tile, int valid, uint64_t* done, uint32_t phase) {
-  constexpr int C = D / kSm90Chunk;
-  const int per_chunk = (ROWS - valid) * 8;   // 16-byte pieces of the rows to zero in one 64-column chunk
-  unsigned char* base = static_cast<unsigned char*>(tile);
-  for (int e = int(threadIdx.x); e < C * per_chunk; e += 256) {
-    const int c = e / per_chunk, r = valid + (e % per_chunk) / 8, piece = e % 8;
-    *reinterpret_cast<uint4*>(base + (c * ROWS + r) * 128 + piece * 16) = uint4{0u, 0u, 0u, 0u};
-  }
-  ptx::fence_proxy_async_shared();
-  ptx::mbarrier_arrive(done);
-  ptx::mbarrier_wait(done, phase & 1u);
 }
 
 // v, opaque to the compiler: descriptors derived from it are recomputed at each use instead of being hoisted out
@@ -146,8 +129,8 @@ TF_DEVICE void bwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
   uint32_t zphase = 0;   // phases of `zeroed` completed (uniform over the consumers)
   ptx::mbarrier_wait(bar_kv, 0);
   if (p.varlen && key_tail && si.k_start + si.seqlen_k < p.total_k) {   // tokens after the sequence's keys
-    zero_tile_rows<D, BN>(sK, si.seqlen_k - n0, zeroed, zphase++);
-    zero_tile_rows<D, BN>(sV, si.seqlen_k - n0, zeroed, zphase++);
+    zero_tile_rows<D, BN>(sK, si.seqlen_k - n0, int(threadIdx.x), zeroed, zphase++);
+    zero_tile_rows<D, BN>(sV, si.seqlen_k - n0, int(threadIdx.x), zeroed, zphase++);
   }
 
   const int64_t dq_row_stride = int64_t(p.hq) * p.head_dim;
@@ -166,8 +149,8 @@ TF_DEVICE void bwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
     T* sdOs = sdO + s * BM * D;
     const bool q_tail = m0 + BM > si.rows_q;
     if (p.varlen && q_tail && si.q_start + si.rows_q < p.total_q) {   // tokens after the sequence's queries
-      zero_tile_rows<D, BM>(sQs, si.rows_q - m0, zeroed, zphase++);
-      zero_tile_rows<D, BM>(sdOs, si.rows_q - m0, zeroed, zphase++);
+      zero_tile_rows<D, BM>(sQs, si.rows_q - m0, int(threadIdx.x), zeroed, zphase++);
+      zero_tile_rows<D, BM>(sdOs, si.rows_q - m0, int(threadIdx.x), zeroed, zphase++);
     }
     const uint32_t q_addr = opaque(ptx::smem_addr(sQs)), do_addr = opaque(ptx::smem_addr(sdOs));
     const uint32_t ka = opaque(k_addr), va = opaque(v_addr);

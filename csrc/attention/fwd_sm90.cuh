@@ -23,7 +23,7 @@
 //     tensor cores work on the other's products.
 //   Varlen: the rows of a tile past the sequence are the next sequence's tokens. Query rows there only make
 //   rows that are never stored; key rows get -inf scores (the band ends at the sequence end); V rows there are
-//   zeroed in shared memory before P V (zero_v_tail: 0 * inf or NaN would be NaN).
+//   zeroed in shared memory before P V (zero_tile_rows: 0 * inf or NaN would be NaN).
 //   Epilogue: O normalised once, staged (128-byte swizzled, as Q) in the warpgroup's own rows of the Q tile and
 //   written with 16-byte stores of the rows < rows_q; lse per row.
 // Shared memory (dynamic, from a 1024-byte boundary), every tile 128-byte swizzled as [D / 64][rows][64]
@@ -68,23 +68,24 @@ TF_DEVICE uint32_t sw128_offset(int rows, int row, int col) {
   return swizzle_addr(off, Swizzle::b128);
 }
 
-// Varlen: rows [valid, BN) of the V tile of one stage ([D / 64][BN][64], 128-byte rows) hold the tokens after
-// the key sequence (TMA zero-fills only past the tensor's end). Their P is 0, but 0 * inf or NaN is NaN in P V,
-// so the 256 consumer threads zero them (as the sm_80 kernel's cp.async zero fill), order the writes before the
-// wgmmas' reads (fence.proxy.async) and meet on the mbarrier `done` (256 arrivals, one phase: only the last key
-// tile of a block crosses the sequence end). Whole 128-byte rows: the swizzle moves 16-byte chunks within a row.
-template <int D, int BN>
-TF_DEVICE void zero_v_tail(void* tile, int valid, uint64_t* done) {
+// Rows [valid, ROWS) of a [D / 64][ROWS][64] tile (128-byte rows) set to 0 by 256 threads (thread = 0 .. 255 among
+// them), the writes ordered before the wgmmas' reads (fence.proxy.async), then the 256 meet on the mbarrier `done`
+// (256 arrivals; `phase`: how many phases of `done` completed before). Whole 128-byte rows: the swizzle moves
+// 16-byte chunks within a row. Varlen: rows of a tile past its sequence hold the next tokens (TMA zero-fills only
+// past the tensor's end); their probabilities are 0, but 0 * inf or NaN is NaN in a product, so the kernels zero
+// them (as the sm_80 kernels' cp.async zero fill).
+template <int D, int ROWS>
+TF_DEVICE void zero_tile_rows(void* tile, int valid, int thread, uint64_t* done, uint32_t phase) {
   constexpr int C = D / kSm90Chunk;
-  const int per_chunk = (BN - valid) * 8;   // 16-byte pieces of the rows to zero in one 64-column chunk
+  const int per_chunk = (ROWS - valid) * 8;   // 16-byte pieces of the rows to zero in one 64-column chunk
   unsigned char* base = static_cast<unsigned char*>(tile);
-  for (int e = int(threadIdx.x) - 128; e < C * per_chunk; e += 256) {
+  for (int e = thread; e < C * per_chunk; e += 256) {
     const int c = e / per_chunk, r = valid + (e % per_chunk) / 8, piece = e % 8;
-    *reinterpret_cast<uint4*>(base + (c * BN + r) * 128 + piece * 16) = uint4{0u, 0u, 0u, 0u};
+    *reinterpret_cast<uint4*>(base + (c * ROWS + r) * 128 + piece * 16) = uint4{0u, 0u, 0u, 0u};
   }
   ptx::fence_proxy_async_shared();
   ptx::mbarrier_arrive(done);
-  ptx::mbarrier_wait(done, 0);
+  ptx::mbarrier_wait(done, phase & 1u);
 }
 
 // Scores of one key tile (log2 domain), masked where the tile crosses the band (or the sequence end), then the
@@ -234,7 +235,9 @@ TF_DEVICE void fwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
     ptx::mbarrier_wait(&full_v[s], uint32_t((it / S) & 1));
     // Only the last tile of a block can pass the sequence end (kr.hi <= seqlen_k).
     if (p.varlen && n0 + BN > si.seqlen_k && si.k_start + si.seqlen_k < p.total_k)
-      zero_v_tail<D, BN>(sV + s * BN * D, si.seqlen_k - n0, v_zeroed);
+      // V rows past the key sequence: the consumers (threads 128 .. 383) zero them; only the last key tile of a
+      // block crosses the sequence end, so `v_zeroed` completes one phase
+      zero_tile_rows<D, BN>(sV + s * BN * D, si.seqlen_k - n0, int(threadIdx.x) - 128, v_zeroed, 0);
     fence_fragments(pa);
     issue_pv<T, D, BN>(o, pa, alpha, ptx::smem_addr(sV + s * BN * D));
     ptx::wgmma_wait<0>();

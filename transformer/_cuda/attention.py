@@ -194,26 +194,16 @@ def _describe_bwd(call):
     deterministic = bool(call.get("deterministic", False))
     sm80 = "backward sm80 (mma.sync, " + ("two kernels, no atomics)" if deterministic else "dQ by atomics)")
     mode = bwd_mode()
-    if mode == "sm80":
-        return f"{sm80}: {BWD_ENV}=sm80"
-    try:
-        reason = ops(device).attn_bwd_sm90_reason(_round8(call["head_dim"]), call["varlen"], -1,
-                                                  call.get("dropout", 0.0) > 0, deterministic)
-    except (RuntimeError, AttributeError) as e:   # an extension built before the sm_90a backward existed
-        reason = f"this build has no sm_90a backward ({type(e).__name__}: {e})"
-    if reason:
-        return f"{sm80}: sm90 does not serve this call ({reason})"
-    keys = " (sm80 where a sequence has at most 16 keys)"
-    if mode == "sm90":
-        return f"backward sm90 (wgmma + TMA){keys}: {BWD_ENV}=sm90"
-    if device.type != "cuda":
-        return f"{sm80}: the emulator runs sm90 only with {BWD_ENV}=sm90"
-    state = ops(device).attn_fwd_sm90_verified(-1)
-    if state == 1:
-        return f"backward sm90 (wgmma + TMA){keys}: the sm_90a self-tests passed on this GPU"
-    if state == 0:
-        return f"{sm80}: the sm_90a self-tests failed on this GPU"
-    return "backward sm90 (wgmma + TMA) once the sm_90a self-tests pass at the first forward, else sm80"
+    reason = ""
+    if mode != "sm80":
+        try:
+            reason = ops(device).attn_bwd_sm90_reason(_round8(call["head_dim"]), call["varlen"], -1,
+                                                      call.get("dropout", 0.0) > 0, deterministic)
+        except (RuntimeError, AttributeError) as e:   # an extension built before the sm_90a backward existed
+            reason = f"this build has no sm_90a backward ({type(e).__name__}: {e})"
+    return _describe_choice(device, BWD_ENV, mode, reason, sm80,
+                            "backward sm90 (wgmma + TMA) (sm80 where a sequence has at most 16 keys)",
+                            "at the first forward")
 
 
 def _describe_fwd(call):
@@ -221,23 +211,28 @@ def _describe_fwd(call):
     dropout = call.get("dropout", 0.0) > 0
     # dropout runs the w8 tiles whatever TILEFORMER_CUDA_ATTN_FWD_TILES says (csrc/attention/launch.cuh)
     tiles = "w8" if dropout else os.environ.get("TILEFORMER_CUDA_ATTN_FWD_TILES", "") or "w8"
-    sm80 = f"forward sm80 (mma.sync, {tiles} tiles)"
     mode = fwd_mode()
+    reason = _sm90_reason(device, call["head_dim"], call["varlen"], dropout=dropout) if mode != "sm80" else ""
+    return _describe_choice(device, FWD_ENV, mode, reason, f"forward sm80 (mma.sync, {tiles} tiles)",
+                            "forward sm90 (wgmma + TMA)", "at the first call")
+
+
+def _describe_choice(device, env, mode, reason, sm80, sm90, first):
+    """The kernel `env` (mode) picks and why, given sm90's reason for not serving the call ("" if it does)."""
     if mode == "sm80":
-        return f"{sm80}: {FWD_ENV}=sm80"
-    reason = _sm90_reason(device, call["head_dim"], call["varlen"], dropout=dropout)
+        return f"{sm80}: {env}=sm80"
     if reason:
         return f"{sm80}: sm90 does not serve this call ({reason})"
     if mode == "sm90":
-        return f"forward sm90 (wgmma + TMA): {FWD_ENV}=sm90"
+        return f"{sm90}: {env}=sm90"
     if device.type != "cuda":
-        return f"{sm80}: the emulator runs sm90 only with {FWD_ENV}=sm90"
+        return f"{sm80}: the emulator runs sm90 only with {env}=sm90"
     state = ops(device).attn_fwd_sm90_verified(-1)
     if state == 1:
-        return "forward sm90 (wgmma + TMA): the sm_90a self-tests passed on this GPU"
+        return f"{sm90}: the sm_90a self-tests passed on this GPU"
     if state == 0:
         return f"{sm80}: the sm_90a self-tests failed on this GPU"
-    return "forward sm90 (wgmma + TMA) once the sm_90a self-tests pass at the first call, else sm80"
+    return f"{sm90} once the sm_90a self-tests pass {first}, else sm80"
 
 
 # ---------------------------------------------------------------------------------------------
