@@ -19,7 +19,7 @@
 //         through MN-major descriptors;
 //       dQ_c = dS_c K_c (this warpgroup's 64 keys): dS^T stored in the warpgroup's own [64 keys][64 queries]
 //         tile, read back as the MN-major A operand, K as the MN-major B operand, 64 columns at a time
-//         (wgmma m64n64k16), each added into dq_accum with fp32 atomicAdd.
+//         (wgmma m64n64k16), each pair of columns added into dq_accum with one 8-byte fp32 reduction.
 //     Matrix products per tile pair: 5 (S^T, dP^T, dV, dK, dQ). Each dQ element receives one atomic add per
 //     warpgroup (two per key block, the sm_80 kernel one).
 //   Varlen: rows of a tile past the sequence are the neighbouring sequence's tokens; the consumers zero them in
@@ -257,12 +257,10 @@ TF_DEVICE void bwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
         if (row >= si.rows_q) continue;
         const gptr<float> dst = p.dq_accum + dq_base + int64_t(si.q_start + row) * dq_row_stride + c * kSm90Chunk;
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * j + 2 * t + e;
-            if (c * kSm90Chunk + col < p.head_dim) atomicAdd(dst + col, dq[4 * j + 2 * hf + e]);
-          }
+        for (int j = 0; j < 8; ++j) {   // head_dim is a multiple of 8: both columns of a pair exist, or neither
+          const int col = 8 * j + 2 * t;
+          if (c * kSm90Chunk + col < p.head_dim) ptx::red_add_v2(dst + col, dq[4 * j + 2 * hf], dq[4 * j + 2 * hf + 1]);
+        }
       }
     }
     ptx::mbarrier_arrive(&empty[s]);   // this thread's wgmmas reading stage s have retired

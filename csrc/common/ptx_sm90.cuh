@@ -527,6 +527,19 @@ TF_DEVICE void bulk_wait() {
 #endif
 }
 
+// p[0] += a, p[1] += b in global memory as one 8-byte fp32 reduction (red.global.add.v2.f32, relaxed, gpu
+// scope; sm_90): half the reductions of two atomicAdd. p is 8-byte aligned. The emulator adds the two in turn.
+TF_DEVICE void red_add_v2(gptr<float> p, float a, float b) {
+#ifdef TILEFORMER_EMULATE
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#elif defined(TF_SM90)
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+  __trap();
+#endif
+}
+
 // Orders this thread's generic-proxy shared-memory accesses with later async-proxy ones (TMA store, wgmma
 // reading what threads wrote). A no-op in the emulator, whose async operations read shared memory when they run.
 TF_DEVICE void fence_proxy_async_shared() {
