@@ -356,3 +356,18 @@ def test_gpu_ops_refuse_a_non_hopper_device():
     ops = _cuda.ops(torch.device("cuda"))
     with pytest.raises(RuntimeError, match="compute capability 9.0"):
         ops.selftest_mbarrier(torch.zeros(1, 128, device="cuda"), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# red.global.add.v2.f32 (ptx::red_add_v2, the sm_90a backward's dQ reductions)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", WHERE)
+@pytest.mark.parametrize("n,pairs", [(1, 1), (300, 7), (5000, 64)])
+def test_red_add_v2_sums_pairs(where, n, pairs):
+    """Many threads of many blocks reduce pairs into the same 8 bytes: each element receives exactly its sum
+    (small integers: exact in fp32 in any order), and the two halves of a pair stay apart."""
+    ops, dev = _ops(where)
+    x = torch.randint(-50, 50, (n, 2), generator=torch.Generator().manual_seed(n)).float()
+    want = torch.zeros(pairs, 2).index_add_(0, torch.arange(n) % pairs, x)
+    assert torch.equal(ops.selftest_red_v2(x.to(dev), pairs).cpu(), want)

@@ -129,4 +129,10 @@ void mbarrier_pingpong(const float* x, float* out, int iters, int mode, cudaStre
   launch(mbarrier_pingpong_kernel, dim3(1), dim3(256), 0, stream, MbarrierTestParams{x, out, iters, mode});
 }
 
+void red_add_v2(const float* x, float* out, int n, int pairs, cudaStream_t stream) {
+  require_sm90a(red_v2_kernel, "selftest_red_v2");
+  launch(red_v2_kernel, dim3(static_cast<unsigned>((n + 255) / 256)), dim3(256), 0, stream, gptr<const float>(x),
+         gptr<float>(out), n, pairs);
+}
+
 }  // namespace tf::selftest

@@ -261,4 +261,15 @@ __global__ void __launch_bounds__(256, 1) mbarrier_pingpong_kernel(MbarrierTestP
 #endif
 }
 
+// red_add_v2 (the sm_90a backward's dQ reductions): thread i of the grid adds the pair x[2i], x[2i + 1] into
+// out[2 (i % pairs)], out[2 (i % pairs) + 1] (out zeroed; many threads and blocks reduce into each pair).
+__global__ void __launch_bounds__(256) red_v2_kernel(gptr<const float> x, gptr<float> out, int n, int pairs) {
+#ifdef TF_HOPPER_BODY
+  const int i = int(blockIdx.x) * 256 + int(threadIdx.x);
+  if (i < n) ptx::red_add_v2(out + 2 * (i % pairs), x[2 * i], x[2 * i + 1]);
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
 }  // namespace tf::selftest

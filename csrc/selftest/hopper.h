@@ -29,4 +29,8 @@ void tma_load_4d(const void* src, const int64_t* sizes, const int64_t* strides, 
 // out[128] from x[iters][128] through the producer / consumer mbarrier ring; see mbarrier_pingpong_kernel.
 void mbarrier_pingpong(const float* x, float* out, int iters, int mode, cudaStream_t stream);
 
+// out[2 pairs] (zeroed here) += the n pairs of x[2 n], pair i into pair i % pairs, by ptx::red_add_v2; see
+// red_v2_kernel.
+void red_add_v2(const float* x, float* out, int n, int pairs, cudaStream_t stream);
+
 }  // namespace tf::selftest

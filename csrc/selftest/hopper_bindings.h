@@ -1,6 +1,6 @@
 // Torch bindings of the sm_90a self-test ops (tests/test_emulator_hopper.py): torch.ops.<ns>.selftest_wgmma,
-// selftest_tma_copy, selftest_tma_load_4d, selftest_mbarrier. On the GPU they run only on a compute capability 9.0
-// device.
+// selftest_tma_copy, selftest_tma_load_4d, selftest_mbarrier, selftest_red_v2. On the GPU they run only on a
+// compute capability 9.0 device.
 #pragma once
 
 #include "common/bindings.h"
@@ -126,6 +126,21 @@ inline at::Tensor mbarrier(const at::Tensor& x, int64_t mode) {
   return out;
 }
 
+// x: [n, 2] fp32 -> [pairs, 2]: the sum of the rows i with i % pairs equal, by 8-byte reductions (red_add_v2).
+inline at::Tensor red_v2(const at::Tensor& x, int64_t pairs) {
+  check_device(x, "x");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == 2 && x.size(0) >= 1 && x.size(0) <= (1 << 24),
+                    "x must be [n, 2] with 1 <= n <= 2^24, got ", x.sizes());
+  TORCH_CHECK_VALUE(pairs >= 1 && pairs <= x.size(0), "pairs must be in 1..n, got ", pairs);
+  check_contiguous(x, "x");
+  DeviceGuard guard(x);
+  at::Tensor out = at::zeros({pairs, 2}, x.options());
+  const KernelMemory memory({{"x", &x}, {"out", &out}});
+  tf::selftest::red_add_v2(x.data_ptr<float>(), out.data_ptr<float>(), int(x.size(0)), int(pairs), stream_for(x));
+  return out;
+}
+
 inline void define(torch::Library& m) {
   m.def("selftest_wgmma(Tensor a, Tensor b, Tensor? c, int n, int swizzle, bool a_regs, bool b_mn_major, "
         "int mutate, bool a_mn_major=False) -> Tensor");
@@ -134,6 +149,7 @@ inline void define(torch::Library& m) {
   m.def("selftest_tma_load_4d(Tensor x, int x0, int y0, int h0, int b0, int box_rows, int box_cols, int swizzle) "
         "-> Tensor");
   m.def("selftest_mbarrier(Tensor x, int mode) -> Tensor");
+  m.def("selftest_red_v2(Tensor x, int pairs) -> Tensor");
 }
 
 inline void impl(torch::Library& m) {
@@ -141,6 +157,7 @@ inline void impl(torch::Library& m) {
   m.impl("selftest_tma_copy", &tma_copy);
   m.impl("selftest_tma_load_4d", &tma_load_4d);
   m.impl("selftest_mbarrier", &mbarrier);
+  m.impl("selftest_red_v2", &red_v2);
 }
 
 }  // namespace tf::hopper_bindings
