@@ -312,7 +312,7 @@ TF_DEVICE void dq_atomic_tile(const Params& p, const SeqInfo& si, int b, int h, 
     for (int jj = 0; jj < NCH; ++jj)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[jj][0][i] = acc[jj][1][i] = 0.f;
-#pragma unroll
+#pragma unroll 1
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t a[4];
       ldm_a_trans<SS>(a, sdS, 16 * r, 16 * kk, lane);

@@ -39,10 +39,11 @@ struct FwdTiles {
 // 32 above (shared memory: 124 KB at D = 128, 146 KB at D = 256); above D = 128 each block accumulates a
 // D/2-wide column slice (kDkdvC). The dQ kernel accumulates a D-wide fp32 tile per warp, so it takes 32-key
 // tiles above D = 64 and 16-key tiles above D = 128 to stay spill-free.
-template <int D>
+template <int D, bool DROPOUT = false>
 struct Config {
   static constexpr int kWarps = 4;
-  static constexpr int kDkdvM = D <= 128 ? 64 : 32, kDkdvN = 64;   // dK/dV: query tile, key tile (32 per pair)
+  static constexpr int kDkdvM = D <= 64 || (D <= 128 && !DROPOUT) ? 64 : 32;   // dK/dV: query tile
+  static constexpr int kDkdvN = 64;                                            // dK/dV: key tile (32 per pair)
   static constexpr int kDkdvC = D <= 128 ? D : D / 2;              // dK/dV: columns accumulated per block
   static constexpr int kDqM = 64, kDqN = D <= 64 ? 64 : D <= 128 ? 32 : 16;   // dQ: query tile (16 per warp), key tile
 };
@@ -75,7 +76,7 @@ void run_attn_fwd(const Params& p, cudaStream_t stream) {
 // The backward's launches; DROPOUT: the dropout instantiations of the dK/dV, dK/dV + dQ and dQ kernels.
 template <typename T, int D, bool DROPOUT>
 void run_attn_bwd_kernels(const Params& p, cudaStream_t stream) {
-  using C = Config<D>;
+  using C = Config<D, DROPOUT>;
   static_assert(kLocalDeltaKeys <= 16, "the first 16-key m-tile of the dK/dV tile");
   // max_q = 0 computes no query (dq rows unwritten, dk = dv = 0); max_k = 0 writes no dk / dv row.
   if (p.max_q > 0)
