@@ -245,25 +245,26 @@ TF_DEVICE void dkdv_accumulate(const T* sPw, const T* sdSw, const T* sQb, const 
   }
 }
 
-// load_tile for the per-item Q / dO tiles: with NT a multiple of the 16-byte chunks per row (CH), each thread
-// copies one chunk column ch of rows r0, r0 + NT / CH, ... through one source pointer advanced by a fixed row
-// step, so a thread keeps one 64-bit address per tile across the item loop rather than one per chunk.
+// load_tile for the per-item Q / dO tiles: thread tid copies chunk column ch = tid % CP (the 16-byte chunks per
+// row, CH = D / 8, padded to a power of two CP; threads with ch >= CH copy nothing) of rows r0 = tid / CP,
+// r0 + NT / CP, ... through one source pointer advanced by a fixed row step, so a thread keeps one 64-bit
+// address per tile across the item loop rather than one per chunk.
+constexpr int pow2_at_least(int x) { return x <= 1 ? 1 : 2 * pow2_at_least((x + 1) / 2); }
+
 template <int ROWS, int D, int NT, typename T>
 TF_DEVICE void load_rows(T* s, gptr<const T> g, int64_t stride, int rows_valid, int cols_valid, int tid) {
-  constexpr int CH = D / 8, RS = NT / CH;
-  if constexpr (NT % CH != 0 || ROWS % RS != 0) {
-    load_tile<ROWS, D, NT>(s, g, stride, rows_valid, cols_valid, tid);
-  } else {
-    const int r0 = tid / CH, ch = tid % CH;
-    const bool col_ok = ch * 8 < cols_valid;
-    gptr<const T> src = g + r0 * stride + ch * 8;
-    T* dst = s + r0 * (D + 8) + ch * 8;
+  constexpr int CH = D / 8, CP = pow2_at_least(CH), RS = NT / CP;
+  static_assert(NT % CP == 0 && ROWS % RS == 0, "whole passes of NT / CP rows");
+  const int r0 = tid / CP, ch = tid % CP;
+  if (CH != CP && ch >= CH) return;
+  const bool col_ok = ch * 8 < cols_valid;
+  gptr<const T> src = g + r0 * stride + ch * 8;
+  T* dst = s + r0 * (D + 8) + ch * 8;
 #pragma unroll
-    for (int i = 0; i < ROWS / RS; ++i) {
-      const bool ok = col_ok && r0 + i * RS < rows_valid;
-      ptx::cp_async_16_zfill(dst + i * RS * (D + 8), ok ? src : g, ok);
-      src += RS * stride;
-    }
+  for (int i = 0; i < ROWS / RS; ++i) {
+    const bool ok = col_ok && r0 + i * RS < rows_valid;
+    ptx::cp_async_16_zfill(dst + i * RS * (D + 8), ok ? src : g, ok);
+    src += RS * stride;
   }
 }
 
