@@ -13,19 +13,31 @@
 //   its last bits); dK, dV do not.
 //
 // * attn_bwd_preprocess_kernel: delta = rowsum(dO * O) - dlse (one warp per query row).
-// * p.local_delta (every sequence has at most kLocalDeltaKeys = 16 keys, one warp's keys of the dK/dV tile): the
+// * p.local_delta (every sequence has at most kLocalDeltaKeys = 16 keys, m-tile 0 of the dK/dV tile's warps): the
 //   preprocess writes -dlse and attn_bwd_dkdvdq_kernel<..., LOCAL = true> adds rowsum(P o dP) from its tile,
 //   with dS = P o (dP rowsum(P) - delta), the softmax gradient of P normalised by its own row sum. Equal to the
 //   form below in exact arithmetic; in fp32 it leaves no difference of two summation orders of dO . V in dS:
 //   with one key P = 1, and dS, dK, dQ are exactly 0, as they are in PyTorch. Such calls always take the atomic
 //   path, which is then deterministic too: one key block per sequence, so every dQ element receives exactly one
 //   atomic add (onto zero).
-// * attn_bwd_dkdv_kernel: one block = BN = 16 * NWARPS keys of one (batch, KV head); warp w owns keys
-//   16w..16w+15 and accumulates dK, dV in registers over every query tile (BM queries, double-buffered
-//   Q / dO tiles by cp.async) of every query head of its GQA group:
-//     S^T = K Q^T, P^T = exp2(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
-//     dK += dS^T Q  (P^T and dS^T go from accumulators to A fragments in registers).
-//   Column split (DC < D, used for D = 256): two D-wide fp32 accumulators do not fit in a thread's 255
+// * attn_bwd_dkdv_kernel: one block = BN = 16 * NWARPS keys of one (batch, KV head), over every query tile
+//   (BM queries, double-buffered Q / dO tiles by cp.async) of every query head of its GQA group. Warps work in
+//   pairs: warp w = 2 kp + hf owns the pair's keys 32 kp..32 kp + 31 (two 16-key m-tiles) and
+//   phase 1 (dkdv_scores), queries hf BM/2..hf BM/2 + BM/2 - 1 of the tile:
+//     S^T = K Q^T, P^T = exp2(S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta); P^T and dS^T go as T to
+//     shared memory (sP, sdS [BN][BM + 8]); one block barrier;
+//   phase 2 (dkdv_accumulate), the pair's 32 keys x columns c0 + hf DC/2.. of dK, dV (registers), over the
+//     whole tile: dV += P^T dO, dK += dS^T Q (P^T, dS^T as A fragments by ldmatrix).
+//   Each B fragment (Q, dO) feeds both m-tiles. Shared-memory reads, ldmatrix.x4 per warp and query tile
+//   (QB = BM / 2, CW = DC / 2): phase 1 D/16 k-steps x (4 + 2 QB/16) for D/16 x 8 QB/16 mma.m16n8k16, phase 2
+//   BM/16 x (4 + 2 CW/16) for BM/16 x 8 CW/16 mma. With the tiles of launch.cuh (Config):
+//     D 64  (BM 64, DC 64):  (32 + 32) / (64 + 64)    = 0.5    ldmatrix.x4 per mma
+//     D 128 (BM 64, DC 128): (64 + 48) / (128 + 128)  = 0.4375 (dropout: BM 32, (48 + 24) / (64 + 64) = 0.5625)
+//     D 256 (BM 32, DC 128): (96 + 24) / (128 + 64)   = 0.625
+//   The dK/dV + dQ kernel adds the dQ product (dq_atomic_tile): D 64 20 / 32, D 128 40 / 64, D 256 20 / 32 per
+//   warp and tile, so 0.525, 0.475, 0.625 overall (tests/test_cuda_attention_bwd_paths.py counts them in the
+//   emulator).
+//   Column split (DC < D, used for D > 128): two D-wide fp32 accumulators do not fit in a thread's 255
 //   registers, so each block accumulates only a DC-wide column slice of dK, dV (grid.x = key tiles x D / DC);
 //   S^T and dP^T (full-D contractions) are recomputed by every slice's block.
 // * attn_bwd_dq_kernel: one block = BM = 16 * NWARPS queries of one (batch, query head), over its key tiles

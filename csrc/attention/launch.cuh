@@ -35,10 +35,10 @@ struct FwdTiles {
 // fwd_tiles_w4() (attention.h) reads TILEFORMER_CUDA_ATTN_FWD_TILES at every call.
 
 // Backward tile shapes per padded head dim (4 warps). dK/dV (bwd.cuh): two warps per 32 keys, each computing
-// the scores of half the query tile and accumulating half the block's columns; 64-query tiles up to D = 128,
-// 32 above (shared memory: 124 KB at D = 128, 146 KB at D = 256); above D = 128 each block accumulates a
-// D/2-wide column slice (kDkdvC). The dQ kernel accumulates a D-wide fp32 tile per warp, so it takes 32-key
-// tiles above D = 64 and 16-key tiles above D = 128 to stay spill-free.
+// the scores of half the query tile and accumulating half the block's columns; 64-query tiles up to D = 128
+// (D = 128 with dropout: 32, spill-free), 32 above (shared memory 121 KiB at D = 128, 143 KiB at D = 256);
+// above D = 128 each block accumulates a D/2-wide column slice (kDkdvC). The dQ kernel accumulates a D-wide
+// fp32 tile per warp, so it takes 32-key tiles above D = 64 and 16-key tiles above D = 128 to stay spill-free.
 template <int D, bool DROPOUT = false>
 struct Config {
   static constexpr int kWarps = 4;
