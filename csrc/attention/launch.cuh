@@ -36,15 +36,17 @@ struct FwdTiles {
 
 // Backward tile shapes per padded head dim (4 warps). dK/dV (bwd.cuh): two warps per 32 keys, each computing
 // the scores of half the query tile and accumulating half the block's columns; 64-query tiles up to D = 128
-// (D = 128 with dropout: 32, spill-free), 32 above (shared memory 121 KiB at D = 128, 143 KiB at D = 256);
-// above D = 128 each block accumulates a D/2-wide column slice (kDkdvC). The dQ kernel accumulates a D-wide
-// fp32 tile per warp, so it takes 32-key tiles above D = 64 and 16-key tiles above D = 128 to stay spill-free.
+// (D = 128 with dropout: 32, spill-free), 32 above; above D = 128 each block accumulates a D/2-wide column
+// slice (kDkdvC). Shared memory per block: 121 KiB at D = 128, 143 KiB at D = 256, so one block (4 warps) per
+// SM on sm_80 and sm_90 there (the registers would allow two); D = 64: 73 KiB, two blocks. The dQ kernel
+// accumulates a D-wide fp32 tile per warp, so it takes 32-key tiles above D = 64 and 16-key tiles above
+// D = 128 to stay spill-free.
 template <int D, bool DROPOUT = false>
 struct Config {
   static constexpr int kWarps = 4;
   static constexpr int kDkdvM = D <= 64 || (D <= 128 && !DROPOUT) ? 64 : 32;   // dK/dV: query tile
   static constexpr int kDkdvN = 64;                                            // dK/dV: key tile (32 per pair)
-  static constexpr int kDkdvC = D <= 128 ? D : D / 2;              // dK/dV: columns accumulated per block
+  static constexpr int kDkdvC = D <= 128 ? D : D / 2;                          // dK/dV: columns per block
   static constexpr int kDqM = 64, kDqN = D <= 64 ? 64 : D <= 128 ? 32 : 16;   // dQ: query tile (16 per warp), key tile
 };
 
