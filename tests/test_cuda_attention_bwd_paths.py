@@ -188,3 +188,45 @@ def test_matrix_products_per_tile_pair(backend, d):
         counts[deterministic] = (ops.emu_mma_count() - before) / per_product
     split = 2 if d == 256 else 0
     assert counts == {False: 5 + split, True: 7 + split}, counts
+
+
+# dK/dV tiles of Config<D> (csrc/attention/launch.cuh): (query tile BM, columns per block DC); 4 warps, 64 keys.
+DKDV_TILES = {64: (64, 64), 128: (64, 128), 256: (32, 128)}
+
+
+def _dkdvdq_loads_and_mmas(d, n):
+    """ldmatrix.x4 and mma.m16n8k16 of attn_bwd_dkdvdq_kernel over an unmasked n x n call (one head), as its
+    header (csrc/attention/bwd.cuh) counts them per warp and query tile: phase 1 (S^T, dP^T) d / 16 k-steps of
+    4 + 2 QB / 16 loads and 8 QB / 16 mma (QB = BM / 2); phase 2 (dV, dK) BM / 16 k-steps of 4 + 2 CW / 16 loads
+    and 8 CW / 16 mma (CW = DC / 2); dQ in chunks of at most 4 column tiles, (1 + chunk) loads and 2 chunk mma per
+    key step."""
+    bm, dc = DKDV_TILES[d]
+    qb, cw = bm // 2, dc // 2
+    loads = d // 16 * (4 + 2 * qb // 16) + bm // 16 * (4 + 2 * cw // 16)
+    mmas = d // 16 * 8 * qb // 16 + bm // 16 * 8 * cw // 16
+    rt = bm // 16
+    ncw = dc // 16 // (4 // rt)
+    nch = min(ncw, 4)
+    loads += ncw // nch * 4 * (1 + nch)
+    mmas += ncw * 4 * 2
+    warp_items = 4 * (n // bm) * (n // 64) * (d // dc)
+    return loads * warp_items, mmas * warp_items
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_ldmatrix_per_mma(backend, d):
+    """ldmatrix.x4 and mma executed by the default backward (the dK/dV + dQ kernel is the only one that uses
+    them) equal the counts of its header; at D = 128 at most 0.5 ldmatrix.x4 per mma."""
+    helpers.require_backend(backend)
+    ops = _emu_ops()
+    n = 128
+    q, k, v = _inputs(1, n, n, 1, 1, d, FP16, seed=d)
+    out = transformer.flash_attention(q, k, v, backend="cuda")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(FP16)
+    loads, mmas = ops.emu_ldmatrix_x4_count(), ops.emu_mma_count()
+    torch.autograd.grad(out, (q, k, v), dout)
+    counted = (ops.emu_ldmatrix_x4_count() - loads, ops.emu_mma_count() - mmas)
+    assert counted == _dkdvdq_loads_and_mmas(d, n), counted
+    if d == 128:
+        assert counted[0] <= 0.5 * counted[1], counted

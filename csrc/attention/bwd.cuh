@@ -13,19 +13,31 @@
 //   its last bits); dK, dV do not.
 //
 // * attn_bwd_preprocess_kernel: delta = rowsum(dO * O) - dlse (one warp per query row).
-// * p.local_delta (every sequence has at most kLocalDeltaKeys = 16 keys, one warp's keys of the dK/dV tile): the
+// * p.local_delta (every sequence has at most kLocalDeltaKeys = 16 keys, m-tile 0 of the dK/dV tile's warps): the
 //   preprocess writes -dlse and attn_bwd_dkdvdq_kernel<..., LOCAL = true> adds rowsum(P o dP) from its tile,
 //   with dS = P o (dP rowsum(P) - delta), the softmax gradient of P normalised by its own row sum. Equal to the
 //   form below in exact arithmetic; in fp32 it leaves no difference of two summation orders of dO . V in dS:
 //   with one key P = 1, and dS, dK, dQ are exactly 0, as they are in PyTorch. Such calls always take the atomic
 //   path, which is then deterministic too: one key block per sequence, so every dQ element receives exactly one
 //   atomic add (onto zero).
-// * attn_bwd_dkdv_kernel: one block = BN = 16 * NWARPS keys of one (batch, KV head); warp w owns keys
-//   16w..16w+15 and accumulates dK, dV in registers over every query tile (BM queries, double-buffered
-//   Q / dO tiles by cp.async) of every query head of its GQA group:
-//     S^T = K Q^T, P^T = exp2(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
-//     dK += dS^T Q  (P^T and dS^T go from accumulators to A fragments in registers).
-//   Column split (DC < D, used for D = 256): two D-wide fp32 accumulators do not fit in a thread's 255
+// * attn_bwd_dkdv_kernel: one block = BN = 16 * NWARPS keys of one (batch, KV head), over every query tile
+//   (BM queries, double-buffered Q / dO tiles by cp.async) of every query head of its GQA group. Warps work in
+//   pairs: warp w = 2 kp + hf owns the pair's keys 32 kp..32 kp + 31 (two 16-key m-tiles) and
+//   phase 1 (dkdv_scores), queries hf BM/2..hf BM/2 + BM/2 - 1 of the tile:
+//     S^T = K Q^T, P^T = exp2(S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta); P^T and dS^T go as T to
+//     shared memory (sP, sdS [BN][BM + 8]); one block barrier;
+//   phase 2 (dkdv_accumulate), the pair's 32 keys x columns c0 + hf DC/2.. of dK, dV (registers), over the
+//     whole tile: dV += P^T dO, dK += dS^T Q (P^T, dS^T as A fragments by ldmatrix).
+//   Each B fragment (Q, dO) feeds both m-tiles. Shared-memory reads, ldmatrix.x4 per warp and query tile
+//   (QB = BM / 2, CW = DC / 2): phase 1 D/16 k-steps x (4 + 2 QB/16) for D/16 x 8 QB/16 mma.m16n8k16, phase 2
+//   BM/16 x (4 + 2 CW/16) for BM/16 x 8 CW/16 mma. With the tiles of launch.cuh (Config):
+//     D 64  (BM 64, DC 64):  (32 + 32) / (64 + 64)    = 0.5    ldmatrix.x4 per mma
+//     D 128 (BM 64, DC 128): (64 + 48) / (128 + 128)  = 0.4375 (dropout: BM 32, (48 + 24) / (64 + 64) = 0.5625)
+//     D 256 (BM 32, DC 128): (96 + 24) / (128 + 64)   = 0.625
+//   The dK/dV + dQ kernel adds the dQ product (dq_atomic_tile): D 64 20 / 32, D 128 40 / 64, D 256 20 / 32 per
+//   warp and tile, so 0.525, 0.475, 0.625 overall (tests/test_cuda_attention_bwd_paths.py counts them in the
+//   emulator).
+//   Column split (DC < D, used for D > 128): two D-wide fp32 accumulators do not fit in a thread's 255
 //   registers, so each block accumulates only a DC-wide column slice of dK, dV (grid.x = key tiles x D / DC);
 //   S^T and dP^T (full-D contractions) are recomputed by every slice's block.
 // * attn_bwd_dq_kernel: one block = BM = 16 * NWARPS queries of one (batch, query head), over its key tiles
@@ -66,121 +78,205 @@ __global__ void __launch_bounds__(256) attn_bwd_preprocess_kernel(const Params p
 // lse (natural log, -inf for empty rows) -> log2 domain, +inf for empty rows and rows past the sequence.
 TF_DEVICE float lse2_of(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
-// K, V [BN][SD]; 2 x (Q, dO) [BM][SD]; 2 x (lse2, delta) [BM] fp32; with DQ also dS^T [BN][BM + 8].
-template <int D, int BM, int BN, bool DQ = false>
+// K, V [BN][SD]; 2 x (Q, dO) [BM][SD]; 2 x (lse2, delta) [BM] fp32; P^T, dS^T [BN][BM + 8].
+template <int D, int BM, int BN>
 constexpr size_t dkdv_smem_bytes() {
-  return size_t(2 * BN + 4 * BM) * (D + 8) * 2 + 2 * 2 * BM * 4 + (DQ ? size_t(BN) * (BM + 8) * 2 : 0);
+  return size_t(2 * BN + 4 * BM) * (D + 8) * 2 + 2 * 2 * BM * 4 + size_t(2 * BN) * (BM + 8) * 2;
 }
 
-// One query tile for one warp's 16 keys: accumulate dK, dV. DQ: also store dS^T (as T, 0 for keys past the
-// sequence) into this warp's 16 rows of sdSw ([key][query], row stride BM + 8) for the block's dQ product.
-template <bool MASKED, bool DQ, bool DROPOUT, bool LOCAL, typename T, int D, int DC, int BM>
-TF_DEVICE void dkdv_tile(const Params& p, const SeqInfo& si, const Scale& sc, const Dropout& dr, const T* sKw,
-                         const T* sVw, const T* sQb, const T* sdOb, const float* sL, const float* sDl, int m0,
-                         int col_lo, int c0, float (&dk)[DC / 8][4], float (&dv)[DC / 8][4], T* sdSw, int lane) {
-  constexpr int SD = D + 8;
-  const int t = lane & 3;
-  float s[BM / 8][4], dp[BM / 8][4];
+// Phase 1 of one query tile for one warp: its pair's 32 keys (rows of sKw / sVw: two 16-key m-tiles, keys
+// col_lo + 16 mt (+ 8) of this thread) x the warp's QB = BM / 2 queries (sQh, sdOh, sLh, sDlh: the tile's rows
+// from the warp's first query mq0). Computes S^T = K Q^T and dP^T = V dO^T, then P^T (with dropout P^T o Z r)
+// and dS^T = P^T o (Z r o dP^T - delta), and stores both as T into the warp's block [32][QB] of sP / sdS (sPw,
+// sdSw; row stride BM + 8; dS^T rows of keys past the sequence as 0, for the dQ product). LOCAL (every key of
+// the block is in pair 0's first m-tile): delta and rowsum(P) of each query column from the tile, summed over
+// both m-tiles and the rows g (lanes xor 4, 8, 16).
+template <bool MASKED, bool DROPOUT, bool LOCAL, typename T, int D, int BM>
+TF_DEVICE void dkdv_scores(const Params& p, const SeqInfo& si, const Scale& sc, const Dropout& dr, const T* sKw,
+                           const T* sVw, const T* sQh, const T* sdOh, const float* sLh, const float* sDlh, int mq0,
+                           int col_lo, T* sPw, T* sdSw, int lane) {
+  constexpr int SD = D + 8, SS = BM + 8, QB = BM / 2;
+  const int t = lane & 3, g = lane >> 2;
+  float s[2][QB / 8][4], dp[2][QB / 8][4];
 #pragma unroll
-  for (int j = 0; j < BM / 8; ++j)
+  for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.f;
-  // S^T = K Q^T and dP^T = V dO^T (rows: this warp's keys; columns: the tile's queries). Not unrolled over
-  // k-steps: it keeps the fragment prefetch (and so the registers) small next to the dK, dV accumulators.
-#pragma unroll 1
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t ak[4], av[4];
-    ldm_a<SD>(ak, sKw, 0, 16 * kk, lane);
-    ldm_a<SD>(av, sVw, 0, 16 * kk, lane);
+    for (int j = 0; j < QB / 8; ++j)
 #pragma unroll
-    for (int jj = 0; jj < BM / 16; ++jj) {
-      uint32_t b[4];
-      ldm_bt<SD>(b, sQb, 16 * jj, 16 * kk, lane);
-      mma2<T>(s[2 * jj], s[2 * jj + 1], ak, b);
-      ldm_bt<SD>(b, sdOb, 16 * jj, 16 * kk, lane);
-      mma2<T>(dp[2 * jj], dp[2 * jj + 1], av, b);
+      for (int i = 0; i < 4; ++i) s[mt][j][i] = dp[mt][j][i] = 0.f;
+  // DROPOUT: this thread's keep bits, bit (mt QB / 8 + j) 4 + i for element (mt, j, i) (below), computed before
+  // the products so that the Philox rounds do not overlap the score accumulators.
+  static_assert(!DROPOUT || QB <= 32, "one 32-bit word of keep bits per thread");
+  uint32_t kbits = 0;
+  if constexpr (DROPOUT) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      const ColKeep<QB> keep = col_keep<QB>(dr, col_lo + 16 * mt, mq0, lane);
+#pragma unroll
+      for (int j = 0; j < QB / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) kbits |= uint32_t(keep.keep(j, i, g)) << ((mt * (QB / 8) + j) * 4 + i);
     }
   }
-  // P^T and dS^T, element-wise (row = key, col = query); with dropout P^T o Z r (for dV) and
-  // dS^T = P^T o (Z r o dP^T - delta). LOCAL (the block's keys are this warp's 16 rows): delta and rowsum(P)
-  // of each query column from the tile, summed over the warp's rows g, g + 8 (lanes xor 4, 8, 16).
-  const Band band[2] = {queries_of_key(p, si, col_lo), queries_of_key(p, si, col_lo + 8)};   // used if MASKED
-  ColKeep<BM> keep;
-  if constexpr (DROPOUT) keep = col_keep<BM>(dr, col_lo, m0, lane);
-  // element (j, i): P^T, with dropout Z r o dP^T into dpz; s[j][i] <- P^T o Z r, tc: tanh for the softcap
-  auto prob = [&](int j, int i, float& dpz, float& tc) {
-    const int key = col_lo + (i >= 2 ? 8 : 0), cq = 8 * j + 2 * t + (i & 1), query = m0 + cq;
-    float x = score(s[j][i], sc, query, key, si.off, tc);
-    if ((MASKED || LOCAL) && !band[i >> 1].has(query)) x = -INFINITY;
-    const float pt = ptx::ex2_approx(x - sL[cq]);
-    dpz = dp[j][i];
-    s[j][i] = pt;
-    if constexpr (DROPOUT) {
-      const bool kept = keep.keep(j, i, lane >> 2);
-      dpz = kept ? dpz * p.drop_scale : 0.f;
-      s[j][i] = kept ? pt * p.drop_scale : 0.f;
+  // Per k-step: 2 ldmatrix.x4 (K or V, one per m-tile) + QB / 16 (Q or dO) per product, each B fragment feeding
+  // both m-tiles. Not unrolled over k-steps: it keeps the fragment prefetch (and so the registers) small.
+#pragma unroll 1
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a0[4], a1[4];
+    ldm_a<SD>(a0, sKw, 0, 16 * kk, lane);
+    ldm_a<SD>(a1, sKw, 16, 16 * kk, lane);
+#pragma unroll
+    for (int jj = 0; jj < QB / 16; ++jj) {
+      uint32_t b[4];
+      ldm_bt<SD>(b, sQh, 16 * jj, 16 * kk, lane);
+      mma2<T>(s[0][2 * jj], s[0][2 * jj + 1], a0, b);
+      mma2<T>(s[1][2 * jj], s[1][2 * jj + 1], a1, b);
     }
-    return pt;
+    ldm_a<SD>(a0, sVw, 0, 16 * kk, lane);
+    ldm_a<SD>(a1, sVw, 16, 16 * kk, lane);
+#pragma unroll
+    for (int jj = 0; jj < QB / 16; ++jj) {
+      uint32_t b[4];
+      ldm_bt<SD>(b, sdOh, 16 * jj, 16 * kk, lane);
+      mma2<T>(dp[0][2 * jj], dp[0][2 * jj + 1], a0, b);
+      mma2<T>(dp[1][2 * jj], dp[1][2 * jj + 1], a1, b);
+    }
+  }
+  // P^T and dS^T, element-wise (row = key, col = query): element (mt, j, i) is key col_lo + 16 mt + 8 (i >> 1),
+  // query mq0 + 8 j + 2 t + (i & 1). prob reads the raw products s, dp of an element and returns P^T (o Z r);
+  // pt: P^T, dpz: dP^T (o Z r), tc: tanh for the softcap.
+  auto prob = [&](int mt, int j, int i, const Band (&band)[2], float& pt, float& dpz, float& tc) {
+    const int cq = 8 * j + 2 * t + (i & 1), query = mq0 + cq;
+    float x = score(s[mt][j][i], sc, query, col_lo + 16 * mt + (i >= 2 ? 8 : 0), si.off, tc);
+    if ((MASKED || LOCAL) && !band[i >> 1].has(query)) x = -INFINITY;
+    pt = ptx::ex2_approx(x - sLh[cq]);
+    dpz = dp[mt][j][i];
+    float ps = pt;
+    if constexpr (DROPOUT) {
+      const bool kept = (kbits >> ((mt * (QB / 8) + j) * 4 + i)) & 1u;
+      dpz = kept ? dpz * p.drop_scale : 0.f;
+      ps = kept ? pt * p.drop_scale : 0.f;
+    }
+    return ps;
+  };
+  // Rows g, g + 8 of m-tile mt, columns 2t, 2t + 1 of each 8-query tile: P^T into sP, dS^T into sdS.
+  auto store = [&](int mt) {
+    const bool ok0 = col_lo + 16 * mt < si.seqlen_k, ok1 = col_lo + 16 * mt + 8 < si.seqlen_k;
+    T* rp = sPw + (16 * mt + g) * SS + 2 * t;
+    T* rd = sdSw + (16 * mt + g) * SS + 2 * t;
+#pragma unroll
+    for (int j = 0; j < QB / 8; ++j) {
+      *reinterpret_cast<uint32_t*>(rp + 8 * j) = ptx::pack2<T>(s[mt][j][0], s[mt][j][1]);
+      *reinterpret_cast<uint32_t*>(rp + 8 * SS + 8 * j) = ptx::pack2<T>(s[mt][j][2], s[mt][j][3]);
+      *reinterpret_cast<uint32_t*>(rd + 8 * j) = ok0 ? ptx::pack2<T>(dp[mt][j][0], dp[mt][j][1]) : 0u;
+      *reinterpret_cast<uint32_t*>(rd + 8 * SS + 8 * j) = ok1 ? ptx::pack2<T>(dp[mt][j][2], dp[mt][j][3]) : 0u;
+    }
   };
   if constexpr (LOCAL) {
+    // Two passes over the raw products of m-tile 0: the column sums, then P^T and dS^T. Every key is below
+    // kLocalDeltaKeys <= 16, so m-tile 1 (keys >= 16) and the other pairs see no key: P^T = dS^T = 0 there.
+    static_assert(kLocalDeltaKeys <= 16, "LOCAL: every key in m-tile 0 of pair 0");
+    const Band band[2] = {queries_of_key(p, si, col_lo), queries_of_key(p, si, col_lo + 8)};
 #pragma unroll
-    for (int j = 0; j < BM / 8; ++j)
+    for (int j = 0; j < QB / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {   // query column 8 j + 2 t + e: elements e, e + 2 (keys g, g + 8) of each lane
-        float dpz[2], tc[2];
-        const float pt[2] = {prob(j, e, dpz[0], tc[0]), prob(j, e + 2, dpz[1], tc[1])};
-        float sp = pt[0] + pt[1], spd = pt[0] * dpz[0] + pt[1] * dpz[1];
+      for (int e = 0; e < 2; ++e) {   // query column 8 j + 2 t + e: elements e, e + 2 of m-tile 0
+        float sp = 0.f, spd = 0.f;
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          float pt, dpz, tc;
+          prob(0, j, e + 2 * u, band, pt, dpz, tc);
+          sp += pt;
+          spd += pt * dpz;
+        }
 #pragma unroll
         for (int x = 4; x < 32; x <<= 1) {   // the other rows g: lanes with the same t
           sp += __shfl_xor_sync(kFullMask, sp, x);
           spd += __shfl_xor_sync(kFullMask, spd, x);
         }
-        const float delta = spd + sDl[8 * j + 2 * t + e];
+        const float delta = spd + sDlh[8 * j + 2 * t + e];
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
-          float ds = pt[u] * (dpz[u] * sp - delta);
-          if (sc.cap2 != 0.f) ds *= 1.f - tc[u] * tc[u];
-          dp[j][e + 2 * u] = ds;
+          const int i = e + 2 * u;
+          float pt, dpz, tc;
+          const float ps = prob(0, j, i, band, pt, dpz, tc);
+          float ds = pt * (dpz * sp - delta);
+          if (sc.cap2 != 0.f) ds *= 1.f - tc * tc;
+          s[0][j][i] = ps;
+          dp[0][j][i] = ds;
+          s[1][j][i] = dp[1][j][i] = 0.f;
         }
       }
+    store(0);
+    store(1);
   } else {
 #pragma unroll
-    for (int j = 0; j < BM / 8; ++j)
+    for (int mt = 0; mt < 2; ++mt) {
+      const Band band[2] = {queries_of_key(p, si, col_lo + 16 * mt), queries_of_key(p, si, col_lo + 16 * mt + 8)};
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float dpz, tc;
-        const float pt = prob(j, i, dpz, tc);
-        float ds = pt * (dpz - sDl[8 * j + 2 * t + (i & 1)]);
-        if (sc.cap2 != 0.f) ds *= 1.f - tc * tc;
-        dp[j][i] = ds;
-      }
-  }
-  if constexpr (DQ) {   // dS^T rows g, g + 8 (keys col_lo, col_lo + 8), columns 2t, 2t + 1 of each 8-query tile
-    constexpr int SS = BM + 8;
-    const int g = lane >> 2;
-    const bool ok0 = col_lo < si.seqlen_k, ok1 = col_lo + 8 < si.seqlen_k;
+      for (int j = 0; j < QB / 8; ++j)
 #pragma unroll
-    for (int j = 0; j < BM / 8; ++j) {
-      *reinterpret_cast<uint32_t*>(sdSw + g * SS + 8 * j + 2 * t) =
-          ok0 ? ptx::pack2<T>(dp[j][0], dp[j][1]) : 0u;
-      *reinterpret_cast<uint32_t*>(sdSw + (g + 8) * SS + 8 * j + 2 * t) =
-          ok1 ? ptx::pack2<T>(dp[j][2], dp[j][3]) : 0u;
+        for (int i = 0; i < 4; ++i) {
+          float pt, dpz, tc;
+          const float ps = prob(mt, j, i, band, pt, dpz, tc);
+          float ds = pt * (dpz - sDlh[8 * j + 2 * t + (i & 1)]);
+          if (sc.cap2 != 0.f) ds *= 1.f - tc * tc;
+          s[mt][j][i] = ps;
+          dp[mt][j][i] = ds;
+        }
+      store(mt);
     }
   }
-  // dV += P^T dO and dK += dS^T Q over columns c0..c0+DC (dO, Q are [query][d] = B[k][n]: ldmatrix .trans)
-#pragma unroll
+}
+
+// Phase 2 of one query tile for one warp: dV += P^T dO and dK += dS^T Q for its pair's 32 keys (rows of sPw /
+// sdSw, A fragments by ldmatrix) and the CW = DC / 2 columns c..c + CW - 1 (dO, Q are [query][d] = B[k][n]:
+// ldmatrix .trans), over the tile's BM queries. Per 16-query k-step: 4 ldmatrix.x4 (P^T, dS^T of both
+// m-tiles) + 2 CW / 16 (dO, Q) for 8 CW / 16 mma.
+template <typename T, int D, int DC, int BM>
+TF_DEVICE void dkdv_accumulate(const T* sPw, const T* sdSw, const T* sQb, const T* sdOb, int c,
+                               float (&dk)[2][DC / 16][4], float (&dv)[2][DC / 16][4], int lane) {
+  constexpr int SD = D + 8, SS = BM + 8, CW = DC / 2;
+#pragma unroll 1
   for (int kk = 0; kk < BM / 16; ++kk) {
-    uint32_t ap[4], ads[4];
-    acc_to_a<T>(ap, s[2 * kk], s[2 * kk + 1]);
-    acc_to_a<T>(ads, dp[2 * kk], dp[2 * kk + 1]);
+    uint32_t ap0[4], ap1[4], ad0[4], ad1[4];
+    ldm_a<SS>(ap0, sPw, 0, 16 * kk, lane);
+    ldm_a<SS>(ap1, sPw, 16, 16 * kk, lane);
+    ldm_a<SS>(ad0, sdSw, 0, 16 * kk, lane);
+    ldm_a<SS>(ad1, sdSw, 16, 16 * kk, lane);
 #pragma unroll
-    for (int dd = 0; dd < DC / 16; ++dd) {
+    for (int dd = 0; dd < CW / 16; ++dd) {
       uint32_t b[4];
-      ldm_b_trans<SD>(b, sdOb, 16 * kk, c0 + 16 * dd, lane);
-      mma2<T>(dv[2 * dd], dv[2 * dd + 1], ap, b);
-      ldm_b_trans<SD>(b, sQb, 16 * kk, c0 + 16 * dd, lane);
-      mma2<T>(dk[2 * dd], dk[2 * dd + 1], ads, b);
+      ldm_b_trans<SD>(b, sdOb, 16 * kk, c + 16 * dd, lane);
+      mma2<T>(dv[0][2 * dd], dv[0][2 * dd + 1], ap0, b);
+      mma2<T>(dv[1][2 * dd], dv[1][2 * dd + 1], ap1, b);
+      ldm_b_trans<SD>(b, sQb, 16 * kk, c + 16 * dd, lane);
+      mma2<T>(dk[0][2 * dd], dk[0][2 * dd + 1], ad0, b);
+      mma2<T>(dk[1][2 * dd], dk[1][2 * dd + 1], ad1, b);
     }
+  }
+}
+
+// load_tile for the per-item Q / dO tiles: thread tid copies chunk column ch = tid % CP (the 16-byte chunks per
+// row, CH = D / 8, padded to a power of two CP; threads with ch >= CH copy nothing) of rows r0 = tid / CP,
+// r0 + NT / CP, ... through one source pointer advanced by a fixed row step, so a thread keeps one 64-bit
+// address per tile across the item loop rather than one per chunk.
+constexpr int pow2_at_least(int x) { return x <= 1 ? 1 : 2 * pow2_at_least((x + 1) / 2); }
+
+template <int ROWS, int D, int NT, typename T>
+TF_DEVICE void load_rows(T* s, gptr<const T> g, int64_t stride, int rows_valid, int cols_valid, int tid) {
+  constexpr int CH = D / 8, CP = pow2_at_least(CH), RS = NT / CP;
+  static_assert(NT % CP == 0 && ROWS % RS == 0, "whole passes of NT / CP rows");
+  const int r0 = tid / CP, ch = tid % CP;
+  if (CH != CP && ch >= CH) return;
+  const bool col_ok = ch * 8 < cols_valid;
+  gptr<const T> src = g + r0 * stride + ch * 8;
+  T* dst = s + r0 * (D + 8) + ch * 8;
+#pragma unroll
+  for (int i = 0; i < ROWS / RS; ++i) {
+    const bool ok = col_ok && r0 + i * RS < rows_valid;
+    ptx::cp_async_16_zfill(dst + i * RS * (D + 8), ok ? src : g, ok);
+    src += RS * stride;
   }
 }
 
@@ -192,8 +288,8 @@ TF_DEVICE void dkdv_issue(const Params& p, const SeqInfo& si, int b, int hk, int
   const int64_t b64 = p.varlen ? 0 : b, h = int64_t(hk) * p.group + gi, tok = si.q_start + m0;
   const gptr<const T> Q = gcast<const T>(p.q) + b64 * p.stride_qb + h * p.stride_qh + tok * p.stride_qm;
   const gptr<const T> dO = gcast<const T>(p.dout) + b64 * p.stride_dob + h * p.stride_doh + tok * p.stride_dom;
-  load_tile<BM, D, NT>(sQb, Q, p.stride_qm, si.rows_q - m0, p.head_dim, tid);
-  load_tile<BM, D, NT>(sdOb, dO, p.stride_dom, si.rows_q - m0, p.head_dim, tid);
+  load_rows<BM, D, NT>(sQb, Q, p.stride_qm, si.rows_q - m0, p.head_dim, tid);
+  load_rows<BM, D, NT>(sdOb, dO, p.stride_dom, si.rows_q - m0, p.head_dim, tid);
   const int64_t lrow = p.varlen ? h * p.total_q + tok : (int64_t(b) * p.hq + h) * p.max_q + m0;
   for (int r = tid; r < BM; r += NT) {
     const bool ok = m0 + r < si.rows_q;
@@ -206,53 +302,60 @@ TF_DEVICE void dkdv_issue(const Params& p, const SeqInfo& si, int b, int hk, int
 // c0..c0 + DC - 1, added with fp32 atomicAdd into dq_accum (unscaled; the convert kernel multiplies by the
 // softmax scale). dS^T is in sdS ([BN][BM + 8], all warps' keys; A fragments by ldmatrix .trans), K in sK
 // (B[k = key][n = d]: ldmatrix .trans). Warp w takes 16-row tile w % RT and the 16-column tiles w / RT,
-// w / RT + NWARPS / RT, ... (RT = BM / 16): (1 + NCW) ldmatrix.x4 per 2 NCW mma per key step.
+// w / RT + NWARPS / RT, ... (RT = BM / 16), in chunks of at most kDqChunk column tiles (the accumulators of a
+// chunk, 8 kDqChunk registers, sit next to dK, dV): (1 + NC) ldmatrix.x4 per 2 NC mma per key step of a chunk
+// of NC column tiles.
+constexpr int kDqChunk = 4;
+
 template <typename T, int D, int DC, int BM, int BN, int NWARPS>
 TF_DEVICE void dq_atomic_tile(const Params& p, const SeqInfo& si, int b, int h, int m0, int c0, const T* sdS,
                               const T* sK, int warp, int lane) {
   constexpr int SD = D + 8, SS = BM + 8, RT = BM / 16, WPR = NWARPS / RT, CT = DC / 16;
-  constexpr int NCW = (CT + WPR - 1) / WPR;
+  constexpr int NCW = (CT + WPR - 1) / WPR, NCH = NCW < kDqChunk ? NCW : kDqChunk;
   static_assert(NWARPS % RT == 0, "query tile rows per warp");
   const int r = warp % RT, w0 = warp / RT;
-  float acc[NCW][2][4];
-#pragma unroll
-  for (int jj = 0; jj < NCW; ++jj)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[jj][0][i] = acc[jj][1][i] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
-    uint32_t a[4];
-    ldm_a_trans<SS>(a, sdS, 16 * r, 16 * kk, lane);
-#pragma unroll
-    for (int jj = 0; jj < NCW; ++jj) {
-      const int j = w0 + jj * WPR;
-      if (CT % WPR == 0 || j < CT) {
-        uint32_t bf[4];
-        ldm_b_trans<SD>(bf, sK, 16 * kk, c0 + 16 * j, lane);
-        mma2<T>(acc[jj][0], acc[jj][1], a, bf);
-      }
-    }
-  }
   const int g = lane >> 2, t = lane & 3;
   const int64_t row_stride = int64_t(p.hq) * p.head_dim;
   const int64_t base = (p.varlen ? 0 : int64_t(b) * p.max_q * row_stride) + int64_t(h) * p.head_dim;
   const gptr<float> dqa = p.dq_accum;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = m0 + 16 * r + g + 8 * half;
-    if (row >= si.rows_q) continue;
-    const gptr<float> dst = dqa + base + int64_t(si.q_start + row) * row_stride;
+  for (int ch = 0; ch < NCW; ch += NCH) {
+    float acc[NCH][2][4];
 #pragma unroll
-    for (int jj = 0; jj < NCW; ++jj) {
-      const int j = w0 + jj * WPR;
-      if (CT % WPR == 0 || j < CT) {
+    for (int jj = 0; jj < NCH; ++jj)
 #pragma unroll
-        for (int n = 0; n < 2; ++n)
+      for (int i = 0; i < 4; ++i) acc[jj][0][i] = acc[jj][1][i] = 0.f;
+#pragma unroll 1
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t a[4];
+      ldm_a_trans<SS>(a, sdS, 16 * r, 16 * kk, lane);
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = c0 + 16 * j + 8 * n + 2 * t + e;
-            if (col < p.head_dim) atomicAdd(dst + col, acc[jj][n][2 * half + e]);
-          }
+      for (int jj = 0; jj < NCH; ++jj) {
+        const int j = w0 + (ch + jj) * WPR;
+        if ((CT % WPR == 0 && NCW % NCH == 0) || (ch + jj < NCW && j < CT)) {
+          uint32_t bf[4];
+          ldm_b_trans<SD>(bf, sK, 16 * kk, c0 + 16 * j, lane);
+          mma2<T>(acc[jj][0], acc[jj][1], a, bf);
+        }
+      }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = m0 + 16 * r + g + 8 * half;
+      if (row >= si.rows_q) continue;
+      const gptr<float> dst = dqa + base + int64_t(si.q_start + row) * row_stride;
+#pragma unroll
+      for (int jj = 0; jj < NCH; ++jj) {
+        const int j = w0 + (ch + jj) * WPR;
+        if ((CT % WPR == 0 && NCW % NCH == 0) || (ch + jj < NCW && j < CT)) {
+#pragma unroll
+          for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int col = c0 + 16 * j + 8 * n + 2 * t + e;
+              if (col < p.head_dim) atomicAdd(dst + col, acc[jj][n][2 * half + e]);
+            }
+        }
       }
     }
   }
@@ -261,8 +364,9 @@ TF_DEVICE void dq_atomic_tile(const Params& p, const SeqInfo& si, int b, int h, 
 // The dK/dV kernel (DQ = false) and the dK/dV + atomic dQ kernel (DQ = true) share this body.
 template <bool DQ, bool DROPOUT, typename T, int D, int DC, int BM, int BN, int NWARPS, bool LOCAL = false>
 TF_DEVICE void dkdv_body(const Params& p) {
-  static_assert(BN == 16 * NWARPS && BM % 16 == 0 && D % 16 == 0 && DC % 16 == 0 && D % DC == 0, "tile shapes");
-  constexpr int SD = D + 8, NT = NWARPS * 32;
+  static_assert(BN == 16 * NWARPS && NWARPS % 2 == 0 && BM % 32 == 0 && D % 16 == 0 && DC % 32 == 0 &&
+                D % DC == 0, "tile shapes");
+  constexpr int SD = D + 8, SS = BM + 8, NT = NWARPS * 32, CW = DC / 2, QB = BM / 2;
   TF_DYNAMIC_SMEM(T, smem);
   T* sK = smem;                  // [BN][SD]
   T* sV = sK + BN * SD;          // [BN][SD]
@@ -270,7 +374,8 @@ TF_DEVICE void dkdv_body(const Params& p) {
   T* sdO = sQ + 2 * BM * SD;     // [2][BM][SD]
   float* sL = reinterpret_cast<float*>(sdO + 2 * BM * SD);   // [2][BM] lse2
   float* sDl = sL + 2 * BM;                                  // [2][BM] delta
-  T* sdS = reinterpret_cast<T*>(sDl + 2 * BM);               // DQ: [BN][BM + 8] dS^T
+  T* sP = reinterpret_cast<T*>(sDl + 2 * BM);                // [BN][BM + 8] P^T (with dropout P^T o Z r)
+  T* sdS = sP + BN * SS;                                     // [BN][BM + 8] dS^T
 
   const int b = blockIdx.z, hk = blockIdx.y, n0 = int(blockIdx.x / (D / DC)) * BN;
   const int c0 = int(blockIdx.x % (D / DC)) * DC;   // this block's column slice of dK, dV
@@ -292,16 +397,21 @@ TF_DEVICE void dkdv_body(const Params& p) {
   if (items > 0) dkdv_issue<T, D, BM, NT>(p, si, b, hk, 0, qr.lo, sQ, sdO, sL, sDl, tid);
   ptx::cp_async_commit();
 
-  float dk[DC / 8][4], dv[DC / 8][4];
+  // Warp w = 2 kp + hf of pair kp owns keys 32 kp..32 kp + 31 (two 16-key m-tiles): phase 1 over the queries
+  // hf QB..hf QB + QB - 1 of each tile, phase 2 (dK, dV accumulators) over the columns c0 + hf CW..+ CW - 1.
+  const int kp = warp / 2, hf = warp % 2, c = c0 + hf * CW;
+  float dk[2][CW / 8][4], dv[2][CW / 8][4];
 #pragma unroll
-  for (int j = 0; j < DC / 8; ++j)
+  for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) dk[j][i] = dv[j][i] = 0.f;
-  const T* sKw = sK + 16 * warp * SD;
-  const T* sVw = sV + 16 * warp * SD;
-  const int col_lo = n0 + 16 * warp + (lane >> 2);   // this thread's first key (second: + 8)
-  Dropout dr{};
-  if constexpr (DROPOUT) dr = make_dropout(p, b, hk * p.group);   // bh set per query head below
+    for (int j = 0; j < CW / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dk[mt][j][i] = dv[mt][j][i] = 0.f;
+  const T* sKw = sK + 32 * kp * SD;
+  const T* sVw = sV + 32 * kp * SD;
+  T* sPw = sP + 32 * kp * SS;
+  T* sdSw = sdS + 32 * kp * SS;
+  const int col_lo = n0 + 32 * kp + (lane >> 2);   // this thread's first key (then + 8, + 16, + 24)
 
   int gi = 0, m0 = qr.lo;   // the item's query head (of the group) and query tile
   for (int it = 0; it < items; ++it) {
@@ -318,20 +428,21 @@ TF_DEVICE void dkdv_body(const Params& p) {
     }
     __syncthreads();
     const Scale sc = make_scale(p, b, hk * p.group + gi);
-    if constexpr (DROPOUT) dr.bh = uint32_t(int64_t(b) * p.hq + int64_t(hk) * p.group + gi);
+    Dropout dr{};   // read per item: not held across the loop
+    if constexpr (DROPOUT) dr = make_dropout(p, b, hk * p.group + gi);
     const T* sQb = sQ + buf * BM * SD;
     const T* sdOb = sdO + buf * BM * SD;
-    T* sdSw = sdS + 16 * warp * (BM + 8);
+    const float* sLh = sL + buf * BM + hf * QB;
+    const float* sDlh = sDl + buf * BM + hf * QB;
     if (m0 < qr.full_lo || m0 >= qr.full_hi)
-      dkdv_tile<true, DQ, DROPOUT, LOCAL, T, D, DC, BM>(p, si, sc, dr, sKw, sVw, sQb, sdOb, sL + buf * BM,
-                                                       sDl + buf * BM, m0, col_lo, c0, dk, dv, sdSw, lane);
+      dkdv_scores<true, DROPOUT, LOCAL, T, D, BM>(p, si, sc, dr, sKw, sVw, sQb + hf * QB * SD, sdOb + hf * QB * SD,
+                                                  sLh, sDlh, m0 + hf * QB, col_lo, sPw + hf * QB, sdSw + hf * QB, lane);
     else
-      dkdv_tile<false, DQ, DROPOUT, LOCAL, T, D, DC, BM>(p, si, sc, dr, sKw, sVw, sQb, sdOb, sL + buf * BM,
-                                                        sDl + buf * BM, m0, col_lo, c0, dk, dv, sdSw, lane);
-    if constexpr (DQ) {
-      __syncthreads();   // every warp's dS^T rows are in sdS
-      dq_atomic_tile<T, D, DC, BM, BN, NWARPS>(p, si, b, hk * p.group + gi, m0, c0, sdS, sK, warp, lane);
-    }
+      dkdv_scores<false, DROPOUT, LOCAL, T, D, BM>(p, si, sc, dr, sKw, sVw, sQb + hf * QB * SD, sdOb + hf * QB * SD,
+                                                   sLh, sDlh, m0 + hf * QB, col_lo, sPw + hf * QB, sdSw + hf * QB, lane);
+    __syncthreads();   // P^T, dS^T of the whole tile are in sP, sdS
+    dkdv_accumulate<T, D, DC, BM>(sPw, sdSw, sQb, sdOb, c, dk, dv, lane);
+    if constexpr (DQ) dq_atomic_tile<T, D, DC, BM, BN, NWARPS>(p, si, b, hk * p.group + gi, m0, c0, sdS, sK, warp, lane);
     __syncthreads();
     gi = gi_next;
     m0 = m0_next;
@@ -339,19 +450,23 @@ TF_DEVICE void dkdv_body(const Params& p) {
   ptx::cp_async_wait<0>();   // no query tile: K / V copies must land before the epilogue reuses sK / sV
   __syncthreads();
 
-  // dK = scale * sum dS^T Q; stage through this warp's rows of sK / sV (this block's column slice), 16-byte
+  // dK = scale * sum dS^T Q; stage through this warp's block (its pair's rows, its columns) of sK / sV, 16-byte
   // stores (dk, dv contiguous).
-  T* sdKw = const_cast<T*>(sKw) + c0;
-  T* sdVw = const_cast<T*>(sVw) + c0;
-  acc_to_smem<DC, SD, T>(sdKw, dk, p.scale, p.scale, lane);
-  acc_to_smem<DC, SD, T>(sdVw, dv, 1.f, 1.f, lane);
-  __syncwarp();
-  const int rows_left = si.seqlen_k - n0 - 16 * warp;
   const int64_t row_stride = int64_t(p.hkv) * p.head_dim;
-  const int64_t base = (p.varlen ? 0 : int64_t(b) * p.max_k * row_stride) + (si.k_start + n0 + 16 * warp) * row_stride +
-                       hk * p.head_dim + c0;
-  store_rows16<DC, SD, T>(gcast<T>(p.dk) + base, row_stride, sdKw, rows_left, p.head_dim - c0, lane);
-  store_rows16<DC, SD, T>(gcast<T>(p.dv) + base, row_stride, sdVw, rows_left, p.head_dim - c0, lane);
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    const int r0 = 32 * kp + 16 * mt;   // the m-tile's first row in the block
+    T* sdKw = sK + r0 * SD + c;
+    T* sdVw = sV + r0 * SD + c;
+    acc_to_smem<CW, SD, T>(sdKw, dk[mt], p.scale, p.scale, lane);
+    acc_to_smem<CW, SD, T>(sdVw, dv[mt], 1.f, 1.f, lane);
+    __syncwarp();
+    const int rows_left = si.seqlen_k - n0 - r0;
+    const int64_t base = (p.varlen ? 0 : int64_t(b) * p.max_k * row_stride) + (si.k_start + n0 + r0) * row_stride +
+                         hk * p.head_dim + c;
+    store_rows16<CW, SD, T>(gcast<T>(p.dk) + base, row_stride, sdKw, rows_left, p.head_dim - c, lane);
+    store_rows16<CW, SD, T>(gcast<T>(p.dv) + base, row_stride, sdVw, rows_left, p.head_dim - c, lane);
+  }
 }
 
 template <typename T, int D, int DC, int BM, int BN, int NWARPS, bool DROPOUT = false>

@@ -34,14 +34,19 @@ struct FwdTiles {
 
 // fwd_tiles_w4() (attention.h) reads TILEFORMER_CUDA_ATTN_FWD_TILES at every call.
 
-// Backward tile shapes per padded head dim (4 warps). The backward accumulates two D-wide fp32 tiles per
-// warp (dK, dV or dQ), so it takes 32-wide query / key tiles above D = 64 to stay spill-free; above D = 128 the
-// dK/dV kernel accumulates a D/2-wide column slice per block (kDkdvC; see bwd.cuh) and dQ takes 16-key tiles.
-template <int D>
+// Backward tile shapes per padded head dim (4 warps). dK/dV (bwd.cuh): two warps per 32 keys, each computing
+// the scores of half the query tile and accumulating half the block's columns; 64-query tiles up to D = 128
+// (D = 128 with dropout: 32, spill-free), 32 above; above D = 128 each block accumulates a D/2-wide column
+// slice (kDkdvC). Shared memory per block: 121 KiB at D = 128, 143 KiB at D = 256, so one block (4 warps) per
+// SM on sm_80 and sm_90 there (the registers would allow two); D = 64: 73 KiB, two blocks. The dQ kernel
+// accumulates a D-wide fp32 tile per warp, so it takes 32-key tiles above D = 64 and 16-key tiles above
+// D = 128 to stay spill-free.
+template <int D, bool DROPOUT = false>
 struct Config {
   static constexpr int kWarps = 4;
-  static constexpr int kDkdvM = D <= 64 ? 32 : 16, kDkdvN = 64;   // dK/dV: query tile, key tile (16 per warp)
-  static constexpr int kDkdvC = D <= 128 ? D : D / 2;             // dK/dV: columns accumulated per block
+  static constexpr int kDkdvM = D <= 64 || (D <= 128 && !DROPOUT) ? 64 : 32;   // dK/dV: query tile
+  static constexpr int kDkdvN = 64;                                            // dK/dV: key tile (32 per pair)
+  static constexpr int kDkdvC = D <= 128 ? D : D / 2;                          // dK/dV: columns per block
   static constexpr int kDqM = 64, kDqN = D <= 64 ? 64 : D <= 128 ? 32 : 16;   // dQ: query tile (16 per warp), key tile
 };
 
@@ -73,8 +78,8 @@ void run_attn_fwd(const Params& p, cudaStream_t stream) {
 // The backward's launches; DROPOUT: the dropout instantiations of the dK/dV, dK/dV + dQ and dQ kernels.
 template <typename T, int D, bool DROPOUT>
 void run_attn_bwd_kernels(const Params& p, cudaStream_t stream) {
-  using C = Config<D>;
-  static_assert(kLocalDeltaKeys <= 16, "one warp's keys of the dK/dV tile");
+  using C = Config<D, DROPOUT>;
+  static_assert(kLocalDeltaKeys <= 16, "the first 16-key m-tile of the dK/dV tile");
   // max_q = 0 computes no query (dq rows unwritten, dk = dv = 0); max_k = 0 writes no dk / dv row.
   if (p.max_q > 0)
     launch(attn_bwd_preprocess_kernel<T>, dim3(grid_dim(p.max_q, 8), p.hq, p.batch), dim3(256), 0, stream, p);
@@ -89,7 +94,7 @@ void run_attn_bwd_kernels(const Params& p, cudaStream_t stream) {
     auto run = [&](auto local) {   // local: p.local_delta as a type (attention/bwd.cuh)
       launch(attn_bwd_dkdvdq_kernel<T, D, C::kDkdvC, C::kDkdvM, C::kDkdvN, C::kWarps, DROPOUT, decltype(local)::value>,
              dim3(grid_dim(p.max_k, C::kDkdvN) * (D / C::kDkdvC), p.hkv, p.batch), dim3(32 * C::kWarps),
-             dkdv_smem_bytes<D, C::kDkdvM, C::kDkdvN, true>(), stream, p);
+             dkdv_smem_bytes<D, C::kDkdvM, C::kDkdvN>(), stream, p);
     };
     if (p.max_k > 0) {
       if (p.local_delta)

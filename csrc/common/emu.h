@@ -183,6 +183,7 @@ struct Globals {
   std::mt19937_64 rng{0};
   uint64_t mma_count = 0;                        // warp-level mma.sync executed since load (work counts)
   uint64_t wgmma_count = 0;                      // warpgroup-level wgmma.mma_async executed since load
+  uint64_t ldmatrix_x4_count = 0;                // warp-level ldmatrix .x4 (either layout) executed since load
   uint64_t block_serial = 0;                     // blocks run since load
   std::mt19937_64 block_rng{kBlockSeedSalt};     // block order (a stream of its own: thread schedules
                                                  // of one-block launches do not depend on it)

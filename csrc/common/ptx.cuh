@@ -175,6 +175,7 @@ struct LdmIn { const unsigned char* row; };
 
 template <int N, bool Trans>
 inline void ldmatrix_fn(emu::WarpState& w, uint32_t) {
+  if (N == 4) ++emu::globals().ldmatrix_x4_count;
   for (int lane = 0; lane < 32; ++lane) {
     uint32_t* out = &emu::slot_out<uint32_t>(w, lane);
     const int g = lane >> 2, t = lane & 3;

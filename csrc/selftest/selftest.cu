@@ -47,6 +47,10 @@ uint64_t emu_wgmma_count() {
   std::lock_guard<std::mutex> lock(emu::globals().launch_mutex);
   return emu::globals().wgmma_count;
 }
+uint64_t emu_ldmatrix_x4_count() {
+  std::lock_guard<std::mutex> lock(emu::globals().launch_mutex);
+  return emu::globals().ldmatrix_x4_count;
+}
 #endif
 
 }  // namespace tf::selftest

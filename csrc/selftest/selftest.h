@@ -24,6 +24,8 @@ void emu_set_schedule(bool random, uint64_t seed);
 uint64_t emu_mma_count();
 // Warpgroup-level wgmma.mma_async (any N) executed by emulated kernels since the extension was loaded.
 uint64_t emu_wgmma_count();
+// Warp-level ldmatrix .x4 (plain or .trans) executed by emulated kernels since the extension was loaded.
+uint64_t emu_ldmatrix_x4_count();
 #endif
 
 }  // namespace tf::selftest

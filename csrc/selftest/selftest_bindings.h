@@ -84,6 +84,7 @@ inline at::Tensor divergent(int64_t threads, int64_t mode) {
 inline void set_schedule(bool random, int64_t seed) { tf::selftest::emu_set_schedule(random, uint64_t(seed)); }
 inline int64_t mma_count() { return int64_t(tf::selftest::emu_mma_count()); }
 inline int64_t wgmma_count() { return int64_t(tf::selftest::emu_wgmma_count()); }
+inline int64_t ldmatrix_x4_count() { return int64_t(tf::selftest::emu_ldmatrix_x4_count()); }
 
 // x: float32 (any view); returns out (4 float32, zeros unless written). See bounds_kernel.
 inline at::Tensor bounds(const at::Tensor& x, int64_t offset, int64_t mode) {
@@ -107,6 +108,7 @@ inline void define(torch::Library& m) {
   m.def("emu_set_schedule(bool random, int seed) -> ()", &set_schedule);
   m.def("emu_mma_count() -> int", &mma_count);
   m.def("emu_wgmma_count() -> int", &wgmma_count);
+  m.def("emu_ldmatrix_x4_count() -> int", &ldmatrix_x4_count);
   m.def("selftest_bounds(Tensor x, int offset, int mode) -> Tensor");
 #endif
 }
