@@ -59,7 +59,8 @@ class _Ran:
     def __exit__(self, *exc):
         if exc[0] is None and self.before is not None:
             ran = _count() - self.before
-            assert (ran > 0) == self.sm90, f"wgmma executed: {ran} (expected the {'sm90' if self.sm90 else 'sm80'} backward)"
+            want = "sm90" if self.sm90 else "sm80"
+            assert (ran > 0) == self.sm90, f"wgmma executed: {ran} (expected the {want} backward)"
 
 
 def helpers_padded(d):
@@ -204,7 +205,8 @@ def test_explain_names_the_backward_kernel(backend, monkeypatch):
     helpers.require_backend(backend)
     q, k, v = helpers.attn_inputs(1, 40, 50, 2, 2, 64, FP16, seed=1)
     text = transformer.backends.explain("flash_attention", q, k, v, backend=backend)
-    assert "backward sm90 (wgmma + TMA) (sm80 where a sequence has at most 16 keys): TILEFORMER_CUDA_ATTN_BWD=sm90" in text
+    assert ("backward sm90 (wgmma + TMA) (sm80 where a sequence has at most 16 keys): TILEFORMER_CUDA_ATTN_BWD=sm90"
+            in text)
     text = transformer.backends.explain("flash_attention", q, k, v, deterministic=True, backend=backend)
     assert "backward sm80 (mma.sync, two kernels, no atomics): sm90 does not serve this call (deterministic" in text
     q256, k256, v256 = helpers.attn_inputs(1, 40, 50, 2, 2, 256, FP16, seed=1)

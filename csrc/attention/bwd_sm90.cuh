@@ -1,34 +1,39 @@
-// Flash attention backward for Hopper (sm_90a): wgmma + TMA + mbarrier, warp-specialised; the atomic-dQ
-// backward of attention/bwd.cuh (preprocess, dK/dV + dQ, convert) with its dK/dV + dQ kernel replaced by
-// attn_bwd_sm90_kernel. Notation and the mask / score helpers in attention/common.cuh; the same semantics as
-// attn_bwd_dkdvdq_kernel without dropout and without the local delta.
+// Flash attention backward for Hopper (sm_90a): wgmma + TMA + mbarrier; the atomic-dQ backward of
+// attention/bwd.cuh (preprocess, dK/dV + dQ, convert) with its dK/dV + dQ kernel replaced by attn_bwd_sm90_kernel.
+// Notation and the mask / score helpers in attention/common.cuh; the same semantics as attn_bwd_dkdvdq_kernel
+// without dropout and without the local delta.
 //
-// One block = BN = 128 keys of one (batch, KV head), 3 warpgroups (384 threads):
-//   warpgroup 0, the producer (setmaxnreg.dec): thread 0 loads the block's K and V tiles once, then the Q and dO
-//     tiles of BM = 64 queries of every (query head of the GQA group, query tile) work item into a ring of S
-//     stages, all by 4-D TMA ([B][N][H][D] tensor maps as the sm_90a forward; rows past the tensor and columns
-//     past head_dim arrive as zeros); warp 1 copies the item's lse (log2 domain, +inf for rows past the
-//     sequence) and delta into the stage. Stage s is refilled after its `empty` mbarrier completed (every
-//     consumer thread arrived); its `full` mbarrier completes with the TMA bytes and warp 1's 32 arrivals.
-//   warpgroups 1 and 2, the consumers (setmaxnreg.inc): warpgroup c owns keys n0 + 64(c-1) .. n0 + 64(c-1) + 63
-//     and accumulates their dK, dV (64 x D fp32 each) in registers over every work item:
-//       S^T = K Q^T and dP^T = V dO^T: wgmma m64n64k16, both operands in shared memory (K-major descriptors);
-//       P^T = exp2(S^T - lse), dS^T = P^T o (dP^T - delta) (softcap: o (1 - tanh^2)), in registers; 0 outside the
-//         band, for keys past the sequence and for queries past it (on the tiles that cross an edge);
-//       dV += P^T dO and dK += dS^T Q: wgmma m64nDk16 with P^T / dS^T as the register A operand and dO / Q
-//         through MN-major descriptors;
-//       dQ_c = dS_c K_c (this warpgroup's 64 keys): dS^T stored in the warpgroup's own [64 keys][64 queries]
-//         tile, read back as the MN-major A operand, K as the MN-major B operand, 64 columns at a time
-//         (wgmma m64n64k16), each pair of columns added into dq_accum with one 8-byte fp32 reduction.
-//     Matrix products per tile pair: 5 (S^T, dP^T, dV, dK, dQ). Each dQ element receives one atomic add per
-//     warpgroup (two per key block, the sm_80 kernel one).
-//   Varlen: rows of a tile past the sequence are the neighbouring sequence's tokens; the consumers zero them in
+// One block = BN = 128 keys of one (batch, KV head), 2 warpgroups (256 threads, so up to 255 registers per thread:
+// a separate producer warpgroup would leave the others 240, and the D = 128 warpgroup needs about 250).
+//   Loads: thread 0 loads the block's K and V tiles once, then the Q and dO tiles of BM = 64 queries of every
+//   (query head of the GQA group, query tile) work item into a ring of S stages, one item ahead of the one being
+//   computed, all by 4-D TMA ([B][N][H][D] tensor maps as the sm_90a forward; rows past the tensor and columns
+//   past head_dim arrive as zeros); the 32 threads of warp 1 copy the item's lse (log2 domain, +inf for rows
+//   past the sequence) and delta into the stage. Stage s is refilled after its `empty` mbarrier completed (all
+//   256 threads arrived, their wgmmas reading it retired); its `full` mbarrier completes with the TMA bytes and
+//   warp 1's 32 arrivals.
+//   Warpgroup c owns keys n0 + 64c .. n0 + 64c + 63 and accumulates their dK, dV (64 x D fp32 each) in registers
+//   over every work item:
+//     S^T = K Q^T and dP^T = V dO^T: wgmma m64n64k16, both operands in shared memory (K-major descriptors);
+//     P^T = exp2(S^T - lse), dS^T = P^T o (dP^T - delta) (softcap: o (1 - tanh^2)), in registers; exactly 0
+//       outside the band, for keys past the sequence and for queries past it (on the tiles that cross an edge);
+//       both stored as T into the warpgroup's own [64 keys][64 queries] tiles (128-byte rows, swizzled), then
+//       fence.proxy.async and the warpgroup meets on its `ds_ready` mbarrier (128 arrivals, one phase per item);
+//     dV += P^T dO and dK += dS^T Q: wgmma m64nDk16, P^T / dS^T K-major, dO / Q MN-major;
+//     dQ_c = dS_c K_c (this warpgroup's 64 keys): the dS^T tile as the MN-major A operand, K as the MN-major B
+//       operand, 64 columns at a time (wgmma m64n64k16), each pair of columns added into dq_accum with one 8-byte
+//       fp32 reduction (ptx::red_add_v2).
+//   Matrix products per tile pair: 5 (S^T, dP^T, dV, dK, dQ), each warpgroup's wgmma groups one after another
+//   (the two warpgroups overlap through the warp schedulers). Each dQ element receives one reduction per
+//   warpgroup (two per key block; the sm_80 kernel's one).
+//   Varlen: rows of a tile past the sequence are the neighbouring sequence's tokens; the 256 threads zero them in
 //   shared memory (K and V once per block, Q and dO on the tiles that cross the sequence end; zero_tile_rows,
 //   as the forward's V), so a neighbour's inf or NaN never reaches a product.
 // Epilogue: dK (times the softmax scale) and dV written from registers with 4-byte stores of rows < seqlen_k,
 // columns < head_dim.
 // Shared memory (dynamic, from a 1024-byte boundary), every tile 128-byte swizzled as [D / 64][rows][64]: K, V
-// [D/64][BN][64], Q and dO [S][D/64][BM][64], dS^T [2][64][64]. lse / delta and the mbarriers are static.
+// [D/64][BN][64], Q and dO [S][D/64][BM][64], dS^T [2][64][BM], P^T [2][64][BM]. lse / delta and the mbarriers
+// are static.
 #pragma once
 
 #include "attention/bwd.cuh"
@@ -37,12 +42,12 @@
 namespace tf::attention {
 
 // Tile shapes of the sm_90a backward (head dims 64 and 128: at 256 the dK, dV accumulators alone would take
-// 256 registers per thread). Shared memory (bwd_sm90_smem_bytes): 57 KB at D = 64, 113 KB at 128.
+// 256 registers per thread). Shared memory (bwd_sm90_smem_bytes): 97 KB at D = 64, 161 KB at 128.
 template <int D>
 struct Sm90BwdTiles {
   static_assert(D == 64 || D == 128, "the sm_90a backward is built for head dims 64 and 128");
   static constexpr int kM = 64;           // queries per Q / dO tile (the N of S^T = K Q^T)
-  static constexpr int kN = 128;          // keys per block (2 consumer warpgroups x 64)
+  static constexpr int kN = 128;          // keys per block (2 warpgroups x 64)
   static constexpr int kStages = 2;       // Q / dO ring
   static constexpr int kThreads = 256;    // 2 warpgroups (up to 255 registers per thread)
 };
@@ -104,9 +109,10 @@ TF_DEVICE void bwd_sm90_issue(const Params& p, const SeqInfo& si, int b, int hk,
   }
 }
 
-// One consumer warpgroup (cw = 0, 1): keys n0 + 64 cw .. of the block; see the file comment.
+// One warpgroup (cw = 0, 1): keys n0 + 64 cw .. of the block; threads 0 .. 63 also fill the ring. See the file
+// comment.
 template <typename T, int D, int BM, int BN, int S>
-TF_DEVICE void bwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range& qr, int q_tiles, int b, int hk,
+TF_DEVICE void bwd_sm90_warpgroup(const Params& p, const SeqInfo& si, const Range& qr, int q_tiles, int b, int hk,
                                  int n0, int cw, const TmaDesc* tq, const TmaDesc* tdo, T* sK, T* sV, T* sQ, T* sdO,
                                  T* sdS, float (*sL)[BM], float (*sDl)[BM], uint64_t* bar_kv, uint64_t* full,
                                  uint64_t* empty, uint64_t* zeroed, uint64_t* ds_ready) {
@@ -126,7 +132,7 @@ TF_DEVICE void bwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
 #pragma unroll
   for (int r = 0; r < D / 2; ++r) dk[r] = dv[r] = 0.f;
 
-  uint32_t zphase = 0;   // phases of `zeroed` completed (uniform over the consumers)
+  uint32_t zphase = 0;   // phases of `zeroed` completed (uniform over the block)
   ptx::mbarrier_wait(bar_kv, 0);
   if (p.varlen && key_tail && si.k_start + si.seqlen_k < p.total_k) {   // tokens after the sequence's keys
     zero_tile_rows<D, BN>(sK, si.seqlen_k - n0, int(threadIdx.x), zeroed, zphase++);
@@ -222,10 +228,12 @@ TF_DEVICE void bwd_sm90_consumer(const Params& p, const SeqInfo& si, const Range
     ptx::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk)
-      ptx::wgmma_ss<T, D, 0, 1>(dv, ptx::desc_k_major(pa, 64, 16 * kk, SW), ptx::desc_mn_major(do_addr, BM, 16 * kk, SW), 1);
+      ptx::wgmma_ss<T, D, 0, 1>(dv, ptx::desc_k_major(pa, 64, 16 * kk, SW),
+                                ptx::desc_mn_major(do_addr, BM, 16 * kk, SW), 1);
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk)
-      ptx::wgmma_ss<T, D, 0, 1>(dk, ptx::desc_k_major(da, 64, 16 * kk, SW), ptx::desc_mn_major(q_addr, BM, 16 * kk, SW), 1);
+      ptx::wgmma_ss<T, D, 0, 1>(dk, ptx::desc_k_major(da, 64, 16 * kk, SW),
+                                ptx::desc_mn_major(q_addr, BM, 16 * kk, SW), 1);
     ptx::wgmma_commit();
     ptx::wgmma_wait<0>();
     ptx::fence_operand(dv);
@@ -337,8 +345,9 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_sm90_kernel(const __grid_cons
       ptx::tma_load_4d(sV + c * BN * kSm90Chunk, &tv, c * kSm90Chunk, si.k_start + n0, hk, tb, &bar_kv);
     }
   }
-  if (items > 0 && tid < 64) bwd_sm90_issue<T, D, BM, S>(p, si, b, hk, 0, 0, qr.lo, &tq, &tdo, sQ, sdO, sL, sDl, full, empty);
-  bwd_sm90_consumer<T, D, BM, BN, S>(p, si, qr, q_tiles, b, hk, n0, wg, &tq, &tdo, sK, sV, sQ, sdO, sdS, sL, sDl,
+  if (items > 0 && tid < 64)
+    bwd_sm90_issue<T, D, BM, S>(p, si, b, hk, 0, 0, qr.lo, &tq, &tdo, sQ, sdO, sL, sDl, full, empty);
+  bwd_sm90_warpgroup<T, D, BM, BN, S>(p, si, qr, q_tiles, b, hk, n0, wg, &tq, &tdo, sK, sV, sQ, sdO, sdS, sL, sDl,
                                      &bar_kv, full, empty, &zeroed, ds_ready);
 #elif defined(__CUDA_ARCH__)
   __trap();  // sm_80, or sm_90 without the arch-specific features (built for 9.0 instead of 9.0a)

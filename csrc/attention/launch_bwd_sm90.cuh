@@ -20,7 +20,8 @@ void run_attn_bwd_sm90(const Params& p, cudaStream_t stream) {
       throw std::invalid_argument("attention: the sm_90a backward serves the atomic-dQ backward without dropout and "
                                   "with more than kLocalDeltaKeys keys");
     if (p.max_q > 0)
-      launch(attn_bwd_preprocess_kernel<T>, dim3(static_cast<unsigned>((p.max_q + 7) / 8), p.hq, p.batch), dim3(256), 0, stream, p);
+      launch(attn_bwd_preprocess_kernel<T>, dim3(static_cast<unsigned>((p.max_q + 7) / 8), p.hq, p.batch), dim3(256), 0,
+             stream, p);
     const int64_t n = p.total_q * p.hq * p.head_dim;   // a multiple of 8
     const unsigned blocks = static_cast<unsigned>(n / 8 / 256 + 1 < 65536 ? n / 8 / 256 + 1 : 65536);
     launch(attn_fill_zero_kernel<256>, dim3(blocks), dim3(256), 0, stream, p.dq_accum, n / 4);
