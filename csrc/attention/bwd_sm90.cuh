@@ -20,20 +20,23 @@
 //       both stored as T into the warpgroup's own [64 keys][64 queries] tiles (128-byte rows, swizzled), then
 //       fence.proxy.async and the warpgroup meets on its `ds_ready` mbarrier (128 arrivals, one phase per item);
 //     dV += P^T dO and dK += dS^T Q: wgmma m64nDk16, P^T / dS^T K-major, dO / Q MN-major;
-//     dQ_c = dS_c K_c (this warpgroup's 64 keys): the dS^T tile as the MN-major A operand, K as the MN-major B
-//       operand, 64 columns at a time (wgmma m64n64k16), each pair of columns added into dq_accum with one 8-byte
-//       fp32 reduction (ptx::red_add_v2).
+//     dQ = dS K: A = the dS^T tiles as MN-major operands, B = K MN-major, 64 columns at a time (wgmma m64n64k16),
+//       each pair of columns added into dq_accum with one 8-byte fp32 reduction (ptx::red_add_v2). D = 128:
+//       warpgroup c takes columns 64c .. 64c + 63 over all 128 keys, reading both warpgroups' dS^T after the
+//       block met on the `ds_all` mbarrier (dS^T tiles double-buffered by item parity, so a warpgroup writing
+//       the next item's never overwrites what the other still reads): one reduction per dQ element and key
+//       block, as the sm_80 kernel. D = 64 (one 64-column chunk): each warpgroup over its own 64 keys, two
+//       reductions per element.
 //   Matrix products per tile pair: 5 (S^T, dP^T, dV, dK, dQ), each warpgroup's wgmma groups one after another
-//   (the two warpgroups overlap through the warp schedulers). Each dQ element receives one reduction per
-//   warpgroup (two per key block; the sm_80 kernel's one).
+//   (the two warpgroups overlap through the warp schedulers).
 //   Varlen: rows of a tile past the sequence are the neighbouring sequence's tokens; the 256 threads zero them in
 //   shared memory (K and V once per block, Q and dO on the tiles that cross the sequence end; zero_tile_rows,
 //   as the forward's V), so a neighbour's inf or NaN never reaches a product.
 // Epilogue: dK (times the softmax scale) and dV written from registers with 4-byte stores of rows < seqlen_k,
 // columns < head_dim.
 // Shared memory (dynamic, from a 1024-byte boundary), every tile 128-byte swizzled as [D / 64][rows][64]: K, V
-// [D/64][BN][64], Q and dO [S][D/64][BM][64], dS^T [2][64][BM], P^T [2][64][BM]. lse / delta and the mbarriers
-// are static.
+// [D/64][BN][64], Q and dO [S][D/64][BM][64], dS^T [2 parities][2 warpgroups][64][BM], P^T [2][64][BM]. lse /
+// delta and the mbarriers are static.
 #pragma once
 
 #include "attention/bwd.cuh"
@@ -42,7 +45,7 @@
 namespace tf::attention {
 
 // Tile shapes of the sm_90a backward (head dims 64 and 128: at 256 the dK, dV accumulators alone would take
-// 256 registers per thread). Shared memory (bwd_sm90_smem_bytes): 97 KB at D = 64, 161 KB at 128.
+// 256 registers per thread). Shared memory (bwd_sm90_smem_bytes): 113 KB at D = 64, 177 KB at 128.
 template <int D>
 struct Sm90BwdTiles {
   static_assert(D == 64 || D == 128, "the sm_90a backward is built for head dims 64 and 128");
@@ -54,7 +57,7 @@ struct Sm90BwdTiles {
 
 template <int D, int BM, int BN, int S>
 constexpr size_t bwd_sm90_smem_bytes() {
-  return 1024 + (size_t(2 * BN + 2 * S * BM) * D + 4 * 64 * BM) * 2;   // slack + K, V + S x (Q, dO) + 2 x (dS^T, P^T)
+  return 1024 + (size_t(2 * BN + 2 * S * BM) * D + 6 * 64 * BM) * 2;   // slack + K, V + S x (Q, dO) + 4 dS^T + 2 P^T
 }
 
 // v, opaque to the compiler: descriptors derived from it are recomputed at each use instead of being hoisted out
@@ -115,17 +118,20 @@ template <typename T, int D, int BM, int BN, int S>
 TF_DEVICE void bwd_sm90_warpgroup(const Params& p, const SeqInfo& si, const Range& qr, int q_tiles, int b, int hk,
                                  int n0, int cw, const TmaDesc* tq, const TmaDesc* tdo, T* sK, T* sV, T* sQ, T* sdO,
                                  T* sdS, float (*sL)[BM], float (*sDl)[BM], uint64_t* bar_kv, uint64_t* full,
-                                 uint64_t* empty, uint64_t* zeroed, uint64_t* ds_ready) {
+                                 uint64_t* empty, uint64_t* zeroed, uint64_t* ds_ready, uint64_t* ds_all) {
   constexpr Swizzle SW = Swizzle::b128;
   constexpr int C = D / kSm90Chunk;
+  constexpr bool kSplit = C % 2 == 0;   // dQ: warpgroup cw computes column chunks cw, cw + 2, .. over all BN keys
   const int ltid = threadIdx.x % 128, w = ltid / 32, lane = ltid % 32, g = lane >> 2, t = lane & 3;
   const int key_lo = n0 + 64 * cw + 16 * w + g;   // this thread's accumulator rows: keys key_lo, key_lo + 8
   // A operands: this warpgroup's 64 rows of each 128-row chunk of K / V (8192 bytes in: a multiple of 1024)
   const uint32_t k_addr = ptx::smem_addr(sK) + uint32_t(64 * cw) * 128;
   const uint32_t v_addr = ptx::smem_addr(sV) + uint32_t(64 * cw) * 128;
-  T* sdSw = sdS + cw * 64 * BM;           // dS^T [64 keys][BM queries]
-  T* sPtw = sdS + (2 + cw) * 64 * BM;     // P^T [64 keys][BM queries]
-  const uint32_t ds_addr = ptx::smem_addr(sdSw), pt_addr = ptx::smem_addr(sPtw);
+  // [64 keys][BM queries] tiles: dS^T of item parity par and warpgroup w at sdS + (2 par + w) 64 BM, P^T of this
+  // warpgroup after the four dS^T tiles
+  T* sPtw = sdS + (4 + cw) * 64 * BM;
+  const uint32_t ds_base = ptx::smem_addr(sdS), pt_addr = ptx::smem_addr(sPtw);
+  constexpr uint32_t kTileBytes = 64 * BM * 2;
   const bool key_tail = n0 + BN > si.seqlen_k;   // the block holds keys past the sequence
 
   float dk[D / 2], dv[D / 2];
@@ -195,8 +201,9 @@ TF_DEVICE void bwd_sm90_warpgroup(const Params& p, const SeqInfo& si, const Rang
     // Each pair of elements (keys key_lo + 8 hf, queries m0 + 8j + 2t + {0, 1}) goes as T straight into this
     // warpgroup's P^T and dS^T tiles ([key][query], 128-byte rows swizzled): the A operands of dV += P^T dO and
     // dK += dS^T Q (K-major) and, through an MN-major descriptor, of dQ = dS K.
+    const int par = it & 1;
     unsigned char* sps = reinterpret_cast<unsigned char*>(sPtw);
-    unsigned char* sds = reinterpret_cast<unsigned char*>(sdSw);
+    unsigned char* sds = reinterpret_cast<unsigned char*>(sdS + (2 * par + cw) * 64 * BM);
 #pragma unroll
     for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
@@ -219,10 +226,11 @@ TF_DEVICE void bwd_sm90_warpgroup(const Params& p, const SeqInfo& si, const Rang
     ptx::fence_proxy_async_shared();   // generic-proxy writes before the wgmmas' reads
     // Every thread of the warpgroup has written its elements (128 arrivals; one phase per item).
     ptx::mbarrier_arrive(&ds_ready[cw]);
+    if constexpr (kSplit) ptx::mbarrier_arrive(ds_all);   // the other warpgroup's dQ reads this dS^T too
     ptx::mbarrier_wait(&ds_ready[cw], uint32_t(it & 1));
 
     // dV += P^T dO, dK += dS^T Q: BM / 16 k-steps each, dO and Q [query][d] as MN-major B operands.
-    const uint32_t pa = opaque(pt_addr), da = opaque(ds_addr);
+    const uint32_t pa = opaque(pt_addr), da = opaque(ds_base + uint32_t(2 * par + cw) * kTileBytes);
     ptx::fence_operand(dv);
     ptx::fence_operand(dk);
     ptx::wgmma_fence();
@@ -238,24 +246,35 @@ TF_DEVICE void bwd_sm90_warpgroup(const Params& p, const SeqInfo& si, const Rang
     ptx::wgmma_wait<0>();
     ptx::fence_operand(dv);
     ptx::fence_operand(dk);
+    ptx::mbarrier_arrive(&empty[s]);   // this thread's wgmmas reading stage s (Q, dO) have retired
 
-    // dQ_c = dS_c K_c, 64 columns at a time: A = dS (query x key; the [key][query] tile is MN-major), B = K
-    // (key x d; [key][d] rows of this warpgroup, MN-major); then fp32 atomic adds of rows < rows_q, columns
-    // < head_dim into dq_accum (unscaled; the convert kernel multiplies by the softmax scale).
+    // dQ = dS K into dq_accum (unscaled; the convert kernel multiplies by the softmax scale), 64 columns at a time
+    // (wgmma m64n64k16; A = dS, query x key: the [key][query] dS^T tiles MN-major; B = K, key x d: [key][d] rows,
+    // MN-major), then 8-byte fp32 reductions of rows < rows_q, columns < head_dim. kSplit (D = 128): this
+    // warpgroup's column chunks over all BN keys (both warpgroups' dS^T, after the block met on ds_all): one
+    // reduction per dQ element and key block. Otherwise (D = 64) every chunk over this warpgroup's 64 keys: one per
+    // warpgroup.
+    constexpr int kChunks = kSplit ? C / 2 : C, kKeys = kSplit ? BN : 64;
+    if constexpr (kSplit) ptx::mbarrier_wait(ds_all, uint32_t(it & 1));
     const int64_t dq_base = (p.varlen ? 0 : int64_t(b) * p.max_q * dq_row_stride) + int64_t(h) * p.head_dim;
     const int row0 = m0 + 16 * w + g;   // this thread's dQ rows: row0, row0 + 8
 #pragma unroll 1
-    for (int c = 0; c < C; ++c) {
+    for (int ci = 0; ci < kChunks; ++ci) {
+      const int c = kSplit ? cw + 2 * ci : ci;
       float dq[32];
 #pragma unroll
       for (int r = 0; r < 32; ++r) dq[r] = 0.f;
-      const uint32_t kc_addr = opaque(k_addr + uint32_t(c * BN) * 128), dsa = opaque(ds_addr);
+      // B: rows of the keys summed over (all BN, or this warpgroup's 64) in chunk c
+      const uint32_t kc_addr = opaque(ptx::smem_addr(sK) + uint32_t(c * BN + (kSplit ? 0 : 64 * cw)) * 128);
+      const uint32_t dsa = opaque(ds_base + uint32_t(2 * par) * kTileBytes);   // this parity's dS^T tiles
       ptx::fence_operand(dq);
       ptx::wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-        ptx::wgmma_ss<T, 64, 1, 1>(dq, ptx::desc_mn_major(dsa, 64, 16 * kk, SW),
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        const int wt = kSplit ? kk / 4 : cw;   // the warpgroup whose dS^T holds keys 16 kk ..
+        ptx::wgmma_ss<T, 64, 1, 1>(dq, ptx::desc_mn_major(dsa + uint32_t(wt) * kTileBytes, 64, 16 * (kk % 4), SW),
                                    ptx::desc_mn_major(kc_addr, BN, 16 * kk, SW), kk > 0 ? 1 : 0);
+      }
       ptx::wgmma_commit();
       ptx::wgmma_wait<0>();
       ptx::fence_operand(dq);
@@ -267,11 +286,11 @@ TF_DEVICE void bwd_sm90_warpgroup(const Params& p, const SeqInfo& si, const Rang
 #pragma unroll
         for (int j = 0; j < 8; ++j) {   // head_dim is a multiple of 8: both columns of a pair exist, or neither
           const int col = 8 * j + 2 * t;
-          if (c * kSm90Chunk + col < p.head_dim) ptx::red_add_v2(dst + col, dq[4 * j + 2 * hf], dq[4 * j + 2 * hf + 1]);
+          if (c * kSm90Chunk + col < p.head_dim)
+            ptx::red_add_v2(dst + col, dq[4 * j + 2 * hf], dq[4 * j + 2 * hf + 1]);
         }
       }
     }
-    ptx::mbarrier_arrive(&empty[s]);   // this thread's wgmmas reading stage s have retired
     next_item(qr, q_tiles, BM, gi, m0);
   }
 
@@ -312,9 +331,9 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_sm90_kernel(const __grid_cons
   T* sV = sK + BN * D;                  // [C][BN][64]
   T* sQ = sV + BN * D;                  // [S][C][BM][64]
   T* sdO = sQ + S * BM * D;             // [S][C][BM][64]
-  T* sdS = sdO + S * BM * D;            // dS^T [2][64][BM], then P^T [2][64][BM]
+  T* sdS = sdO + S * BM * D;            // dS^T [2 item parities][2 warpgroups][64][BM], then P^T [2][64][BM]
   __shared__ float sL[S][BM], sDl[S][BM];
-  __shared__ uint64_t bar_kv, full[S], empty[S], zeroed, ds_ready[2];
+  __shared__ uint64_t bar_kv, full[S], empty[S], zeroed, ds_ready[2], ds_all;
 
   const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * BN;
   const SeqInfo si = seq_info(p, b);
@@ -333,6 +352,7 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_sm90_kernel(const __grid_cons
     ptx::mbarrier_init(&zeroed, 256);
     ptx::mbarrier_init(&ds_ready[0], 128);
     ptx::mbarrier_init(&ds_ready[1], 128);
+    ptx::mbarrier_init(&ds_all, 256);
     ptx::fence_mbarrier_init();
   }
   __syncthreads();
@@ -348,7 +368,7 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_sm90_kernel(const __grid_cons
   if (items > 0 && tid < 64)
     bwd_sm90_issue<T, D, BM, S>(p, si, b, hk, 0, 0, qr.lo, &tq, &tdo, sQ, sdO, sL, sDl, full, empty);
   bwd_sm90_warpgroup<T, D, BM, BN, S>(p, si, qr, q_tiles, b, hk, n0, wg, &tq, &tdo, sK, sV, sQ, sdO, sdS, sL, sDl,
-                                     &bar_kv, full, empty, &zeroed, ds_ready);
+                                     &bar_kv, full, empty, &zeroed, ds_ready, &ds_all);
 #elif defined(__CUDA_ARCH__)
   __trap();  // sm_80, or sm_90 without the arch-specific features (built for 9.0 instead of 9.0a)
 #endif
