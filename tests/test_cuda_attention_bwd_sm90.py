@@ -222,3 +222,29 @@ def test_explain_names_the_backward_kernel(backend, monkeypatch):
     with torch.no_grad():
         assert "backward" not in transformer.backends.explain("flash_attention", q.detach(), k.detach(), v.detach(),
                                                               backend=backend)
+
+
+@pytest.fixture
+def lagging_warpgroup():
+    """The emulator's random schedule with one lagging warpgroup per block (common/emu.h set_schedule_lag)."""
+    ops = _ops()
+    ops.emu_set_schedule_lag(True)
+    yield ops
+    ops.emu_set_schedule_lag(False)
+    ops.emu_set_schedule(True, 0)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_under_a_lagging_warpgroup(backend, d, lagging_warpgroup):
+    """One warpgroup of each block runs only when the other cannot: the warpgroups' exchanges (the D = 128 dQ
+    reads both warpgroups' dS^T; both fill and drain the shared Q / dO ring) hold only through their
+    mbarriers, whichever warpgroup lags."""
+    helpers.require_backend(backend)
+    if helpers.HAS_GPU:
+        pytest.skip("emulator schedules: CPU tensors through transformer._C_emu only")
+    q, k, v = helpers.attn_inputs(1, 200, 300, 4, 2, d, BF16, seed=d)
+    for seed in range(3):
+        lagging_warpgroup.emu_set_schedule(True, seed)
+        with _Ran(True):
+            helpers.check_attention_grads(backend, q, k, v, deterministic=False, causal=True,
+                                          config=f"lagging warpgroup, seed {seed}")

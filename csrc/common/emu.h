@@ -26,7 +26,10 @@
 //   * Schedule (TILEFORMER_EMU_SCHEDULE): "random" (default; seed TILEFORMER_EMU_SEED, default 0) picks
 //     the next runnable thread at random -- the order in which threads run between two barriers, and
 //     are released from a barrier, is random, which exposes missing barriers; "inorder" runs them by
-//     thread index. tf::emu::set_schedule() changes it at run time (tests).
+//     thread index. tf::emu::set_schedule() changes it at run time (tests). set_schedule_lag(true) adds a
+//     lagging warpgroup to the random schedule: per block one warpgroup, drawn at random, runs only when no
+//     thread of another warpgroup can, so a warpgroup that reads what the other wrote without waiting for it
+//     reads it unwritten (a missing barrier between warpgroups shows up as poison or stale data).
 //   * __shared__ variables are function-local statics (blocks run one at a time). Dynamic shared memory
 //     (TF_DYNAMIC_SMEM) is one buffer per launch, filled with 0xFF bytes (NaN in fp32/fp16/bf16)
 //     before every block, so reads of shared memory nobody wrote show up.
@@ -180,6 +183,7 @@ struct Globals {
   std::mutex launch_mutex;                       // one emulated launch at a time per process
   std::vector<void*> stacks;                     // reused across launches
   bool random = true;
+  bool lag = false;                              // random schedule with a lagging warpgroup (set_schedule_lag)
   std::mt19937_64 rng{0};
   uint64_t mma_count = 0;                        // warp-level mma.sync executed since load (work counts)
   uint64_t wgmma_count = 0;                      // warpgroup-level wgmma.mma_async executed since load
@@ -215,6 +219,12 @@ inline void set_schedule(bool random, uint64_t seed) {
   globals().random = random;
   globals().rng.seed(seed);
   globals().block_rng.seed(seed ^ kBlockSeedSalt);
+}
+
+// With the random schedule, one warpgroup per block runs only when no other thread can (see the file comment).
+inline void set_schedule_lag(bool on) {
+  std::lock_guard<std::mutex> lock(globals().launch_mutex);
+  globals().lag = on;
 }
 
 inline Fiber& cur() {
@@ -374,6 +384,8 @@ inline void run_block(Launch& L) {
     L.ready.push_back(i);
   }
   Globals& G = globals();
+  const int groups = (n + kWarpgroupThreads - 1) / kWarpgroupThreads;
+  const int lagging = G.random && G.lag && groups > 1 ? int(G.rng() % uint64_t(groups)) : -1;
   int done = 0;
   while (done < n) {
     if (L.ready_head == L.ready.size()) {
@@ -383,6 +395,19 @@ inline void run_block(Launch& L) {
     int i;
     if (G.random) {
       size_t k = L.ready_head + G.rng() % (L.ready.size() - L.ready_head);
+      if (lagging >= 0 && L.fibers[L.ready[k]].linear / kWarpgroupThreads == lagging) {
+        size_t others = 0;   // ready threads of the other warpgroups: one of them, at random, if any
+        for (size_t j = L.ready_head; j < L.ready.size(); ++j)
+          others += L.fibers[L.ready[j]].linear / kWarpgroupThreads != lagging;
+        if (others) {
+          size_t pick = G.rng() % others;
+          for (size_t j = L.ready_head; j < L.ready.size(); ++j)
+            if (L.fibers[L.ready[j]].linear / kWarpgroupThreads != lagging && pick-- == 0) {
+              k = j;
+              break;
+            }
+        }
+      }
       std::swap(L.ready[k], L.ready[L.ready_head]);
     }
     i = L.ready[L.ready_head++];

@@ -39,6 +39,7 @@ void bounds(gptr<const float> x, gptr<float> out, int64_t offset, int mode) {
 }
 
 void emu_set_schedule(bool random, uint64_t seed) { emu::set_schedule(random, seed); }
+void emu_set_schedule_lag(bool on) { emu::set_schedule_lag(on); }
 uint64_t emu_mma_count() {
   std::lock_guard<std::mutex> lock(emu::globals().launch_mutex);
   return emu::globals().mma_count;

@@ -20,6 +20,8 @@ void divergent(int* out, int threads, int mode);
 void bounds(gptr<const float> x, gptr<float> out, int64_t offset, int mode);
 // Scheduling of the emulated threads for the next launches (common/emu.h): random order or in order.
 void emu_set_schedule(bool random, uint64_t seed);
+// The random schedule with one lagging warpgroup per block (common/emu.h set_schedule_lag).
+void emu_set_schedule_lag(bool on);
 // Warp-level mma.sync m16n8k16 executed by emulated kernels since the extension was loaded.
 uint64_t emu_mma_count();
 // Warpgroup-level wgmma.mma_async (any N) executed by emulated kernels since the extension was loaded.

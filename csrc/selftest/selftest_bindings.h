@@ -82,6 +82,7 @@ inline at::Tensor divergent(int64_t threads, int64_t mode) {
 }
 
 inline void set_schedule(bool random, int64_t seed) { tf::selftest::emu_set_schedule(random, uint64_t(seed)); }
+inline void set_schedule_lag(bool on) { tf::selftest::emu_set_schedule_lag(on); }
 inline int64_t mma_count() { return int64_t(tf::selftest::emu_mma_count()); }
 inline int64_t wgmma_count() { return int64_t(tf::selftest::emu_wgmma_count()); }
 inline int64_t ldmatrix_x4_count() { return int64_t(tf::selftest::emu_ldmatrix_x4_count()); }
@@ -106,6 +107,7 @@ inline void define(torch::Library& m) {
   m.def("selftest_neighbour(int blocks, int threads, bool with_barrier, float base) -> Tensor", &neighbour);
   m.def("selftest_divergent(int threads, int mode) -> Tensor", &divergent);
   m.def("emu_set_schedule(bool random, int seed) -> ()", &set_schedule);
+  m.def("emu_set_schedule_lag(bool on) -> ()", &set_schedule_lag);
   m.def("emu_mma_count() -> int", &mma_count);
   m.def("emu_wgmma_count() -> int", &wgmma_count);
   m.def("emu_ldmatrix_x4_count() -> int", &ldmatrix_x4_count);
